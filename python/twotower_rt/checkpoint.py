@@ -1,0 +1,152 @@
+"""Loading a two-tower checkpoint directory: config.json + model.safetensors, or shards listed in
+model.safetensors.index.json. Tensors are memory-mapped and converted one at a time onto the device
+and dtype asked for. Every name and shape is checked against the model the config describes before
+anything is kept. Pickle checkpoints are refused: nothing in a checkpoint is ever unpickled or run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import TwoTowerConfig
+from .model.tower import TwoTowerLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """The checkpoint on disk does not match what its config.json describes (or is unreadable)."""
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        return DTYPES[dtype.lower()]
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+    return dtype
+
+
+def _weight_files(directory: str) -> dict[str, list[str] | None]:
+    """Map each safetensors file of the checkpoint to the tensor names the index assigns it
+    (None when there is no index: a single file holds everything)."""
+    index_path = os.path.join(directory, INDEX_FILE)
+    single_path = os.path.join(directory, SINGLE_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+        files: dict[str, list[str] | None] = {}
+        for name, shard in weight_map.items():
+            shard_path = os.path.join(directory, shard)
+            if os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
+                raise CheckpointError(f"{index_path}: tensor {name!r} points to {shard!r}, "
+                                      "which is not a .safetensors file in this directory")  # fmt: skip
+            files.setdefault(shard_path, []).append(name)
+        for shard_path in files:
+            if not os.path.isfile(shard_path):
+                raise CheckpointError(f"{index_path}: shard {shard_path} does not exist")
+        return files
+    if os.path.isfile(single_path):
+        return {single_path: None}
+    pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise CheckpointError(
+            f"{os.path.join(directory, pickles[0])}: pickle checkpoints are not loaded (unpickling "
+            "can run arbitrary code); convert the weights to safetensors first"
+        )
+    raise CheckpointError(f"{directory}: no {SINGLE_FILE} and no {INDEX_FILE}")
+
+
+def _fmt_names(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def read_state_dict(
+    directory: str, expected: dict[str, torch.Size], device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Read every tensor of the checkpoint, checking names and shapes against ``expected``."""
+    state: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    for path, listed in _weight_files(directory).items():
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                names = list(f.keys())
+                if listed is not None:
+                    absent = set(listed) - set(names)
+                    if absent:
+                        raise CheckpointError(f"{path}: the index lists tensors that are not in "
+                                              f"this file: {_fmt_names(absent)}")  # fmt: skip
+                for name in names:
+                    if listed is not None and name not in listed:
+                        continue  # the index assigns this name to another shard
+                    if name not in expected:
+                        raise CheckpointError(f"{path}: unexpected tensor {name!r} (not part of "
+                                              "the model its config.json describes)")  # fmt: skip
+                    if name in where:
+                        raise CheckpointError(f"{path}: tensor {name!r} also in {where[name]}")
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(expected[name]):
+                        raise CheckpointError(f"{path}: tensor {name!r} has shape {list(shape)}, "
+                                              f"expected {list(expected[name])}")  # fmt: skip
+                    tensor = f.get_tensor(name)
+                    if not tensor.is_floating_point():
+                        raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, "
+                                              "expected a floating-point type")  # fmt: skip
+                    state[name] = tensor.to(device=device, dtype=dtype)
+                    where[name] = path
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    missing = set(expected) - set(state)
+    if missing:
+        raise CheckpointError(
+            f"{directory}: {len(missing)} tensor(s) missing from the checkpoint: "
+            f"{_fmt_names(missing)}"
+        )
+    return state
+
+
+def build_model(cfg: TwoTowerConfig, state: dict[str, torch.Tensor]) -> TwoTowerLM:
+    """Instantiate the model without allocating (meta device) and take the given tensors."""
+    with torch.device("meta"):
+        model = TwoTowerLM(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def expected_shapes(cfg: TwoTowerConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        model = TwoTowerLM(cfg)
+    return {name: t.shape for name, t in model.state_dict().items()}
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device="cpu", dtype: torch.dtype | str = torch.float32
+) -> tuple[TwoTowerConfig, TwoTowerLM]:
+    directory = os.fspath(path)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a checkpoint directory (expected a folder with "
+                              "config.json and safetensors weights)")  # fmt: skip
+    dtype = resolve_dtype(dtype)
+    cfg = TwoTowerConfig.from_json_file(os.path.join(directory, "config.json"))
+    state = read_state_dict(directory, expected_shapes(cfg), torch.device(device), dtype)
+    return cfg, build_model(cfg, state)

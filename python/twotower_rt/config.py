@@ -1,0 +1,207 @@
+"""The checkpoint's config.json as a validated dataclass.
+
+Key names are those of the released NemotronH / TwoTower config.json. Only what the model uses is
+kept; everything else in the file is ignored (e.g. ``rope_theta``: the model has no positional
+encoding). Anything we cannot run is refused here, with the key and the value, before a single
+weight is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = ("NemotronHTwoTowerForCausalLM",)
+
+# One character per layer in ``hybrid_override_pattern``.
+LAYER_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+
+# Width of the sinusoidal time features and their maximum period: fixed by the modeling code,
+# not stored in config.json.
+TIME_FREQ_DIM = 256
+TIME_MAX_PERIOD = 10000.0
+
+
+class ConfigError(ValueError):
+    """config.json describes something twotower_rt cannot run (or is malformed)."""
+
+
+@dataclass
+class TwoTowerConfig:
+    hidden_size: int
+    vocab_size: int
+    hybrid_override_pattern: str
+    layer_norm_epsilon: float = 1e-5
+    # Mamba-2
+    mamba_num_heads: int = 64
+    mamba_head_dim: int = 64
+    n_groups: int = 8
+    ssm_state_size: int = 128
+    conv_kernel: int = 4
+    use_conv_bias: bool = True
+    use_bias: bool = False
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+    # Attention
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    attention_bias: bool = False
+    # MoE and dense MLP
+    n_routed_experts: int = 128
+    num_experts_per_tok: int = 6
+    n_shared_experts: int = 1
+    moe_intermediate_size: int = 1856
+    moe_shared_expert_intermediate_size: int = 3712
+    intermediate_size: int = 0
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    mlp_bias: bool = False
+    # Tokens
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 0
+    tie_word_embeddings: bool = False
+    residual_in_fp32: bool = False
+    architectures: list[str] = field(default_factory=lambda: list(SUPPORTED_ARCHITECTURES))
+    source: str = "<in memory>"
+
+    def __post_init__(self) -> None:
+        def fail(key: str, msg: str) -> None:
+            raise ConfigError(f"{self.source}: {key}: {msg}")
+
+        if not any(a in SUPPORTED_ARCHITECTURES for a in self.architectures):
+            fail(
+                "architectures",
+                f"{self.architectures} is not supported; twotower_rt runs "
+                f"{list(SUPPORTED_ARCHITECTURES)}",
+            )
+        pattern = self.hybrid_override_pattern
+        if not isinstance(pattern, str) or not pattern:
+            fail("hybrid_override_pattern", f"expected a non-empty string, got {pattern!r}")
+        for i, ch in enumerate(pattern):
+            if ch not in LAYER_KINDS:
+                fail(
+                    "hybrid_override_pattern",
+                    f"unknown layer character {ch!r} at layer {i} in {pattern!r}; "
+                    f"known: {LAYER_KINDS}",
+                )
+        positive = (
+            "hidden_size", "vocab_size", "mamba_num_heads", "mamba_head_dim", "n_groups",
+            "ssm_state_size", "conv_kernel", "num_attention_heads", "num_key_value_heads",
+            "head_dim",
+        )  # fmt: skip
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(key, f"expected a positive integer, got {value!r}")
+        if self.mamba_num_heads % self.n_groups:
+            fail("n_groups", f"{self.n_groups} does not divide mamba_num_heads "
+                             f"{self.mamba_num_heads}")  # fmt: skip
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
+                 f"num_attention_heads {self.num_attention_heads}")  # fmt: skip
+        if "E" in pattern:
+            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+                fail("num_experts_per_tok", f"{self.num_experts_per_tok} not in "
+                     f"[1, n_routed_experts={self.n_routed_experts}]")  # fmt: skip
+            if self.n_group != 1 or self.topk_group != 1:
+                fail("n_group", f"grouped routing (n_group={self.n_group}, topk_group="
+                     f"{self.topk_group}) is not supported; only 1/1")  # fmt: skip
+            if self.n_shared_experts not in (0, 1):
+                fail("n_shared_experts", f"{self.n_shared_experts} is not supported (0 or 1)")
+        if "-" in pattern and self.intermediate_size <= 0:
+            fail("intermediate_size", "dense MLP layers ('-') need a positive intermediate_size")
+        if self.residual_in_fp32:
+            fail("residual_in_fp32", "true is not supported (the released model uses false)")
+        if self.tie_word_embeddings:
+            fail("tie_word_embeddings", "true is not supported (two-tower heads are untied)")
+        lo, hi = self.time_step_limit
+        if not lo <= hi:
+            fail("time_step_limit", f"{self.time_step_limit} is not a (low, high) pair")
+        if not self.layer_norm_epsilon > 0:
+            fail("layer_norm_epsilon", f"must be positive, got {self.layer_norm_epsilon}")
+
+    # Derived sizes -----------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.hybrid_override_pattern)
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        return [LAYER_KINDS[c] for c in self.hybrid_override_pattern]
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        return self.mamba_d_inner + 2 * self.n_groups * self.ssm_state_size
+
+    @property
+    def mamba_in_proj_dim(self) -> int:
+        return self.mamba_d_inner + self.mamba_conv_dim + self.mamba_num_heads
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        d["num_hidden_layers"] = self.num_layers
+        d["time_step_limit"] = [self.time_step_limit[0], self.time_step_limit[1]]
+        return d
+
+    # Parsing -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> TwoTowerConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        for key in ("hidden_size", "vocab_size", "hybrid_override_pattern"):
+            if key not in raw:
+                raise ConfigError(f"{source}: missing required key {key!r}")
+        if "architectures" in raw and not isinstance(raw["architectures"], list):
+            raise ConfigError(f"{source}: architectures: expected a list")
+        n_layers = raw.get("num_hidden_layers")
+        pattern = raw["hybrid_override_pattern"]
+        if n_layers is not None and isinstance(pattern, str) and n_layers != len(pattern):
+            raise ConfigError(
+                f"{source}: num_hidden_layers is {n_layers} but hybrid_override_pattern "
+                f"{pattern!r} has {len(pattern)} layers"
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        kwargs = {k: raw[k] for k in known if k in raw and raw[k] is not None}
+        if "layer_norm_epsilon" not in raw and "norm_eps" in raw:
+            kwargs["layer_norm_epsilon"] = raw["norm_eps"]
+        if "time_step_limit" in kwargs:
+            lim = kwargs["time_step_limit"]
+            if not isinstance(lim, (list, tuple)) or len(lim) != 2:
+                raise ConfigError(f"{source}: time_step_limit: expected [low, high], got {lim!r}")
+            kwargs["time_step_limit"] = (float(lim[0]), float(lim[1]))
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if isinstance(raw.get(key), list):  # some configs list several EOS ids
+                kwargs[key] = raw[key][0] if raw[key] else None
+        for act_key, expected in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
+            if act_key in raw and raw[act_key] != expected:
+                raise ConfigError(f"{source}: {act_key}: {raw[act_key]!r} is not supported "
+                                  f"(only {expected!r})")  # fmt: skip
+        if raw.get("mamba_ssm_cache_dtype", "float32") != "float32":
+            raise ConfigError(f"{source}: mamba_ssm_cache_dtype: only float32 is supported")
+        try:
+            return cls(**kwargs, source=source)
+        except TypeError as e:  # a value of the wrong JSON type
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> TwoTowerConfig:
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file (a checkpoint needs config.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+        return cls.from_dict(raw, source=path)

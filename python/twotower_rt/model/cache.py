@@ -1,0 +1,55 @@
+"""The context tower's caches for a batch of sequences: K/V per attention layer, conv + SSM state per
+Mamba layer, and each row's committed length. Allocated once at full capacity; nothing grows."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import TwoTowerConfig
+from .mamba import MambaState
+
+
+class ContextCache:
+    def __init__(
+        self,
+        lengths: torch.Tensor,
+        keys: dict[int, torch.Tensor],
+        values: dict[int, torch.Tensor],
+        mamba: dict[int, MambaState],
+    ):
+        self.lengths = lengths  # (b,) int64: committed tokens per row
+        self.keys = keys  # layer -> (b, capacity, kv_heads, head_dim)
+        self.values = values
+        self.mamba = mamba  # layer -> MambaState
+
+    @classmethod
+    def allocate(
+        cls, cfg: TwoTowerConfig, batch: int, capacity: int, dtype: torch.dtype, device
+    ) -> ContextCache:
+        keys, values, mamba = {}, {}, {}
+        kv_shape = (batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
+        for i, kind in enumerate(cfg.layer_kinds):
+            if kind == "attention":
+                keys[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
+                values[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
+            elif kind == "mamba":
+                mamba[i] = MambaState.zeros(cfg, batch, dtype, device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        return cls(lengths, keys, values, mamba)
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.keys.values())).shape[1] if self.keys else 0
+
+    def snapshot_mamba(self) -> dict[int, MambaState]:
+        """A copy of every Mamba state as it is now (mock-AR needs the state before a token)."""
+        return {i: s.clone() for i, s in self.mamba.items()}
+
+    def index_select(self, rows: torch.Tensor) -> ContextCache:
+        """The cache of a subset of rows (a copy), e.g. when finished sequences leave a batch."""
+        return ContextCache(
+            self.lengths.index_select(0, rows),
+            {i: k.index_select(0, rows) for i, k in self.keys.items()},
+            {i: v.index_select(0, rows) for i, v in self.values.items()},
+            {i: s.index_select(rows) for i, s in self.mamba.items()},
+        )

@@ -1,0 +1,143 @@
+"""Mamba-2 mixer: in_proj -> causal depthwise conv + SiLU -> selective scan -> gated RMSNorm -> out_proj.
+
+One function serves every use: the context prefill (from zero state, rows of different lengths),
+the one-token decode step, the block extension after a diffusion block, and the denoiser's
+context-seeded block scan (which reads the context state and never writes it). The caller gets the
+final states back and decides whether to keep them.
+
+The scan is the plain per-token fp32 recurrence (the reference semantics); a seeded chunked scan
+on a block shorter than its chunk is a known source of garbage in other ports, so the oracle stays
+this simple.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TwoTowerConfig
+from ..ops.rmsnorm import rms_norm
+
+
+class MambaState:
+    """Per-layer recurrent state of a batch: ``conv`` (B, conv_dim, K) holds the last K raw
+    (pre-conv) xBC columns, oldest first, zero-padded on the left; ``ssm`` (B, H, P, N) fp32."""
+
+    __slots__ = ("conv", "ssm")
+
+    def __init__(self, conv: torch.Tensor, ssm: torch.Tensor):
+        self.conv = conv
+        self.ssm = ssm
+
+    @classmethod
+    def zeros(cls, cfg: TwoTowerConfig, batch: int, dtype, device) -> MambaState:
+        conv = torch.zeros(batch, cfg.mamba_conv_dim, cfg.conv_kernel, dtype=dtype, device=device)
+        ssm = torch.zeros(
+            batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size,
+            dtype=torch.float32, device=device,
+        )  # fmt: skip
+        return cls(conv, ssm)
+
+    def clone(self) -> MambaState:
+        return MambaState(self.conv.clone(), self.ssm.clone())
+
+    def index_select(self, rows: torch.Tensor) -> MambaState:
+        return MambaState(self.conv.index_select(0, rows), self.ssm.index_select(0, rows))
+
+
+def selective_scan_ref(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    state: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 Mamba-2 recurrence, token by token.
+
+    x (b, n, H, P); dt (b, n, H) already softplus'ed; A, D (H,); B, C (b, n, H, N) (already
+    expanded from groups to heads); state (b, H, P, N) fp32, not modified; valid (b, n) bool or
+    None: at an invalid position the state is carried through unchanged.
+    Returns y (b, n, H, P) fp32 and the final state.
+    """
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    if valid is not None:
+        dt = dt.masked_fill(~valid[..., None], 0.0)
+    decay = torch.exp(dt * A.float())  # (b, n, H)
+    dtx = dt[..., None] * x  # (b, n, H, P)
+    ys = []
+    for i in range(x.shape[1]):
+        state = state * decay[:, i, :, None, None] + dtx[:, i, :, :, None] * B[:, i, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, i]))
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)
+    return y + D.float()[:, None] * x, state
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: TwoTowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.in_proj = nn.Linear(cfg.hidden_size, cfg.mamba_in_proj_dim, bias=cfg.use_bias)
+        self.conv1d = nn.Conv1d(
+            cfg.mamba_conv_dim, cfg.mamba_conv_dim, cfg.conv_kernel,
+            groups=cfg.mamba_conv_dim, bias=cfg.use_conv_bias,
+        )  # fmt: skip
+        self.dt_bias = nn.Parameter(torch.empty(cfg.mamba_num_heads))
+        self.A_log = nn.Parameter(torch.empty(cfg.mamba_num_heads))
+        self.D = nn.Parameter(torch.empty(cfg.mamba_num_heads))
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.empty(cfg.mamba_d_inner))
+        self.out_proj = nn.Linear(cfg.mamba_d_inner, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(
+        self, h: torch.Tensor, state: MambaState, n_valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MambaState]:
+        """h (b, n, hidden); state: the layer's state before these tokens (not modified);
+        n_valid (b,) or None: row r has n_valid[r] real tokens, then padding.
+        Returns (out (b, n, hidden), state after each row's last real token)."""
+        cfg = self.cfg
+        b, n, _ = h.shape
+        H, P, N, G, K = (cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size,
+                         cfg.n_groups, cfg.conv_kernel)  # fmt: skip
+        z, xBC, dt = torch.split(
+            self.in_proj(h), [cfg.mamba_d_inner, cfg.mamba_conv_dim, H], dim=-1
+        )
+        valid = None
+        if n_valid is not None:
+            valid = torch.arange(n, device=h.device)[None, :] < n_valid[:, None]  # (b, n)
+            # Padding must look like nothing to the conv of later blocks: zero raw inputs.
+            xBC = xBC.masked_fill(~valid[..., None], 0.0)
+
+        # Depthwise causal conv over [newest K-1 columns of the state ; new columns], in fp32.
+        raw = xBC.transpose(1, 2)  # (b, conv_dim, n)
+        window = torch.cat([state.conv[..., 1:].to(raw.dtype), raw], dim=-1)
+        bias = self.conv1d.bias.float() if self.conv1d.bias is not None else None
+        conv = F.conv1d(window.float(), self.conv1d.weight.float(), bias, groups=cfg.mamba_conv_dim)
+        xBC = F.silu(conv).to(h.dtype).transpose(1, 2)  # (b, n, conv_dim)
+
+        history = torch.cat([state.conv.to(raw.dtype), raw], dim=-1)  # (b, conv_dim, K + n)
+        if n_valid is None:
+            new_conv = history[..., n:]
+        else:  # each row keeps the K columns that end at its last real token
+            cols = (n_valid[:, None] + torch.arange(K, device=h.device)[None, :])  # (b, K)
+            new_conv = history.gather(2, cols[:, None, :].expand(b, cfg.mamba_conv_dim, K))
+
+        x, Bm, Cm = torch.split(xBC, [cfg.mamba_d_inner, G * N, G * N], dim=-1)
+        heads_per_group = H // G
+        Bm = Bm.reshape(b, n, G, N).repeat_interleave(heads_per_group, dim=2)
+        Cm = Cm.reshape(b, n, G, N).repeat_interleave(heads_per_group, dim=2)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        lo, hi = cfg.time_step_limit
+        if lo > 0.0 or hi != float("inf"):
+            dt = dt.clamp(lo, hi)
+        A = -torch.exp(self.A_log.float())
+        y, new_ssm = selective_scan_ref(
+            x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, valid
+        )
+        y = y.reshape(b, n, cfg.mamba_d_inner).to(h.dtype)
+        y = rms_norm(y, self.norm.weight, cfg.layer_norm_epsilon, gate=z,
+                     group_size=cfg.mamba_d_inner // G)  # fmt: skip
+        return self.out_proj(y), MambaState(new_conv, new_ssm)

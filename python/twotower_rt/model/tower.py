@@ -1,0 +1,181 @@
+"""A tower (embeddings, the hybrid layer stack, norm_f), the time conditioning, and the two-tower
+model that owns both towers and their heads. Parameter names are the checkpoint's."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TIME_FREQ_DIM, TIME_MAX_PERIOD, TwoTowerConfig
+from ..ops.rmsnorm import rms_norm
+from .attention import Attention
+from .cache import ContextCache
+from .mamba import Mamba2Mixer, MambaState
+from .moe import MoE, DenseMLP
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+_MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "moe": MoE, "mlp": DenseMLP}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TwoTowerConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.mixer = _MIXERS[kind](cfg)
+
+
+class Tower(nn.Module):
+    def __init__(self, cfg: TwoTowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: ContextCache,
+        *,
+        prefix_len: torch.Tensor,
+        mamba_states: dict[int, MambaState],
+        append: bool,
+        n_valid: torch.Tensor | None = None,
+        modulation: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[int, MambaState]]:
+        """Run the stack over ids (b, n).
+
+        Attention layers read ``cache``'s K/V up to ``prefix_len`` (and append to it when
+        ``append``); Mamba layers start from ``mamba_states`` (not modified). ``modulation``
+        holds per layer the denoiser's (b, 3, hidden) (shift, scale, gate); None for no time
+        conditioning. Returns the normed hidden states (b, n, hidden)
+        and each Mamba layer's state after the tokens."""
+        x = self.embeddings(ids)
+        new_states: dict[int, MambaState] = {}
+        for i, block in enumerate(self.layers):
+            if modulation is None:
+                h = block.norm(x)
+            else:
+                shift, scale, gate = modulation[i][:, :, None].unbind(1)  # each (b, 1, hidden)
+                if block.kind in ("mamba", "attention"):
+                    h = block.norm(x * (1 + scale) + shift)
+                else:
+                    h = block.norm(x) * (1 + scale) + shift
+            if block.kind == "mamba":
+                out, new_states[i] = block.mixer(h, mamba_states[i], n_valid)
+            elif block.kind == "attention":
+                out = block.mixer(h, cache.keys[i], cache.values[i], prefix_len, append)
+            else:
+                out = block.mixer(h)
+            x = x + (out if modulation is None else gate * out)
+        return self.norm_f(x), new_states
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(TIME_FREQ_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+        )
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor) -> torch.Tensor:
+        """t (b,) in [0, 1] (already in the model dtype) -> (b, 256) fp32 [cos | sin] features
+        of t * 1000. The product is taken in t's dtype: in bf16 it rounds as the released model
+        rounds it (0.9375 -> 936)."""
+        half = TIME_FREQ_DIM // 2
+        freqs = torch.exp(
+            -math.log(TIME_MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device)
+            / half
+        )
+        args = (t * 1000).float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.mlp[0].weight.dtype
+        return self.mlp(self.sinusoid(t.to(dtype)).to(dtype))
+
+
+class TwoTowerLM(nn.Module):
+    """Both towers, both heads and the time conditioning, named as in the checkpoint."""
+
+    def __init__(self, cfg: TwoTowerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.context_tower = Tower(cfg)
+        self.context_lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.denoiser_tower = Tower(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size))
+        self.scale_shift_tables = nn.ParameterList(
+            nn.Parameter(torch.empty(3, cfg.hidden_size)) for _ in range(cfg.num_layers)
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """t (b,) masked fraction per sequence -> (b, 3, hidden) [shift, scale, gate]."""
+        return self.t_block(self.t_embedder(t)).view(t.shape[0], 3, self.cfg.hidden_size)
+
+    # The three forwards every mode is built from ---------------------------------------------
+    def context_forward(
+        self, ids: torch.Tensor, cache: ContextCache, n_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Feed ids (b, n) to the context tower: extends the cache (K/V, Mamba states, lengths)
+        by each row's n_valid (default n) tokens. Returns the normed last hidden states
+        (b, n, hidden); the caller applies ``context_lm_head`` where it needs logits."""
+        if n_valid is None:
+            n_valid = torch.full_like(cache.lengths, ids.shape[1])
+        hidden, states = self.context_tower(
+            ids, cache, prefix_len=cache.lengths, mamba_states=cache.mamba, append=True,
+            n_valid=None if bool((n_valid == ids.shape[1]).all()) else n_valid,
+        )  # fmt: skip
+        cache.mamba.update(states)
+        cache.lengths = cache.lengths + n_valid
+        return hidden
+
+    def context_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.context_lm_head.weight).float()
+
+    def denoiser_logits(
+        self,
+        ids: torch.Tensor,
+        cache: ContextCache,
+        *,
+        prefix_len: torch.Tensor,
+        mamba_states: dict[int, MambaState],
+        t: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Denoiser over a block ids (b, S), attending to the context K/V [0, prefix_len) and
+        scanning from ``mamba_states``; nothing is written. t (b,) the masked fraction per row,
+        or None for no time conditioning (mock-AR). Returns fp32 logits (b, S, vocab)."""
+        modulation = None
+        if t is not None:
+            t_emb = self.time_embedding(t)
+            modulation = [table + t_emb for table in self.scale_shift_tables]
+        hidden, _ = self.denoiser_tower(
+            ids, cache, prefix_len=prefix_len, mamba_states=mamba_states, append=False,
+            modulation=modulation,
+        )  # fmt: skip
+        return F.linear(hidden, self.lm_head.weight).float()

@@ -1,0 +1,49 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("TWOTOWER_RT_GOLDEN", REPO.parent / "shared" / "golden" / "tiny-a"))
+
+
+def _golden_dir() -> Path:
+    if not (GOLDEN / "config.json").is_file():
+        if os.environ.get("TWOTOWER_RT_REQUIRE_GOLDEN"):
+            pytest.fail(f"golden data not found at {GOLDEN} (TWOTOWER_RT_REQUIRE_GOLDEN is set)")
+        pytest.skip(f"golden data not found at {GOLDEN}; set TWOTOWER_RT_GOLDEN")
+    return GOLDEN
+
+
+def load_cases(name: str) -> list[dict]:
+    path = GOLDEN / name
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return _golden_dir()
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden_dir):
+    import twotower_rt
+
+    return twotower_rt.load(golden_dir)
+
+
+@pytest.fixture(scope="session")
+def golden_tensors(golden_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(golden_dir / "tensors.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def builtin_model():
+    import twotower_rt
+
+    return twotower_rt.load()
