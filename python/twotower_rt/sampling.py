@@ -72,13 +72,12 @@ def diffusion_step(
     logits = logits.clone()
     logits[..., mask_token_id] = MASKED_LOGIT
     logp = torch.log_softmax(logits, dim=-1)
+    pred = logp.argmax(dim=-1)
     if temperature > 0:
-        scores = torch.stack(
-            [logp[r] / temperature + _gumbel(logp[r], generators[r]) for r in range(len(logp))]
-        )
-        pred = scores.argmax(dim=-1)
-    else:
-        pred = logp.argmax(dim=-1)
+        # Noise only for rows that still have masked positions: a row's generator must advance
+        # the same whether or not other rows keep the batch stepping.
+        for r in torch.nonzero(masked.any(dim=-1)).squeeze(1).tolist():
+            pred[r] = (logp[r] / temperature + _gumbel(logp[r], generators[r])).argmax(dim=-1)
     conf = logp.gather(-1, pred[..., None]).squeeze(-1).exp()
 
     n_masked = masked.sum(dim=-1)  # (b,)
@@ -102,4 +101,5 @@ def diffusion_step(
 def _gumbel(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     u = torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
-    return -torch.log(-torch.log(u.clamp_min(tiny)).clamp_min(tiny))
+    exponential = -torch.log(u.clamp_min(tiny))  # Exp(1) draws
+    return -torch.log(exponential.clamp_min(tiny))
