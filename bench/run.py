@@ -1,0 +1,324 @@
+"""Kernel benchmarks: one subcommand per kernel family, defaults at the real model's shapes.
+
+    python bench/run.py rmsnorm [--rows 16 64 256 1024] [--dtype bf16]
+    python bench/run.py --check            # every family, few shapes, few repetitions
+
+Each case: correctness against the family's PyTorch reference, then the median over --reps timed
+replays of a CUDA graph holding --inner launches (so launch overhead is excluded; inputs are
+L2-warm, as they are inside a forward pass), the same for the PyTorch reference, and derived GB/s
+and TFLOP/s, quoted against the device-to-device copy bandwidth and bf16 matmul rate measured in
+the same run. Prints a table; writes JSON to bench/results/<date>-<gpu>.json (or --out).
+
+Exit codes: 0 all cases correct; 1 some case incorrect; 2 nothing to run here (no CUDA GPU, or the
+kernels cannot run on it: the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# The real model (shared/spec/TWOTOWER.md): hidden 2688; Mamba-2 d_inner 4096, n_groups 8 -> the
+# gated norm works on groups of 512. A denoise step runs 16 tokens per sequence: batch 1..64.
+HIDDEN = 2688
+D_INNER = 4096
+NORM_GROUP = 512
+ROWS = [16, 16 * 4, 16 * 16, 16 * 64]
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def time_us(fn: Callable[[], Any], *, reps: int, inner: int, warmup: int = 3) -> float:
+    """Median microseconds per call of ``fn``, from CUDA-event-timed replays of a CUDA graph that
+    holds ``inner`` calls."""
+    for _ in range(warmup):
+        fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture needs the calls warmed up off the default stream
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    del graph
+    return statistics.median(times)
+
+
+def _copy_us(numel: int, reps: int) -> tuple[float, int]:
+    src = torch.empty(numel, device="cuda", dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    return time_us(lambda: dst.copy_(src), reps=reps, inner=2, warmup=2), 2 * numel * 4
+
+
+def _matmul_us(size: int, reps: int) -> tuple[float, int]:
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    return time_us(lambda: a @ b, reps=reps, inner=2, warmup=2), 2 * size**3
+
+
+def measure_peaks(quick: bool) -> dict[str, float]:
+    """Device-to-device copy GB/s (bytes read + written) and bf16 matmul TFLOP/s."""
+    reps = 5 if quick else 20
+    copy_us, copy_bytes = _copy_us(2**28, reps)  # 1 GiB each way
+    mm_us, mm_flops = _matmul_us(8192, reps)
+    torch.cuda.empty_cache()
+    return {
+        "copy_gbps": round(copy_bytes / (copy_us * 1e-6) / 1e9, 1),
+        "bf16_tflops": round(mm_flops / (mm_us * 1e-6) / 1e12, 1),
+    }
+
+
+def within_lowprec_error(out, ref32, lowprec) -> bool:
+    """max|out - ref32| <= 2 * max|lowprec_torch - ref32| + atol (STYLE.md's criterion)."""
+    if not torch.isfinite(out).all():
+        return False
+    err = (out.float() - ref32).abs().max().item()
+    lowprec_err = (lowprec.float() - ref32).abs().max().item()
+    return err <= 2 * lowprec_err + 1e-5 * max(1.0, ref32.abs().max().item())
+
+
+# --- rmsnorm ------------------------------------------------------------------------------------
+
+
+def rmsnorm_cases(args: argparse.Namespace, quick: bool):
+    rows_list = [ROWS[0], ROWS[-1]] if quick else args.rows
+    dtype = DTYPES[args.dtype]
+    for rows in rows_list:
+        yield {"rows": rows, "n": args.hidden, "group_size": None, "gated": False, "dtype": dtype}
+    for rows in rows_list:
+        yield {
+            "rows": rows,
+            "n": args.d_inner,
+            "group_size": args.group,
+            "gated": True,
+            "dtype": dtype,
+        }
+
+
+def run_rmsnorm(args: argparse.Namespace, quick: bool, peaks: dict[str, float]) -> list[dict]:
+    from twotower_rt.ops import rms_norm_backend
+
+    backend, reason = rms_norm_backend("cuda", DTYPES[args.dtype])
+    if backend != "cuda":
+        raise NothingToRun(f"rms_norm's CUDA kernel does not run here: {reason}")
+    reps, inner = (10, 10) if quick else (args.reps, args.inner)
+    return [
+        bench_rmsnorm_case(**case, dtype_name=args.dtype, reps=reps, inner=inner, peaks=peaks)
+        for case in rmsnorm_cases(args, quick)
+    ]
+
+
+def bench_rmsnorm_case(*, rows, n, group_size, gated, dtype, dtype_name, reps, inner, peaks):
+    from twotower_rt.ops import rms_norm, rms_norm_ref
+
+    eps = 1e-5
+    gen = torch.Generator(device="cuda").manual_seed(rows * n)
+    x = torch.randn(rows, n, device="cuda", generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(n, device="cuda", generator=gen)).to(dtype)
+    gate = torch.randn(rows, n, device="cuda", generator=gen).to(dtype) if gated else None
+    out = torch.full_like(x, float("nan"))
+
+    rms_norm(x, weight, eps, gate=gate, group_size=group_size, out=out)
+    f32 = lambda t: t.float() if t is not None else None  # noqa: E731
+    ref32 = rms_norm_ref(f32(x), f32(weight), eps, gate=f32(gate), group_size=group_size)
+    lowprec = rms_norm_ref(x, weight, eps, gate=gate, group_size=group_size)
+    correct = within_lowprec_error(out, ref32, lowprec)
+
+    kernel_us = time_us(
+        lambda: rms_norm(x, weight, eps, gate=gate, group_size=group_size, out=out),
+        reps=reps,
+        inner=inner,
+    )
+    ref_us = time_us(
+        lambda: rms_norm_ref(x, weight, eps, gate=gate, group_size=group_size),
+        reps=reps,
+        inner=inner,
+    )
+    # Floor: x (and gate) read once, out written once, weight read once.
+    moved = rows * n * x.element_size() * (3 if gated else 2) + n * weight.element_size()
+    # Nominal FLOPs per element: square + add, scale by rstd and by weight (4); the gate adds silu
+    # (exp, add, divide) and a multiply (4).
+    flops = rows * n * (8 if gated else 4)
+    gbps = moved / (kernel_us * 1e-6) / 1e9
+    shape = f"{rows}x{n}" + (f" g{group_size}" if group_size else "") + (" gated" if gated else "")
+    return {
+        "kernel": "rms_norm",
+        "shape": f"{shape} {dtype_name}",
+        "dims": {
+            "rows": rows,
+            "n": n,
+            "group_size": group_size,
+            "gated": gated,
+            "dtype": dtype_name,
+        },
+        "correct": correct,
+        "median_us": round(kernel_us, 3),
+        "baseline": "torch rms_norm_ref (eager ops, same graph timing)",
+        "baseline_median_us": round(ref_us, 3),
+        "bytes": moved,
+        "achieved_gbps": round(gbps, 1),
+        "achieved_tflops": round(flops / (kernel_us * 1e-6) / 1e12, 4),
+        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+    }
+
+
+def add_rmsnorm_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, nargs="+", default=ROWS, help="tokens (rows)")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="pre-norm row length")
+    parser.add_argument("--d-inner", type=int, default=D_INNER, help="gated-norm row length")
+    parser.add_argument("--group", type=int, default=NORM_GROUP, help="gated-norm group size")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+
+
+# Family name -> (add its arguments, run it). A new kernel family adds one entry.
+FAMILIES: dict[str, tuple[Callable, Callable]] = {
+    "rmsnorm": (add_rmsnorm_args, run_rmsnorm),
+}
+
+
+# --- driver -------------------------------------------------------------------------------------
+
+
+class NothingToRun(Exception):
+    pass
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if result.returncode == 0:
+            return result.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("TWOTOWER_RT_COMMIT", "unknown")
+
+
+def print_table(results: list[dict], peaks: dict[str, float]) -> None:
+    print(
+        f"\npeaks: copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul {peaks['bf16_tflops']:.0f} "
+        "TFLOP/s (measured now)"
+    )
+    header = f"{'kernel':<10} {'shape':<28} {'us':>8} {'ref us':>9} {'GB/s':>8} {'%copy':>6}  ok"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r['kernel']:<10} {r['shape']:<28} {r['median_us']:>8.2f} "
+            f"{r['baseline_median_us']:>9.2f} {r['achieved_gbps']:>8.0f} "
+            f"{100 * r['fraction_of_copy']:>5.0f}%  {'yes' if r['correct'] else 'NO'}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    def add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
+        # Accepted before and after the family name; SUPPRESS keeps a subparser from overwriting
+        # a value given before it with its default.
+        default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+        p.add_argument(
+            "--check",
+            action="store_true",
+            default=default(False),
+            help="every family at a few shapes, few repetitions",
+        )
+        p.add_argument(
+            "--out",
+            type=Path,
+            default=default(None),
+            help="JSON path (default bench/results/<date>-<gpu>.json)",
+        )
+        p.add_argument("--reps", type=int, default=default(50), help="timed graph replays per case")
+        p.add_argument("--inner", type=int, default=default(20), help="launches per graph replay")
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="family")
+    for name, (add_args, _) in FAMILIES.items():
+        family_parser = sub.add_parser(name, help=f"benchmark the {name} kernels")
+        add_common(family_parser, suppress=True)
+        add_args(family_parser)
+    args = parser.parse_args(argv)
+    if not args.check and args.family is None:
+        parser.error("name a kernel family or pass --check")
+
+    if not torch.cuda.is_available():
+        print(
+            f"bench/run.py: no CUDA GPU visible to PyTorch {torch.__version__} "
+            f"(CUDA {torch.version.cuda or 'none'}); nothing to time.",
+            file=sys.stderr,
+        )
+        return 2
+
+    families = list(FAMILIES) if args.check else [args.family]
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}; timing: median of CUDA-graph replays, L2-warm inputs")
+    peaks = measure_peaks(quick=args.check)
+    results: list[dict] = []
+    try:
+        for name in families:
+            add_args, run = FAMILIES[name]
+            family_args = args
+            if args.family != name:  # --check: this family's defaults
+                family_parser = argparse.ArgumentParser()
+                add_args(family_parser)
+                family_args = family_parser.parse_args([])
+            family_args.reps, family_args.inner = args.reps, args.inner
+            results += run(family_args, args.check, peaks)
+    except NothingToRun as exc:
+        print(f"bench/run.py: {exc}", file=sys.stderr)
+        return 2
+
+    print_table(results, peaks)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "device": device,
+        "date": now.isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "timing": "median of CUDA-event-timed CUDA-graph replays, L2-warm inputs",
+        "peak": peaks,
+        "results": results,
+    }
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    out = args.out or REPO / "bench" / "results" / f"{now:%Y-%m-%d}-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if all(r["correct"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The compiled extension ``twotower_rt._C``, if there is one, and why not if there is none.
+
+``_C`` is optional: without it (no CUDA compiler at build time, or ``TWOTOWER_RT_BUILD_CUDA=OFF``)
+every op runs its PyTorch path. Importing it needs no GPU and no driver.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any
+
+import torch
+
+_C: ModuleType | None
+_import_error: str | None
+
+try:
+    _C = importlib.import_module("twotower_rt._C")
+except ModuleNotFoundError as exc:
+    if exc.name != "twotower_rt._C":
+        raise
+    _C = None
+    _import_error = (
+        "twotower_rt._C is not built: the package was installed without its CUDA extension "
+        "(no CUDA compiler at build time, or TWOTOWER_RT_BUILD_CUDA=OFF)"
+    )
+except ImportError as exc:  # built, but it does not load (ABI, missing library, ...)
+    _C = None
+    _import_error = f"twotower_rt._C failed to import: {exc}"
+else:
+    _import_error = None
+
+
+def extension_available() -> bool:
+    """True when ``twotower_rt._C`` imported (says nothing about a GPU being present)."""
+    return _C is not None
+
+
+def extension_error() -> str | None:
+    """Why ``twotower_rt._C`` is unavailable, or None when it is available."""
+    return _import_error
+
+
+def extension_module() -> ModuleType | None:
+    return _C
+
+
+@functools.cache
+def extension_info() -> dict[str, Any]:
+    """``{"available": bool, "error": str | None, **build_info}``; archs like ``["90a"]``."""
+    info: dict[str, Any] = {"available": _C is not None, "error": _import_error}
+    if _C is not None:
+        info.update(_C.build_info())
+        info["cuda_driver_version"] = _C.cuda_driver_version()
+    return info
+
+
+def _parse_arch(arch: str) -> tuple[int, int, bool]:
+    """``"90a"`` -> ``(9, 0, True)``: major, minor, arch-specific."""
+    specific = arch.endswith(("a", "f"))
+    digits = arch.rstrip("af")
+    return int(digits[:-1]), int(digits[-1]), specific
+
+
+def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether cubin built for ``arch`` (no PTX) loads on a GPU of ``capability``.
+
+    Arch-specific targets (``90a``) run only on that exact chip; plain ones (``80``) on the same
+    major version with an equal or newer minor.
+    """
+    major, minor, specific = _parse_arch(arch)
+    if specific:
+        return capability == (major, minor)
+    return capability[0] == major and capability[1] >= minor
+
+
+def built_archs() -> list[str]:
+    return list(extension_info().get("archs", [])) if _C is not None else []
+
+
+def _sm(arch_or_capability: str | tuple[int, int]) -> str:
+    if isinstance(arch_or_capability, tuple):
+        return f"sm_{arch_or_capability[0]}{arch_or_capability[1]}"
+    return f"sm_{arch_or_capability}"
+
+
+@functools.cache
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def cuda_unsupported_reason(device: torch.device) -> str | None:
+    """Why the extension's kernels cannot run on ``device``; None when they can."""
+    if device.type != "cuda":
+        return f"tensor is on {device.type}, the CUDA kernels need a CUDA tensor"
+    if _C is None:
+        return _import_error
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _device_capability(index)
+    archs = built_archs()
+    if not any(arch_runs_on(arch, capability) for arch in archs):
+        built = ", ".join(_sm(a) for a in archs) or "no architecture"
+        return (
+            f"the CUDA kernels are built for {built}; {_device_name(index)} (cuda:{index}) "
+            f"is {_sm(capability)}"
+        )
+    return None
+
+
+def require_cuda_op(name: str, tensor: torch.Tensor) -> ModuleType:
+    """The ``_C`` module, or a RuntimeError saying why op ``name`` cannot run on ``tensor``."""
+    reason = cuda_unsupported_reason(tensor.device)
+    if reason is not None:
+        raise RuntimeError(f"twotower_rt: CUDA op {name!r} cannot run: {reason}")
+    assert _C is not None
+    return _C

@@ -1,0 +1,137 @@
+"""What this installation can run: versions, the CUDA extension, the GPU, and each op's backend.
+
+``report()`` returns a JSON-serialisable dict, ``format_report()`` the same as text.
+``python -m twotower_rt.env [--json]`` prints either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from twotower_rt import _ext
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("twotower-rt")
+    except PackageNotFoundError:
+        import twotower_rt
+
+        return getattr(twotower_rt, "__version__", "unknown")
+
+
+def _gpu_report() -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            reason = f"this PyTorch ({torch.__version__}) is built without CUDA"
+        else:
+            reason = "PyTorch sees no CUDA device (no GPU, no driver, or CUDA_VISIBLE_DEVICES)"
+        return {"available": False, "reason": reason, "devices": []}
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        devices.append(
+            {
+                "index": index,
+                "name": props.name,
+                "capability": f"{props.major}.{props.minor}",
+                "sm": f"sm_{props.major}{props.minor}",
+                "multiprocessors": props.multi_processor_count,
+                "memory_gib": round(props.total_memory / 2**30, 1),
+            }
+        )
+    return {
+        "available": True,
+        "reason": None,
+        "current": torch.cuda.current_device(),
+        "devices": devices,
+    }
+
+
+def _ops_report() -> dict[str, Any]:
+    from twotower_rt.ops import OP_BACKENDS
+
+    ops = {}
+    for name, backend in OP_BACKENDS.items():
+        entry = {}
+        for device in ("cpu", "cuda"):
+            chosen, reason = backend(device)
+            entry[device] = {"backend": chosen, "reason": reason}
+        ops[name] = entry
+    return ops
+
+
+def report() -> dict[str, Any]:
+    """Versions, the extension's build (CUDA version, archs, build type), GPUs, op backends."""
+    return {
+        "twotower_rt": _package_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "extension": _ext.extension_info(),
+        "gpu": _gpu_report(),
+        "ops": _ops_report(),
+    }
+
+
+def _format_cuda_version(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}" if version else "none"
+
+
+def format_report(info: dict[str, Any] | None = None) -> str:
+    info = report() if info is None else info
+    ext = info["extension"]
+    lines = [
+        f"twotower_rt {info['twotower_rt']}  (python {info['python']}, {info['platform']})",
+        f"torch        {info['torch']}  (CUDA {info['torch_cuda'] or 'none'})",
+    ]
+    if ext["available"]:
+        archs = ", ".join(f"sm_{a}" for a in ext["archs"]) or "none"
+        cutlass = ext["cutlass_version"] or "not used"
+        lines.append(
+            f"extension    twotower_rt._C built for {archs} with CUDA {ext['cuda_version']}, "
+            f"{ext['build_type']}, CUTLASS {cutlass}; driver supports CUDA "
+            f"{_format_cuda_version(ext['cuda_driver_version'])}"
+        )
+    else:
+        lines.append(f"extension    unavailable: {ext['error']}")
+    gpu = info["gpu"]
+    if gpu["available"]:
+        for device in gpu["devices"]:
+            lines.append(
+                f"gpu {device['index']}        {device['name']}, {device['sm']}, "
+                f"{device['multiprocessors']} SMs, {device['memory_gib']} GiB"
+            )
+    else:
+        lines.append(f"gpu          none: {gpu['reason']}")
+    lines.append("ops          (backend for CPU tensors | for CUDA tensors)")
+    for name, entry in info["ops"].items():
+        for device in ("cpu", "cuda"):
+            choice = entry[device]
+            lines.append(f"  {name:<12} {device:<5} {choice['backend']:<6} {choice['reason']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m twotower_rt.env", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print report() as JSON")
+    args = parser.parse_args(argv)
+    if args.json:
+        json.dump(report(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
