@@ -88,21 +88,29 @@ def test_missing_tensor(ckpt):
 
 def test_unexpected_tensor(ckpt):
     _rewrite(ckpt, lambda s: s.__setitem__("backbone.extra.weight", torch.zeros(3)))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor "
-                                              r"'backbone\.extra\.weight'"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: unexpected tensor "
+        r"'backbone\.extra\.weight'",
+    ):
         twotower_rt.load(ckpt)
 
 
 def test_misshaped_tensor(ckpt):
     _rewrite(ckpt, lambda s: s.__setitem__("lm_head.weight", torch.zeros(511, 64)))
-    with pytest.raises(CheckpointError, match=r"'lm_head\.weight' has shape \[511, 64\], "
-                                              r"expected \[512, 64\]"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"'lm_head\.weight' has shape \[511, 64\], "
+        r"expected \[512, 64\]",
+    ):
         twotower_rt.load(ckpt)
 
 
 def test_integer_tensor(ckpt):
-    _rewrite(ckpt, lambda s: s.__setitem__("context_tower.layers.0.mixer.D",
-                                           torch.ones(8, dtype=torch.int64)))  # fmt: skip
+    _rewrite(
+        ckpt,
+        lambda s: s.__setitem__("context_tower.layers.0.mixer.D", torch.ones(8, dtype=torch.int64)),
+    )
     with pytest.raises(CheckpointError, match="floating-point"):
         twotower_rt.load(ckpt)
 
@@ -142,8 +150,10 @@ def test_sharded_checkpoint_generates_the_same(ckpt, golden_model):
     for name, t in golden_model.lm.state_dict().items():
         assert torch.equal(sharded.lm.state_dict()[name], t), name
     prompt = [[11, 22, 33, 44]]
-    assert (sharded.generate(prompt, max_new_tokens=16).sequences
-            == golden_model.generate(prompt, max_new_tokens=16).sequences)  # fmt: skip
+    assert (
+        sharded.generate(prompt, max_new_tokens=16).sequences
+        == golden_model.generate(prompt, max_new_tokens=16).sequences
+    )
 
 
 def test_sharded_index_errors(ckpt):
@@ -158,8 +168,11 @@ def test_sharded_index_errors(ckpt):
     other = next(s for s in set(index["weight_map"].values()) if s != index["weight_map"][name])
     broken["weight_map"][name] = other  # points at a shard that does not hold it
     path.write_text(json.dumps(broken))
-    with pytest.raises(CheckpointError, match=r"index lists tensors that are not in this file: "
-                                              r"lm_head\.weight"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"index lists tensors that are not in this file: "
+        r"lm_head\.weight",
+    ):
         twotower_rt.load(ckpt)
     broken["weight_map"][name] = "../elsewhere.safetensors"
     path.write_text(json.dumps(broken))

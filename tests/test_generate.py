@@ -80,9 +80,15 @@ def test_zero_new_tokens(builtin_model, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_rows_do_not_depend_on_the_batch(builtin_model, mode, temperature):
-    prompts = random_prompts(5, seed=hash((mode, temperature)) % 1000)
-    params = dict(mode=mode, max_new_tokens=32, temperature=temperature, seed=123,
-                  confidence_threshold=0.8, top_k=50 if mode != "mask_diffusion" else None)  # fmt: skip
+    prompts = random_prompts(5, seed=MODES.index(mode) * 10 + int(temperature * 10))
+    params = dict(
+        mode=mode,
+        max_new_tokens=32,
+        temperature=temperature,
+        seed=123,
+        confidence_threshold=0.8,
+        top_k=50 if mode != "mask_diffusion" else None,
+    )
     batched = builtin_model.generate(prompts, **params)
     for row, prompt in enumerate(prompts):
         alone = builtin_model.generate([prompt], **params)
@@ -137,9 +143,14 @@ def test_per_row_eos_blockwise(builtin_model):
 
 
 def test_diffusion_commit_bookkeeping(builtin_model):
-    out = builtin_model.generate(random_prompts(4, seed=8), mode="mask_diffusion",
-                                 max_new_tokens=32, block_size=8, steps_per_block=5,
-                                 confidence_threshold=0.95)  # fmt: skip
+    out = builtin_model.generate(
+        random_prompts(4, seed=8),
+        mode="mask_diffusion",
+        max_new_tokens=32,
+        block_size=8,
+        steps_per_block=5,
+        confidence_threshold=0.95,
+    )
     for row in range(4):
         assert len(out.commits_per_step[row]) == 4
         for block in out.commits_per_step[row]:

@@ -67,8 +67,9 @@ def test_all_cases_of_a_mode_in_one_batch(golden_model):
     batched = 0
     for (mode, params), group in groups.items():
         longest = max(c["params"]["max_new_tokens"] for c in group)
-        out = golden_model.generate([c["input_ids"] for c in group], mode=mode,
-                                    max_new_tokens=longest, **dict(params))  # fmt: skip
+        out = golden_model.generate(
+            [c["input_ids"] for c in group], mode=mode, max_new_tokens=longest, **dict(params)
+        )
         for row, case in enumerate(group):
             want = case["output_ids"]
             if case["params"]["eos_token_id"] is not None:
@@ -85,8 +86,9 @@ def test_all_cases_of_a_mode_in_one_batch(golden_model):
 def test_row_order_does_not_matter(golden_model):
     diffusion = [c for c in CASES if c["id"] in ("md_p5_t09", "md_long")]
     for order in (diffusion, diffusion[::-1]):
-        out = golden_model.generate([c["input_ids"] for c in order], mode="mask_diffusion",
-                                    **order[0]["params"])  # fmt: skip
+        out = golden_model.generate(
+            [c["input_ids"] for c in order], mode="mask_diffusion", **order[0]["params"]
+        )
         for row, case in enumerate(order):
             check_row(out, row, case)
 
@@ -98,8 +100,9 @@ def test_reference_error_cases(golden_model, case):
         out = golden_model.generate([case["input_ids"]], mode=case["mode"], **case["params"])
         n = case["params"]["max_new_tokens"]
         assert len(out.sequences[0]) == 1 + n and out.sequences[0][0] == case["input_ids"][0]
-        batched = golden_model.generate([[9, 8, 7, 6], case["input_ids"]], mode=case["mode"],
-                                        **case["params"])  # fmt: skip
+        batched = golden_model.generate(
+            [[9, 8, 7, 6], case["input_ids"]], mode=case["mode"], **case["params"]
+        )
         assert batched.sequences[1] == out.sequences[0]
     else:
         with pytest.raises(ValueError, match="multiple of block_size"):
@@ -119,16 +122,18 @@ def test_prefill_logits_full(golden_model, golden_tensors):
     lm = golden_model.lm
     cache = ContextCache.allocate(lm.cfg, 1, ids.shape[1], lm.dtype, lm.device)
     logits = lm.context_logits(lm.context_forward(ids, cache))
-    torch.testing.assert_close(logits, golden_tensors["prefill.context_logits_full"],
-                               atol=ATOL_LOGITS, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        logits, golden_tensors["prefill.context_logits_full"], atol=ATOL_LOGITS, rtol=0
+    )
 
 
 def test_two_pass_prefill_caches(golden_model, golden_tensors):
     ids = golden_tensors["prefill.input_ids"][0].tolist()
     cache, hidden, before = _prefilled(golden_model, ids, keep_before=True)
     logits = golden_model.lm.context_logits(hidden)
-    torch.testing.assert_close(logits, golden_tensors["prefill.two_pass_last_logits"][:, 0],
-                               atol=ATOL_LOGITS, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        logits, golden_tensors["prefill.two_pass_last_logits"][:, 0], atol=ATOL_LOGITS, rtol=0
+    )
     checked = 0
     for name, want in golden_tensors.items():
         parts = name.split(".")
@@ -150,11 +155,16 @@ def test_two_pass_prefill_caches(golden_model, golden_tensors):
 def test_time_embedding(golden_model, golden_tensors):
     lm = golden_model.lm
     t = golden_tensors["temb.t"]
-    torch.testing.assert_close(lm.t_embedder.sinusoid(t), golden_tensors["temb.t_freq"],
-                               atol=ATOL, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        lm.t_embedder.sinusoid(t), golden_tensors["temb.t_freq"], atol=ATOL, rtol=0
+    )
     torch.testing.assert_close(lm.t_embedder(t), golden_tensors["temb.t_repr"], atol=ATOL, rtol=0)
-    torch.testing.assert_close(lm.time_embedding(t).reshape(len(t), -1),
-                               golden_tensors["temb.t_block_out"], atol=ATOL, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        lm.time_embedding(t).reshape(len(t), -1),
+        golden_tensors["temb.t_block_out"],
+        atol=ATOL,
+        rtol=0,
+    )
 
 
 def test_ar_step_logits(golden_model, golden_tensors):
@@ -170,14 +180,21 @@ def test_ar_step_logits(golden_model, golden_tensors):
 def test_mock_ar_step_logits(golden_model, golden_tensors):
     case = next(c for c in CASES if c["id"] == "mock_p13")
     want = golden_tensors["mock_ar.mock_p13.step_logits"]
-    torch.testing.assert_close(want[:1], golden_tensors["mock_ar.mock_p13.step0.denoiser_logits"][0])
+    torch.testing.assert_close(
+        want[:1], golden_tensors["mock_ar.mock_p13.step0.denoiser_logits"][0]
+    )
     p = case["prompt_len"]
     lm = golden_model.lm
     for i in range(want.shape[0]):
         ids = case["output_ids"][: p + i]
         cache, _, before = _prefilled(golden_model, ids, keep_before=True)
-        got = lm.denoiser_logits(torch.tensor([[ids[-1]]]), cache, prefix_len=cache.lengths - 1,
-                                 mamba_states=before, t=None)[0, 0]  # fmt: skip
+        got = lm.denoiser_logits(
+            torch.tensor([[ids[-1]]]),
+            cache,
+            prefix_len=cache.lengths - 1,
+            mamba_states=before,
+            t=None,
+        )[0, 0]
         torch.testing.assert_close(got, want[i], atol=ATOL_LOGITS, rtol=0)
 
 
@@ -197,9 +214,11 @@ def test_diffusion_logits(golden_model, golden_tensors):
                 continue
             xt, t = golden_tensors[key + ".xt"], golden_tensors[key + ".t"]
             assert float(t) == float((xt == 3).sum()) / S
-            got = lm.denoiser_logits(xt, cache, prefix_len=cache.lengths,
-                                     mamba_states=cache.mamba, t=t)  # fmt: skip
-            torch.testing.assert_close(got, golden_tensors[key + ".logits"],
-                                       atol=ATOL_LOGITS, rtol=0)  # fmt: skip
+            got = lm.denoiser_logits(
+                xt, cache, prefix_len=cache.lengths, mamba_states=cache.mamba, t=t
+            )
+            torch.testing.assert_close(
+                got, golden_tensors[key + ".logits"], atol=ATOL_LOGITS, rtol=0
+            )
             checked += 1
     assert checked == 3

@@ -56,9 +56,11 @@ def test_scan_matches_float64_recurrence():
     y, s = selective_scan_ref(x, dt, A, B, C, D, s0)
     s64, ys = s0.double(), []
     for t in range(n):  # written independently, in float64, one head at a time
-        s64 = (s64 * torch.exp(dt[:, t].double() * A.double())[..., None, None]
-               + (dt[:, t].double()[..., None] * x[:, t].double())[..., None]
-               * B[:, t].double()[:, :, None, :])  # fmt: skip
+        s64 = (
+            s64 * torch.exp(dt[:, t].double() * A.double())[..., None, None]
+            + (dt[:, t].double()[..., None] * x[:, t].double())[..., None]
+            * B[:, t].double()[:, :, None, :]
+        )
         ys.append((s64 * C[:, t].double()[:, :, None, :]).sum(-1) + D.double()[:, None] * x[:, t])
     torch.testing.assert_close(y.double(), torch.stack(ys, 1), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(s.double(), s64, atol=1e-4, rtol=1e-4)
@@ -107,9 +109,11 @@ def test_attention_ref_against_sdpa():
     out = attention_ref(q, k, v, allowed)
     for r in range(2):
         want = F.scaled_dot_product_attention(
-            q[r].transpose(0, 1), k[r].transpose(0, 1).repeat_interleave(4, 0),
-            v[r].transpose(0, 1).repeat_interleave(4, 0), attn_mask=allowed[r],
-        ).transpose(0, 1)  # fmt: skip
+            q[r].transpose(0, 1),
+            k[r].transpose(0, 1).repeat_interleave(4, 0),
+            v[r].transpose(0, 1).repeat_interleave(4, 0),
+            attn_mask=allowed[r],
+        ).transpose(0, 1)
         torch.testing.assert_close(out[r], want, atol=1e-5, rtol=1e-5)
 
 
@@ -142,15 +146,18 @@ def test_router_float64_choice_and_weights(lm):
     ids, weights = moe.gate(x)
     bias = moe.gate.e_score_correction_bias.double()
     for t in range(37):  # per token, written from the spec
-        scores = [1 / (1 + math.exp(-float(x[t].double() @ moe.gate.weight[e].double())))
-                  for e in range(cfg.n_routed_experts)]  # fmt: skip
+        scores = [
+            1 / (1 + math.exp(-float(x[t].double() @ moe.gate.weight[e].double())))
+            for e in range(cfg.n_routed_experts)
+        ]
         biased = [s + float(b) for s, b in zip(scores, bias)]
         top = sorted(range(len(biased)), key=lambda e: -biased[e])[: cfg.num_experts_per_tok]
         assert sorted(ids[t].tolist()) == sorted(top)
         total = sum(scores[e] for e in top) + 1e-20
         for slot, e in enumerate(ids[t].tolist()):
             assert weights[t, slot].item() == pytest.approx(
-                scores[e] / total * cfg.routed_scaling_factor, rel=1e-6)
+                scores[e] / total * cfg.routed_scaling_factor, rel=1e-6
+            )
 
 
 def test_moe_output_against_per_token_loop(lm):
@@ -165,8 +172,9 @@ def test_moe_output_against_per_token_loop(lm):
     for t in range(x.shape[0]):
         acc = sum(weights[t, s] * moe.experts[e](x[t]) for s, e in enumerate(ids[t].tolist()))
         want.append(acc + moe.shared_experts(x[t]))
-    torch.testing.assert_close(out.reshape(-1, h.shape[-1]), torch.stack(want),
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        out.reshape(-1, h.shape[-1]), torch.stack(want), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_dense_mlp_layers_run():

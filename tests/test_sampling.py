@@ -16,8 +16,9 @@ def draw_many(logits_row, n_rows, draws, **kw):
     logits = logits_row.expand(n_rows, -1).clone()
     counts = torch.zeros(logits_row.shape[-1])
     for _ in range(draws):
-        counts += torch.bincount(sample_next(logits, generators=gens, **kw),
-                                 minlength=logits.shape[-1])  # fmt: skip
+        counts += torch.bincount(
+            sample_next(logits, generators=gens, **kw), minlength=logits.shape[-1]
+        )
     return counts
 
 
@@ -80,8 +81,15 @@ def logits_with_confidence(top_tokens, confidences, vocab=8):
 
 
 def step(logits, block, step_idx, steps=4, threshold=0.9, **kw):
-    return diffusion_step(logits, torch.tensor([block]), mask_token_id=MASK, step=step_idx,
-                          steps_per_block=steps, confidence_threshold=threshold, **kw)[0].tolist()
+    return diffusion_step(
+        logits,
+        torch.tensor([block]),
+        mask_token_id=MASK,
+        step=step_idx,
+        steps_per_block=steps,
+        confidence_threshold=threshold,
+        **kw,
+    )[0].tolist()
 
 
 def test_commit_above_threshold():
@@ -115,9 +123,14 @@ def test_last_step_commits_everything_and_committed_stay():
 def test_rows_are_independent():
     a = logits_with_confidence([4, 5, 6], [0.95, 0.1, 0.2])
     b = logits_with_confidence([7, 6, 5], [0.1, 0.2, 0.3])
-    both = diffusion_step(torch.cat([a, b]), torch.tensor([[MASK] * 3, [MASK, 1, MASK]]),
-                          mask_token_id=MASK, step=0, steps_per_block=16,
-                          confidence_threshold=0.9)  # fmt: skip
+    both = diffusion_step(
+        torch.cat([a, b]),
+        torch.tensor([[MASK] * 3, [MASK, 1, MASK]]),
+        mask_token_id=MASK,
+        step=0,
+        steps_per_block=16,
+        confidence_threshold=0.9,
+    )
     assert both.tolist() == [[4, MASK, MASK], [MASK, 1, 5]]
 
 
@@ -130,9 +143,16 @@ def test_gumbel_prediction_distribution_and_untempered_confidence():
     gens = make_generators([11], "cpu")
     counts = torch.zeros(8)
     for _ in range(6000):
-        new = diffusion_step(logits, torch.tensor([[MASK]]), mask_token_id=MASK, step=0,
-                             steps_per_block=1, confidence_threshold=0.9, temperature=0.8,
-                             generators=gens)  # fmt: skip
+        new = diffusion_step(
+            logits,
+            torch.tensor([[MASK]]),
+            mask_token_id=MASK,
+            step=0,
+            steps_per_block=1,
+            confidence_threshold=0.9,
+            temperature=0.8,
+            generators=gens,
+        )
         counts[new[0, 0]] += 1
     masked_logits = logits[0, 0].clone()
     masked_logits[MASK] = float("-inf")
@@ -147,9 +167,16 @@ def test_gumbel_confidence_is_untempered():
     assert step(logits, [MASK, MASK], 0, steps=16, temperature=1e-3, generators=gens) == [4, MASK]
 
 
-@pytest.mark.parametrize("n_masked, steps, step_idx, want", [
-    (16, 16, 0, 1), (16, 4, 0, 4), (15, 4, 1, 5), (5, 4, 2, 3), (7, 16, 15, 7),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "n_masked, steps, step_idx, want",
+    [
+        (16, 16, 0, 1),
+        (16, 4, 0, 4),
+        (15, 4, 1, 5),
+        (5, 4, 2, 3),
+        (7, 16, 15, 7),
+    ],
+)
 def test_ceil_schedule(n_masked, steps, step_idx, want):
     """With no confident position, exactly ceil(n / (T - step)) commit (all on the last step)."""
     S = 16

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from .config import TwoTowerConfig
 from .checkpoint import build_model, expected_shapes
+from .config import TwoTowerConfig
 from .model.tower import TwoTowerLM
 
 BUILTIN_SEED = 20251126
@@ -17,13 +17,25 @@ BUILTIN_SEED = 20251126
 def builtin_config(**overrides) -> TwoTowerConfig:
     """The dims of the golden tiny-a model (hidden 64, pattern MEM*EMEM*E, vocab 512)."""
     fields = dict(
-        hidden_size=64, vocab_size=512, hybrid_override_pattern="MEM*EMEM*E",
-        mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-        moe_intermediate_size=32, moe_shared_expert_intermediate_size=64, intermediate_size=32,
+        hidden_size=64,
+        vocab_size=512,
+        hybrid_override_pattern="MEM*EMEM*E",
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        n_groups=2,
+        ssm_state_size=16,
+        conv_kernel=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=64,
+        intermediate_size=32,
         source="<builtin tiny random>",
-    )  # fmt: skip
+    )
     fields.update(overrides)
     return TwoTowerConfig(**fields)
 
@@ -49,8 +61,9 @@ def random_state_dict(cfg: TwoTowerConfig, seed: int = BUILTIN_SEED) -> dict[str
             dt = torch.exp(torch.rand(shape, generator=g) * math.log(100.0) + math.log(1e-3))
             t = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
         elif name.startswith("scale_shift_tables"):
-            t = torch.stack([normal(shape[1:], 0.1), normal(shape[1:], 0.1),
-                             normal(shape[1:], 0.2, 1.0)])  # fmt: skip
+            t = torch.stack(
+                [normal(shape[1:], 0.1), normal(shape[1:], 0.1), normal(shape[1:], 0.2, 1.0)]
+            )
         elif leaf == "bias" or leaf == "e_score_correction_bias":
             t = normal(shape, 0.1)
         elif leaf == "weight" and name.endswith("conv1d.weight"):

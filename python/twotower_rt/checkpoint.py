@@ -21,9 +21,12 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}  # fmt: skip
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 class CheckpointError(ValueError):
@@ -57,8 +60,10 @@ def _weight_files(directory: str) -> dict[str, list[str] | None]:
         for name, shard in weight_map.items():
             shard_path = os.path.join(directory, shard)
             if os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
-                raise CheckpointError(f"{index_path}: tensor {name!r} points to {shard!r}, "
-                                      "which is not a .safetensors file in this directory")  # fmt: skip
+                raise CheckpointError(
+                    f"{index_path}: tensor {name!r} points to {shard!r}, "
+                    "which is not a .safetensors file in this directory"
+                )
             files.setdefault(shard_path, []).append(name)
         for shard_path in files:
             if not os.path.isfile(shard_path):
@@ -94,24 +99,32 @@ def read_state_dict(
                 if listed is not None:
                     absent = set(listed) - set(names)
                     if absent:
-                        raise CheckpointError(f"{path}: the index lists tensors that are not in "
-                                              f"this file: {_fmt_names(absent)}")  # fmt: skip
+                        raise CheckpointError(
+                            f"{path}: the index lists tensors that are not in "
+                            f"this file: {_fmt_names(absent)}"
+                        )
                 for name in names:
                     if listed is not None and name not in listed:
                         continue  # the index assigns this name to another shard
                     if name not in expected:
-                        raise CheckpointError(f"{path}: unexpected tensor {name!r} (not part of "
-                                              "the model its config.json describes)")  # fmt: skip
+                        raise CheckpointError(
+                            f"{path}: unexpected tensor {name!r} (not part of "
+                            "the model its config.json describes)"
+                        )
                     if name in where:
                         raise CheckpointError(f"{path}: tensor {name!r} also in {where[name]}")
                     shape = tuple(f.get_slice(name).get_shape())
                     if shape != tuple(expected[name]):
-                        raise CheckpointError(f"{path}: tensor {name!r} has shape {list(shape)}, "
-                                              f"expected {list(expected[name])}")  # fmt: skip
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} has shape {list(shape)}, "
+                            f"expected {list(expected[name])}"
+                        )
                     tensor = f.get_tensor(name)
                     if not tensor.is_floating_point():
-                        raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, "
-                                              "expected a floating-point type")  # fmt: skip
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} has dtype {tensor.dtype}, "
+                            "expected a floating-point type"
+                        )
                     state[name] = tensor.to(device=device, dtype=dtype)
                     where[name] = path
         except SafetensorError as e:
@@ -144,8 +157,10 @@ def load_checkpoint(
 ) -> tuple[TwoTowerConfig, TwoTowerLM]:
     directory = os.fspath(path)
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: not a checkpoint directory (expected a folder with "
-                              "config.json and safetensors weights)")  # fmt: skip
+        raise CheckpointError(
+            f"{directory}: not a checkpoint directory (expected a folder with "
+            "config.json and safetensors weights)"
+        )
     dtype = resolve_dtype(dtype)
     cfg = TwoTowerConfig.from_json_file(os.path.join(directory, "config.json"))
     state = read_state_dict(directory, expected_shapes(cfg), torch.device(device), dtype)

@@ -91,27 +91,45 @@ class TwoTowerConfig:
                     f"known: {LAYER_KINDS}",
                 )
         positive = (
-            "hidden_size", "vocab_size", "mamba_num_heads", "mamba_head_dim", "n_groups",
-            "ssm_state_size", "conv_kernel", "num_attention_heads", "num_key_value_heads",
+            "hidden_size",
+            "vocab_size",
+            "mamba_num_heads",
+            "mamba_head_dim",
+            "n_groups",
+            "ssm_state_size",
+            "conv_kernel",
+            "num_attention_heads",
+            "num_key_value_heads",
             "head_dim",
-        )  # fmt: skip
+        )
         for key in positive:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(key, f"expected a positive integer, got {value!r}")
         if self.mamba_num_heads % self.n_groups:
-            fail("n_groups", f"{self.n_groups} does not divide mamba_num_heads "
-                             f"{self.mamba_num_heads}")  # fmt: skip
+            fail(
+                "n_groups",
+                f"{self.n_groups} does not divide mamba_num_heads {self.mamba_num_heads}",
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
-                 f"num_attention_heads {self.num_attention_heads}")  # fmt: skip
+            fail(
+                "num_key_value_heads",
+                f"{self.num_key_value_heads} does not divide "
+                f"num_attention_heads {self.num_attention_heads}",
+            )
         if "E" in pattern:
             if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-                fail("num_experts_per_tok", f"{self.num_experts_per_tok} not in "
-                     f"[1, n_routed_experts={self.n_routed_experts}]")  # fmt: skip
+                fail(
+                    "num_experts_per_tok",
+                    f"{self.num_experts_per_tok} not in "
+                    f"[1, n_routed_experts={self.n_routed_experts}]",
+                )
             if self.n_group != 1 or self.topk_group != 1:
-                fail("n_group", f"grouped routing (n_group={self.n_group}, topk_group="
-                     f"{self.topk_group}) is not supported; only 1/1")  # fmt: skip
+                fail(
+                    "n_group",
+                    f"grouped routing (n_group={self.n_group}, topk_group="
+                    f"{self.topk_group}) is not supported; only 1/1",
+                )
             if self.n_shared_experts not in (0, 1):
                 fail("n_shared_experts", f"{self.n_shared_experts} is not supported (0 or 1)")
         if "-" in pattern and self.intermediate_size <= 0:
@@ -185,8 +203,9 @@ class TwoTowerConfig:
                 kwargs[key] = raw[key][0] if raw[key] else None
         for act_key, expected in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
             if act_key in raw and raw[act_key] != expected:
-                raise ConfigError(f"{source}: {act_key}: {raw[act_key]!r} is not supported "
-                                  f"(only {expected!r})")  # fmt: skip
+                raise ConfigError(
+                    f"{source}: {act_key}: {raw[act_key]!r} is not supported (only {expected!r})"
+                )
         if raw.get("mamba_ssm_cache_dtype", "float32") != "float32":
             raise ConfigError(f"{source}: mamba_ssm_cache_dtype: only float32 is supported")
         try:

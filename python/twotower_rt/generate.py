@@ -55,16 +55,18 @@ class SamplingParams:
         integer("steps_per_block", 1)
         integer("mask_token_id", 0)
         if self.mask_token_id >= vocab_size:
-            raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary "
-                             f"[0, {vocab_size})")  # fmt: skip
+            raise ValueError(
+                f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {vocab_size})"
+            )
         if mode == "mask_diffusion" and self.max_new_tokens % self.block_size:
             raise ValueError(
                 f"max_new_tokens ({self.max_new_tokens}) must be a multiple of block_size "
                 f"({self.block_size}) in mask_diffusion mode: generation runs in whole blocks"
             )
         if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
-                             f"got {self.temperature!r}")  # fmt: skip
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
         if self.top_k is not None:
             integer("top_k", 1)
         if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
@@ -72,8 +74,9 @@ class SamplingParams:
         if not _is_number(self.confidence_threshold) or not math.isfinite(
             self.confidence_threshold
         ):
-            raise ValueError(f"confidence_threshold must be a finite number, "
-                             f"got {self.confidence_threshold!r}")  # fmt: skip
+            raise ValueError(
+                f"confidence_threshold must be a finite number, got {self.confidence_threshold!r}"
+            )
         for eos in self.eos_ids:
             if not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < vocab_size:
                 raise ValueError(f"eos_token_id {eos!r} is not a token id in [0, {vocab_size})")
@@ -135,14 +138,17 @@ def check_input_ids(input_ids, vocab_size: int) -> list[list[int]]:
     rows = []
     for r, row in enumerate(input_ids):
         if isinstance(row, int):
-            raise ValueError("input_ids must be a list of token-id lists (one per prompt); "
-                             "wrap a single prompt as [ids]")  # fmt: skip
+            raise ValueError(
+                "input_ids must be a list of token-id lists (one per prompt); "
+                "wrap a single prompt as [ids]"
+            )
         if not isinstance(row, (list, tuple)) or not row:
             raise ValueError(f"input_ids[{r}] must be a non-empty list of token ids")
         for i, tok in enumerate(row):
             if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < vocab_size:
-                raise ValueError(f"input_ids[{r}][{i}] = {tok!r} is not a token id in "
-                                 f"[0, {vocab_size})")  # fmt: skip
+                raise ValueError(
+                    f"input_ids[{r}][{i}] = {tok!r} is not a token id in [0, {vocab_size})"
+                )
         rows.append([int(t) for t in row])
     return rows
 
@@ -182,9 +188,7 @@ def _prefill(lm: TwoTowerLM, prompts: list[list[int]], capacity: int, keep_befor
 
 
 @torch.inference_mode()
-def generate(
-    lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params
-) -> GenerationOutput:
+def generate(lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params) -> GenerationOutput:
     p = SamplingParams(**params)
     prompts = check_input_ids(input_ids, lm.cfg.vocab_size)
     p.validate(mode, lm.cfg.vocab_size, len(prompts))
@@ -194,8 +198,9 @@ def generate(
     reason = ["length"] * b
     commits = [[] for _ in range(b)] if mode == "mask_diffusion" else None
     if p.max_new_tokens == 0:
-        return GenerationOutput([list(x) for x in prompts], nfe, [len(x) for x in prompts],
-                                reason, commits)  # fmt: skip
+        return GenerationOutput(
+            [list(x) for x in prompts], nfe, [len(x) for x in prompts], reason, commits
+        )
 
     device = lm.device
     capacity = max(len(x) for x in prompts) + p.max_new_tokens
@@ -211,9 +216,12 @@ def generate(
             if mode == "mock_ar":
                 cache = batch.cache
                 logits = lm.denoiser_logits(
-                    last[:, None], cache, prefix_len=cache.lengths - 1, mamba_states=before,
+                    last[:, None],
+                    cache,
+                    prefix_len=cache.lengths - 1,
+                    mamba_states=before,
                     t=None,
-                )[:, -1]  # fmt: skip
+                )[:, -1]
                 for r in batch.rows.tolist():
                     nfe[r] += 1
             token = sample_next(logits, p.temperature, p.top_k, p.top_p, batch.generators)
@@ -250,10 +258,15 @@ def generate(
                     block, cache, prefix_len=cache.lengths, mamba_states=cache.mamba, t=t
                 )
                 new_block = diffusion_step(
-                    logits, block, mask_token_id=p.mask_token_id, step=step,
-                    steps_per_block=T, confidence_threshold=p.confidence_threshold,
-                    temperature=p.temperature, generators=batch.generators,
-                )  # fmt: skip
+                    logits,
+                    block,
+                    mask_token_id=p.mask_token_id,
+                    step=step,
+                    steps_per_block=T,
+                    confidence_threshold=p.confidence_threshold,
+                    temperature=p.temperature,
+                    generators=batch.generators,
+                )
                 n_new = (new_block != block).sum(dim=-1).tolist()
                 for r, active, c in zip(rows, n_masked.tolist(), n_new):
                     if active:

@@ -92,8 +92,9 @@ def diffusion_step(
     # Rank masked positions by confidence, highest first; committed positions rank last.
     ranked = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
     order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(
-        block.shape[-1], device=block.device).expand_as(order))  # fmt: skip
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(block.shape[-1], device=block.device).expand_as(order)
+    )
     commit = masked & (rank < k[:, None])
     return torch.where(commit, pred, block)
 

@@ -1,5 +1,5 @@
-"""The context tower's caches for a batch of sequences: K/V per attention layer, conv + SSM state per
-Mamba layer, and each row's committed length. Allocated once at full capacity; nothing grows."""
+"""The context tower's caches for a batch: K/V per attention layer, conv + SSM state per Mamba
+layer, and each row's committed length. Allocated once at full capacity; nothing grows."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from ..ops.rmsnorm import rms_norm
 from .attention import Attention
 from .cache import ContextCache
 from .mamba import Mamba2Mixer, MambaState
-from .moe import MoE, DenseMLP
+from .moe import DenseMLP, MoE
 
 
 class RMSNorm(nn.Module):
@@ -99,7 +99,8 @@ class TimestepEmbedder(nn.Module):
         rounds it (0.9375 -> 936)."""
         half = TIME_FREQ_DIM // 2
         freqs = torch.exp(
-            -math.log(TIME_MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device)
+            -math.log(TIME_MAX_PERIOD)
+            * torch.arange(half, dtype=torch.float32, device=t.device)
             / half
         )
         args = (t * 1000).float()[:, None] * freqs[None]
@@ -148,9 +149,13 @@ class TwoTowerLM(nn.Module):
         if n_valid is None:
             n_valid = torch.full_like(cache.lengths, ids.shape[1])
         hidden, states = self.context_tower(
-            ids, cache, prefix_len=cache.lengths, mamba_states=cache.mamba, append=True,
+            ids,
+            cache,
+            prefix_len=cache.lengths,
+            mamba_states=cache.mamba,
+            append=True,
             n_valid=None if bool((n_valid == ids.shape[1]).all()) else n_valid,
-        )  # fmt: skip
+        )
         cache.mamba.update(states)
         cache.lengths = cache.lengths + n_valid
         return hidden
@@ -175,7 +180,11 @@ class TwoTowerLM(nn.Module):
             t_emb = self.time_embedding(t)
             modulation = [table + t_emb for table in self.scale_shift_tables]
         hidden, _ = self.denoiser_tower(
-            ids, cache, prefix_len=prefix_len, mamba_states=mamba_states, append=False,
+            ids,
+            cache,
+            prefix_len=prefix_len,
+            mamba_states=mamba_states,
+            append=False,
             modulation=modulation,
-        )  # fmt: skip
+        )
         return F.linear(hidden, self.lm_head.weight).float()
