@@ -10,10 +10,10 @@
 #   2. builds and installs twotower_rt there without build isolation, with TWOTOWER_RT_BUILD_CUDA=ON
 #      (fails rather than installing without _C) and the ptxas resource report,
 #   3. prints the environment report, 4. runs the GPU tests and tests/test_ext.py,
-#   5. runs bench/run.py --check and the full rmsnorm sweep.
+#   5. runs bench/run.py --check and the full rmsnorm and mask_sampling sweeps.
 # Everything lands in $OUT (./gpu_out when OUT is unset), at most 8 files:
 #   summary.txt (GPU, step results, env report, ptxas lines), build.log, env.json, pytest.log,
-#   bench.log, check.json, rmsnorm.json
+#   bench.log, check.json, rmsnorm.json, mask_sampling.json
 # Each step runs even when an earlier one failed (except after a failed build); the exit code is 1
 # when any step failed.
 set -uo pipefail
@@ -72,7 +72,7 @@ fi
 # One line per kernel: name, registers, stack/spills.
 grep -E "Compiling entry|bytes spill|Used [0-9]+ registers" "$OUT/build.log" | paste - - - |
   sed -E "s/.*Compiling entry function '([^']+)'.*bytes stack frame, ([^\t]*)\t.*Used ([0-9]+) registers.*/\1: \3 registers, \2/" |
-  { c++filt 2>/dev/null || cat; } | sed -E 's/^void //; s/\(twotower_rt::RMSNormParams\)//' | tee -a "$SUMMARY"
+  { c++filt 2>/dev/null || cat; } | sed -E 's/^void //; s/\(twotower_rt::[A-Za-z]+Params\)//' | tee -a "$SUMMARY"
 
 # 3. Environment report (run outside the repo so that only the installed package is importable).
 (cd /tmp && "$PY" -m twotower_rt.env) 2>&1 | tee -a "$SUMMARY"
@@ -87,7 +87,8 @@ step pytest "$OUT/pytest.log" bash -c \
 # 5. Benchmarks.
 step bench "$OUT/bench.log" bash -c \
   "'$PY' bench/run.py --check --out '$OUT/check.json' && \
-   '$PY' bench/run.py rmsnorm --out '$OUT/rmsnorm.json'"
+   '$PY' bench/run.py rmsnorm --out '$OUT/rmsnorm.json' && \
+   '$PY' bench/run.py mask_sampling --out '$OUT/mask_sampling.json'"
 
 echo "gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED)" | tee -a "$SUMMARY"
 exit $status

@@ -1,6 +1,8 @@
 """Kernel benchmarks: one subcommand per kernel family, defaults at the real model's shapes.
 
     python bench/run.py rmsnorm [--rows 16 64 256 1024] [--dtype bf16]
+    python bench/run.py mask_sampling [--batch 1 16 64] [--block-size 16] [--vocab 131072]
+    python bench/run.py sample_tokens [--batch 1 16 64] [--vocab 131072]
     python bench/run.py --check            # every family, few shapes, few repetitions
 
 Each case: correctness against the family's PyTorch reference, then the median over --reps timed
@@ -38,6 +40,11 @@ HIDDEN = 2688
 D_INNER = 4096
 NORM_GROUP = 512
 ROWS = [16, 16 * 4, 16 * 16, 16 * 64]
+# The real model's vocabulary; mask diffusion decides a 16-token block per sequence, mask token 3.
+VOCAB = 131072
+BLOCK = 16
+BATCHES = [1, 16, 64]
+MASK_TOKEN = 3
 
 
 # --- timing -------------------------------------------------------------------------------------
@@ -198,9 +205,194 @@ def add_rmsnorm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
 
 
+# --- mask_sampling / sample_tokens --------------------------------------------------------------
+
+
+def _rng_tensors(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    seed = torch.randint(0, 2**62, (batch,), device="cuda", generator=gen)
+    offset = torch.randint(0, 2**40, (batch,), device="cuda", generator=gen)
+    return seed, offset
+
+
+def _ref_us(fn: Callable[[], Any], reps: int) -> float:
+    """The references allocate gigabytes at the largest shapes (Philox in int64 tensors): time
+    them one call per replay and fewer replays."""
+    return time_us(fn, reps=max(3, min(reps, 10)), inner=1, warmup=1)
+
+
+def run_mask_sampling(args: argparse.Namespace, quick: bool, peaks: dict[str, float]) -> list[dict]:
+    from twotower_rt.ops import mask_sampling_backend
+
+    backend, reason = mask_sampling_backend("cuda", DTYPES[args.dtype])
+    if backend != "cuda":
+        raise NothingToRun(f"mask_sampling's CUDA kernel does not run here: {reason}")
+    reps, inner = (10, 10) if quick else (args.reps, args.inner)
+    batches = [args.batch[0], args.batch[-1]] if quick else args.batch
+    return [
+        bench_mask_sampling_case(
+            batch=b,
+            block_size=args.block_size,
+            vocab=args.vocab,
+            temperature=t,
+            dtype_name=args.dtype,
+            reps=reps,
+            inner=inner,
+            peaks=peaks,
+        )  # fmt: skip
+        for b in batches
+        for t in args.temperature
+    ]
+
+
+def bench_mask_sampling_case(*, batch, block_size, vocab, temperature, dtype_name, reps, inner,
+                             peaks):  # fmt: skip
+    from twotower_rt.ops import mask_sampling, mask_sampling_ref
+    from twotower_rt.ops.mask_sampling import allocate_output
+
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device="cuda").manual_seed(batch * block_size + vocab)
+    logits = (torch.randn(batch, block_size, vocab, device="cuda", generator=gen) * 3).to(dtype)
+    block = torch.full((batch, block_size), MASK_TOKEN, device="cuda")  # step 0: all masked
+    seed, offset = _rng_tensors(batch, gen)
+    kw = dict(
+        mask_token_id=MASK_TOKEN, step=0, steps_per_block=16, confidence_threshold=0.9,
+        temperature=temperature, seed=seed, offset=offset,
+    )  # fmt: skip
+    out = allocate_output(batch, block_size, "cuda")
+    out.prediction.fill_(-1)
+    mask_sampling(logits, block, **kw, out=out)
+    ref = mask_sampling_ref(logits.float(), block, **kw)
+    # Near-ties may break differently in fp32; anything beyond that is a bug.
+    agree = (out.prediction == ref.prediction).float().mean().item()
+    same = out.prediction == ref.prediction
+    conf_ok = torch.allclose(out.confidence[same], ref.confidence[same], rtol=1e-4, atol=1e-7)
+    correct = agree >= 0.99 and conf_ok and bool((out.prediction != MASK_TOKEN).all())
+    del ref
+
+    kernel_us = time_us(lambda: mask_sampling(logits, block, **kw, out=out), reps=reps, inner=inner)
+    ref_us = _ref_us(lambda: mask_sampling_ref(logits, block, **kw), reps)
+    moved = logits.numel() * logits.element_size()  # floor: the logits once (all masked at step 0)
+    gbps = moved / (kernel_us * 1e-6) / 1e9
+    return {
+        "kernel": "mask_sampling",
+        "shape": f"{batch}x{block_size}x{vocab} T={temperature:g} {dtype_name}",
+        "dims": {
+            "batch": batch,
+            "block_size": block_size,
+            "vocab": vocab,
+            "temperature": temperature,
+            "dtype": dtype_name,
+        },  # fmt: skip
+        "correct": correct,
+        "prediction_agreement": round(agree, 5),
+        "median_us": round(kernel_us, 3),
+        "baseline": "torch mask_sampling_ref (eager ops, Philox in int64 ops, graph-timed)",
+        "baseline_median_us": round(ref_us, 3),
+        "bytes": moved,
+        "achieved_gbps": round(gbps, 1),
+        "achieved_tflops": 0.0,
+        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+    }
+
+
+def add_mask_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, nargs="+", default=BATCHES, help="sequences")
+    parser.add_argument("--block-size", type=int, default=BLOCK, help="positions per sequence")
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.7])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="logits dtype")
+
+
+SAMPLE_CONFIGS = [  # (temperature, top_k, top_p)
+    (0.0, None, None),
+    (0.8, None, None),
+    (0.8, 50, None),
+    (0.8, None, 0.9),
+]
+
+
+def run_sample_tokens(args: argparse.Namespace, quick: bool, peaks: dict[str, float]) -> list[dict]:
+    from twotower_rt.ops import sample_tokens_backend
+
+    backend, reason = sample_tokens_backend("cuda", DTYPES[args.dtype])
+    if backend != "cuda":
+        raise NothingToRun(f"sample_tokens' CUDA kernel does not run here: {reason}")
+    reps, inner = (10, 10) if quick else (args.reps, args.inner)
+    batches = [args.batch[0], args.batch[-1]] if quick else args.batch
+    return [
+        bench_sample_tokens_case(
+            batch=b,
+            vocab=args.vocab,
+            config=c,
+            dtype_name=args.dtype,
+            reps=reps,
+            inner=inner,
+            peaks=peaks,
+        )  # fmt: skip
+        for b in batches
+        for c in SAMPLE_CONFIGS
+    ]
+
+
+def bench_sample_tokens_case(*, batch, vocab, config, dtype_name, reps, inner, peaks):
+    from twotower_rt.ops import sample_tokens, sample_tokens_ref
+
+    temperature, top_k, top_p = config
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device="cuda").manual_seed(batch + vocab)
+    logits = (torch.randn(batch, vocab, device="cuda", generator=gen) * 3).to(dtype)
+    seed, offset = _rng_tensors(batch, gen)
+    out = torch.full((batch,), -1, dtype=torch.int64, device="cuda")
+
+    def kernel():
+        return sample_tokens(logits, temperature, top_k, top_p, seed, offset, out=out)
+
+    def reference():
+        return sample_tokens_ref(logits, temperature, top_k, top_p, seed, offset)
+
+    kernel()
+    agree = out == sample_tokens_ref(logits.float(), temperature, top_k, top_p, seed, offset)
+    correct = agree.float().mean().item() >= (1.0 if temperature == 0 else 0.98)
+    kernel_us = time_us(kernel, reps=reps, inner=inner)
+    ref_us = _ref_us(reference, reps)
+    moved = logits.numel() * logits.element_size()
+    gbps = moved / (kernel_us * 1e-6) / 1e9
+    name = "greedy" if temperature == 0 else f"T={temperature:g}"
+    name += f" k={top_k}" if top_k else ""
+    name += f" p={top_p:g}" if top_p else ""
+    return {
+        "kernel": "sample_tokens",
+        "shape": f"{batch}x{vocab} {name} {dtype_name}",
+        "dims": {
+            "batch": batch,
+            "vocab": vocab,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "dtype": dtype_name,
+        },  # fmt: skip
+        "correct": correct,
+        "median_us": round(kernel_us, 3),
+        "baseline": "torch sample_tokens_ref (topk + cumsum filter, Gumbel-max, graph-timed)",
+        "baseline_median_us": round(ref_us, 3),
+        "bytes": moved,
+        "achieved_gbps": round(gbps, 1),
+        "achieved_tflops": 0.0,
+        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+    }
+
+
+def add_sample_tokens_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, nargs="+", default=BATCHES, help="sequences")
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="logits dtype")
+
+
 # Family name -> (add its arguments, run it). A new kernel family adds one entry.
 FAMILIES: dict[str, tuple[Callable, Callable]] = {
     "rmsnorm": (add_rmsnorm_args, run_rmsnorm),
+    "mask_sampling": (add_mask_sampling_args, run_mask_sampling),
+    "sample_tokens": (add_sample_tokens_args, run_sample_tokens),
 }
 
 
@@ -232,12 +424,12 @@ def print_table(results: list[dict], peaks: dict[str, float]) -> None:
         f"\npeaks: copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul {peaks['bf16_tflops']:.0f} "
         "TFLOP/s (measured now)"
     )
-    header = f"{'kernel':<10} {'shape':<28} {'us':>8} {'ref us':>9} {'GB/s':>8} {'%copy':>6}  ok"
+    header = f"{'kernel':<14} {'shape':<34} {'us':>8} {'ref us':>9} {'GB/s':>8} {'%copy':>6}  ok"
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r['kernel']:<10} {r['shape']:<28} {r['median_us']:>8.2f} "
+            f"{r['kernel']:<14} {r['shape']:<34} {r['median_us']:>8.2f} "
             f"{r['baseline_median_us']:>9.2f} {r['achieved_gbps']:>8.0f} "
             f"{100 * r['fraction_of_copy']:>5.0f}%  {'yes' if r['correct'] else 'NO'}"
         )

@@ -37,6 +37,22 @@ void RMSNormOp(std::uintptr_t out, std::uintptr_t x, std::uintptr_t gate, std::u
                int64_t x_row_stride, int64_t gate_row_stride, double eps, int dtype,
                int weight_dtype, int device, std::uintptr_t stream);
 
+// csrc/mask_sampling.cu
+int64_t MaskSamplingWorkspaceOp(int64_t batch, int64_t block_size, int64_t vocab);
+void MaskSamplingOp(std::uintptr_t logits, int64_t logits_batch_stride,
+                    int64_t logits_position_stride, std::uintptr_t block, int64_t block_row_stride,
+                    std::uintptr_t step, std::uintptr_t seed, std::uintptr_t offset,
+                    std::uintptr_t out_block, std::uintptr_t out_masked,
+                    std::uintptr_t out_num_committed, std::uintptr_t out_prediction,
+                    std::uintptr_t out_confidence, std::uintptr_t workspace,
+                    int64_t workspace_bytes, int64_t batch, int64_t block_size, int64_t vocab,
+                    int64_t mask_token_id, int64_t steps_per_block, double confidence_threshold,
+                    double temperature, int dtype, int device, std::uintptr_t stream);
+void SampleTokensOp(std::uintptr_t logits, int64_t logits_row_stride, std::uintptr_t seed,
+                    std::uintptr_t offset, std::uintptr_t out, int64_t batch, int64_t vocab,
+                    int64_t top_k, double top_p, double temperature, int dtype, int device,
+                    std::uintptr_t stream);
+
 namespace {
 
 py::dict BuildInfo() {
@@ -64,6 +80,8 @@ py::dict BuildInfo() {
   info["host_compiler"] = TWOTOWER_RT_HOST_COMPILER;
   py::list ops;
   ops.append("rms_norm");
+  ops.append("mask_sampling");
+  ops.append("sample_tokens");
   info["ops"] = ops;
   return info;
 }
@@ -95,4 +113,25 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n"), py::arg("group_size"), py::arg("out_row_stride"), py::arg("x_row_stride"),
         py::arg("gate_row_stride"), py::arg("eps"), py::arg("dtype"), py::arg("weight_dtype"),
         py::arg("device"), py::arg("stream"));
+
+  m.def("mask_sampling_workspace_bytes", &twotower_rt::MaskSamplingWorkspaceOp,
+        "Bytes of the workspace mask_sampling needs for this shape.", py::arg("batch"),
+        py::arg("block_size"), py::arg("vocab"));
+  m.def("mask_sampling", &twotower_rt::MaskSamplingOp,
+        "One mask-diffusion step: prediction, confidence and the commit rule; see "
+        "mask_sampling.cuh.",
+        py::arg("logits"), py::arg("logits_batch_stride"), py::arg("logits_position_stride"),
+        py::arg("block"), py::arg("block_row_stride"), py::arg("step"), py::arg("seed"),
+        py::arg("offset"), py::arg("out_block"), py::arg("out_masked"),
+        py::arg("out_num_committed"), py::arg("out_prediction"), py::arg("out_confidence"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("batch"), py::arg("block_size"),
+        py::arg("vocab"), py::arg("mask_token_id"), py::arg("steps_per_block"),
+        py::arg("confidence_threshold"), py::arg("temperature"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"));
+  m.def("sample_tokens", &twotower_rt::SampleTokensOp,
+        "AR sampler: argmax, or a Gumbel-max draw after temperature, top-k and top-p; see "
+        "sample_tokens.cuh.",
+        py::arg("logits"), py::arg("logits_row_stride"), py::arg("seed"), py::arg("offset"),
+        py::arg("out"), py::arg("batch"), py::arg("vocab"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("temperature"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
 }

@@ -3,9 +3,9 @@
 // include/twotower_rt/rmsnorm.cuh and turns every CUDA error into an exception naming the op.
 #include <cmath>
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
+#include "op_errors.h"
 #include "twotower_rt/rmsnorm.cuh"
 
 namespace twotower_rt {
@@ -14,46 +14,7 @@ namespace {
 
 constexpr const char* kOp = "twotower_rt._C.rms_norm";
 
-[[noreturn]] void ThrowInvalid(const std::string& what) {
-  throw std::invalid_argument(std::string(kOp) + ": " + what);
-}
-
-void CheckCuda(cudaError_t err, const char* during) {
-  if (err == cudaSuccess) return;
-  std::string message = std::string(kOp) + ": CUDA error during " + during + ": " +
-                        cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
-  int driver_version = 0;
-  if (err == cudaErrorInsufficientDriver && cudaDriverGetVersion(&driver_version) == cudaSuccess &&
-      driver_version == 0) {
-    message += "; no NVIDIA driver is installed on this machine";
-  } else if (err == cudaErrorInsufficientDriver) {
-    message += "; the driver supports CUDA " + std::to_string(driver_version / 1000) + "." +
-               std::to_string(driver_version % 1000 / 10) + ", this module was built with " +
-               std::to_string(CUDART_VERSION / 1000) + "." +
-               std::to_string(CUDART_VERSION % 1000 / 10);
-  } else if (err == cudaErrorNoKernelImageForDevice) {
-    message += "; twotower_rt._C is built for sm_90a (H100/H200) only";
-  }
-  throw std::runtime_error(message);
-}
-
-// Runs the launch on `device` and puts the caller's current device back afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    CheckCuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) CheckCuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int current = previous_;
-    if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
+[[noreturn]] void ThrowInvalid(const std::string& what) { twotower_rt::ThrowInvalid(kOp, what); }
 
 }  // namespace
 
@@ -106,8 +67,8 @@ void RMSNormOp(std::uintptr_t out, std::uintptr_t x, std::uintptr_t gate, std::u
   params.dtype = static_cast<DType>(dtype);
   params.weight_dtype = static_cast<DType>(weight_dtype);
 
-  DeviceGuard guard(device);
-  CheckCuda(RMSNorm(params, reinterpret_cast<cudaStream_t>(stream)), "kernel launch");
+  ScopedDevice guard(kOp, device);
+  CheckCuda(kOp, RMSNorm(params, reinterpret_cast<cudaStream_t>(stream)), "kernel launch");
 }
 
 }  // namespace twotower_rt

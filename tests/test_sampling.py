@@ -5,19 +5,20 @@ import math
 import pytest
 import torch
 
-from twotower_rt.sampling import diffusion_step, filter_top_k_top_p, make_generators, sample_next
+from twotower_rt.sampling import diffusion_step, filter_top_k_top_p, row_rng, sample_next
 
 MASK = 3
 
 
 def draw_many(logits_row, n_rows, draws, **kw):
-    """n_rows generators x draws samples of one distribution -> counts per token."""
-    gens = make_generators(range(1000, 1000 + n_rows), "cpu")
+    """n_rows seeds x draws offsets of one distribution -> counts per token."""
+    seed, _ = row_rng(range(1000, 1000 + n_rows), "cpu")
     logits = logits_row.expand(n_rows, -1).clone()
     counts = torch.zeros(logits_row.shape[-1])
-    for _ in range(draws):
+    for draw in range(draws):
+        offset = torch.full_like(seed, draw)
         counts += torch.bincount(
-            sample_next(logits, generators=gens, **kw), minlength=logits.shape[-1]
+            sample_next(logits, seed=seed, offset=offset, **kw), minlength=logits.shape[-1]
         )
     return counts
 
@@ -60,9 +61,10 @@ def test_top_k_top_p_keep_at_least_one_and_never_minus_inf_drawn():
     logits[:, 7] = float("-inf")
     filtered = filter_top_k_top_p(logits, top_k=5, top_p=1e-6)
     assert torch.equal((filtered > float("-inf")).sum(-1), torch.ones(4, dtype=torch.long))
-    gens = make_generators(range(4), "cpu")
+    seed, offset = row_rng(range(4), "cpu")
     for _ in range(50):
-        assert not (sample_next(logits, 2.0, generators=gens) == 7).any()
+        assert not (sample_next(logits, 2.0, seed=seed, offset=offset) == 7).any()
+        offset += 1
 
 
 def logits_with_confidence(top_tokens, confidences, vocab=8):
@@ -140,7 +142,7 @@ def test_gumbel_prediction_distribution_and_untempered_confidence():
     torch.manual_seed(0)
     logits = torch.randn(1, 1, 8)
     logits[..., MASK] = 30.0
-    gens = make_generators([11], "cpu")
+    seed, offset = row_rng([11], "cpu")
     counts = torch.zeros(8)
     for _ in range(6000):
         new = diffusion_step(
@@ -151,8 +153,10 @@ def test_gumbel_prediction_distribution_and_untempered_confidence():
             steps_per_block=1,
             confidence_threshold=0.9,
             temperature=0.8,
-            generators=gens,
+            seed=seed,
+            offset=offset,
         )
+        offset += 1
         counts[new[0, 0]] += 1
     masked_logits = logits[0, 0].clone()
     masked_logits[MASK] = float("-inf")
@@ -163,8 +167,9 @@ def test_gumbel_confidence_is_untempered():
     # At a tiny temperature both predictions are the top tokens; tempered, both would have
     # confidence ~1 > 0.9, but the rule uses the untempered 0.99 and 0.6: only one commits.
     logits = logits_with_confidence([4, 5], [0.99, 0.6])
-    gens = make_generators([5], "cpu")
-    assert step(logits, [MASK, MASK], 0, steps=16, temperature=1e-3, generators=gens) == [4, MASK]
+    seed, offset = row_rng([5], "cpu")
+    out = step(logits, [MASK, MASK], 0, steps=16, temperature=1e-3, seed=seed, offset=offset)
+    assert out == [4, MASK]
 
 
 @pytest.mark.parametrize(

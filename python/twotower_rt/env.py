@@ -117,7 +117,7 @@ def format_report(info: dict[str, Any] | None = None) -> str:
     for name, entry in info["ops"].items():
         for device in ("cpu", "cuda"):
             choice = entry[device]
-            lines.append(f"  {name:<12} {device:<5} {choice['backend']:<6} {choice['reason']}")
+            lines.append(f"  {name:<13} {device:<5} {choice['backend']:<6} {choice['reason']}")
     return "\n".join(lines)
 
 

@@ -7,8 +7,9 @@
   denoiser forwards each, then committed to the context tower in one pass.
 
 Every mode starts with the reference's two-pass prefill (prompt[:-1] as a prefill, then the last
-token through the one-token path). Each row has its own t, its own random generator and its own
-EOS; finished rows leave the batch, and no row's output depends on the others.
+token through the one-token path). Each row has its own t, its own random stream (a Philox seed and
+a counter offset, advanced only by the draws that row takes part in) and its own EOS; finished
+rows leave the batch, and no row's output depends on the others.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from .model.cache import ContextCache
 from .model.tower import TwoTowerLM
-from .sampling import diffusion_step, make_generators, sample_next
+from .sampling import diffusion_step, row_rng, sample_next
 
 MODES = ("ar", "mock_ar", "mask_diffusion")
 
@@ -157,17 +158,17 @@ class _Batch:
     """The rows still generating: their original indices, caches and per-row state, kept
     aligned; ``keep`` drops finished rows from all of them at once."""
 
-    def __init__(self, cache: ContextCache, generators, device):
+    def __init__(self, cache: ContextCache, rng, device):
         self.rows = torch.arange(cache.lengths.shape[0], device=device)
         self.cache = cache
-        self.generators = generators
+        self.seed, self.offset = rng if rng is not None else (None, None)
 
     def keep(self, mask: torch.Tensor, *tensors: torch.Tensor):
         idx = torch.nonzero(mask).squeeze(1)
         self.rows = self.rows[idx]
         self.cache = self.cache.index_select(idx)
-        if self.generators is not None:
-            self.generators = [self.generators[i] for i in idx.tolist()]
+        if self.seed is not None:
+            self.seed, self.offset = self.seed[idx], self.offset[idx]
         return [t.index_select(0, idx) if t is not None else None for t in tensors]
 
 
@@ -206,8 +207,8 @@ def generate(lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params) 
     capacity = max(len(x) for x in prompts) + p.max_new_tokens
     cache, hidden, before, last = _prefill(lm, prompts, capacity, keep_before=mode == "mock_ar")
     sampled = p.temperature > 0
-    gens = make_generators(p.row_seeds(b), device) if sampled else None
-    batch = _Batch(cache, gens, device)
+    rng = row_rng(p.row_seeds(b), device) if sampled else None
+    batch = _Batch(cache, rng, device)
     eos = torch.tensor(p.eos_ids, dtype=torch.long, device=device)
 
     if mode in ("ar", "mock_ar"):
@@ -224,7 +225,9 @@ def generate(lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params) 
                 )[:, -1]
                 for r in batch.rows.tolist():
                     nfe[r] += 1
-            token = sample_next(logits, p.temperature, p.top_k, p.top_p, batch.generators)
+            token = sample_next(logits, p.temperature, p.top_k, p.top_p, batch.seed, batch.offset)
+            if batch.offset is not None:
+                batch.offset += 1
             done = torch.isin(token, eos)
             for r, tok, d in zip(batch.rows.tolist(), token.tolist(), done.tolist()):
                 out[r].append(tok)
@@ -265,8 +268,11 @@ def generate(lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params) 
                     steps_per_block=T,
                     confidence_threshold=p.confidence_threshold,
                     temperature=p.temperature,
-                    generators=batch.generators,
+                    seed=batch.seed,
+                    offset=batch.offset,
                 )
+                if batch.offset is not None:  # only rows that took this step drew noise
+                    batch.offset += n_masked > 0
                 n_new = (new_block != block).sum(dim=-1).tolist()
                 for r, active, c in zip(rows, n_masked.tolist(), n_new):
                     if active:

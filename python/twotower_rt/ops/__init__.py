@@ -1,11 +1,32 @@
 """Ops: one function per kernel family, each with its plain-PyTorch ``*_ref`` beside it."""
 
+from twotower_rt.ops.mask_sampling import (
+    MaskSamplingOutput,
+    mask_sampling,
+    mask_sampling_backend,
+    mask_sampling_ref,
+)
 from twotower_rt.ops.rmsnorm import rms_norm, rms_norm_backend, rms_norm_ref
+from twotower_rt.ops.sample_tokens import sample_tokens, sample_tokens_backend, sample_tokens_ref
 
 # Op name -> backend(device, dtype) -> (backend, reason). twotower_rt.env reports each entry; a new
 # kernel family adds its own.
 OP_BACKENDS = {
     "rms_norm": rms_norm_backend,
+    "mask_sampling": mask_sampling_backend,
+    "sample_tokens": sample_tokens_backend,
 }
 
-__all__ = ["OP_BACKENDS", "rms_norm", "rms_norm_backend", "rms_norm_ref"]
+__all__ = [
+    "OP_BACKENDS",
+    "MaskSamplingOutput",
+    "mask_sampling",
+    "mask_sampling_backend",
+    "mask_sampling_ref",
+    "rms_norm",
+    "rms_norm_backend",
+    "rms_norm_ref",
+    "sample_tokens",
+    "sample_tokens_backend",
+    "sample_tokens_ref",
+]

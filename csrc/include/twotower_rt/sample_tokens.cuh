@@ -1,0 +1,322 @@
+// The AR / mock-AR sampler (TWOTOWER.md section 4), one token per row, on the device:
+//
+//   temperature <= 0:  out[b] = argmax logits[b]                         (lowest index on ties)
+//   otherwise, with l = logits[b] / T:  keep the top_k largest (ties at the k-th all kept), then
+//   the top_p nucleus of softmax over those (the smallest prefix, by decreasing logit, whose mass
+//   reaches top_p), and draw out[b] = argmax over the kept tokens of l + gumbel, with philox.cuh's
+//   noise at position 0 (a Gumbel-max draw is a draw from the renormalised kept distribution).
+// Reference: python/twotower_rt/ops/sample_tokens.py (sample_tokens_ref).
+//
+// No sort. The top-k and top-p cut-offs are found by radix selection on the logits'
+// order-preserving 32-bit keys: 4 histogram passes of 8 bits each (counts for top-k; probability
+// mass for top-p, in 40-bit fixed point so that the sums are exact integers and the result does
+// not depend on the order of the atomics), with warp-aggregated shared-memory atomics (the lanes of
+// a warp that hit the same bin add once: logits of one binade share their top key bits). Each pass
+// re-reads the row, from L2 after the first (512 KB at V = 131072).
+//
+// Floor: read the logits once, B * V * 4 bytes (0.5 MB per row in fp32, 0.17 us at 3.0 TB/s).
+// Greedy and unfiltered sampling are one pass; top-k adds 4, top-p 6 (max, total, 4 selections).
+// One CTA per row: at batch < 132 most SMs idle and the kernel is latency-bound, well above the
+// floor (not yet measured on a GPU); acceptable for one token per forward of a 31.6B model, not a
+// roofline kernel. Splitting a row over CTAs is the next step if it ever shows up in a profile.
+//
+// Resources (nvcc 13.0.88, sm_90a, -Xptxas -v): 51-57 registers at 1024 threads, no stack, no
+// spills, 2.3 KB of shared memory.
+#pragma once
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "twotower_rt/common.cuh"
+#include "twotower_rt/philox.cuh"
+
+namespace twotower_rt {
+
+struct SampleTokensParams {
+  const void* logits;  // [batch, vocab], row stride logits_row_stride, unit vocab stride
+  int64_t logits_row_stride;
+  const int64_t* seed;    // [batch]; read only when temperature > 0
+  const int64_t* offset;  // [batch]
+  int64_t* out;           // [batch]
+  int64_t batch;
+  int64_t vocab;
+  int64_t top_k;      // <= 0 or >= vocab: no top-k
+  float top_p;        // >= 1: no top-p; otherwise in (0, 1)
+  float temperature;  // <= 0: greedy
+  DType dtype;
+};
+
+namespace sample_tokens {
+
+constexpr int kThreads = 1024;
+constexpr int kBins = 256;
+constexpr int64_t kMaxVocab = int64_t{1} << 23;  // 2^23 * 2^40 fixed-point mass fits 64 bits
+constexpr float kMassScale = 0x1p40f;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Larger float -> larger key (NaN aside).
+__device__ __forceinline__ uint32_t OrderedKey(float x) {
+  const uint32_t bits = __float_as_uint(x);
+  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+}
+
+// Calls f(x, v) for every element of the row, each thread in increasing v.
+template <typename T, int kVec, typename F>
+__device__ __forceinline__ void ForEach(const T* row, int vocab, F&& f) {
+  const int vec_end = vocab / kVec * kVec;
+  for (int v = threadIdx.x * kVec; v < vec_end; v += kThreads * kVec) {
+    float x[kVec];
+    LoadAsFloat(row + v, x);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) f(x[i], v + i);
+  }
+  for (int v = vec_end + threadIdx.x; v < vocab; v += kThreads) f(ToFloat(row[v]), v);
+}
+
+struct SharedState {
+  unsigned long long hist[kBins];
+  unsigned long long total;
+  float warp_best[kThreads / 32];
+  int warp_index[kThreads / 32];
+  float max;
+  uint32_t digit;
+  unsigned long long above;
+};
+
+// Adds `amount` to hist[bin] for the lanes with bin < kBins, one atomic per distinct bin per warp:
+// logits of one binade share the top key bits, so unaggregated atomics would serialise.
+__device__ __forceinline__ void AggregatedAdd(unsigned long long* hist, uint32_t bin,
+                                              unsigned long long amount) {
+  const unsigned active = __activemask();
+  const unsigned group = __match_any_sync(active, bin);
+  if (bin >= kBins) return;
+  // 64-bit amounts < 2^41 split in 21-bit parts: a 32-lane sum of each stays below 2^26.
+  const unsigned lo = __reduce_add_sync(group, static_cast<unsigned>(amount & 0x1fffffu));
+  const unsigned mid = __reduce_add_sync(group, static_cast<unsigned>((amount >> 21) & 0x1fffffu));
+  const unsigned hi = __reduce_add_sync(group, static_cast<unsigned>(amount >> 42));
+  if ((threadIdx.x & 31) == __ffs(group) - 1) {
+    atomicAdd(&hist[bin], (static_cast<unsigned long long>(hi) << 42) +
+                              (static_cast<unsigned long long>(mid) << 21) + lo);
+  }
+}
+
+// Warp 0: the first bin from the top where above + (sum of bins >= it) reaches need; else the
+// lowest non-empty bin. Leaves the digit and above + (sum of bins over it) in shared memory.
+__device__ __forceinline__ void FindDigit(SharedState& sh, unsigned long long above,
+                                          unsigned long long need) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  const int top = kBins - 1 - 8 * lane;  // this lane's bins: top, top - 1, ..., top - 7
+  unsigned long long local = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) local += sh.hist[top - j];
+  unsigned long long inclusive = local;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const unsigned long long other = __shfl_up_sync(0xffffffffu, inclusive, d);
+    if (lane >= d) inclusive += other;
+  }
+  const unsigned crossing = __ballot_sync(0xffffffffu, above + inclusive >= need);
+  const unsigned nonempty = __ballot_sync(0xffffffffu, local > 0);
+  const bool found = crossing != 0;
+  const int owner = found ? __ffs(crossing) - 1 : 31 - __clz(nonempty);
+  if (lane == owner) {
+    unsigned long long running = above + inclusive - local;  // bins above this lane's
+    int digit = top;
+    if (found) {
+      for (int j = 0; j < 8; ++j) {
+        const unsigned long long h = sh.hist[top - j];
+        if (running + h >= need) {
+          digit = top - j;
+          break;
+        }
+        running += h;
+      }
+    } else {  // rounding left the whole prefix short of need: everything in it is kept
+      unsigned long long acc = running;
+      for (int j = 0; j < 8; ++j) {
+        const unsigned long long h = sh.hist[top - j];
+        if (h > 0) {
+          digit = top - j;
+          running = acc;
+        }
+        acc += h;
+      }
+    }
+    sh.digit = static_cast<uint32_t>(digit);
+    sh.above = running;
+  }
+}
+
+// Radix selection of a key threshold: 4 passes of 8 bits. kMass: weights are the fixed-point
+// probabilities exp((x - max) / T), else counts. Returns the key of the boundary element; every
+// key >= it is kept. Only keys >= floor_key take part.
+template <typename T, int kVec, bool kMass>
+__device__ uint32_t RadixSelect(SharedState& sh, const T* row, int vocab, uint32_t floor_key,
+                                unsigned long long need, float scale) {
+  uint32_t prefix = 0, prefix_mask = 0;
+  unsigned long long above = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < kBins; i += kThreads) sh.hist[i] = 0;
+    __syncthreads();
+    const float max = sh.max;
+    ForEach<T, kVec>(row, vocab, [&](float x, int) {
+      const uint32_t key = OrderedKey(x);
+      const bool in = key >= floor_key && (key & prefix_mask) == prefix;
+      unsigned long long amount = 1;
+      if constexpr (kMass) amount = __float2ull_rn(exp2f((x - max) * scale) * kMassScale);
+      AggregatedAdd(sh.hist, in ? (key >> shift) & (kBins - 1) : kBins, amount);
+    });
+    __syncthreads();
+    FindDigit(sh, above, need);
+    __syncthreads();
+    prefix |= sh.digit << shift;
+    prefix_mask |= static_cast<uint32_t>(kBins - 1) << shift;
+    above = sh.above;
+    __syncthreads();  // sh.digit / sh.above are rewritten next pass
+  }
+  return prefix;
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads) SampleTokensKernel(const SampleTokensParams p) {
+  static_assert(kVec == 1 || sizeof(T) * kVec == 16, "vector loads are 16 bytes");
+  __shared__ SharedState sh;
+  const int b = blockIdx.x;
+  const int vocab = static_cast<int>(p.vocab);
+  const T* row = static_cast<const T*>(p.logits) + b * p.logits_row_stride;
+  const bool greedy = !(p.temperature > 0.f);
+  const float inv_t = greedy ? 1.f : 1.f / p.temperature;
+  const bool top_k = !greedy && p.top_k > 0 && p.top_k < p.vocab;
+  const bool top_p = !greedy && p.top_p < 1.f;
+
+  // Pass 1 (greedy, or top-p's max): argmax / max of the row.
+  uint32_t floor_key = 0;
+  if (greedy || top_p) {
+    float best = -INFINITY;
+    int index = INT_MAX;
+    ForEach<T, kVec>(row, vocab, [&](float x, int v) {
+      if (x > best) {
+        best = x;
+        index = v;
+      }
+    });
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, index, o);
+      if (ob > best || (ob == best && oi < index)) {
+        best = ob;
+        index = oi;
+      }
+    }
+    if ((threadIdx.x & 31) == 0) {
+      sh.warp_best[threadIdx.x >> 5] = best;
+      sh.warp_index[threadIdx.x >> 5] = index;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < kThreads / 32; ++w) {
+        if (sh.warp_best[w] > best || (sh.warp_best[w] == best && sh.warp_index[w] < index)) {
+          best = sh.warp_best[w];
+          index = sh.warp_index[w];
+        }
+      }
+      sh.max = best;
+      if (greedy) p.out[b] = index == INT_MAX ? 0 : index;
+    }
+    __syncthreads();
+    if (greedy) return;
+  }
+
+  if (top_k) {
+    floor_key = RadixSelect<T, kVec, false>(sh, row, vocab, 0u,
+                                            static_cast<unsigned long long>(p.top_k), 0.f);
+  }
+  if (top_p) {
+    const float scale = inv_t * kLog2e;
+    if (threadIdx.x == 0) sh.total = 0;
+    __syncthreads();
+    unsigned long long local = 0;
+    const float max = sh.max;
+    ForEach<T, kVec>(row, vocab, [&](float x, int) {
+      if (OrderedKey(x) >= floor_key) {
+        local += __float2ull_rn(exp2f((x - max) * scale) * kMassScale);
+      }
+    });
+    atomicAdd(&sh.total, local);  // integer sum: the same whatever the order
+    __syncthreads();
+    const auto need = static_cast<unsigned long long>(static_cast<double>(p.top_p) *
+                                                      static_cast<double>(sh.total));
+    const uint32_t nucleus_key =
+        RadixSelect<T, kVec, true>(sh, row, vocab, floor_key, need > 0 ? need : 1, scale);
+    floor_key = nucleus_key > floor_key ? nucleus_key : floor_key;
+  }
+
+  // The draw: Gumbel-max over the kept tokens.
+  const uint2 key = PhiloxKey(p.seed[b]);
+  const int64_t offset = p.offset[b];
+  float best = -INFINITY;
+  int index = INT_MAX;
+  ForEach<T, kVec>(row, vocab, [&](float x, int v) {
+    if (OrderedKey(x) < floor_key || x * inv_t + kGumbelMax < best) return;
+    const uint4 r = Philox4x32_10(PhiloxCounter(v / 4, 0u, offset), key);
+    const float score = x * inv_t + GumbelFromBits(Word(r, v % 4));
+    if (score > best) {
+      best = score;
+      index = v;
+    }
+  });
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, index, o);
+    if (ob > best || (ob == best && oi < index)) {
+      best = ob;
+      index = oi;
+    }
+  }
+  if ((threadIdx.x & 31) == 0) {
+    sh.warp_best[threadIdx.x >> 5] = best;
+    sh.warp_index[threadIdx.x >> 5] = index;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kThreads / 32; ++w) {
+      if (sh.warp_best[w] > best || (sh.warp_best[w] == best && sh.warp_index[w] < index)) {
+        best = sh.warp_best[w];
+        index = sh.warp_index[w];
+      }
+    }
+    p.out[b] = index == INT_MAX ? 0 : index;
+  }
+}
+
+template <typename T>
+bool CanVectorize(const SampleTokensParams& p) {
+  return IsAligned(p.logits, 16) && p.logits_row_stride % (16 / sizeof(T)) == 0;
+}
+
+}  // namespace sample_tokens
+
+// Host launcher. Assumes sizes were validated (csrc/sample_tokens.cu does it); returns the
+// launch's error, cudaErrorInvalidValue for an unknown dtype code or sizes out of range.
+inline cudaError_t SampleTokens(const SampleTokensParams& p, cudaStream_t stream) {
+  if (p.batch == 0) return cudaSuccess;
+  if (p.vocab <= 0 || p.vocab > sample_tokens::kMaxVocab || p.batch > INT_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  return TWOTOWER_RT_DTYPE_SWITCH(p.dtype, T, [&] {
+    if (sample_tokens::CanVectorize<T>(p)) {
+      sample_tokens::SampleTokensKernel<T, 16 / sizeof(T)>
+          <<<static_cast<unsigned>(p.batch), sample_tokens::kThreads, 0, stream>>>(p);
+    } else {
+      sample_tokens::SampleTokensKernel<T, 1>
+          <<<static_cast<unsigned>(p.batch), sample_tokens::kThreads, 0, stream>>>(p);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace twotower_rt
