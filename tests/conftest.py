@@ -44,6 +44,15 @@ def golden_tensors(golden_dir):
 
 @pytest.fixture(scope="session")
 def builtin_model():
+    """The seeded random built-in model (vocab 512): fast, meaningless text."""
+    from twotower_rt.api import load_builtin_model
+
+    return load_builtin_model()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The trained default model shipped in the package: what load() and the CLI use by default."""
     import twotower_rt
 
     return twotower_rt.load()

@@ -1,4 +1,4 @@
-"""The public entry point: ``twotower_rt.load(path)`` -> a model whose ``generate`` runs any mode."""
+"""The public entry point: ``twotower_rt.load(path)`` -> a model whose ``generate`` runs a mode."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from .generate import MODES, GenerationOutput, generate
 from .model.tower import TwoTowerLM
 
 TOKENIZER_FILE = "tokenizer.json"
+# The tiny trained model shipped inside the package (python -m twotower_rt.train made it; see
+# bench/results/default_model.json): what load() and the CLI use when given no path.
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+BUILTIN_SOURCE = "<builtin tiny random>"
 
 
 def resolve_device(device) -> torch.device:
@@ -20,8 +24,10 @@ def resolve_device(device) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device {device!r} is not a valid torch device: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here "
-                         f"(torch {torch.__version__}); use device='cpu'")  # fmt: skip
+        raise ValueError(
+            f"device {device!r} asked for, but torch sees no CUDA GPU here "
+            f"(torch {torch.__version__}); use device='cpu'"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device type {dev.type!r} is not supported (cpu or cuda)")
     return dev
@@ -59,8 +65,10 @@ class TwoTowerModel:
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError(f"{self.source}: this checkpoint has no {TOKENIZER_FILE}; "
-                             "pass token ids instead of text")  # fmt: skip
+            raise ValueError(
+                f"{self.source}: this checkpoint has no {TOKENIZER_FILE}; "
+                "pass token ids instead of text"
+            )
         return self.tokenizer
 
     def encode(self, text: str) -> list[int]:
@@ -71,9 +79,11 @@ class TwoTowerModel:
 
     def __repr__(self) -> str:
         cfg = self.config
-        return (f"TwoTowerModel({self.source!r}, layers={cfg.hybrid_override_pattern!r}, "
-                f"hidden={cfg.hidden_size}, vocab={cfg.vocab_size}, device={self.device}, "
-                f"dtype={self.dtype})")  # fmt: skip
+        return (
+            f"TwoTowerModel({self.source!r}, layers={cfg.hybrid_override_pattern!r}, "
+            f"hidden={cfg.hidden_size}, vocab={cfg.vocab_size}, device={self.device}, "
+            f"dtype={self.dtype})"
+        )
 
 
 def load(
@@ -83,13 +93,13 @@ def load(
     dtype: torch.dtype | str = torch.float32,
 ) -> TwoTowerModel:
     """Load a checkpoint directory (config.json + safetensors [+ tokenizer.json]) onto ``device``
-    in ``dtype`` (float32 or bfloat16). With no path, the built-in tiny model."""
+    in ``dtype`` (float32 or bfloat16). With no path, the default model shipped in the package
+    (a tiny trained two-tower model with its tokenizer; :func:`load_builtin_model` gives the
+    seeded random one)."""
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype)
     if path is None:
-        from .builtin import load_builtin
-
-        return TwoTowerModel(load_builtin(dev, dtype), "<builtin tiny random>")
+        path = DEFAULT_MODEL_DIR
     _, lm = load_checkpoint(path, dev, dtype)
     tokenizer = None
     tok_path = os.path.join(os.fspath(path), TOKENIZER_FILE)
@@ -101,3 +111,12 @@ def load(
         except Exception as e:  # tokenizers raises its own exception type
             raise ValueError(f"{tok_path}: cannot load tokenizer: {e}") from None
     return TwoTowerModel(lm, os.fspath(path), tokenizer)
+
+
+def load_builtin_model(
+    *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+) -> TwoTowerModel:
+    """The built-in tiny configuration with seeded random weights (no files, no tokenizer)."""
+    from .builtin import load_builtin
+
+    return TwoTowerModel(load_builtin(resolve_device(device), resolve_dtype(dtype)), BUILTIN_SOURCE)

@@ -1,4 +1,4 @@
-"""Mamba-2 mixer: in_proj -> causal depthwise conv + SiLU -> selective scan -> gated RMSNorm -> out_proj.
+"""Mamba-2 mixer: in_proj -> depthwise causal conv + SiLU -> selective scan -> gated norm -> out."""
 
 One function serves every use: the context prefill (from zero state, rows of different lengths),
 the one-token decode step, the block extension after a diffusion block, and the denoiser's
@@ -7,7 +7,9 @@ final states back and decides whether to keep them.
 
 The scan is the plain per-token fp32 recurrence (the reference semantics); a seeded chunked scan
 on a block shorter than its chunk is a known source of garbage in other ports, so the oracle stays
-this simple.
+this simple. ``selective_scan_chunked`` (SSD-style, parallel inside each chunk) is the trainer's
+scan: a mixer uses it only when its ``scan_chunk`` is set (0, the default, is the reference), and
+then also keeps its states at every chunk boundary in ``chunk_states``.
 """
 
 from __future__ import annotations
@@ -76,6 +78,63 @@ def selective_scan_ref(
     return y + D.float()[:, None] * x, state
 
 
+def selective_scan_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    state: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`selective_scan_ref`'s recurrence computed chunk by chunk (Mamba-2's SSD form): inside
+    a chunk every output is a masked sum over earlier positions with decays exp(cum_t - cum_s);
+    between chunks the state is carried sequentially. Differentiable; for training.
+
+    Same arguments as :func:`selective_scan_ref` plus ``chunk``. The sequence is zero-padded to a
+    multiple of ``chunk`` with dt = 0 (decay 1, no input), so a short or ragged tail changes
+    nothing. Returns y (b, n, H, P) fp32, the final state, and ``chunk_states``
+    (b, ceil(n / chunk), H, P, N): the state after each chunk (the last after token n)."""
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    if valid is not None:
+        dt = dt.masked_fill(~valid[..., None], 0.0)
+    b, n, H, P = x.shape
+    N = B.shape[-1]
+    pad = (-n) % chunk
+    if pad:
+        x, B, C = (F.pad(v, (0, 0, 0, 0, 0, pad)) for v in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    nc = (n + pad) // chunk
+    x = x.reshape(b, nc, chunk, H, P)
+    B = B.reshape(b, nc, chunk, H, N)
+    C = C.reshape(b, nc, chunk, H, N)
+    dt = dt.reshape(b, nc, chunk, H)
+    cum = torch.cumsum(dt * A.float(), dim=2)  # (b, nc, L, H) log-decay from the chunk start
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    seg = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (b, nc, t, s, H): cum_t - cum_s
+    decay_ts = torch.exp(seg.masked_fill(~causal[:, :, None], float("-inf")))
+    scores = torch.einsum("bcthn,bcshn->bctsh", C, B) * decay_ts
+    dtx = dt[..., None] * x  # (b, nc, L, H, P)
+    y = torch.einsum("bctsh,bcshp->bcthp", scores, dtx)
+    # Each chunk's own contribution to the state at its end, from a zero start.
+    to_end = torch.exp(cum[:, :, -1:, :] - cum)  # (b, nc, L, H)
+    local = torch.einsum("bclhp,bclhn->bchpn", to_end[..., None] * dtx, B)
+    chunk_decay = torch.exp(cum[:, :, -1, :])  # (b, nc, H)
+    entering, after = [], []
+    for c in range(nc):
+        entering.append(state)
+        state = state * chunk_decay[:, c, :, None, None] + local[:, c]
+        after.append(state)
+    entering = torch.stack(entering, dim=1)  # (b, nc, H, P, N)
+    y = y + torch.einsum("bclhn,bchpn->bclhp", C * torch.exp(cum)[..., None], entering)
+    y = y.reshape(b, nc * chunk, H, P)[:, :n]
+    return y + D.float()[:, None] * x.reshape(b, nc * chunk, H, P)[:, :n], state, torch.stack(
+        after, dim=1
+    )
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: TwoTowerConfig):
         super().__init__()
@@ -91,6 +150,10 @@ class Mamba2Mixer(nn.Module):
         self.norm = nn.Module()
         self.norm.weight = nn.Parameter(torch.empty(cfg.mamba_d_inner))
         self.out_proj = nn.Linear(cfg.mamba_d_inner, cfg.hidden_size, bias=cfg.use_bias)
+        # Trainer switch: > 0 runs selective_scan_chunked with this chunk and keeps, detached, the
+        # state after every chunk in ``chunk_states`` (MambaState of (b, n_chunks, ...) tensors).
+        self.scan_chunk = 0
+        self.chunk_states: MambaState | None = None
 
     def forward(
         self, h: torch.Tensor, state: MambaState, n_valid: torch.Tensor | None = None
@@ -134,9 +197,18 @@ class Mamba2Mixer(nn.Module):
         if lo > 0.0 or hi != float("inf"):
             dt = dt.clamp(lo, hi)
         A = -torch.exp(self.A_log.float())
-        y, new_ssm = selective_scan_ref(
-            x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, valid
-        )
+        if self.scan_chunk:
+            y, new_ssm, ssm_chunks = selective_scan_chunked(
+                x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, valid, self.scan_chunk
+            )
+            ends = torch.arange(1, ssm_chunks.shape[1] + 1, device=h.device) * self.scan_chunk
+            cols = ends.clamp(max=n)[:, None] + torch.arange(K, device=h.device)  # (nc, K)
+            conv_chunks = history[:, :, cols].permute(0, 2, 1, 3)  # (b, nc, conv_dim, K)
+            self.chunk_states = MambaState(conv_chunks.detach(), ssm_chunks.detach())
+        else:
+            y, new_ssm = selective_scan_ref(
+                x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, valid
+            )
         y = y.reshape(b, n, cfg.mamba_d_inner).to(h.dtype)
         y = rms_norm(y, self.norm.weight, cfg.layer_norm_epsilon, gate=z,
                      group_size=cfg.mamba_d_inner // G)  # fmt: skip

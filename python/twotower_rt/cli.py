@@ -1,0 +1,194 @@
+"""The ``twotower-rt`` command (also ``python -m twotower_rt``).
+
+    twotower-rt generate --input-ids 1,2,3 --mode mask_diffusion --max-new-tokens 32 [--json]
+    twotower-rt generate --model DIR --prompt "Hello" --prompt "Bye" --device cuda --dtype bf16
+    twotower-rt env [--json]
+
+Decoding flags are the reference's parameter names; a flag left out is not passed, so the
+defaults are the API's (``SamplingParams``), never the CLI's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import sys
+import time
+
+from . import __version__
+from .api import TwoTowerModel, load
+from .generate import MODES, SamplingParams
+
+PROG = "twotower-rt"
+
+
+def default_model_path() -> str | None:
+    """The model used when --model is not given. None = what ``twotower_rt.load()`` loads with no
+    path: the small trained model shipped inside the package."""
+    return None
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(tok) for tok in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integer token ids (e.g. 1,2,3)"
+        ) from None
+    return ids
+
+
+def _int_or_ints(text: str) -> int | list[int]:
+    ids = _token_ids(text)
+    return ids[0] if len(ids) == 1 else ids
+
+
+# flag type and help for every SamplingParams field; the default shown is read from the dataclass
+PARAM_FLAGS = {
+    "max_new_tokens": (int, "tokens to generate per row (mask_diffusion: a multiple of "
+                            "--block-size)"),
+    "block_size": (int, "mask_diffusion: tokens per block"),
+    "steps_per_block": (int, "mask_diffusion: at most this many denoiser forwards per block"),
+    "mask_token_id": (int, "mask_diffusion: the mask token id"),
+    "temperature": (float, "0 = greedy; > 0 samples"),
+    "top_k": (int, "ar/mock_ar sampling: keep the k most likely tokens"),
+    "top_p": (float, "ar/mock_ar sampling: nucleus probability mass in (0, 1]"),
+    "confidence_threshold": (float, "mask_diffusion: commit every masked position whose "
+                                    "confidence is above this"),
+    "eos_token_id": (_int_or_ints, "stop a row after this token (ID or ID,ID,...)"),
+    "seed": (_int_or_ints, "random seed for every row, or one per row (S,S,...)"),
+}  # fmt: skip
+
+
+def _dtype_name(model: TwoTowerModel) -> str:
+    return str(model.dtype).removeprefix("torch.")
+
+
+def _default_mode() -> str:
+    return inspect.signature(TwoTowerModel.generate).parameters["mode"].default
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump; main() turns it into exit code 2
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Run two-tower mask-diffusion language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)  # fmt: skip
+
+    gen = sub.add_parser("generate", help="generate tokens from prompts",
+                         description="Generate from one prompt or a batch of prompts.")  # fmt: skip
+    gen.add_argument("--model", metavar="DIR",
+                     help="checkpoint directory (config.json + safetensors [+ tokenizer.json]); "
+                          "default: the model shipped in the package")  # fmt: skip
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="prompt text (repeat for a batch); needs the model's tokenizer.json",
+    )
+    src.add_argument("--input-ids", action="append", type=_token_ids, metavar="ID,ID,...",
+                     help="prompt token ids (repeat for a batch)")  # fmt: skip
+    gen.add_argument("--mode", choices=MODES, default=argparse.SUPPRESS,
+                     help=f"decoding mode (default: {_default_mode()})")  # fmt: skip
+    for field in dataclasses.fields(SamplingParams):
+        kind, text = PARAM_FLAGS[field.name]
+        gen.add_argument("--" + field.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+                         help=f"{text} (default: {field.default})")  # fmt: skip
+    gen.add_argument("--device", default=argparse.SUPPRESS, help="cpu or cuda[:N] (default: cpu)")
+    gen.add_argument("--dtype", default=argparse.SUPPRESS,
+                     help="float32 or bfloat16 (default: float32)")  # fmt: skip
+    gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    gen.set_defaults(run=cmd_generate)
+
+    env = sub.add_parser("env", help="report what this installation can run (CPU, GPU, kernels)")
+    env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.set_defaults(run=cmd_env)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    load_kwargs = {k: getattr(args, k) for k in ("device", "dtype") if hasattr(args, k)}
+    params = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)
+              if hasattr(args, f.name)}  # fmt: skip
+    if hasattr(args, "mode"):
+        params["mode"] = args.mode
+    path = args.model if args.model is not None else default_model_path()
+
+    start = time.perf_counter()
+    model = load(path, **load_kwargs)
+    load_s = time.perf_counter() - start
+    if args.prompt is not None:
+        if model.tokenizer is None:
+            raise ValueError(f"model {model.source} has no tokenizer.json, so --prompt cannot be "
+                             "encoded; pass token ids with --input-ids 1,2,3")  # fmt: skip
+        input_ids = [model.encode(text) for text in args.prompt]
+    else:
+        input_ids = args.input_ids
+
+    start = time.perf_counter()
+    out = model.generate(input_ids, **params)
+    generate_s = time.perf_counter() - start
+    n_tokens = sum(len(g) for g in out.generated)
+    tokens_per_s = n_tokens / generate_s if generate_s > 0 else None
+    texts = [model.decode(g) for g in out.generated] if model.tokenizer else None
+
+    if args.json:
+        mode = params.pop("mode", _default_mode())
+        rows = []
+        for i, seq in enumerate(out.sequences):
+            row = {"sequence": seq, "prompt_length": out.prompt_lengths[i],
+                   "generated": out.generated[i], "nfe": out.nfe[i],
+                   "finish_reason": out.finish_reason[i]}  # fmt: skip
+            if texts is not None:
+                row["text"] = texts[i]
+            if out.commits_per_step is not None:
+                row["commits_per_step"] = out.commits_per_step[i]
+            rows.append(row)
+        report = {
+            "model": model.source, "device": str(model.device),
+            "dtype": _dtype_name(model), "mode": mode,
+            "params": dataclasses.asdict(SamplingParams(**params)), "rows": rows,
+            "timing": {"load_s": load_s, "generate_s": generate_s, "generated_tokens": n_tokens,
+                       "tokens_per_s": tokens_per_s},
+        }  # fmt: skip
+        print(json.dumps(report))
+    else:
+        for i, generated in enumerate(out.generated):
+            print(f"[{i}] nfe={out.nfe[i]} finish={out.finish_reason[i]}")
+            print(texts[i] if texts is not None else ",".join(map(str, generated)))
+        rate = f"{tokens_per_s:.1f} tokens/s" if tokens_per_s is not None else "n/a tokens/s"
+        print(f"{PROG}: load {load_s:.2f} s, generate {generate_s:.3f} s, {n_tokens} tokens, "
+              f"{rate} ({model.device}, {_dtype_name(model)})", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from . import env
+
+    print(json.dumps(env.report()) if args.json else env.format_report())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default: sys.argv[1:]) and return the exit code: 0 on success,
+    2 on bad input (one line on stderr, no traceback)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except SystemExit as e:  # --help / --version
+        return e.code if isinstance(e.code, int) else 0
+    except (_UsageError, ValueError, OSError) as e:
+        message = " ".join(str(e).split())  # always one line
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,35 @@
+"""Write a trained run as a checkpoint directory the runtime loads: config.json (the released
+model's key names), model.safetensors (bf16 by default: half the bytes, and the runtime computes
+in whatever dtype it is asked for), tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from .model_init import model_config
+from .train import config_json, write_json
+
+
+def export(run_dir: str, tokenizer_path: str, out_dir: str, dtype: str = "bfloat16") -> None:
+    with open(os.path.join(run_dir, "model_config.json")) as f:
+        size = json.load(f)["size"]
+    vocab = Tokenizer.from_file(tokenizer_path).get_vocab_size()
+    cfg = model_config(size, vocab)
+    weights = os.path.join(run_dir, "diffusion.safetensors")
+    state = load_file(weights)
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.to(torch_dtype).contiguous() for k, v in sorted(state.items())},
+              os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt", "source": "python -m twotower_rt.train"})  # fmt: skip
+    os.chmod(os.path.join(out_dir, "model.safetensors"), 0o644)
+    write_json(os.path.join(out_dir, "config.json"), {**config_json(cfg), "torch_dtype": dtype})
+    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
+    total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
+    print(f"exported {weights} ({dtype}) -> {out_dir} ({total / 2**20:.1f} MiB)")
