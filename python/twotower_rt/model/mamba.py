@@ -1,4 +1,4 @@
-"""Mamba-2 mixer: in_proj -> depthwise causal conv + SiLU -> selective scan -> gated norm -> out."""
+"""Mamba-2 mixer: in_proj -> depthwise causal conv + SiLU -> selective scan -> gated norm -> out.
 
 One function serves every use: the context prefill (from zero state, rows of different lengths),
 the one-token decode step, the block extension after a diffusion block, and the denoiser's
