@@ -114,6 +114,39 @@ def cuda_unsupported_reason(device: torch.device) -> str | None:
     return None
 
 
+def op_backend(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    ref: str,
+    kernel_dtypes: tuple[torch.dtype, ...],
+    what: str = "",
+) -> tuple[str, str]:
+    """``(backend, reason)`` for an op on ``dtype`` tensors on ``device``: ``"cuda"`` (the
+    twotower_rt._C kernel), ``"torch"`` (its PyTorch reference, named ``ref``) or ``"none"`` (no
+    such device here). ``what`` names the kernel's dtype-checked input in messages ("logits")."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "torch", f"{device.type} tensors run {ref}"
+    if not torch.cuda.is_available():
+        if extension_available():
+            archs = ", ".join(f"sm_{a}" for a in built_archs())
+            return "none", f"no CUDA device visible to PyTorch (the kernel is built for {archs})"
+        return "none", f"no CUDA device visible to PyTorch; {extension_error()}"
+    names = " and ".join(_dtype_name(d) for d in kernel_dtypes)
+    suffix = f" {what}" if what else ""
+    reason = cuda_unsupported_reason(device)
+    if reason is None and dtype not in kernel_dtypes:
+        reason = f"the kernel takes {names}{suffix}, not {_dtype_name(dtype)}"
+    if reason is not None:
+        return "torch", f"{reason}: PyTorch path ({ref})"
+    return "cuda", f"twotower_rt._C kernel ({', '.join(map(_dtype_name, kernel_dtypes))}{suffix})"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def require_cuda_op(name: str, tensor: torch.Tensor) -> ModuleType:
     """The ``_C`` module, or a RuntimeError saying why op ``name`` cannot run on ``tensor``."""
     reason = cuda_unsupported_reason(tensor.device)

@@ -82,24 +82,7 @@ def rms_norm_backend(
     backend is ``"cuda"`` (the twotower_rt._C kernel), ``"torch"`` (rms_norm_ref) or ``"none"``
     (no such device here).
     """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "torch", f"{device.type} tensors run rms_norm_ref"
-    if not torch.cuda.is_available():
-        if _ext.extension_available():
-            archs = ", ".join(f"sm_{a}" for a in _ext.built_archs())
-            return "none", f"no CUDA device visible to PyTorch (the kernel is built for {archs})"
-        return "none", f"no CUDA device visible to PyTorch; {_ext.extension_error()}"
-    reason = _ext.cuda_unsupported_reason(device)
-    if reason is None and dtype not in KERNEL_DTYPES:
-        reason = f"the kernel takes float32 and bfloat16, not {_dtype_name(dtype)}"
-    if reason is not None:
-        return "torch", f"{reason}: PyTorch path (rms_norm_ref)"
-    return "cuda", f"twotower_rt._C kernel ({', '.join(map(_dtype_name, KERNEL_DTYPES))})"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return _ext.op_backend(device, dtype, ref="rms_norm_ref", kernel_dtypes=KERNEL_DTYPES)
 
 
 def _check_args(x, weight, gate, group_size, out) -> None:

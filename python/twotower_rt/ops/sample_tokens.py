@@ -87,20 +87,9 @@ def sample_tokens_backend(
     device: torch.device | str, dtype: torch.dtype = torch.float32
 ) -> tuple[str, str]:
     """``(backend, reason)``: "cuda" (the kernel), "torch" (sample_tokens_ref) or "none"."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "torch", f"{device.type} tensors run sample_tokens_ref"
-    if not torch.cuda.is_available():
-        if _ext.extension_available():
-            archs = ", ".join(f"sm_{a}" for a in _ext.built_archs())
-            return "none", f"no CUDA device visible to PyTorch (the kernel is built for {archs})"
-        return "none", f"no CUDA device visible to PyTorch; {_ext.extension_error()}"
-    reason = _ext.cuda_unsupported_reason(device)
-    if reason is None and dtype not in KERNEL_DTYPES:
-        reason = f"the kernel takes float32 and bfloat16 logits, not {dtype}"
-    if reason is not None:
-        return "torch", f"{reason}: PyTorch path (sample_tokens_ref)"
-    return "cuda", "twotower_rt._C kernel (float32, bfloat16 logits)"
+    return _ext.op_backend(
+        device, dtype, ref="sample_tokens_ref", kernel_dtypes=KERNEL_DTYPES, what="logits"
+    )
 
 
 def _check_args(logits, temperature, top_k, top_p, seed, offset) -> None:
