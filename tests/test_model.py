@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from twotower_rt.builtin import load_builtin
-from twotower_rt.model.attention import attention_ref
 from twotower_rt.model.mamba import MambaState, selective_scan_ref
+from twotower_rt.ops.block_attention import attention_ref
 
 
 @pytest.fixture(scope="module")

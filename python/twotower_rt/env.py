@@ -114,10 +114,11 @@ def format_report(info: dict[str, Any] | None = None) -> str:
     else:
         lines.append(f"gpu          none: {gpu['reason']}")
     lines.append("ops          (backend for CPU tensors | for CUDA tensors)")
+    width = max(map(len, info["ops"]), default=0)
     for name, entry in info["ops"].items():
         for device in ("cpu", "cuda"):
             choice = entry[device]
-            lines.append(f"  {name:<13} {device:<5} {choice['backend']:<6} {choice['reason']}")
+            lines.append(f"  {name:<{width}} {device:<5} {choice['backend']:<6} {choice['reason']}")
     return "\n".join(lines)
 
 

@@ -11,28 +11,11 @@ valid in [0, lengths[r]).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..config import TwoTowerConfig
-
-
-def attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
-) -> torch.Tensor:
-    """q (b, n, Hq, D); k, v (b, L, Hkv, D) with Hkv dividing Hq (query head h reads kv head
-    h // (Hq / Hkv)); allowed (b, n, L) bool, at least one True per row.
-    Softmax and both products in fp32; returns (b, n, Hq, D) in q's dtype."""
-    b, n, hq, d = q.shape
-    group = hq // k.shape[2]
-    qf = q.float().reshape(b, n, k.shape[2], group, d)
-    scores = torch.einsum("bnkgd,blkd->bkgnl", qf, k.float()) * (1.0 / math.sqrt(d))
-    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgnl,blkd->bnkgd", probs, v.float())
-    return out.reshape(b, n, hq, d).to(q.dtype)
+from ..ops.block_attention import attention_ref, block_attention
 
 
 class Attention(nn.Module):
@@ -73,12 +56,7 @@ class Attention(nn.Module):
             keys, values = cache_k[:, :span], cache_v[:, :span]
             key_pos = torch.arange(span, device=dev)[None, None, :]
             allowed = key_pos <= pos[:, :, None]  # causal; padding rows only see real keys
+            out = attention_ref(q, keys, values, allowed)
         else:
-            span = int(prefix_len.max()) if b else 0
-            keys = torch.cat([cache_k[:, :span].to(k.dtype), k], dim=1)
-            values = torch.cat([cache_v[:, :span].to(v.dtype), v], dim=1)
-            key_pos = torch.arange(span + n, device=dev)[None, None, :]
-            in_prefix = key_pos < prefix_len[:, None, None]
-            allowed = (in_prefix | (key_pos >= span)).expand(b, n, span + n)
-        out = attention_ref(q, keys, values, allowed)
+            out = block_attention(q, cache_k, cache_v, prefix_len, k, v)
         return self.o_proj(out.reshape(b, n, -1))

@@ -1,5 +1,10 @@
 """Ops: one function per kernel family, each with its plain-PyTorch ``*_ref`` beside it."""
 
+from twotower_rt.ops.block_attention import (
+    block_attention,
+    block_attention_backend,
+    block_attention_ref,
+)
 from twotower_rt.ops.mask_sampling import (
     MaskSamplingOutput,
     mask_sampling,
@@ -13,6 +18,7 @@ from twotower_rt.ops.sample_tokens import sample_tokens, sample_tokens_backend, 
 # kernel family adds its own.
 OP_BACKENDS = {
     "rms_norm": rms_norm_backend,
+    "block_attention": block_attention_backend,
     "mask_sampling": mask_sampling_backend,
     "sample_tokens": sample_tokens_backend,
 }
@@ -20,6 +26,9 @@ OP_BACKENDS = {
 __all__ = [
     "OP_BACKENDS",
     "MaskSamplingOutput",
+    "block_attention",
+    "block_attention_backend",
+    "block_attention_ref",
     "mask_sampling",
     "mask_sampling_backend",
     "mask_sampling_ref",
