@@ -84,6 +84,33 @@ struct SharedState {
   unsigned long long above;
 };
 
+// Block-wide (max, lowest index on ties) of every thread's (best, index); the result is valid in
+// thread 0 only. Every thread of the block must call it (it synchronises).
+__device__ __forceinline__ void BlockArgMax(SharedState& sh, float& best, int& index) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, index, o);
+    if (ob > best || (ob == best && oi < index)) {
+      best = ob;
+      index = oi;
+    }
+  }
+  if ((threadIdx.x & 31) == 0) {
+    sh.warp_best[threadIdx.x >> 5] = best;
+    sh.warp_index[threadIdx.x >> 5] = index;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kThreads / 32; ++w) {
+      if (sh.warp_best[w] > best || (sh.warp_best[w] == best && sh.warp_index[w] < index)) {
+        best = sh.warp_best[w];
+        index = sh.warp_index[w];
+      }
+    }
+  }
+}
+
 // Adds `amount` to hist[bin] for the lanes with bin < kBins, one atomic per distinct bin per warp:
 // logits of one binade share the top key bits, so unaggregated atomics would serialise.
 __device__ __forceinline__ void AggregatedAdd(unsigned long long* hist, uint32_t bin,
@@ -202,27 +229,8 @@ __global__ void __launch_bounds__(kThreads) SampleTokensKernel(const SampleToken
         index = v;
       }
     });
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, index, o);
-      if (ob > best || (ob == best && oi < index)) {
-        best = ob;
-        index = oi;
-      }
-    }
-    if ((threadIdx.x & 31) == 0) {
-      sh.warp_best[threadIdx.x >> 5] = best;
-      sh.warp_index[threadIdx.x >> 5] = index;
-    }
-    __syncthreads();
+    BlockArgMax(sh, best, index);
     if (threadIdx.x == 0) {
-      for (int w = 1; w < kThreads / 32; ++w) {
-        if (sh.warp_best[w] > best || (sh.warp_best[w] == best && sh.warp_index[w] < index)) {
-          best = sh.warp_best[w];
-          index = sh.warp_index[w];
-        }
-      }
       sh.max = best;
       if (greedy) p.out[b] = index == INT_MAX ? 0 : index;
     }
@@ -268,27 +276,8 @@ __global__ void __launch_bounds__(kThreads) SampleTokensKernel(const SampleToken
       index = v;
     }
   });
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, index, o);
-    if (ob > best || (ob == best && oi < index)) {
-      best = ob;
-      index = oi;
-    }
-  }
-  if ((threadIdx.x & 31) == 0) {
-    sh.warp_best[threadIdx.x >> 5] = best;
-    sh.warp_index[threadIdx.x >> 5] = index;
-  }
-  __syncthreads();
+  BlockArgMax(sh, best, index);
   if (threadIdx.x == 0) {
-    for (int w = 1; w < kThreads / 32; ++w) {
-      if (sh.warp_best[w] > best || (sh.warp_best[w] == best && sh.warp_index[w] < index)) {
-        best = sh.warp_best[w];
-        index = sh.warp_index[w];
-      }
-    }
     p.out[b] = index == INT_MAX ? 0 : index;
   }
 }
