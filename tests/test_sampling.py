@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from twotower_rt.sampling import diffusion_step, filter_top_k_top_p, row_rng, sample_next
+from twotower_rt.generate import row_rng
+from twotower_rt.ops.mask_sampling import mask_sampling
+from twotower_rt.ops.sample_tokens import filter_top_k_top_p
+from twotower_rt.ops.sample_tokens import sample_tokens as sample_next
+
+
+def diffusion_step(logits, block, **kwargs):
+    """One mask-diffusion step as generate() takes it: the new block."""
+    return mask_sampling(logits, block, **kwargs).block
+
 
 MASK = 3
 

@@ -21,7 +21,8 @@ import torch
 
 from .model.cache import ContextCache
 from .model.tower import TwoTowerLM
-from .sampling import diffusion_step, row_rng, sample_next
+from .ops.mask_sampling import mask_sampling
+from .ops.sample_tokens import sample_tokens
 
 MODES = ("ar", "mock_ar", "mask_diffusion")
 
@@ -154,6 +155,15 @@ def check_input_ids(input_ids, vocab_size: int) -> list[list[int]]:
     return rows
 
 
+def row_rng(seeds, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (seed, offset) int64 tensors on ``device`` for ``seeds`` (ints in [0, 2**63)); the
+    offsets start at 0. A draw is a pure function of (seed, offset, position, token): a row draws
+    the same numbers whatever else shares its batch, and the caller advances a row's offset after
+    each draw it takes part in."""
+    seed = torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=device)
+    return seed, torch.zeros_like(seed)
+
+
 class _Batch:
     """The rows still generating: their original indices, caches and per-row state, kept
     aligned; ``keep`` drops finished rows from all of them at once."""
@@ -225,7 +235,7 @@ def generate(lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params) 
                 )[:, -1]
                 for r in batch.rows.tolist():
                     nfe[r] += 1
-            token = sample_next(logits, p.temperature, p.top_k, p.top_p, batch.seed, batch.offset)
+            token = sample_tokens(logits, p.temperature, p.top_k, p.top_p, batch.seed, batch.offset)
             if batch.offset is not None:
                 batch.offset += 1
             done = torch.isin(token, eos)
@@ -260,7 +270,7 @@ def generate(lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params) 
                 logits = lm.denoiser_logits(
                     block, cache, prefix_len=cache.lengths, mamba_states=cache.mamba, t=t
                 )
-                new_block = diffusion_step(
+                new_block = mask_sampling(
                     logits,
                     block,
                     mask_token_id=p.mask_token_id,
@@ -270,7 +280,7 @@ def generate(lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params) 
                     temperature=p.temperature,
                     seed=batch.seed,
                     offset=batch.offset,
-                )
+                ).block
                 if batch.offset is not None:  # only rows that took this step drew noise
                     batch.offset += n_masked > 0
                 n_new = (new_block != block).sum(dim=-1).tolist()
