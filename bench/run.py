@@ -3,6 +3,7 @@
     python bench/run.py rmsnorm [--rows 16 64 256 1024] [--dtype bf16]
     python bench/run.py mask_sampling [--batch 1 16 64] [--block-size 16] [--vocab 131072]
     python bench/run.py sample_tokens [--batch 1 16 64] [--vocab 131072]
+    python bench/run.py block_attention [--batch 1 16 64] [--context 1024 8192 32768]
     python bench/run.py --check            # every family, few shapes, few repetitions
 
 Each case: correctness against the family's PyTorch reference, then the median over --reps timed
@@ -80,9 +81,13 @@ def time_us(fn: Callable[[], Any], *, reps: int, inner: int, warmup: int = 3) ->
 
 
 def _copy_us(numel: int, reps: int) -> tuple[float, int]:
+    """The faster of a memcpy (a graph memcpy node, which may run on a copy engine) and an
+    elementwise kernel that reads and writes the same bytes."""
     src = torch.empty(numel, device="cuda", dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
-    return time_us(lambda: dst.copy_(src), reps=reps, inner=2, warmup=2), 2 * numel * 4
+    memcpy_us = time_us(lambda: dst.copy_(src), reps=reps, inner=2, warmup=2)
+    kernel_us = time_us(lambda: torch.mul(src, 1.0, out=dst), reps=reps, inner=2, warmup=2)
+    return min(memcpy_us, kernel_us), 2 * numel * 4
 
 
 def _matmul_us(size: int, reps: int) -> tuple[float, int]:
@@ -388,9 +393,130 @@ def add_sample_tokens_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="logits dtype")
 
 
+# --- block_attention ----------------------------------------------------------------------------
+
+# The real model's attention: 32 query heads over 2 KV heads of 128.
+Q_HEADS, KV_HEADS, HEAD_DIM = 32, 2, 128
+CONTEXTS = [1024, 8192, 32768]
+
+
+def add_block_attention_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, nargs="+", default=BATCHES, help="sequences")
+    parser.add_argument("--context", type=int, nargs="+", default=CONTEXTS, help="context keys")
+    parser.add_argument("--block-size", type=int, default=BLOCK)
+    parser.add_argument("--q-heads", type=int, default=Q_HEADS)
+    parser.add_argument("--kv-heads", type=int, default=KV_HEADS)
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    parser.add_argument(
+        "--max-bytes", type=float, default=8e9, help="skip cases whose K/V cache exceeds this"
+    )
+
+
+def run_block_attention(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
+    from twotower_rt.ops import block_attention_backend
+
+    backend, reason = block_attention_backend("cuda", torch.bfloat16)
+    if backend != "cuda":
+        raise NothingToRun(f"block_attention's CUDA kernel does not run here: {reason}")
+    reps, inner = (10, 5) if quick else (args.reps, max(1, args.inner // 4))
+    batches = [1, 64] if quick else args.batch
+    contexts = [8192] if quick else args.context
+    results = []
+    for seq, block in ((args.block_size, True), (1, False)):  # denoise step, AR decode
+        for batch in batches:
+            for context in contexts:
+                cache_bytes = 2 * batch * context * args.kv_heads * args.head_dim * 2
+                if cache_bytes > args.max_bytes:
+                    continue
+                results.append(
+                    bench_block_attention_case(
+                        batch, seq, context, block, args, reps=reps, inner=inner, peaks=peaks
+                    )
+                )
+    return results
+
+
+def bench_block_attention_case(batch, seq, context, block, args, *, reps, inner, peaks):
+    import torch.nn.functional as F
+
+    from twotower_rt.ops import block_attention, block_attention_ref
+
+    hq, hkv, d = args.q_heads, args.kv_heads, args.head_dim
+    gen = torch.Generator(device="cuda").manual_seed(batch * context + seq)
+    bf16 = torch.bfloat16
+    q = torch.randn(batch, seq, hq, d, device="cuda", generator=gen).to(bf16)
+    k_cache, v_cache = (
+        torch.randn(batch, context, hkv, d, device="cuda", generator=gen).to(bf16) for _ in range(2)
+    )
+    k_block, v_block = (
+        (torch.randn(batch, seq, hkv, d, device="cuda", generator=gen).to(bf16) for _ in range(2))
+        if block
+        else (None, None)
+    )
+    lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    out = torch.full_like(q, float("nan"))
+    block_attention(q, k_cache, v_cache, lens, k_block, v_block, out=out)
+
+    # Baseline: torch SDPA (FlashAttention when it applies) on keys laid out as it likes best,
+    # [cache ; block] concatenated beforehand (the concatenation is not timed).
+    keys = torch.cat([k_cache, k_block], 1) if block else k_cache
+    values = torch.cat([v_cache, v_block], 1) if block else v_cache
+    qt, kt, vt = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+    correct = True
+    if batch * context <= 64 * 8192:  # the fp32 reference materialises the scores
+        rows = slice(0, min(batch, 4))
+        f32 = lambda t: t[rows].float() if t is not None else None  # noqa: E731
+        ref32 = block_attention_ref(f32(q), f32(k_cache), f32(v_cache), lens[rows],
+                                    f32(k_block), f32(v_block))  # fmt: skip
+        lowprec = sdpa().transpose(1, 2)[rows]
+        correct = within_lowprec_error(out[rows], ref32, lowprec)
+    kernel_us = time_us(
+        lambda: block_attention(q, k_cache, v_cache, lens, k_block, v_block, out=out),
+        reps=reps,
+        inner=inner,
+    )
+    ref_us = time_us(sdpa, reps=reps, inner=inner)
+    keys_n = context + (seq if block else 0)
+    # Floor: K and V read once (and q, out); 2 products of 2 * Hq * S * keys * D FLOPs each.
+    moved = 2 * batch * keys_n * hkv * d * 2 + 2 * q.numel() * 2
+    flops = 4 * batch * hq * seq * keys_n * d
+    gbps = moved / (kernel_us * 1e-6) / 1e9
+    tflops = flops / (kernel_us * 1e-6) / 1e12
+    roofline_us = max(moved / (peaks["copy_gbps"] * 1e3), flops / (peaks["bf16_tflops"] * 1e6))
+    mode = f"S={seq} block" if block else "decode"
+    return {
+        "kernel": "block_attention",
+        "shape": f"B={batch} ctx={context} {mode} {hq}/{hkv}x{d}",
+        "dims": {
+            "batch": batch,
+            "seq": seq,
+            "context": context,
+            "block": block,
+            "q_heads": hq,
+            "kv_heads": hkv,
+            "head_dim": d,
+        },
+        "correct": correct,
+        "median_us": round(kernel_us, 3),
+        "baseline": "torch SDPA (enable_gqa) on pre-concatenated K/V, same graph timing",
+        "baseline_median_us": round(ref_us, 3),
+        "bytes": moved,
+        "flops": flops,
+        "achieved_gbps": round(gbps, 1),
+        "achieved_tflops": round(tflops, 2),
+        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+        "fraction_of_roofline": round(roofline_us / kernel_us, 3),
+    }
+
+
 # Family name -> (add its arguments, run it). A new kernel family adds one entry.
 FAMILIES: dict[str, tuple[Callable, Callable]] = {
     "rmsnorm": (add_rmsnorm_args, run_rmsnorm),
+    "block_attention": (add_block_attention_args, run_block_attention),
     "mask_sampling": (add_mask_sampling_args, run_mask_sampling),
     "sample_tokens": (add_sample_tokens_args, run_sample_tokens),
 }
@@ -424,14 +550,18 @@ def print_table(results: list[dict], peaks: dict[str, float]) -> None:
         f"\npeaks: copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul {peaks['bf16_tflops']:.0f} "
         "TFLOP/s (measured now)"
     )
-    header = f"{'kernel':<14} {'shape':<34} {'us':>8} {'ref us':>9} {'GB/s':>8} {'%copy':>6}  ok"
+    header = (
+        f"{'kernel':<15} {'shape':<38} {'us':>8} {'ref us':>9} {'GB/s':>7} {'%copy':>6} "
+        f"{'TF/s':>6}  ok"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r['kernel']:<14} {r['shape']:<34} {r['median_us']:>8.2f} "
-            f"{r['baseline_median_us']:>9.2f} {r['achieved_gbps']:>8.0f} "
-            f"{100 * r['fraction_of_copy']:>5.0f}%  {'yes' if r['correct'] else 'NO'}"
+            f"{r['kernel']:<15} {r['shape']:<38} {r['median_us']:>8.2f} "
+            f"{r['baseline_median_us']:>9.2f} {r['achieved_gbps']:>7.0f} "
+            f"{100 * r['fraction_of_copy']:>5.0f}% {r['achieved_tflops']:>6.1f}  "
+            f"{'yes' if r['correct'] else 'NO'}"
         )
 
 

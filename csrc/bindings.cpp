@@ -4,6 +4,9 @@
 // neither a GPU nor a driver; a call without one raises RuntimeError.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include <cstdint>
 #include <string>
@@ -53,6 +56,20 @@ void SampleTokensOp(std::uintptr_t logits, int64_t logits_row_stride, std::uintp
                     int64_t top_k, double top_p, double temperature, int dtype, int device,
                     std::uintptr_t stream);
 
+#ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
+// csrc/block_attention.cu (built only with the CUTLASS headers)
+void BlockAttentionOp(std::uintptr_t q, std::array<int64_t, 3> q_strides, std::uintptr_t k_cache,
+                      std::array<int64_t, 3> k_cache_strides, std::uintptr_t v_cache,
+                      std::array<int64_t, 3> v_cache_strides, std::uintptr_t context_lens,
+                      std::uintptr_t cache_slots, std::uintptr_t k_block,
+                      std::array<int64_t, 3> k_block_strides, std::uintptr_t v_block,
+                      std::array<int64_t, 3> v_block_strides, std::uintptr_t out,
+                      std::array<int64_t, 3> out_strides, std::uintptr_t partial_out,
+                      std::uintptr_t partial_lse, int64_t batch, int64_t seq, int64_t q_heads,
+                      int64_t kv_heads, int64_t head_dim, int64_t block_len, int64_t num_splits,
+                      double softmax_scale, int device, std::uintptr_t stream);
+#endif
+
 namespace {
 
 py::dict BuildInfo() {
@@ -82,6 +99,9 @@ py::dict BuildInfo() {
   ops.append("rms_norm");
   ops.append("mask_sampling");
   ops.append("sample_tokens");
+#ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
+  ops.append("block_attention");
+#endif
   info["ops"] = ops;
   return info;
 }
@@ -134,4 +154,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("logits"), py::arg("logits_row_stride"), py::arg("seed"), py::arg("offset"),
         py::arg("out"), py::arg("batch"), py::arg("vocab"), py::arg("top_k"), py::arg("top_p"),
         py::arg("temperature"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+#ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
+  m.def("block_attention", &twotower_rt::BlockAttentionOp,
+        "Denoiser block attention / AR decode over a lengths-indexed K/V cache, split-KV; see "
+        "block_attention.cuh.",
+        py::arg("q"), py::arg("q_strides"), py::arg("k_cache"), py::arg("k_cache_strides"),
+        py::arg("v_cache"), py::arg("v_cache_strides"), py::arg("context_lens"),
+        py::arg("cache_slots"), py::arg("k_block"), py::arg("k_block_strides"), py::arg("v_block"),
+        py::arg("v_block_strides"), py::arg("out"), py::arg("out_strides"),
+        py::arg("partial_out"), py::arg("partial_lse"), py::arg("batch"), py::arg("seq"),
+        py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("block_len"),
+        py::arg("num_splits"), py::arg("softmax_scale"), py::arg("device"), py::arg("stream"));
+#endif
 }

@@ -1,5 +1,5 @@
 """block_attention: the reference against an independent per-row SDPA, and argument checks.
-(The CUDA kernel does not exist yet; these are the oracle's tests.)"""
+(GPU tests of the kernel: tests/test_block_attention_gpu.py.)"""
 
 import pytest
 import torch
@@ -58,7 +58,7 @@ def test_bf16_within_low_precision_cost():
         ),
         ({"context_lens": torch.tensor([1, 2, 3])}, "context_lens must be"),
         ({"k_block": None}, "both k_block and v_block"),
-        ({"k_block": torch.zeros(2, 5, 2, 16)}, "k_block must be"),
+        ({"k_block": torch.zeros(2, 5, 2, 16)}, "k_block and v_block must be"),
     ],
 )
 def test_bad_arguments(change, message):

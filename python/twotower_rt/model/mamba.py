@@ -130,8 +130,10 @@ def selective_scan_chunked(
     entering = torch.stack(entering, dim=1)  # (b, nc, H, P, N)
     y = y + torch.einsum("bclhn,bchpn->bclhp", C * torch.exp(cum)[..., None], entering)
     y = y.reshape(b, nc * chunk, H, P)[:, :n]
-    return y + D.float()[:, None] * x.reshape(b, nc * chunk, H, P)[:, :n], state, torch.stack(
-        after, dim=1
+    return (
+        y + D.float()[:, None] * x.reshape(b, nc * chunk, H, P)[:, :n],
+        state,
+        torch.stack(after, dim=1),
     )
 
 
@@ -185,7 +187,7 @@ class Mamba2Mixer(nn.Module):
         if n_valid is None:
             new_conv = history[..., n:]
         else:  # each row keeps the K columns that end at its last real token
-            cols = (n_valid[:, None] + torch.arange(K, device=h.device)[None, :])  # (b, K)
+            cols = n_valid[:, None] + torch.arange(K, device=h.device)[None, :]  # (b, K)
             new_conv = history.gather(2, cols[:, None, :].expand(b, cfg.mamba_conv_dim, K))
 
         x, Bm, Cm = torch.split(xBC, [cfg.mamba_d_inner, G * N, G * N], dim=-1)

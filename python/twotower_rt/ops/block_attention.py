@@ -3,18 +3,32 @@ one-token AR decode. Per sequence b, the S queries attend, with no mask at all, 
 ``[k_cache[b, :context_lens[b]] ; k_block[b]]`` (and the same for V); GQA: query head h reads KV
 head h // (Hq / Hkv). No positional encoding anywhere in the model.
 
-Cache layout (the one the runtime keeps): ``(batch, capacity, kv_heads, head_dim)``, row b valid in
-``[0, context_lens[b])``; what lies past a row's length is never read.
+Cache layout (the one the runtime keeps): ``(cache rows, capacity, kv_heads, head_dim)``; sequence b
+reads cache row ``cache_slots[b]`` (default b), valid in ``[0, context_lens[b])``; what lies past a
+row's length is never read. A pool of slots (the engine's) and a plain per-batch cache are the same
+layout.
 
-Only the PyTorch path exists so far: the CUDA kernel (CuTe/wgmma, split-KV with a log-sum-exp
-merge) is still to be written, so CUDA tensors run :func:`block_attention_ref` too.
+CUDA bfloat16 tensors run the kernel ``csrc/include/twotower_rt/block_attention.cuh`` (mma.sync
+tensor cores, split-KV with a log2-sum-exp merge; head_dim 32, 64 or 128); everything else runs
+:func:`block_attention_ref`. The split count comes from :func:`plan_splits`, which depends only on
+shapes and the GPU's SM count (never on the device-side lengths), so a captured CUDA graph stays
+valid as lengths change.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+
+from twotower_rt import _ext
+
+KERNEL_DTYPES = (torch.bfloat16,)
+KERNEL_HEAD_DIMS = (32, 64, 128)
+MAX_SPLITS = 256  # csrc block_attention::kMaxSplits
+_BLOCK_N = 64  # keys per tile in the kernel
+_DECODE_ROWS = 16  # rows per KV head at or below which the one-warp kernel runs
 
 
 def attention_ref(
@@ -40,10 +54,15 @@ def block_attention_ref(
     context_lens: torch.Tensor,
     k_block: torch.Tensor | None = None,
     v_block: torch.Tensor | None = None,
+    *,
+    cache_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q (B, S, Hq, D); k_cache, v_cache (B, capacity, Hkv, D); context_lens (B,) int;
-    k_block, v_block (B, S, Hkv, D) or None. Returns (B, S, Hq, D) in q's dtype.
-    Every row needs at least one key (context_lens[b] > 0 or a block)."""
+    """q (B, S, Hq, D); k_cache, v_cache (rows, capacity, Hkv, D); context_lens (B,) int;
+    k_block, v_block (B, S, Hkv, D) or None; cache_slots (B,) int or None (row b).
+    Returns (B, S, Hq, D) in q's dtype. Every row needs at least one key (context_lens[b] > 0 or
+    a block); the kernel gives zeros for a row without any, this gives NaN."""
+    if cache_slots is not None:
+        k_cache, v_cache = k_cache[cache_slots.long()], v_cache[cache_slots.long()]
     B, S = q.shape[:2]
     span = int(context_lens.max()) if B else 0
     keys, values = k_cache[:, :span].to(q.dtype), v_cache[:, :span].to(q.dtype)
@@ -64,37 +83,218 @@ def block_attention(
     context_lens: torch.Tensor,
     k_block: torch.Tensor | None = None,
     v_block: torch.Tensor | None = None,
+    *,
+    cache_slots: torch.Tensor | None = None,
+    max_context_len: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """See the module docstring; shapes as in :func:`block_attention_ref`."""
-    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"block_attention: expected q (B, S, Hq, D) and k_cache/v_cache (B, L, Hkv, D) of one "
-            f"shape, got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+    """Attention of the S block queries over each sequence's context and its block.
+
+    Shapes:
+        q:            (B, S, Hq, D)
+        k_cache, v_cache: (rows, capacity, Hkv, D); Hkv divides Hq; rows = B without cache_slots
+        context_lens: (B,) int32/int64 on q's device, each in [0, capacity]
+        k_block, v_block: (B, S, Hkv, D) or both None (AR decode: S = 1, no block)
+        cache_slots:  (B,) int, the cache row of each sequence (an engine's slot pool), or None
+        max_context_len: a host-side upper bound on context_lens; only the kernel's split count
+                      depends on it (default: capacity). Never read from the device.
+        out:          (B, S, Hq, D) in q's dtype, written in place; allocated when None.
+        returns out.
+
+    CUDA bfloat16 inputs with head_dim 32/64/128 run the twotower_rt._C kernel (any strides with
+    a unit last-dim stride and 16-byte aligned rows; anything else is copied first); other inputs
+    run :func:`block_attention_ref`. ``block_attention_backend`` says which, and why.
+    """
+    _check_args(q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, out)
+    reason = _kernel_unsupported_reason(q, k_cache, v_cache, k_block, v_block)
+    if reason is not None:
+        result = block_attention_ref(
+            q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots=cache_slots
         )
-    B, S, hq, d = q.shape
-    if k_cache.shape[0] != B or k_cache.shape[3] != d or hq % k_cache.shape[2]:
-        raise ValueError(
-            f"block_attention: k_cache {tuple(k_cache.shape)} does not fit q {tuple(q.shape)} "
-            "(same batch and head_dim, kv_heads dividing the query heads)"
-        )
-    if context_lens.shape != (B,):
-        raise ValueError(f"block_attention: context_lens must be ({B},), got "
-                         f"{tuple(context_lens.shape)}")  # fmt: skip
-    if (k_block is None) != (v_block is None):
-        raise ValueError("block_attention: give both k_block and v_block, or neither")
-    if k_block is not None and k_block.shape != (B, S, k_cache.shape[2], d):
-        raise ValueError(f"block_attention: k_block must be {(B, S, k_cache.shape[2], d)}, got "
-                         f"{tuple(k_block.shape)}")  # fmt: skip
-    return block_attention_ref(q, k_cache, v_cache, context_lens, k_block, v_block)
+        return result if out is None else out.copy_(result)
+    return _block_attention_cuda(
+        q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, max_context_len, out
+    )
+
+
+def plan_splits(
+    batch: int,
+    seq: int,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    max_keys: int,
+    num_sms: int,
+) -> int:
+    """How many splits of each sequence's keys the kernel runs: enough CTAs to fill the GPU
+    (its resident CTAs per SM follow from the shared memory per CTA), but no split shorter than
+    two tiles, nor than 2 * rows keys, where writing and merging its fp32 partial output would
+    cost more than its share of K/V. A pure function of shapes, tested on the CPU."""
+    rows = seq * (q_heads // kv_heads)
+    block_m = 16 if rows <= _DECODE_ROWS else 64
+    row_tiles = -(-rows // block_m)
+    smem = (block_m + 4 * _BLOCK_N) * head_dim * 2
+    ctas_per_sm = max(1, min(16, (227 * 1024) // (smem + 1024)))
+    ctas = batch * kv_heads * row_tiles
+    key_tiles = max(1, -(-max_keys // _BLOCK_N))
+    min_tiles = max(2, -(-2 * rows // _BLOCK_N))
+    by_length = max(1, key_tiles // min_tiles)
+    wanted = -(-num_sms * ctas_per_sm // max(ctas, 1))
+    return max(1, min(wanted, by_length, MAX_SPLITS))
 
 
 def block_attention_backend(
     device: torch.device | str, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[str, str]:
-    """``(backend, reason)``: only the PyTorch path exists so far."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return "none", "no CUDA device visible to PyTorch"
-    if device.type == "cuda":
-        return "torch", "no CUDA kernel yet (issue 3): PyTorch path (block_attention_ref)"
-    return "torch", f"{device.type} tensors run block_attention_ref"
+    """``(backend, reason)``: "cuda" (the kernel), "torch" (block_attention_ref) or "none"."""
+    backend, reason = _ext.op_backend(
+        device, dtype, ref="block_attention_ref", kernel_dtypes=KERNEL_DTYPES
+    )
+    if backend == "cuda" and not _has_kernel():
+        return "torch", (
+            "twotower_rt._C was built without block_attention (no CUTLASS headers at build "
+            "time): PyTorch path (block_attention_ref)"
+        )
+    if backend == "cuda":
+        reason += f", head_dim {'/'.join(map(str, KERNEL_HEAD_DIMS))}"
+    return backend, reason
+
+
+def _has_kernel() -> bool:
+    C = _ext.extension_module()
+    return C is not None and hasattr(C, "block_attention")
+
+
+def _check_args(q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, out) -> None:
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"block_attention: expected q (B, S, Hq, D) and k_cache/v_cache (rows, L, Hkv, D) of "
+            f"one shape, got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    B, S, hq, d = q.shape
+    rows_ok = k_cache.shape[0] == B if cache_slots is None else k_cache.shape[0] > 0
+    if not rows_ok or k_cache.shape[3] != d or hq % k_cache.shape[2]:
+        raise ValueError(
+            f"block_attention: k_cache {tuple(k_cache.shape)} does not fit q {tuple(q.shape)} "
+            "(same batch, or cache_slots, and head_dim, kv_heads dividing the query heads)"
+        )
+    if context_lens.shape != (B,) or context_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_attention: context_lens must be ({B},) int32/int64, got "
+                         f"{tuple(context_lens.shape)} {context_lens.dtype}")  # fmt: skip
+    if cache_slots is not None and (
+        cache_slots.shape != (B,) or cache_slots.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(f"block_attention: cache_slots must be ({B},) int32/int64, got "
+                         f"{tuple(cache_slots.shape)} {cache_slots.dtype}")  # fmt: skip
+    if (k_block is None) != (v_block is None):
+        raise ValueError("block_attention: give both k_block and v_block, or neither")
+    if k_block is not None and (
+        k_block.shape != (B, S, k_cache.shape[2], d) or v_block.shape != k_block.shape
+    ):
+        raise ValueError(f"block_attention: k_block and v_block must be "
+                         f"{(B, S, k_cache.shape[2], d)}, got {tuple(k_block.shape)}, "
+                         f"{tuple(v_block.shape)}")  # fmt: skip
+    tensors = [k_cache, v_cache, context_lens, k_block, v_block, cache_slots, out]
+    if any(t is not None and t.device != q.device for t in tensors):
+        raise ValueError("block_attention: all tensors must be on q's device")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise ValueError(f"block_attention: out must be {tuple(q.shape)} {q.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")  # fmt: skip
+
+
+def _kernel_unsupported_reason(q, k_cache, v_cache, k_block, v_block) -> str | None:
+    reason = _ext.cuda_unsupported_reason(q.device)
+    if reason is not None:
+        return reason
+    if not _has_kernel():
+        return "twotower_rt._C was built without block_attention"
+    tensors = [q, k_cache, v_cache] + ([k_block, v_block] if k_block is not None else [])
+    if any(t.dtype != torch.bfloat16 for t in tensors):
+        return "the kernel takes bfloat16 q, caches and block K/V"
+    if q.shape[3] not in KERNEL_HEAD_DIMS:
+        return f"head_dim {q.shape[3]}; the kernel is built for {KERNEL_HEAD_DIMS}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "the kernel has no backward; autograd needs the PyTorch path"
+    if q.shape[0] * k_cache.shape[2] > 65535:
+        return "batch * kv_heads > 65535"
+    return None
+
+
+def _kernel_view(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the kernel can read it (unit last stride, 16-byte aligned rows), else a
+    contiguous copy."""
+    ok = (
+        t.stride(3) == 1
+        and t.data_ptr() % 16 == 0
+        and all(t.stride(i) % 8 == 0 or t.shape[i] == 1 for i in range(3))
+    )
+    return t if ok else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    # A size-1 dimension is never stepped over: report 0 so odd strides there pass the checks.
+    return tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(3))
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _block_attention_cuda(
+    q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, max_context_len, out
+):
+    C = _ext.require_cuda_op("block_attention", q)
+    B, S, hq, d = q.shape
+    hkv, capacity = k_cache.shape[2], k_cache.shape[1]
+    q, k_cache, v_cache = _kernel_view(q), _kernel_view(k_cache), _kernel_view(v_cache)
+    if k_block is not None:
+        k_block, v_block = _kernel_view(k_block), _kernel_view(v_block)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    writable = (
+        out.stride(3) == 1
+        and out.data_ptr() % 4 == 0
+        and all(out.stride(i) % 2 == 0 or out.shape[i] == 1 for i in range(3))
+    )  # the kernel stores pairs of bf16
+    target = out if writable else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lens = context_lens.to(torch.int32).contiguous()
+    slots = cache_slots.to(torch.int32).contiguous() if cache_slots is not None else None
+    bound = capacity if max_context_len is None else max(0, min(int(max_context_len), capacity))
+    block_len = S if k_block is not None else 0
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    splits = plan_splits(B, S, hq, hkv, d, bound + block_len, _num_sms(index))
+    partial_out = partial_lse = None
+    if splits > 1:
+        partial_out = torch.empty((splits, B, S, hq, d), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((splits, B, S, hq), dtype=torch.float32, device=q.device)
+    no_block = (0, 0, 0)
+    C.block_attention(
+        q=q.data_ptr(),
+        q_strides=_strides(q),
+        k_cache=k_cache.data_ptr(),
+        k_cache_strides=_strides(k_cache),
+        v_cache=v_cache.data_ptr(),
+        v_cache_strides=_strides(v_cache),
+        context_lens=lens.data_ptr(),
+        cache_slots=slots.data_ptr() if slots is not None else 0,
+        k_block=k_block.data_ptr() if k_block is not None else 0,
+        k_block_strides=_strides(k_block) if k_block is not None else no_block,
+        v_block=v_block.data_ptr() if v_block is not None else 0,
+        v_block_strides=_strides(v_block) if v_block is not None else no_block,
+        out=target.data_ptr(),
+        out_strides=_strides(target),
+        partial_out=partial_out.data_ptr() if partial_out is not None else 0,
+        partial_lse=partial_lse.data_ptr() if partial_lse is not None else 0,
+        batch=B,
+        seq=S,
+        q_heads=hq,
+        kv_heads=hkv,
+        head_dim=d,
+        block_len=block_len,
+        num_splits=splits,
+        softmax_scale=1.0 / math.sqrt(d),
+        device=index,
+        stream=torch.cuda.current_stream(q.device).cuda_stream,
+    )
+    return out if target is out else out.copy_(target)

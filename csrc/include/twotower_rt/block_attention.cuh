@@ -1,0 +1,419 @@
+// Block attention (TWOTOWER.md section 3): per sequence b and query head h, the S block queries
+// attend, with no mask, over the sequence's committed context K/V followed by the block's own K/V:
+//
+//   keys(b)  = [k_cache[slot(b), :context_lens[b]] ; k_block[b, :block_len]]   (values alike)
+//   out[b, s, h] = softmax(q[b, s, h] . keys^T / sqrt(D)) . values      (KV head h / (Hq / Hkv))
+//
+// With block_len = 0 and S = 1 this is the AR decode step. bf16 in and out, fp32 scores, softmax and
+// accumulation; P is rounded to bf16 for the second product (as FlashAttention does). A sequence
+// with no keys at all gets zeros. Reference: python/twotower_rt/ops/block_attention.py.
+//
+// Floor (real model: Hq = 32, Hkv = 2, D = 128, S = 16). Per sequence the context K/V must be read
+// once, 2 * Hkv * D * 2 = 1 KB per key, and per KV head the G * S = 256 query rows do
+// 2 * 2 * 256 * D FLOPs per key: 256 FLOP per byte, at the H100's balance point, so the tensor cores
+// and full bandwidth are both needed. Decode (S = 1) does 16 FLOP per byte: bandwidth-bound.
+//
+// Mapping. Rows of one KV head: r = s * G + g (position s, group member g). A CTA takes one tile of
+// kBlockM = 16 * kNumWarps such rows of one (sequence, KV head) and one split of that sequence's
+// keys: grid (row tiles, splits, batch * Hkv), row tiles fastest so the CTAs sharing a K/V split run
+// together and the K/V comes from L2 after the first. Keys move in tiles of 64 through a two-stage
+// cp.async pipeline into XOR-swizzled shared memory (ldmatrix without bank conflicts); each warp
+// owns 16 rows: its Q fragments stay in registers, S = Q K^T and O += P V run on mma.sync m16n8k16
+// (bf16 in, fp32 accumulate; CuTe's SM80 atoms), the online softmax in the log2 domain. A split
+// covers ceil(tiles / splits) of its own sequence's key tiles, so any length is covered whatever
+// split count the host chose. With one split the CTA normalises and writes bf16 out; with several it
+// writes fp32 partials and log2-sum-exp, and BlockAttentionCombineKernel merges them in split order
+// (deterministic). kNumWarps = 1 for G * S <= 16 (decode), else 4. The split count is the caller's
+// (ops/block_attention.py plans it from the shape and the SM count).
+//
+// Why mma.sync and not wgmma: at 64 rows per CTA the kernel is bound by K/V bytes and softmax
+// exponentials, not by the MMA issue rate; bench/run.py block_attention measures how far that holds.
+//
+// Resources: see the header of csrc/block_attention.cu (ptxas report).
+#pragma once
+
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+#include <cmath>
+#include <cstdint>
+
+#include "twotower_rt/common.cuh"
+
+namespace twotower_rt {
+
+struct BlockAttentionParams {
+  const __nv_bfloat16* q;  // [batch, seq, q_heads, head_dim], unit stride over head_dim
+  int64_t q_batch_stride, q_seq_stride, q_head_stride;
+  const __nv_bfloat16* k_cache;  // [cache rows, capacity, kv_heads, head_dim]
+  const __nv_bfloat16* v_cache;
+  int64_t k_cache_batch_stride, k_cache_token_stride, k_cache_head_stride;
+  int64_t v_cache_batch_stride, v_cache_token_stride, v_cache_head_stride;
+  const int32_t* context_lens;  // [batch], each in [0, capacity]
+  const int32_t* cache_slots;   // [batch]: cache row of sequence b; null means row b
+  const __nv_bfloat16* k_block;  // [batch, block_len, kv_heads, head_dim]; null when block_len == 0
+  const __nv_bfloat16* v_block;
+  int64_t k_block_batch_stride, k_block_token_stride, k_block_head_stride;
+  int64_t v_block_batch_stride, v_block_token_stride, v_block_head_stride;
+  __nv_bfloat16* out;  // [batch, seq, q_heads, head_dim], unit stride over head_dim
+  int64_t out_batch_stride, out_seq_stride, out_head_stride;
+  float* partial_out;  // [num_splits, batch, seq, q_heads, head_dim] when num_splits > 1
+  float* partial_lse;  // [num_splits, batch, seq, q_heads], log2 of the row's sum of exp2
+  int batch, seq, q_heads, kv_heads, head_dim, block_len, num_splits;
+  float softmax_scale_log2;  // log2(e) / sqrt(head_dim)
+};
+
+namespace block_attention {
+
+constexpr int kBlockN = 64;      // keys per tile
+constexpr int kMaxSplits = 256;  // grid.y, and the combine kernel's loop
+
+template <int kHeadDim>
+struct Smem {
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  // Rows that share one 128-byte span of banks, and the chunk bits the swizzle flips: the 8 rows
+  // one ldmatrix reads at one logical chunk land in 8 different 16-byte bank groups.
+  static constexpr int kRowsPerLine = kChunks >= 8 ? 1 : 8 / kChunks;
+  static constexpr int kSwizzleMask = (kChunks >= 8 ? 8 : kChunks) - 1;
+  __device__ static __forceinline__ int Offset(int row, int chunk) {
+    return row * kHeadDim + ((chunk ^ ((row / kRowsPerLine) & kSwizzleMask)) << 3);
+  }
+};
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1,
+                                            d[0], d[1], d[2], d[3]);
+}
+
+__device__ __forceinline__ void CopyChunk(const __nv_bfloat16* src, __nv_bfloat16* dst, bool pred) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+      *reinterpret_cast<const cute::uint128_t*>(src), *reinterpret_cast<cute::uint128_t*>(dst),
+      pred);
+}
+
+template <int kHeadDim, int kNumWarps>
+__global__ void __launch_bounds__(32 * kNumWarps)
+    BlockAttentionKernel(const BlockAttentionParams p) {
+  using S = Smem<kHeadDim>;
+  constexpr int kBlockM = 16 * kNumWarps;
+  constexpr int kThreads = 32 * kNumWarps;
+  constexpr int kChunks = S::kChunks;
+  constexpr int kKSteps = kHeadDim / 16;  // of Q K^T
+  constexpr int kNTilesS = kBlockN / 8;   // n-tiles of S
+  constexpr int kNTilesO = kHeadDim / 8;  // n-tiles of O
+  static_assert(kHeadDim % 16 == 0 && kHeadDim >= 16 && kHeadDim <= 256, "head_dim");
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __nv_bfloat16* smem_q = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+  __nv_bfloat16* smem_k = smem_q + kBlockM * kHeadDim;       // [2][kBlockN][kHeadDim]
+  __nv_bfloat16* smem_v = smem_k + 2 * kBlockN * kHeadDim;   // [2][kBlockN][kHeadDim]
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int group = p.q_heads / p.kv_heads;
+  const int rows = p.seq * group;
+  const int row0 = blockIdx.x * kBlockM;
+  const int split = blockIdx.y;
+  const int b = blockIdx.z / p.kv_heads;
+  const int kv_head = blockIdx.z % p.kv_heads;
+
+  const int context_len = p.context_lens[b];
+  const int num_keys = context_len + p.block_len;
+  const int num_tiles = (num_keys + kBlockN - 1) / kBlockN;
+  const int tiles_per_split = (num_tiles + p.num_splits - 1) / p.num_splits;
+  const int tile_begin = split * tiles_per_split;
+  const int tile_end = min(num_tiles, tile_begin + tiles_per_split);
+  const int64_t slot = p.cache_slots != nullptr ? p.cache_slots[b] : b;
+
+  const __nv_bfloat16* k_cache =
+      p.k_cache + slot * p.k_cache_batch_stride + kv_head * p.k_cache_head_stride;
+  const __nv_bfloat16* v_cache =
+      p.v_cache + slot * p.v_cache_batch_stride + kv_head * p.v_cache_head_stride;
+  const __nv_bfloat16* k_block =
+      p.k_block + b * p.k_block_batch_stride + kv_head * p.k_block_head_stride;
+  const __nv_bfloat16* v_block =
+      p.v_block + b * p.v_block_batch_stride + kv_head * p.v_block_head_stride;
+
+  // Key j of this sequence: the cache below context_len, the block after; past the end, zeros.
+  auto load_tile = [&](int tile, int stage) {
+    __nv_bfloat16* dst_k = smem_k + stage * kBlockN * kHeadDim;
+    __nv_bfloat16* dst_v = smem_v + stage * kBlockN * kHeadDim;
+#pragma unroll
+    for (int i = tid; i < kBlockN * kChunks; i += kThreads) {
+      const int row = i / kChunks;
+      const int chunk = i % kChunks;
+      const int key = tile * kBlockN + row;
+      const __nv_bfloat16* src_k = p.k_cache;  // any valid address when nothing is read
+      const __nv_bfloat16* src_v = p.v_cache;
+      if (key < context_len) {
+        src_k = k_cache + key * p.k_cache_token_stride;
+        src_v = v_cache + key * p.v_cache_token_stride;
+      } else if (key < num_keys) {
+        src_k = k_block + (key - context_len) * p.k_block_token_stride;
+        src_v = v_block + (key - context_len) * p.v_block_token_stride;
+      }
+      const bool valid = key < num_keys;
+      const int offset = S::Offset(row, chunk);
+      CopyChunk(src_k + (valid ? chunk * 8 : 0), dst_k + offset, valid);
+      CopyChunk(src_v + (valid ? chunk * 8 : 0), dst_v + offset, valid);
+    }
+  };
+
+  float o[kNTilesO][4];
+#pragma unroll
+  for (int n = 0; n < kNTilesO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain, already scaled
+  float row_sum[2] = {0.f, 0.f};              // this thread's columns only until the end
+
+  if (tile_begin < tile_end) {
+    // Q tile: row r of the tile is (s, g) = divmod(row0 + r, group); rows past the end are zeros.
+#pragma unroll
+    for (int i = tid; i < kBlockM * kChunks; i += kThreads) {
+      const int r = i / kChunks;
+      const int chunk = i % kChunks;
+      const int row = row0 + r;
+      const bool valid = row < rows;
+      const __nv_bfloat16* src = p.q;
+      if (valid) {
+        const int s = row / group;
+        const int head = kv_head * group + row % group;
+        src = p.q + b * p.q_batch_stride + s * p.q_seq_stride + head * p.q_head_stride + chunk * 8;
+      }
+      CopyChunk(src, smem_q + S::Offset(r, chunk), valid);
+    }
+    load_tile(tile_begin, 0);
+    cute::cp_async_fence();
+
+    uint32_t q_frag[kKSteps][4];
+    for (int tile = tile_begin; tile < tile_end; ++tile) {
+      const int stage = (tile - tile_begin) & 1;
+      if (tile + 1 < tile_end) {
+        load_tile(tile + 1, stage ^ 1);
+        cute::cp_async_fence();
+        cute::cp_async_wait<1>();
+      } else {
+        cute::cp_async_wait<0>();
+      }
+      __syncthreads();
+      if (tile == tile_begin) {
+        // A fragments of this warp's 16 rows: matrices (rows lo/hi) x (k lo/hi).
+#pragma unroll
+        for (int ks = 0; ks < kKSteps; ++ks) {
+          const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int chunk = ks * 2 + (lane >> 4);
+          cute::SM75_U32x4_LDSM_N::copy(
+              *reinterpret_cast<const cute::uint128_t*>(smem_q + S::Offset(r, chunk)),
+              q_frag[ks][0], q_frag[ks][1], q_frag[ks][2], q_frag[ks][3]);
+        }
+      }
+      const __nv_bfloat16* tile_k = smem_k + stage * kBlockN * kHeadDim;
+      const __nv_bfloat16* tile_v = smem_v + stage * kBlockN * kHeadDim;
+
+      // S = Q K^T: B fragments straight from K's rows (keys n, dims k), two n-tiles per ldmatrix.
+      float s[kNTilesS][4];
+#pragma unroll
+      for (int n = 0; n < kNTilesS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+#pragma unroll
+        for (int np = 0; np < kNTilesS / 2; ++np) {
+          const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
+          const int chunk = ks * 2 + ((lane >> 3) & 1);
+          uint32_t b0, b1, b2, b3;
+          cute::SM75_U32x4_LDSM_N::copy(
+              *reinterpret_cast<const cute::uint128_t*>(tile_k + S::Offset(key, chunk)), b0, b1,
+              b2, b3);
+          Mma(s[2 * np], q_frag[ks], b0, b1);
+          Mma(s[2 * np + 1], q_frag[ks], b2, b3);
+        }
+      }
+
+      // Keys past the end (the last tile only) get -inf; their V rows are zeros.
+      const int key0 = tile * kBlockN;
+      if (key0 + kBlockN > num_keys) {
+#pragma unroll
+        for (int n = 0; n < kNTilesS; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (key0 + n * 8 + (lane & 3) * 2 + (e & 1) >= num_keys) s[n][e] = -INFINITY;
+          }
+        }
+      }
+
+      // Online softmax; a thread holds rows lane/4 (h = 0) and lane/4 + 8 (h = 1), and the four
+      // threads of a quad together hold a row's 64 columns.
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < kNTilesS; ++n) {
+          tile_max = fmaxf(tile_max, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float new_max = fmaxf(row_max[h], tile_max * p.softmax_scale_log2);
+        const float base = new_max == -INFINITY ? 0.f : new_max;
+        const float rescale = exp2f(row_max[h] - base);
+        row_max[h] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < kNTilesS; ++n) {
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            s[n][e] = exp2f(fmaf(s[n][e], p.softmax_scale_log2, -base));
+            sum += s[n][e];
+          }
+        }
+        row_sum[h] = row_sum[h] * rescale + sum;
+#pragma unroll
+        for (int n = 0; n < kNTilesO; ++n) {
+          o[n][2 * h] *= rescale;
+          o[n][2 * h + 1] *= rescale;
+        }
+      }
+
+      // O += P V: P's C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k-step kk; V's B
+      // fragments by transposed ldmatrix (keys k, dims n), two dim-tiles per ldmatrix.
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        const uint32_t a[4] = {PackBf16(s[2 * kk][0], s[2 * kk][1]),
+                               PackBf16(s[2 * kk][2], s[2 * kk][3]),
+                               PackBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               PackBf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < kNTilesO / 2; ++dp) {
+          const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int chunk = dp * 2 + (lane >> 4);
+          uint32_t b0, b1, b2, b3;
+          cute::SM75_U16x8_LDSM_T::copy(
+              *reinterpret_cast<const cute::uint128_t*>(tile_v + S::Offset(key, chunk)), b0, b1,
+              b2, b3);
+          Mma(o[2 * dp], a, b0, b1);
+          Mma(o[2 * dp + 1], a, b2, b3);
+        }
+      }
+      __syncthreads();  // the next iteration's prefetch overwrites this stage
+    }
+  }
+
+  // Epilogue: finish the row sums over the quad, then normalise (one split) or write the partial.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+    const int row = row0 + warp * 16 + (lane >> 2) + 8 * h;
+    if (row >= rows) continue;
+    const int s = row / group;
+    const int head = kv_head * group + row % group;
+    const float inv_sum = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
+    const int col = (lane & 3) * 2;
+    if (p.num_splits == 1) {
+      __nv_bfloat16* dst =
+          p.out + b * p.out_batch_stride + s * p.out_seq_stride + head * p.out_head_stride + col;
+#pragma unroll
+      for (int n = 0; n < kNTilesO; ++n) {
+        *reinterpret_cast<__nv_bfloat162*>(dst + n * 8) =
+            __floats2bfloat162_rn(o[n][2 * h] * inv_sum, o[n][2 * h + 1] * inv_sum);
+      }
+    } else {
+      const int64_t out_row =
+          ((static_cast<int64_t>(split) * p.batch + b) * p.seq + s) * p.q_heads + head;
+      float* dst = p.partial_out + out_row * kHeadDim + col;
+#pragma unroll
+      for (int n = 0; n < kNTilesO; ++n) {
+        *reinterpret_cast<float2*>(dst + n * 8) =
+            make_float2(o[n][2 * h] * inv_sum, o[n][2 * h + 1] * inv_sum);
+      }
+      if ((lane & 3) == 0) {
+        p.partial_lse[out_row] = row_sum[h] > 0.f ? row_max[h] + log2f(row_sum[h]) : -INFINITY;
+      }
+    }
+  }
+}
+
+// Merges the splits' partials of each (b, s, head) row: one warp per row, splits in index order.
+__global__ void __launch_bounds__(256) BlockAttentionCombineKernel(const BlockAttentionParams p) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.seq * p.q_heads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  float max_lse = -INFINITY;
+  for (int i = 0; i < p.num_splits; ++i) max_lse = fmaxf(max_lse, p.partial_lse[i * rows + row]);
+  const float base = max_lse == -INFINITY ? 0.f : max_lse;
+  const int head = static_cast<int>(row % p.q_heads);
+  const int s = static_cast<int>(row / p.q_heads % p.seq);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(p.q_heads) * p.seq));
+  __nv_bfloat16* dst =
+      p.out + b * p.out_batch_stride + s * p.out_seq_stride + head * p.out_head_stride;
+  for (int d = lane; d < p.head_dim; d += 32) {
+    float total = 0.f;
+    float acc = 0.f;
+    for (int i = 0; i < p.num_splits; ++i) {
+      const float w = exp2f(p.partial_lse[i * rows + row] - base);
+      total += w;
+      acc += w * p.partial_out[(i * rows + row) * p.head_dim + d];
+    }
+    dst[d] = __float2bfloat16_rn(total > 0.f ? acc / total : 0.f);
+  }
+}
+
+template <int kHeadDim, int kNumWarps>
+cudaError_t Launch(const BlockAttentionParams& p, cudaStream_t stream) {
+  constexpr int kBlockM = 16 * kNumWarps;
+  constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kHeadDim * 2;
+  auto kernel = BlockAttentionKernel<kHeadDim, kNumWarps>;
+  if (kSmemBytes > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (err != cudaSuccess) return err;
+  }
+  const int rows = p.seq * (p.q_heads / p.kv_heads);
+  const dim3 grid((rows + kBlockM - 1) / kBlockM, p.num_splits, p.batch * p.kv_heads);
+  kernel<<<grid, 32 * kNumWarps, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Rows per KV head at or below which the one-warp (16-row) kernel runs.
+constexpr int kDecodeRows = 16;
+
+}  // namespace block_attention
+
+// Head dims the kernel is built for.
+inline bool BlockAttentionSupportsHeadDim(int head_dim) {
+  return head_dim == 32 || head_dim == 64 || head_dim == 128;
+}
+
+// Host launcher; the caller checked the arguments (csrc/block_attention.cu). Writes p.out.
+inline cudaError_t BlockAttention(const BlockAttentionParams& p, cudaStream_t stream) {
+  using namespace block_attention;
+  if (p.batch == 0 || p.seq == 0) return cudaSuccess;
+  const bool decode = p.seq * (p.q_heads / p.kv_heads) <= kDecodeRows;
+  cudaError_t err;
+  switch (p.head_dim) {
+    case 32:
+      err = decode ? Launch<32, 1>(p, stream) : Launch<32, 4>(p, stream);
+      break;
+    case 64:
+      err = decode ? Launch<64, 1>(p, stream) : Launch<64, 4>(p, stream);
+      break;
+    case 128:
+      err = decode ? Launch<128, 1>(p, stream) : Launch<128, 4>(p, stream);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.seq * p.q_heads;
+  BlockAttentionCombineKernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace twotower_rt
