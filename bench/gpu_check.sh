@@ -10,12 +10,10 @@
 #   2. builds and installs twotower_rt there without build isolation, with TWOTOWER_RT_BUILD_CUDA=ON
 #      (fails rather than installing without _C) and the ptxas resource report,
 #   3. prints the environment report, 4. runs the GPU tests and tests/test_ext.py,
-#   5. runs bench/run.py --check and the full block_attention, rmsnorm, mask_sampling and
-#      sample_tokens sweeps.
-# Everything lands in $OUT (./gpu_out when OUT is unset), 11 files:
-#   summary.txt (GPU, step results, env report, ptxas lines), build.log, env.json, pytest.log,
-#   bench.log, check.json, block_attention.json, rmsnorm.json, mask_sampling.json,
-#   sample_tokens.json
+#   5. runs bench/run.py --check, then every family's full sweep (bench/run.py all).
+# Everything lands in $OUT (./gpu_out when OUT is unset), 7 files (the device tool returns 8 at
+# most): summary.txt (GPU, step results, env report, ptxas lines), build.log, env.json,
+# pytest.log, bench.log, check.json, results.json
 # Each step runs even when an earlier one failed (except after a failed build); the exit code is 1
 # when any step failed.
 set -uo pipefail
@@ -89,10 +87,7 @@ step pytest "$OUT/pytest.log" bash -c \
 # 5. Benchmarks.
 step bench "$OUT/bench.log" bash -c \
   "'$PY' bench/run.py --check --out '$OUT/check.json' && \
-   '$PY' bench/run.py block_attention --out '$OUT/block_attention.json' && \
-   '$PY' bench/run.py rmsnorm --out '$OUT/rmsnorm.json' && \
-   '$PY' bench/run.py mask_sampling --out '$OUT/mask_sampling.json' && \
-   '$PY' bench/run.py sample_tokens --out '$OUT/sample_tokens.json'"
+   '$PY' bench/run.py all --out '$OUT/results.json'"
 
 echo "gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED)" | tee -a "$SUMMARY"
 exit $status

@@ -5,6 +5,7 @@
     python bench/run.py sample_tokens [--batch 1 16 64] [--vocab 131072]
     python bench/run.py block_attention [--batch 1 16 64] [--context 1024 8192 32768]
     python bench/run.py --check            # every family, few shapes, few repetitions
+    python bench/run.py all                # every family's full sweep, one JSON
 
 Each case: correctness against the family's PyTorch reference, then the median over --reps timed
 replays of a CUDA graph holding --inner launches (so launch overhead is excluded; inputs are
@@ -592,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         family_parser = sub.add_parser(name, help=f"benchmark the {name} kernels")
         add_common(family_parser, suppress=True)
         add_args(family_parser)
+    all_parser = sub.add_parser("all", help="every family's full sweep at its defaults")
+    add_common(all_parser, suppress=True)
     args = parser.parse_args(argv)
     if not args.check and args.family is None:
         parser.error("name a kernel family or pass --check")
@@ -604,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    families = list(FAMILIES) if args.check else [args.family]
+    families = list(FAMILIES) if args.check or args.family == "all" else [args.family]
     device = torch.cuda.get_device_name()
     print(f"device: {device}; timing: median of CUDA-graph replays, L2-warm inputs")
     peaks = measure_peaks(quick=args.check)

@@ -21,8 +21,8 @@ def test_plan_fills_the_gpu_at_batch_one_and_stays_whole_when_full():
     # Real model, one sequence, 8k context: 8 CTAs without splitting, so split.
     s = plan_splits(1, 16, 32, 2, 128, 8192 + 16, num_sms=132)
     assert s > 8
-    # Each split keeps >= 2 * 256 keys, so partials never outweigh the K/V they summarise.
-    assert math.ceil((8192 + 16) / 64) / s >= 8
+    # Each split keeps >= 256 keys (one per row), so partials never outweigh the K/V they merge.
+    assert math.ceil((8192 + 16) / 64) // s >= 4
     # Batch 64 already has 512 CTAs: no split.
     assert plan_splits(64, 16, 32, 2, 128, 8192 + 16, num_sms=132) == 1
     # Decode: 16 rows per KV head, splits of >= 2 tiles.

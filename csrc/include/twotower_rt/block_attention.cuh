@@ -14,7 +14,7 @@
 // and full bandwidth are both needed. Decode (S = 1) does 16 FLOP per byte: bandwidth-bound.
 //
 // Mapping. Rows of one KV head: r = s * G + g (position s, group member g). A CTA takes one tile of
-// kBlockM = 16 * kNumWarps such rows of one (sequence, KV head) and one split of that sequence's
+// kBlockM = 16 * kRowWarps such rows of one (sequence, KV head) and one split of that sequence's
 // keys: grid (row tiles, splits, batch * Hkv), row tiles fastest so the CTAs sharing a K/V split run
 // together and the K/V comes from L2 after the first. Keys move in tiles of 64 through a two-stage
 // cp.async pipeline into XOR-swizzled shared memory (ldmatrix without bank conflicts); each warp
@@ -23,8 +23,10 @@
 // covers ceil(tiles / splits) of its own sequence's key tiles, so any length is covered whatever
 // split count the host chose. With one split the CTA normalises and writes bf16 out; with several it
 // writes fp32 partials and log2-sum-exp, and BlockAttentionCombineKernel merges them in split order
-// (deterministic). kNumWarps = 1 for G * S <= 16 (decode), else 4. The split count is the caller's
-// (ops/block_attention.py plans it from the shape and the SM count).
+// (deterministic). G * S > 16 (the denoiser): four row warps of 16 rows, each over whole tiles.
+// G * S <= 16 (decode): one row warp's worth of rows and four key warps, each over 16 keys of every
+// tile with its own softmax state, merged in shared memory at the end. The split count is the
+// caller's (ops/block_attention.py plans it from the shape and the SM count).
 //
 // Why mma.sync and not wgmma: at 64 rows per CTA the kernel is bound by K/V bytes and softmax
 // exponentials, not by the MMA issue rate; bench/run.py block_attention measures how far that holds.
@@ -98,17 +100,26 @@ __device__ __forceinline__ void CopyChunk(const __nv_bfloat16* src, __nv_bfloat1
       pred);
 }
 
-template <int kHeadDim, int kNumWarps>
-__global__ void __launch_bounds__(32 * kNumWarps)
+// kRowWarps warps own 16 rows each; kKeyWarps warps share those rows and take a quarter (or so) of
+// every key tile each, with their own softmax state, merged through shared memory at the end (the
+// decode kernel: 16 rows, four warps, so that one tile costs a warp 32 MMAs instead of 128).
+template <int kHeadDim, int kRowWarps, int kKeyWarps>
+__global__ void __launch_bounds__(32 * kRowWarps * kKeyWarps)
     BlockAttentionKernel(const BlockAttentionParams p) {
   using S = Smem<kHeadDim>;
-  constexpr int kBlockM = 16 * kNumWarps;
-  constexpr int kThreads = 32 * kNumWarps;
+  constexpr int kBlockM = 16 * kRowWarps;
+  constexpr int kThreads = 32 * kRowWarps * kKeyWarps;
   constexpr int kChunks = S::kChunks;
-  constexpr int kKSteps = kHeadDim / 16;  // of Q K^T
-  constexpr int kNTilesS = kBlockN / 8;   // n-tiles of S
-  constexpr int kNTilesO = kHeadDim / 8;  // n-tiles of O
+  constexpr int kWarpKeys = kBlockN / kKeyWarps;  // keys of a tile one warp takes
+  constexpr int kKSteps = kHeadDim / 16;          // of Q K^T
+  constexpr int kNTilesS = kWarpKeys / 8;         // n-tiles of S
+  constexpr int kNTilesO = kHeadDim / 8;          // n-tiles of O
   static_assert(kHeadDim % 16 == 0 && kHeadDim >= 16 && kHeadDim <= 256, "head_dim");
+  static_assert(kWarpKeys % 16 == 0, "a warp's keys must fill whole k-steps of P V");
+  // The key warps' merge reuses the K/V stages: fp32 O and (max, sum) per warp and row.
+  static_assert(kKeyWarps == 1 || kKeyWarps * kBlockM * (kHeadDim + 2) * 4 <=
+                                      4 * kBlockN * kHeadDim * 2,
+                "merge scratch exceeds the K/V stages");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* smem_q = reinterpret_cast<__nv_bfloat16*>(smem_raw);
@@ -117,6 +128,8 @@ __global__ void __launch_bounds__(32 * kNumWarps)
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
+  const int row_warp = warp % kRowWarps;
+  const int key_warp = warp / kRowWarps;
   const int lane = tid & 31;
   const int group = p.q_heads / p.kv_heads;
   const int rows = p.seq * group;
@@ -207,15 +220,16 @@ __global__ void __launch_bounds__(32 * kNumWarps)
         // A fragments of this warp's 16 rows: matrices (rows lo/hi) x (k lo/hi).
 #pragma unroll
         for (int ks = 0; ks < kKSteps; ++ks) {
-          const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          const int r = row_warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
           const int chunk = ks * 2 + (lane >> 4);
           cute::SM75_U32x4_LDSM_N::copy(
               *reinterpret_cast<const cute::uint128_t*>(smem_q + S::Offset(r, chunk)),
               q_frag[ks][0], q_frag[ks][1], q_frag[ks][2], q_frag[ks][3]);
         }
       }
-      const __nv_bfloat16* tile_k = smem_k + stage * kBlockN * kHeadDim;
-      const __nv_bfloat16* tile_v = smem_v + stage * kBlockN * kHeadDim;
+      // This warp's keys of the tile.
+      const __nv_bfloat16* tile_k = smem_k + (stage * kBlockN + key_warp * kWarpKeys) * kHeadDim;
+      const __nv_bfloat16* tile_v = smem_v + (stage * kBlockN + key_warp * kWarpKeys) * kHeadDim;
 
       // S = Q K^T: B fragments straight from K's rows (keys n, dims k), two n-tiles per ldmatrix.
       float s[kNTilesS][4];
@@ -237,8 +251,8 @@ __global__ void __launch_bounds__(32 * kNumWarps)
       }
 
       // Keys past the end (the last tile only) get -inf; their V rows are zeros.
-      const int key0 = tile * kBlockN;
-      if (key0 + kBlockN > num_keys) {
+      const int key0 = tile * kBlockN + key_warp * kWarpKeys;
+      if (key0 + kWarpKeys > num_keys) {
 #pragma unroll
         for (int n = 0; n < kNTilesS; ++n) {
 #pragma unroll
@@ -249,7 +263,7 @@ __global__ void __launch_bounds__(32 * kNumWarps)
       }
 
       // Online softmax; a thread holds rows lane/4 (h = 0) and lane/4 + 8 (h = 1), and the four
-      // threads of a quad together hold a row's 64 columns.
+      // threads of a quad together hold the row's columns of this warp.
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float tile_max = -INFINITY;
@@ -283,7 +297,7 @@ __global__ void __launch_bounds__(32 * kNumWarps)
       // O += P V: P's C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k-step kk; V's B
       // fragments by transposed ldmatrix (keys k, dims n), two dim-tiles per ldmatrix.
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      for (int kk = 0; kk < kWarpKeys / 16; ++kk) {
         const uint32_t a[4] = {PackBf16(s[2 * kk][0], s[2 * kk][1]),
                                PackBf16(s[2 * kk][2], s[2 * kk][3]),
                                PackBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
@@ -304,37 +318,79 @@ __global__ void __launch_bounds__(32 * kNumWarps)
     }
   }
 
-  // Epilogue: finish the row sums over the quad, then normalise (one split) or write the partial.
+  // Epilogue: one split normalises and writes bf16 out; several write fp32 partials and the
+  // row's log2-sum-exp (-inf for a split without keys) for BlockAttentionCombineKernel.
+  auto store = [&](int tile_row, int col, float v0, float v1, float lse) {
+    const int row = row0 + tile_row;
+    if (row >= rows) return;
+    const int s = row / group;
+    const int head = kv_head * group + row % group;
+    if (p.num_splits == 1) {
+      *reinterpret_cast<__nv_bfloat162*>(p.out + b * p.out_batch_stride + s * p.out_seq_stride +
+                                         head * p.out_head_stride + col) =
+          __floats2bfloat162_rn(v0, v1);
+    } else {
+      const int64_t out_row =
+          ((static_cast<int64_t>(split) * p.batch + b) * p.seq + s) * p.q_heads + head;
+      *reinterpret_cast<float2*>(p.partial_out + out_row * kHeadDim + col) = make_float2(v0, v1);
+      if (col == 0) p.partial_lse[out_row] = lse;
+    }
+  };
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
     row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-    const int row = row0 + warp * 16 + (lane >> 2) + 8 * h;
-    if (row >= rows) continue;
-    const int s = row / group;
-    const int head = kv_head * group + row % group;
-    const float inv_sum = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
-    const int col = (lane & 3) * 2;
-    if (p.num_splits == 1) {
-      __nv_bfloat16* dst =
-          p.out + b * p.out_batch_stride + s * p.out_seq_stride + head * p.out_head_stride + col;
+  }
+  const int col = (lane & 3) * 2;
+  if constexpr (kKeyWarps == 1) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float inv_sum = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
+      const float lse = row_sum[h] > 0.f ? row_max[h] + log2f(row_sum[h]) : -INFINITY;
 #pragma unroll
       for (int n = 0; n < kNTilesO; ++n) {
-        *reinterpret_cast<__nv_bfloat162*>(dst + n * 8) =
-            __floats2bfloat162_rn(o[n][2 * h] * inv_sum, o[n][2 * h + 1] * inv_sum);
+        store(row_warp * 16 + (lane >> 2) + 8 * h, n * 8 + col, o[n][2 * h] * inv_sum,
+              o[n][2 * h + 1] * inv_sum, lse);
       }
-    } else {
-      const int64_t out_row =
-          ((static_cast<int64_t>(split) * p.batch + b) * p.seq + s) * p.q_heads + head;
-      float* dst = p.partial_out + out_row * kHeadDim + col;
+    }
+  } else {
+    // Merge the key warps: O_w and (max_w, sum_w) to shared memory, then each thread combines
+    // pairs of columns of one row over the warps in warp order.
+    float* merge_o = reinterpret_cast<float*>(smem_k);  // [kKeyWarps][kBlockM][kHeadDim]
+    float* merge_stats = merge_o + kKeyWarps * kBlockM * kHeadDim;  // [kKeyWarps][kBlockM][2]
+    __syncthreads();  // every warp is done with the K/V stages
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = key_warp * kBlockM + row_warp * 16 + (lane >> 2) + 8 * h;
 #pragma unroll
       for (int n = 0; n < kNTilesO; ++n) {
-        *reinterpret_cast<float2*>(dst + n * 8) =
-            make_float2(o[n][2 * h] * inv_sum, o[n][2 * h + 1] * inv_sum);
+        *reinterpret_cast<float2*>(merge_o + r * kHeadDim + n * 8 + col) =
+            make_float2(o[n][2 * h], o[n][2 * h + 1]);
       }
       if ((lane & 3) == 0) {
-        p.partial_lse[out_row] = row_sum[h] > 0.f ? row_max[h] + log2f(row_sum[h]) : -INFINITY;
+        merge_stats[2 * r] = row_max[h];
+        merge_stats[2 * r + 1] = row_sum[h];
       }
+    }
+    __syncthreads();
+    for (int i = tid; i < kBlockM * kHeadDim / 2; i += kThreads) {
+      const int r = i / (kHeadDim / 2);
+      const int c = (i % (kHeadDim / 2)) * 2;
+      float max_all = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kKeyWarps; ++w) max_all = fmaxf(max_all, merge_stats[2 * (w * kBlockM + r)]);
+      const float base = max_all == -INFINITY ? 0.f : max_all;
+      float sum = 0.f, v0 = 0.f, v1 = 0.f;
+#pragma unroll
+      for (int w = 0; w < kKeyWarps; ++w) {
+        const int wr = w * kBlockM + r;
+        const float scale = exp2f(merge_stats[2 * wr] - base);
+        sum += merge_stats[2 * wr + 1] * scale;
+        v0 += merge_o[wr * kHeadDim + c] * scale;
+        v1 += merge_o[wr * kHeadDim + c + 1] * scale;
+      }
+      const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+      store(r, c, v0 * inv_sum, v1 * inv_sum, sum > 0.f ? base + log2f(sum) : -INFINITY);
     }
   }
 }
@@ -365,11 +421,11 @@ __global__ void __launch_bounds__(256) BlockAttentionCombineKernel(const BlockAt
   }
 }
 
-template <int kHeadDim, int kNumWarps>
+template <int kHeadDim, int kRowWarps, int kKeyWarps>
 cudaError_t Launch(const BlockAttentionParams& p, cudaStream_t stream) {
-  constexpr int kBlockM = 16 * kNumWarps;
+  constexpr int kBlockM = 16 * kRowWarps;
   constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kHeadDim * 2;
-  auto kernel = BlockAttentionKernel<kHeadDim, kNumWarps>;
+  auto kernel = BlockAttentionKernel<kHeadDim, kRowWarps, kKeyWarps>;
   if (kSmemBytes > 48 * 1024) {
     cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -377,11 +433,11 @@ cudaError_t Launch(const BlockAttentionParams& p, cudaStream_t stream) {
   }
   const int rows = p.seq * (p.q_heads / p.kv_heads);
   const dim3 grid((rows + kBlockM - 1) / kBlockM, p.num_splits, p.batch * p.kv_heads);
-  kernel<<<grid, 32 * kNumWarps, kSmemBytes, stream>>>(p);
+  kernel<<<grid, 32 * kRowWarps * kKeyWarps, kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-// Rows per KV head at or below which the one-warp (16-row) kernel runs.
+// Rows per KV head at or below which the 16-row kernel with four key warps runs.
 constexpr int kDecodeRows = 16;
 
 }  // namespace block_attention
@@ -399,13 +455,13 @@ inline cudaError_t BlockAttention(const BlockAttentionParams& p, cudaStream_t st
   cudaError_t err;
   switch (p.head_dim) {
     case 32:
-      err = decode ? Launch<32, 1>(p, stream) : Launch<32, 4>(p, stream);
+      err = decode ? Launch<32, 1, 4>(p, stream) : Launch<32, 4, 1>(p, stream);
       break;
     case 64:
-      err = decode ? Launch<64, 1>(p, stream) : Launch<64, 4>(p, stream);
+      err = decode ? Launch<64, 1, 4>(p, stream) : Launch<64, 4, 1>(p, stream);
       break;
     case 128:
-      err = decode ? Launch<128, 1>(p, stream) : Launch<128, 4>(p, stream);
+      err = decode ? Launch<128, 1, 4>(p, stream) : Launch<128, 4, 1>(p, stream);
       break;
     default:
       return cudaErrorInvalidValue;

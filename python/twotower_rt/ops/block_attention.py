@@ -128,8 +128,9 @@ def plan_splits(
 ) -> int:
     """How many splits of each sequence's keys the kernel runs: enough CTAs to fill the GPU
     (its resident CTAs per SM follow from the shared memory per CTA), but no split shorter than
-    two tiles, nor than 2 * rows keys, where writing and merging its fp32 partial output would
-    cost more than its share of K/V. A pure function of shapes, tested on the CPU."""
+    two tiles, nor than ``rows`` keys, below which writing and merging its fp32 partial output
+    (rows x head_dim x 4 bytes) would cost more than the K/V it summarises (keys x head_dim x 4
+    bytes). A pure function of shapes, tested on the CPU."""
     rows = seq * (q_heads // kv_heads)
     block_m = 16 if rows <= _DECODE_ROWS else 64
     row_tiles = -(-rows // block_m)
@@ -137,7 +138,7 @@ def plan_splits(
     ctas_per_sm = max(1, min(16, (227 * 1024) // (smem + 1024)))
     ctas = batch * kv_heads * row_tiles
     key_tiles = max(1, -(-max_keys // _BLOCK_N))
-    min_tiles = max(2, -(-2 * rows // _BLOCK_N))
+    min_tiles = max(2, -(-rows // _BLOCK_N))
     by_length = max(1, key_tiles // min_tiles)
     wanted = -(-num_sms * ctas_per_sm // max(ctas, 1))
     return max(1, min(wanted, by_length, MAX_SPLITS))
@@ -222,13 +223,13 @@ def _kernel_unsupported_reason(q, k_cache, v_cache, k_block, v_block) -> str | N
 
 def _kernel_view(t: torch.Tensor) -> torch.Tensor:
     """t itself when the kernel can read it (unit last stride, 16-byte aligned rows), else a
-    contiguous copy."""
+    fresh contiguous copy (a clone: ``contiguous()`` would keep a misaligned start)."""
     ok = (
         t.stride(3) == 1
         and t.data_ptr() % 16 == 0
         and all(t.stride(i) % 8 == 0 or t.shape[i] == 1 for i in range(3))
     )
-    return t if ok else t.contiguous()
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
