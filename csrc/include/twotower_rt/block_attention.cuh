@@ -395,30 +395,70 @@ __global__ void __launch_bounds__(32 * kRowWarps * kKeyWarps)
   }
 }
 
-// Merges the splits' partials of each (b, s, head) row: one warp per row, splits in index order.
+// Merges the splits' partials of each (b, s, head) row: one warp per row. The lanes first turn the
+// splits' log2-sum-exps into weights (kept in shared memory), then each lane sums its kHeadDim / 32
+// columns over the splits in index order (deterministic), skipping splits without keys; the loads
+// of four splits are in flight at once.
+template <int kHeadDim>
 __global__ void __launch_bounds__(256) BlockAttentionCombineKernel(const BlockAttentionParams p) {
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.seq * p.q_heads;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  constexpr int kVec = kHeadDim / 32;  // columns per lane
+  static_assert(kHeadDim % 32 == 0 && kVec <= 4, "head_dim");
+  __shared__ float weights[8][kMaxSplits];
+  const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.seq * p.q_heads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + warp;
   if (row >= rows) return;
   float max_lse = -INFINITY;
-  for (int i = 0; i < p.num_splits; ++i) max_lse = fmaxf(max_lse, p.partial_lse[i * rows + row]);
+  for (int i = lane; i < p.num_splits; i += 32) max_lse = fmaxf(max_lse, p.partial_lse[i * rows + row]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+  }
   const float base = max_lse == -INFINITY ? 0.f : max_lse;
+  float total = 0.f;
+  for (int i = lane; i < p.num_splits; i += 32) {
+    const float w = exp2f(p.partial_lse[i * rows + row] - base);
+    weights[warp][i] = w;
+    total += w;
+  }
+  total = WarpReduceSum(total);
+  __syncwarp();
+  float acc[kVec] = {};
+  const float* partial = p.partial_out + row * kHeadDim + lane * kVec;
+  int i = 0;
+  for (; i + 4 <= p.num_splits; i += 4) {
+    float v[4][kVec];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const Array<float, kVec> x =
+          *reinterpret_cast<const Array<float, kVec>*>(partial + (i + j) * rows * kHeadDim);
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) v[j][c] = x.data[c];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float w = weights[warp][i + j];
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) acc[c] += w > 0.f ? w * v[j][c] : 0.f;
+    }
+  }
+  for (; i < p.num_splits; ++i) {
+    const float w = weights[warp][i];
+    if (w == 0.f) continue;  // a split without keys wrote zeros; skip the read
+    const Array<float, kVec> x =
+        *reinterpret_cast<const Array<float, kVec>*>(partial + i * rows * kHeadDim);
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) acc[c] += w * x.data[c];
+  }
   const int head = static_cast<int>(row % p.q_heads);
   const int s = static_cast<int>(row / p.q_heads % p.seq);
   const int b = static_cast<int>(row / (static_cast<int64_t>(p.q_heads) * p.seq));
-  __nv_bfloat16* dst =
-      p.out + b * p.out_batch_stride + s * p.out_seq_stride + head * p.out_head_stride;
-  for (int d = lane; d < p.head_dim; d += 32) {
-    float total = 0.f;
-    float acc = 0.f;
-    for (int i = 0; i < p.num_splits; ++i) {
-      const float w = exp2f(p.partial_lse[i * rows + row] - base);
-      total += w;
-      acc += w * p.partial_out[(i * rows + row) * p.head_dim + d];
-    }
-    dst[d] = __float2bfloat16_rn(total > 0.f ? acc / total : 0.f);
-  }
+  __nv_bfloat16* dst = p.out + b * p.out_batch_stride + s * p.out_seq_stride +
+                       head * p.out_head_stride + lane * kVec;
+  const float inv_total = total > 0.f ? 1.f / total : 0.f;
+#pragma unroll
+  for (int c = 0; c < kVec; ++c) dst[c] = __float2bfloat16_rn(acc[c] * inv_total);
 }
 
 template <int kHeadDim, int kRowWarps, int kKeyWarps>
@@ -468,7 +508,18 @@ inline cudaError_t BlockAttention(const BlockAttentionParams& p, cudaStream_t st
   }
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.seq * p.q_heads;
-  BlockAttentionCombineKernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+  const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
+  switch (p.head_dim) {
+    case 32:
+      BlockAttentionCombineKernel<32><<<blocks, 256, 0, stream>>>(p);
+      break;
+    case 64:
+      BlockAttentionCombineKernel<64><<<blocks, 256, 0, stream>>>(p);
+      break;
+    default:
+      BlockAttentionCombineKernel<128><<<blocks, 256, 0, stream>>>(p);
+      break;
+  }
   return cudaGetLastError();
 }
 
