@@ -531,6 +531,10 @@ class NothingToRun(Exception):
 
 
 def git_commit() -> str:
+    """TWOTOWER_RT_COMMIT when set (gpu_check.sh passes it: the device machine's copy of the tree
+    may carry a stale .git), else git's HEAD."""
+    if os.environ.get("TWOTOWER_RT_COMMIT"):
+        return os.environ["TWOTOWER_RT_COMMIT"]
     try:
         result = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -543,7 +547,7 @@ def git_commit() -> str:
             return result.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("TWOTOWER_RT_COMMIT", "unknown")
+    return "unknown"
 
 
 def print_table(results: list[dict], peaks: dict[str, float]) -> None:

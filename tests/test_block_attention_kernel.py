@@ -93,6 +93,7 @@ class FakeExtension:
 @pytest.fixture
 def fake_extension(monkeypatch):
     from twotower_rt import _ext
+
     module = importlib.import_module("twotower_rt.ops.block_attention")
 
     fake = FakeExtension()
@@ -307,5 +308,7 @@ def test_default_model_bf16_on_gpu_uses_the_kernel():
     import twotower_rt
 
     model = twotower_rt.load(device="cuda", dtype="bfloat16")
-    out = model.generate([[1, 5, 9, 33]], mode="mask_diffusion", max_new_tokens=32)
-    assert len(out.generated[0]) == 32 or out.finish_reason[0] == "eos"
+    for mode in ("mask_diffusion", "ar"):  # the denoiser's block attention; AR decode
+        out = model.generate([[1, 5, 9, 33], [1, 7]], mode=mode, max_new_tokens=32)
+        for row in range(2):
+            assert len(out.generated[row]) == 32 or out.finish_reason[row] == "eos"

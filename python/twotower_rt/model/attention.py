@@ -1,7 +1,8 @@
 """Grouped-query attention without positional encoding, in the two ways the towers use it.
 
 - context tower (``append=True``): the new tokens' K/V are written into the cache after each row's
-  committed prefix and attend causally;
+  committed prefix and attend causally (one new token, the AR decode step, is block_attention with
+  no block over the prefix and itself);
 - denoiser (``append=False``): the block's own K/V are concatenated after the context prefix (read
   only) and every block position sees the whole prefix and the whole block (no mask at all).
 
@@ -52,6 +53,9 @@ class Attention(nn.Module):
             rows = torch.arange(b, device=dev)[:, None]
             cache_k[rows, pos] = k.to(cache_k.dtype)
             cache_v[rows, pos] = v.to(cache_v.dtype)
+            if n == 1:  # AR decode: the one new token sees the whole prefix and itself
+                out = block_attention(q, cache_k, cache_v, prefix_len + 1)
+                return self.o_proj(out.reshape(b, n, -1))
             span = int(prefix_len.max()) + n
             keys, values = cache_k[:, :span], cache_v[:, :span]
             key_pos = torch.arange(span, device=dev)[None, None, :]
