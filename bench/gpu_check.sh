@@ -85,9 +85,11 @@ step pytest "$OUT/pytest.log" bash -c \
    '$PY' -m pytest -q -rs -p no:cacheprovider tests/test_ext.py"
 
 # 5. Benchmarks.
+# TWOTOWER_RT_BENCH=check skips the full sweeps (a short device budget).
+full_sweep="'$PY' bench/run.py all --out '$OUT/results.json'"
+[ "${TWOTOWER_RT_BENCH:-all}" = check ] && full_sweep=true
 step bench "$OUT/bench.log" bash -c \
-  "'$PY' bench/run.py --check --out '$OUT/check.json' && \
-   '$PY' bench/run.py all --out '$OUT/results.json'"
+  "'$PY' bench/run.py --check --out '$OUT/check.json' && $full_sweep"
 
 echo "gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED)" | tee -a "$SUMMARY"
 exit $status

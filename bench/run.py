@@ -4,6 +4,7 @@
     python bench/run.py mask_sampling [--batch 1 16 64] [--block-size 16] [--vocab 131072]
     python bench/run.py sample_tokens [--batch 1 16 64] [--vocab 131072]
     python bench/run.py block_attention [--batch 1 16 64] [--context 1024 8192 32768]
+    python bench/run.py all_reduce [--rows 16 256 1024 1536] [--world N]   # needs >= 2 GPUs
     python bench/run.py --check            # every family, few shapes, few repetitions
     python bench/run.py all                # every family's full sweep, one JSON
 
@@ -14,7 +15,8 @@ and TFLOP/s, quoted against the device-to-device copy bandwidth and bf16 matmul 
 the same run. Prints a table; writes JSON to bench/results/<date>-<gpu>.json (or --out).
 
 Exit codes: 0 all cases correct; 1 some case incorrect; 2 nothing to run here (no CUDA GPU, or the
-kernels cannot run on it: the message says why).
+kernels cannot run on it: the message says why). A family that cannot run here (all_reduce on one
+GPU) is skipped with its reason (in the JSON's "skipped") when others ran.
 """
 
 from __future__ import annotations
@@ -514,12 +516,126 @@ def bench_block_attention_case(batch, seq, context, block, args, *, reps, inner,
     }
 
 
+# --- all_reduce -----------------------------------------------------------------------------------
+
+# Messages: one 16-token block at hidden 2688 (a denoise step at batch 1), batch 16 and 64 of them,
+# and the IPC buffer's size.
+ALL_REDUCE_ROWS = [16, 16 * 16, 16 * 64, 1536]
+
+
+def add_all_reduce_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, nargs="+", default=ALL_REDUCE_ROWS, help="tokens")
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--world", type=int, default=0, help="GPUs (default: all, at most 8)")
+
+
+def run_all_reduce(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
+    from twotower_rt.ops import all_reduce_backend
+
+    world = args.world or min(8, torch.cuda.device_count())
+    if world < 2 or world > torch.cuda.device_count():
+        raise NothingToRun(
+            f"all_reduce needs 2 to 8 GPUs of this host; {torch.cuda.device_count()} visible"
+        )
+    backend, reason = all_reduce_backend("cuda", torch.bfloat16)
+    if backend != "cuda":
+        raise NothingToRun(f"all_reduce's CUDA kernel does not run here: {reason}")
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    rows = args.rows[:2] if quick else args.rows
+    reps, inner = (10, 10) if quick else (args.reps, args.inner)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        job = (world, os.path.join(tmp, "init"), rows, args.hidden, reps, inner, peaks)
+        procs = [
+            ctx.Process(target=_all_reduce_worker, args=(rank, job, results))
+            for rank in range(world)
+        ]
+        for proc in procs:
+            proc.start()
+        outcome = results.get(timeout=600)
+        for proc in procs:
+            proc.join(timeout=60)
+    if isinstance(outcome, tuple):
+        raise NothingToRun(outcome[1])
+    if isinstance(outcome, str):
+        raise RuntimeError(f"all_reduce benchmark failed:\n{outcome}")
+    return outcome
+
+
+def _all_reduce_worker(rank, job, results):
+    """One rank of the all-reduce benchmark (NCCL group); rank 0 reports. Times the custom
+    one-shot and two-shot kernels and NCCL on the same bf16 messages, each in a CUDA graph."""
+    import traceback
+
+    import torch.distributed as dist
+
+    from twotower_rt.ops import CustomAllReduce, all_reduce_ref
+
+    world, init_file, rows_list, hidden, reps, inner, peaks = job
+    try:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world, device_id=torch.device("cuda", rank))  # fmt: skip
+        ar = CustomAllReduce(device=rank)
+        if not ar.enabled:
+            raise NothingToRun(f"the custom all-reduce is off: {ar.reason}")
+        out_rows = []
+        for rows in rows_list:
+            x = torch.randn(rows, hidden, device="cuda", generator=None).bfloat16()
+            out = torch.empty_like(x)
+            parts = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(parts, x)
+            want = all_reduce_ref(parts)
+            timings = {}
+            for algo in ("one_shot", "two_shot"):
+                ar.all_reduce(x, out=out, algorithm=algo)
+                torch.cuda.synchronize()
+                correct = torch.equal(out, want)
+                dist.barrier()
+                us = time_us(lambda a=algo, x=x, o=out: ar.all_reduce(x, out=o, algorithm=a),
+                             reps=reps, inner=inner)  # fmt: skip
+                timings[algo] = (us, correct)
+            nccl_buf = x.clone()
+            dist.barrier()
+            nccl_us = time_us(lambda t=nccl_buf: dist.all_reduce(t), reps=reps, inner=inner)
+            nbytes = x.numel() * 2
+            for algo, (us, correct) in timings.items():
+                # Bus bytes as nccl-tests count them for all-reduce: 2 (N - 1) / N x the message.
+                bus = 2 * (world - 1) / world * nbytes
+                out_rows.append({
+                    "kernel": "all_reduce",
+                    "shape": f"{rows}x{hidden} bf16 {algo} x{world}",
+                    "dims": {"rows": rows, "hidden": hidden, "world": world, "algorithm": algo},
+                    "correct": bool(correct),
+                    "median_us": round(us, 3),
+                    "baseline": "torch.distributed.all_reduce (NCCL), same graph timing",
+                    "baseline_median_us": round(nccl_us, 3),
+                    "bytes": nbytes,
+                    "achieved_gbps": round(bus / (us * 1e-6) / 1e9, 1),
+                    "achieved_tflops": 0.0,
+                    "fraction_of_copy": round(bus / (us * 1e-6) / 1e9 / peaks["copy_gbps"], 3),
+                })  # fmt: skip
+        ar.close()
+        dist.destroy_process_group()
+        if rank == 0:
+            results.put(out_rows)
+    except NothingToRun as exc:
+        results.put(("skip", str(exc)))
+    except BaseException:
+        results.put(traceback.format_exc())
+
+
 # Family name -> (add its arguments, run it). A new kernel family adds one entry.
 FAMILIES: dict[str, tuple[Callable, Callable]] = {
     "rmsnorm": (add_rmsnorm_args, run_rmsnorm),
     "block_attention": (add_block_attention_args, run_block_attention),
     "mask_sampling": (add_mask_sampling_args, run_mask_sampling),
     "sample_tokens": (add_sample_tokens_args, run_sample_tokens),
+    "all_reduce": (add_all_reduce_args, run_all_reduce),
 }
 
 
@@ -616,18 +732,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device}; timing: median of CUDA-graph replays, L2-warm inputs")
     peaks = measure_peaks(quick=args.check)
     results: list[dict] = []
-    try:
-        for name in families:
-            add_args, run = FAMILIES[name]
-            family_args = args
-            if args.family != name:  # --check: this family's defaults
-                family_parser = argparse.ArgumentParser()
-                add_args(family_parser)
-                family_args = family_parser.parse_args([])
-            family_args.reps, family_args.inner = args.reps, args.inner
+    skipped: dict[str, str] = {}
+    for name in families:
+        add_args, run = FAMILIES[name]
+        family_args = args
+        if args.family != name:  # --check / all: this family's defaults
+            family_parser = argparse.ArgumentParser()
+            add_args(family_parser)
+            family_args = family_parser.parse_args([])
+        family_args.reps, family_args.inner = args.reps, args.inner
+        try:
             results += run(family_args, args.check, peaks)
-    except NothingToRun as exc:
-        print(f"bench/run.py: {exc}", file=sys.stderr)
+        except NothingToRun as exc:
+            print(f"bench/run.py: {name}: {exc}", file=sys.stderr)
+            skipped[name] = str(exc)
+    if not results:
         return 2
 
     print_table(results, peaks)
@@ -640,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         "timing": "median of CUDA-event-timed CUDA-graph replays, L2-warm inputs",
         "peak": peaks,
         "results": results,
+        "skipped": skipped,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     out = args.out or REPO / "bench" / "results" / f"{now:%Y-%m-%d}-{slug}.json"

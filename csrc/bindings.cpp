@@ -7,6 +7,9 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include <cstdint>
 #include <string>
@@ -56,6 +59,16 @@ void SampleTokensOp(std::uintptr_t logits, int64_t logits_row_stride, std::uintp
                     int64_t top_k, double top_p, double temperature, int dtype, int device,
                     std::uintptr_t stream);
 
+// csrc/all_reduce.cu
+int64_t AllReduceSignalBytesOp();
+std::pair<std::uintptr_t, std::string> AllReduceAllocateOp(int64_t buffer_bytes, int device);
+std::uintptr_t AllReduceOpenHandleOp(const std::string& handle_bytes, int device);
+void AllReduceCloseHandleOp(std::uintptr_t ptr, int device);
+void AllReduceFreeOp(std::uintptr_t ptr, int device);
+void AllReduceOp(const std::vector<std::uintptr_t>& ranks, std::uintptr_t input,
+                 std::uintptr_t output, int64_t numel, int64_t buffer_bytes, int rank, int dtype,
+                 int algo, int device, std::uintptr_t stream);
+
 #ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
 // csrc/block_attention.cu (built only with the CUTLASS headers)
 void BlockAttentionOp(std::uintptr_t q, std::array<int64_t, 3> q_strides, std::uintptr_t k_cache,
@@ -99,6 +112,7 @@ py::dict BuildInfo() {
   ops.append("rms_norm");
   ops.append("mask_sampling");
   ops.append("sample_tokens");
+  ops.append("all_reduce");
 #ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
   ops.append("block_attention");
 #endif
@@ -154,6 +168,35 @@ PYBIND11_MODULE(_C, m) {
         py::arg("logits"), py::arg("logits_row_stride"), py::arg("seed"), py::arg("offset"),
         py::arg("out"), py::arg("batch"), py::arg("vocab"), py::arg("top_k"), py::arg("top_p"),
         py::arg("temperature"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("all_reduce_signal_bytes", &twotower_rt::AllReduceSignalBytesOp,
+        "Bytes of barrier flags before the data in each rank's all-reduce allocation.");
+  m.def(
+      "all_reduce_allocate",
+      [](int64_t buffer_bytes, int device) {
+        auto [ptr, handle] = twotower_rt::AllReduceAllocateOp(buffer_bytes, device);
+        return py::make_tuple(ptr, py::bytes(handle));
+      },
+      "A zeroed device allocation (signals + buffer_bytes) and its CUDA IPC handle: (ptr, bytes).",
+      py::arg("buffer_bytes"), py::arg("device"));
+  m.def(
+      "all_reduce_open_handle",
+      [](py::bytes handle, int device) {
+        return twotower_rt::AllReduceOpenHandleOp(std::string(handle), device);
+      },
+      "Maps a peer's allocation into this process; returns its address here.", py::arg("handle"),
+      py::arg("device"));
+  m.def("all_reduce_close_handle", &twotower_rt::AllReduceCloseHandleOp,
+        "Unmaps a peer's allocation opened with all_reduce_open_handle.", py::arg("ptr"),
+        py::arg("device"));
+  m.def("all_reduce_free", &twotower_rt::AllReduceFreeOp,
+        "Frees this rank's allocation from all_reduce_allocate.", py::arg("ptr"),
+        py::arg("device"));
+  m.def("all_reduce", &twotower_rt::AllReduceOp,
+        "Custom one-shot / two-shot all-reduce over the ranks' IPC allocations; see "
+        "all_reduce.cuh.",
+        py::arg("ranks"), py::arg("input"), py::arg("output"), py::arg("numel"),
+        py::arg("buffer_bytes"), py::arg("rank"), py::arg("dtype"), py::arg("algo"),
+        py::arg("device"), py::arg("stream"));
 #ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
   m.def("block_attention", &twotower_rt::BlockAttentionOp,
         "Denoiser block attention / AR decode over a lengths-indexed K/V cache, split-KV; see "

@@ -1,5 +1,11 @@
 """Ops: one function per kernel family, each with its plain-PyTorch ``*_ref`` beside it."""
 
+from twotower_rt.ops.all_reduce import (
+    CustomAllReduce,
+    all_reduce_backend,
+    all_reduce_ref,
+    choose_algorithm,
+)
 from twotower_rt.ops.block_attention import (
     block_attention,
     block_attention_backend,
@@ -21,10 +27,15 @@ OP_BACKENDS = {
     "block_attention": block_attention_backend,
     "mask_sampling": mask_sampling_backend,
     "sample_tokens": sample_tokens_backend,
+    "all_reduce": all_reduce_backend,
 }
 
 __all__ = [
     "OP_BACKENDS",
+    "CustomAllReduce",
+    "all_reduce_backend",
+    "all_reduce_ref",
+    "choose_algorithm",
     "MaskSamplingOutput",
     "block_attention",
     "block_attention_backend",
