@@ -28,6 +28,8 @@ def test_plan_fills_the_gpu_at_batch_one_and_stays_whole_when_full():
     # Decode: 16 rows per KV head, splits of >= 2 tiles.
     d = plan_splits(1, 1, 32, 2, 128, 32768, num_sms=132)
     assert 1 < d <= MAX_SPLITS and 512 / d >= 2
+    # Batch 64 decode: 128 CTAs, 396 slots: 3 splits fill one wave; 4 would need a second.
+    assert plan_splits(64, 1, 32, 2, 128, 8192, num_sms=132) == 3
 
 
 @pytest.mark.parametrize("max_keys", [0, 1, 63, 64, 65, 1000, 10**6])

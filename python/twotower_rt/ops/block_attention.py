@@ -126,11 +126,13 @@ def plan_splits(
     max_keys: int,
     num_sms: int,
 ) -> int:
-    """How many splits of each sequence's keys the kernel runs: enough CTAs to fill the GPU
-    (its resident CTAs per SM follow from the shared memory per CTA), but no split shorter than
-    two tiles, nor than ``rows`` keys, below which writing and merging its fp32 partial output
-    (rows x head_dim x 4 bytes) would cost more than the K/V it summarises (keys x head_dim x 4
-    bytes). A pure function of shapes, tested on the CPU."""
+    """How many splits of each sequence's keys the kernel runs. Each split of a (sequence, KV head,
+    row tile) is one CTA doing 1/splits of the work; the GPU holds ``slots`` CTAs at once (SMs x
+    CTAs per SM by shared memory), so the time goes as ceil(CTAs / slots) / splits: splitting
+    further must cut that by 10% to pay for the partials and their merge. No split is
+    shorter than two tiles, nor than ``rows`` keys, below which writing and merging its fp32
+    partial output (rows x head_dim x 4 bytes) would cost more than the K/V it summarises (keys x
+    head_dim x 4 bytes). A pure function of shapes, tested on the CPU."""
     rows = seq * (q_heads // kv_heads)
     block_m = 16 if rows <= _DECODE_ROWS else 64
     row_tiles = -(-rows // block_m)
@@ -139,9 +141,15 @@ def plan_splits(
     ctas = batch * kv_heads * row_tiles
     key_tiles = max(1, -(-max_keys // _BLOCK_N))
     min_tiles = max(2, -(-rows // _BLOCK_N))
-    by_length = max(1, key_tiles // min_tiles)
-    wanted = -(-num_sms * ctas_per_sm // max(ctas, 1))
-    return max(1, min(wanted, by_length, MAX_SPLITS))
+    most = max(1, min(key_tiles // min_tiles, MAX_SPLITS))
+    slots = num_sms * ctas_per_sm
+    ctas = max(ctas, 1)
+    best, best_time = 1, -(-ctas // slots)
+    for splits in range(2, most + 1):
+        time = -(-ctas * splits // slots) / splits
+        if time < 0.9 * best_time:  # worth the partials and the merge
+            best, best_time = splits, time
+    return best
 
 
 def block_attention_backend(
