@@ -4,6 +4,7 @@
     python bench/run.py mask_sampling [--batch 1 16 64] [--block-size 16] [--vocab 131072]
     python bench/run.py sample_tokens [--batch 1 16 64] [--vocab 131072]
     python bench/run.py block_attention [--batch 1 16 64] [--context 1024 8192 32768]
+    python bench/run.py mamba [--batch 1 16 64] [--dtype bf16]    # ssm_scan: decode, block
     python bench/run.py all_reduce [--rows 16 256 1024 1536] [--world N]   # needs >= 2 GPUs
     python bench/run.py --check            # every family, few shapes, few repetitions
     python bench/run.py all                # every family's full sweep, one JSON
@@ -290,7 +291,7 @@ def bench_mask_sampling_case(*, batch, block_size, vocab, temperature, dtype_nam
             "vocab": vocab,
             "temperature": temperature,
             "dtype": dtype_name,
-        },  # fmt: skip
+        },
         "correct": correct,
         "prediction_agreement": round(agree, 5),
         "median_us": round(kernel_us, 3),
@@ -378,7 +379,7 @@ def bench_sample_tokens_case(*, batch, vocab, config, dtype_name, reps, inner, p
             "top_k": top_k,
             "top_p": top_p,
             "dtype": dtype_name,
-        },  # fmt: skip
+        },
         "correct": correct,
         "median_us": round(kernel_us, 3),
         "baseline": "torch sample_tokens_ref (topk + cumsum filter, Gumbel-max, graph-timed)",
@@ -516,6 +517,92 @@ def bench_block_attention_case(batch, seq, context, block, args, *, reps, inner,
     }
 
 
+# --- mamba (ssm_scan) -----------------------------------------------------------------------------
+
+# The real model's Mamba-2 layer: 64 heads x 64, state 128, 8 groups; in_proj 2688 -> 10304 and
+# out_proj 4096 -> 2688 in bf16 are the layer's weights a scan should be small against.
+MAMBA_HEADS, MAMBA_HEAD_DIM, MAMBA_STATE, MAMBA_GROUPS = 64, 64, 128, 8
+MAMBA_PROJ_BYTES = (HIDDEN * (2 * D_INNER + 2 * MAMBA_GROUPS * MAMBA_STATE + MAMBA_HEADS)
+                    + D_INNER * HIDDEN) * 2  # fmt: skip
+
+
+def add_mamba_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, nargs="+", default=BATCHES, help="sequences")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="x, B, C dtype")
+
+
+def run_mamba(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
+    from twotower_rt.ops import ssm_scan_backend
+
+    backend, reason = ssm_scan_backend("cuda", DTYPES[args.dtype])
+    if backend != "cuda":
+        raise NothingToRun(f"ssm_scan's CUDA kernel does not run here: {reason}")
+    reps, inner = (10, 10) if quick else (args.reps, args.inner)
+    batches = [1, 64] if quick else args.batch
+    return [
+        bench_ssm_scan_case(batch, n, keep, args, reps=reps, inner=inner, peaks=peaks)
+        for n, keep in ((1, True), (BLOCK, False))  # decode step; denoiser block
+        for batch in batches
+    ]
+
+
+def bench_ssm_scan_case(batch, n, keep_state, args, *, reps, inner, peaks):
+    from twotower_rt.ops import ssm_scan, ssm_scan_ref
+
+    H, P, N, G = MAMBA_HEADS, MAMBA_HEAD_DIM, MAMBA_STATE, MAMBA_GROUPS
+    dtype = DTYPES[args.dtype]
+    gen = torch.Generator(device="cuda").manual_seed(batch * 100 + n)
+    # x, B, C as the mixer leaves them: views into one xBC tensor.
+    xbc = torch.randn(batch, n, H * P + 2 * G * N, device="cuda", generator=gen).to(dtype)
+    x = xbc[..., : H * P].view(batch, n, H, P)
+    B = xbc[..., H * P : H * P + G * N].view(batch, n, G, N)
+    C = xbc[..., H * P + G * N :].view(batch, n, G, N)
+    dt = torch.nn.functional.softplus(torch.randn(batch, n, H, device="cuda", generator=gen) - 2)
+    A = -torch.exp(torch.rand(H, device="cuda", generator=gen) * 2)
+    D = torch.randn(H, device="cuda", generator=gen)
+    state = torch.randn(batch, H, P, N, device="cuda", generator=gen)
+
+    y, final = ssm_scan(x, dt, A, B, C, D, state, keep_state=keep_state)
+    y_ref, final_ref = ssm_scan_ref(x, dt, A, B, C, D, state)
+    correct = bool(torch.allclose(y, y_ref, rtol=1e-4, atol=1e-4))
+    if keep_state:
+        correct &= bool(torch.allclose(final, final_ref, rtol=1e-4, atol=1e-4))
+    kernel_us = time_us(lambda: ssm_scan(x, dt, A, B, C, D, state, keep_state=keep_state),
+                        reps=reps, inner=inner)  # fmt: skip
+    ref_us = time_us(lambda: ssm_scan_ref(x, dt, A, B, C, D, state), reps=reps, inner=inner)
+    # Floor: the state read once (and written once when kept); x, B, C read, y written, dt read.
+    state_bytes = state.numel() * 4
+    moved = state_bytes * (2 if keep_state else 1) + xbc.numel() * xbc.element_size()
+    moved += y.numel() * 4 + dt.numel() * 4
+    # 4 FLOPs per state element and token (decay, input, and the C dot product).
+    flops = 4 * state.numel() * n
+    gbps = moved / (kernel_us * 1e-6) / 1e9
+    proj_us = MAMBA_PROJ_BYTES / (peaks["copy_gbps"] * 1e3)
+    mode = "decode step" if keep_state else f"block of {n}, state read only"
+    return {
+        "kernel": "ssm_scan",
+        "shape": f"B={batch} {mode} {H}x{P}x{N} {args.dtype}",
+        "dims": {
+            "batch": batch,
+            "n": n,
+            "heads": H,
+            "head_dim": P,
+            "state": N,
+            "groups": G,
+            "keep_state": keep_state,
+        },
+        "correct": correct,
+        "median_us": round(kernel_us, 3),
+        "baseline": "torch ssm_scan_ref (per-token recurrence, same graph timing)",
+        "baseline_median_us": round(ref_us, 3),
+        "bytes": moved,
+        "achieved_gbps": round(gbps, 1),
+        "achieved_tflops": round(flops / (kernel_us * 1e-6) / 1e12, 3),
+        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+        "layer_projections_floor_us": round(proj_us, 2),
+    }
+
+
 # --- all_reduce -----------------------------------------------------------------------------------
 
 # Messages: one 16-token block at hidden 2688 (a denoise step at batch 1), batch 16 and 64 of them,
@@ -635,6 +722,7 @@ FAMILIES: dict[str, tuple[Callable, Callable]] = {
     "block_attention": (add_block_attention_args, run_block_attention),
     "mask_sampling": (add_mask_sampling_args, run_mask_sampling),
     "sample_tokens": (add_sample_tokens_args, run_sample_tokens),
+    "mamba": (add_mamba_args, run_mamba),
     "all_reduce": (add_all_reduce_args, run_all_reduce),
 }
 

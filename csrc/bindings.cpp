@@ -59,6 +59,15 @@ void SampleTokensOp(std::uintptr_t logits, int64_t logits_row_stride, std::uintp
                     int64_t top_k, double top_p, double temperature, int dtype, int device,
                     std::uintptr_t stream);
 
+// csrc/ssm_scan.cu
+void SsmScanOp(std::uintptr_t x, std::array<int64_t, 3> x_strides, std::uintptr_t dt,
+               std::array<int64_t, 2> dt_strides, std::uintptr_t A, std::uintptr_t D,
+               std::uintptr_t B, std::array<int64_t, 3> b_strides, std::uintptr_t C,
+               std::array<int64_t, 3> c_strides, std::uintptr_t n_valid, std::uintptr_t state,
+               std::uintptr_t state_out, std::uintptr_t y, int64_t batch, int64_t n,
+               int64_t heads, int64_t groups, int64_t head_dim, int64_t state_size, int dtype,
+               int device, std::uintptr_t stream);
+
 // csrc/all_reduce.cu
 int64_t AllReduceSignalBytesOp();
 std::pair<std::uintptr_t, std::string> AllReduceAllocateOp(int64_t buffer_bytes, int device);
@@ -113,6 +122,7 @@ py::dict BuildInfo() {
   ops.append("mask_sampling");
   ops.append("sample_tokens");
   ops.append("all_reduce");
+  ops.append("ssm_scan");
 #ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
   ops.append("block_attention");
 #endif
@@ -168,6 +178,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("logits"), py::arg("logits_row_stride"), py::arg("seed"), py::arg("offset"),
         py::arg("out"), py::arg("batch"), py::arg("vocab"), py::arg("top_k"), py::arg("top_p"),
         py::arg("temperature"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("ssm_scan", &twotower_rt::SsmScanOp,
+        "Mamba-2 selective scan of a few tokens from a state (decode step, denoiser block); see "
+        "ssm_scan.cuh.",
+        py::arg("x"), py::arg("x_strides"), py::arg("dt"), py::arg("dt_strides"), py::arg("A"),
+        py::arg("D"), py::arg("B"), py::arg("b_strides"), py::arg("C"), py::arg("c_strides"),
+        py::arg("n_valid"), py::arg("state"), py::arg("state_out"), py::arg("y"),
+        py::arg("batch"), py::arg("n"), py::arg("heads"), py::arg("groups"), py::arg("head_dim"),
+        py::arg("state_size"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("all_reduce_signal_bytes", &twotower_rt::AllReduceSignalBytesOp,
         "Bytes of barrier flags before the data in each rank's all-reduce allocation.");
   m.def(

@@ -5,11 +5,12 @@ the one-token decode step, the block extension after a diffusion block, and the 
 context-seeded block scan (which reads the context state and never writes it). The caller gets the
 final states back and decides whether to keep them.
 
-The scan is the plain per-token fp32 recurrence (the reference semantics); a seeded chunked scan
-on a block shorter than its chunk is a known source of garbage in other ports, so the oracle stays
-this simple. ``selective_scan_chunked`` (SSD-style, parallel inside each chunk) is the trainer's
-scan: a mixer uses it only when its ``scan_chunk`` is set (0, the default, is the reference), and
-then also keeps its states at every chunk boundary in ``chunk_states``.
+The scan is ``ops.ssm_scan``: the plain per-token fp32 recurrence (the reference semantics,
+``selective_scan_ref``) on the CPU, a CUDA kernel that holds the state in registers on the GPU; a
+seeded chunked scan on a block shorter than its chunk is a known source of garbage in other ports,
+so the oracle stays this simple. ``selective_scan_chunked`` (SSD-style, parallel inside each
+chunk) is the trainer's scan: a mixer uses it only when its ``scan_chunk`` is set (0, the default,
+is the reference), and then also keeps its states at every chunk boundary in ``chunk_states``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from torch import nn
 
 from ..config import TwoTowerConfig
 from ..ops.rmsnorm import rms_norm
+from ..ops.ssm_scan import selective_scan_ref, ssm_scan
+
+__all__ = ["MambaState", "Mamba2Mixer", "selective_scan_chunked", "selective_scan_ref"]
 
 
 class MambaState:
@@ -46,36 +50,6 @@ class MambaState:
 
     def index_select(self, rows: torch.Tensor) -> MambaState:
         return MambaState(self.conv.index_select(0, rows), self.ssm.index_select(0, rows))
-
-
-def selective_scan_ref(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    state: torch.Tensor,
-    valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 Mamba-2 recurrence, token by token.
-
-    x (b, n, H, P); dt (b, n, H) already softplus'ed; A, D (H,); B, C (b, n, H, N) (already
-    expanded from groups to heads); state (b, H, P, N) fp32, not modified; valid (b, n) bool or
-    None: at an invalid position the state is carried through unchanged.
-    Returns y (b, n, H, P) fp32 and the final state.
-    """
-    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
-    if valid is not None:
-        dt = dt.masked_fill(~valid[..., None], 0.0)
-    decay = torch.exp(dt * A.float())  # (b, n, H)
-    dtx = dt[..., None] * x  # (b, n, H, P)
-    ys = []
-    for i in range(x.shape[1]):
-        state = state * decay[:, i, :, None, None] + dtx[:, i, :, :, None] * B[:, i, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, i]))
-    y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)
-    return y + D.float()[:, None] * x, state
 
 
 def selective_scan_chunked(
@@ -158,11 +132,16 @@ class Mamba2Mixer(nn.Module):
         self.chunk_states: MambaState | None = None
 
     def forward(
-        self, h: torch.Tensor, state: MambaState, n_valid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, MambaState]:
+        self,
+        h: torch.Tensor,
+        state: MambaState,
+        n_valid: torch.Tensor | None = None,
+        keep_state: bool = True,
+    ) -> tuple[torch.Tensor, MambaState | None]:
         """h (b, n, hidden); state: the layer's state before these tokens (not modified);
         n_valid (b,) or None: row r has n_valid[r] real tokens, then padding.
-        Returns (out (b, n, hidden), state after each row's last real token)."""
+        Returns (out (b, n, hidden), state after each row's last real token, or None when not
+        ``keep_state``: the denoiser reads its seed state and never needs another)."""
         cfg = self.cfg
         b, n, _ = h.shape
         H, P, N, G, K = (cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size,
@@ -184,22 +163,24 @@ class Mamba2Mixer(nn.Module):
         xBC = F.silu(conv).to(h.dtype).transpose(1, 2)  # (b, n, conv_dim)
 
         history = torch.cat([state.conv.to(raw.dtype), raw], dim=-1)  # (b, conv_dim, K + n)
-        if n_valid is None:
+        if not keep_state:
+            new_conv = None
+        elif n_valid is None:
             new_conv = history[..., n:]
         else:  # each row keeps the K columns that end at its last real token
             cols = n_valid[:, None] + torch.arange(K, device=h.device)[None, :]  # (b, K)
             new_conv = history.gather(2, cols[:, None, :].expand(b, cfg.mamba_conv_dim, K))
 
         x, Bm, Cm = torch.split(xBC, [cfg.mamba_d_inner, G * N, G * N], dim=-1)
-        heads_per_group = H // G
-        Bm = Bm.reshape(b, n, G, N).repeat_interleave(heads_per_group, dim=2)
-        Cm = Cm.reshape(b, n, G, N).repeat_interleave(heads_per_group, dim=2)
+        Bm, Cm = Bm.reshape(b, n, G, N), Cm.reshape(b, n, G, N)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         lo, hi = cfg.time_step_limit
         if lo > 0.0 or hi != float("inf"):
             dt = dt.clamp(lo, hi)
         A = -torch.exp(self.A_log.float())
         if self.scan_chunk:
+            Bm = Bm.repeat_interleave(H // G, dim=2)
+            Cm = Cm.repeat_interleave(H // G, dim=2)
             y, new_ssm, ssm_chunks = selective_scan_chunked(
                 x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, valid, self.scan_chunk
             )
@@ -208,10 +189,11 @@ class Mamba2Mixer(nn.Module):
             conv_chunks = history[:, :, cols].permute(0, 2, 1, 3)  # (b, nc, conv_dim, K)
             self.chunk_states = MambaState(conv_chunks.detach(), ssm_chunks.detach())
         else:
-            y, new_ssm = selective_scan_ref(
-                x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, valid
-            )
+            y, new_ssm = ssm_scan(
+                x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, n_valid,
+                keep_state=keep_state,
+            )  # fmt: skip
         y = y.reshape(b, n, cfg.mamba_d_inner).to(h.dtype)
         y = rms_norm(y, self.norm.weight, cfg.layer_norm_epsilon, gate=z,
                      group_size=cfg.mamba_d_inner // G)  # fmt: skip
-        return self.out_proj(y), MambaState(new_conv, new_ssm)
+        return self.out_proj(y), MambaState(new_conv, new_ssm) if keep_state else None

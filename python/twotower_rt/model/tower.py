@@ -76,7 +76,9 @@ class Tower(nn.Module):
                 else:
                     h = block.norm(x) * (1 + scale) + shift
             if block.kind == "mamba":
-                out, new_states[i] = block.mixer(h, mamba_states[i], n_valid)
+                out, new_state = block.mixer(h, mamba_states[i], n_valid, keep_state=append)
+                if new_state is not None:
+                    new_states[i] = new_state
             elif block.kind == "attention":
                 out = block.mixer(h, cache.keys[i], cache.values[i], prefix_len, append)
             else:

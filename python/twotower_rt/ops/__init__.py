@@ -19,6 +19,7 @@ from twotower_rt.ops.mask_sampling import (
 )
 from twotower_rt.ops.rmsnorm import rms_norm, rms_norm_backend, rms_norm_ref
 from twotower_rt.ops.sample_tokens import sample_tokens, sample_tokens_backend, sample_tokens_ref
+from twotower_rt.ops.ssm_scan import ssm_scan, ssm_scan_backend, ssm_scan_ref
 
 # Op name -> backend(device, dtype) -> (backend, reason). twotower_rt.env reports each entry; a new
 # kernel family adds its own.
@@ -27,6 +28,7 @@ OP_BACKENDS = {
     "block_attention": block_attention_backend,
     "mask_sampling": mask_sampling_backend,
     "sample_tokens": sample_tokens_backend,
+    "ssm_scan": ssm_scan_backend,
     "all_reduce": all_reduce_backend,
 }
 
@@ -49,4 +51,7 @@ __all__ = [
     "sample_tokens",
     "sample_tokens_backend",
     "sample_tokens_ref",
+    "ssm_scan",
+    "ssm_scan_backend",
+    "ssm_scan_ref",
 ]
