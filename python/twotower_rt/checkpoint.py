@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import TwoTowerConfig
+from .model.linear import fixed_dtypes
 from .model.tower import TwoTowerLM
 
 SINGLE_FILE = "model.safetensors"
@@ -87,9 +88,16 @@ def _fmt_names(names: Iterable[str], limit: int = 8) -> str:
 
 
 def read_state_dict(
-    directory: str, expected: dict[str, torch.Size], device, dtype: torch.dtype
+    directory: str,
+    expected: dict[str, torch.Size],
+    device,
+    dtype: torch.dtype,
+    fixed: dict[str, torch.dtype] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read every tensor of the checkpoint, checking names and shapes against ``expected``."""
+    """Read every tensor of the checkpoint, checking names and shapes against ``expected``.
+    Tensors named in ``fixed`` (an FP8 checkpoint's weights and scales) must have that dtype in
+    the file and keep it; all others are converted to ``dtype``."""
+    fixed = fixed or {}
     state: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     for path, listed in _weight_files(directory).items():
@@ -125,7 +133,13 @@ def read_state_dict(
                             f"{path}: tensor {name!r} has dtype {tensor.dtype}, "
                             "expected a floating-point type"
                         )
-                    state[name] = tensor.to(device=device, dtype=dtype)
+                    want = fixed.get(name)
+                    if want is not None and tensor.dtype != want:
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected {want} "
+                            "(config.json's quantization_config says this weight is FP8)"
+                        )
+                    state[name] = tensor.to(device=device, dtype=want or dtype)
                     where[name] = path
         except SafetensorError as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
@@ -152,6 +166,15 @@ def expected_shapes(cfg: TwoTowerConfig) -> dict[str, torch.Size]:
     return {name: t.shape for name, t in model.state_dict().items()}
 
 
+def expected_fixed_dtypes(cfg: TwoTowerConfig) -> dict[str, torch.dtype]:
+    """The tensors whose dtype the checkpoint fixes (FP8 weights and their float32 scales)."""
+    if cfg.fp8_weight_block is None:
+        return {}
+    with torch.device("meta"):
+        model = TwoTowerLM(cfg)
+    return fixed_dtypes(model)
+
+
 def load_checkpoint(
     path: str | os.PathLike, device="cpu", dtype: torch.dtype | str = torch.float32
 ) -> tuple[TwoTowerConfig, TwoTowerLM]:
@@ -163,5 +186,7 @@ def load_checkpoint(
         )
     dtype = resolve_dtype(dtype)
     cfg = TwoTowerConfig.from_json_file(os.path.join(directory, "config.json"))
-    state = read_state_dict(directory, expected_shapes(cfg), torch.device(device), dtype)
+    state = read_state_dict(
+        directory, expected_shapes(cfg), torch.device(device), dtype, expected_fixed_dtypes(cfg)
+    )
     return cfg, build_model(cfg, state)

@@ -2,6 +2,7 @@
 
     twotower-rt generate --input-ids 1,2,3 --mode mask_diffusion --max-new-tokens 32 [--json]
     twotower-rt generate --model DIR --prompt "Hello" --prompt "Bye" --device cuda --dtype bf16
+    twotower-rt quantize --out DIR [--model DIR] [--block ROWS COLS]   # FP8 weights
     twotower-rt env [--json]
 
 Decoding flags are the reference's parameter names; a flag left out is not passed, so the
@@ -111,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.set_defaults(run=cmd_generate)
 
+    quant = sub.add_parser("quantize", help="write an FP8 (e4m3) copy of a checkpoint")
+    quant.add_argument("--model", metavar="DIR", default=None,
+                       help="source checkpoint (default: the shipped default model)")  # fmt: skip
+    quant.add_argument("--out", metavar="DIR", required=True, help="new directory to write")
+    quant.add_argument(
+        "--block", type=int, nargs=2, metavar=("ROWS", "COLS"), default=[1, 0],
+        help="one scale per ROWS x COLS weights (COLS 0: whole rows); default 1 0, one per "
+        "output channel; 128 128: DeepSeek-style blocks",
+    )  # fmt: skip
+    quant.add_argument("--json", action="store_true", help="print the report as JSON")
+    quant.set_defaults(run=cmd_quantize)
+
     env = sub.add_parser("env", help="report what this installation can run (CPU, GPU, kernels)")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.set_defaults(run=cmd_env)
@@ -170,6 +183,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         rate = f"{tokens_per_s:.1f} tokens/s" if tokens_per_s is not None else "n/a tokens/s"
         print(f"{PROG}: load {load_s:.2f} s, generate {generate_s:.3f} s, {n_tokens} tokens, "
               f"{rate} ({model.device}, {_dtype_name(model)})", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import DEFAULT_MODEL_DIR
+    from .quantize import quantize_checkpoint
+
+    src = args.model if args.model is not None else DEFAULT_MODEL_DIR
+    report = quantize_checkpoint(src, args.out, tuple(args.block))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        mib = 1024 * 1024
+        print(f"{PROG}: wrote {args.out}: {report['tensors_quantized']} FP8 weights, "
+              f"{report['bytes_before'] / mib:.1f} MiB -> {report['bytes_after'] / mib:.1f} MiB "
+              f"({100 * report['saved_fraction']:.0f}% saved)")  # fmt: skip
     return 0
 
 

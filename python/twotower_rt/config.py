@@ -68,6 +68,10 @@ class TwoTowerConfig:
     tie_word_embeddings: bool = False
     residual_in_fp32: bool = False
     architectures: list[str] = field(default_factory=lambda: list(SUPPORTED_ARCHITECTURES))
+    # FP8 weights (config.json "quantization_config", written by `twotower-rt quantize`): None for
+    # unquantized checkpoints, else the scale granularity: [1, in] per output channel or a block
+    # such as [128, 128]. See twotower_rt.model.linear.
+    fp8_weight_block: tuple[int, int] | None = None
     source: str = "<in memory>"
 
     def __post_init__(self) -> None:
@@ -143,6 +147,11 @@ class TwoTowerConfig:
             fail("time_step_limit", f"{self.time_step_limit} is not a (low, high) pair")
         if not self.layer_norm_epsilon > 0:
             fail("layer_norm_epsilon", f"must be positive, got {self.layer_norm_epsilon}")
+        block = self.fp8_weight_block
+        if block is not None and (
+            len(block) != 2 or any(not isinstance(v, int) or v < 0 for v in block)
+        ):
+            fail("quantization_config", f"weight_block_size {block!r}: expected two sizes >= 0")
 
     # Derived sizes -----------------------------------------------------------------------------
     @property
@@ -168,8 +177,16 @@ class TwoTowerConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source")
+        d.pop("fp8_weight_block")
         d["num_hidden_layers"] = self.num_layers
         d["time_step_limit"] = [self.time_step_limit[0], self.time_step_limit[1]]
+        if self.fp8_weight_block is not None:
+            d["quantization_config"] = {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "none",
+                "weight_block_size": list(self.fp8_weight_block),
+            }
         return d
 
     # Parsing -------------------------------------------------------------------------------------
@@ -208,6 +225,9 @@ class TwoTowerConfig:
                 )
         if raw.get("mamba_ssm_cache_dtype", "float32") != "float32":
             raise ConfigError(f"{source}: mamba_ssm_cache_dtype: only float32 is supported")
+        kwargs.pop("fp8_weight_block", None)  # only through quantization_config
+        if raw.get("quantization_config") is not None:
+            kwargs["fp8_weight_block"] = _parse_quantization(raw["quantization_config"], source)
         try:
             return cls(**kwargs, source=source)
         except TypeError as e:  # a value of the wrong JSON type
@@ -224,3 +244,30 @@ class TwoTowerConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON: {e}") from None
         return cls.from_dict(raw, source=path)
+
+
+def _parse_quantization(q, source: str) -> tuple[int, int]:
+    """config.json's quantization_config -> the FP8 scale block (rows, cols); 0 cols means a
+    whole row (per output channel)."""
+
+    def fail(msg: str):
+        raise ConfigError(f"{source}: quantization_config: {msg}")
+
+    if not isinstance(q, dict):
+        fail(f"expected an object, got {q!r}")
+    if q.get("quant_method") != "fp8":
+        fail(f"quant_method {q.get('quant_method')!r} is not supported (only 'fp8')")
+    if q.get("fmt", "e4m3") != "e4m3":
+        fail(f"fmt {q.get('fmt')!r} is not supported (only 'e4m3')")
+    if q.get("activation_scheme", "none") not in ("none", None):
+        fail(f"activation_scheme {q.get('activation_scheme')!r}: activations are not quantized")
+    block = q.get("weight_block_size")
+    if block is None:
+        return (1, 0)
+    if (
+        not isinstance(block, list)
+        or len(block) != 2
+        or not all(isinstance(v, int) and v >= 0 for v in block)
+    ):
+        fail(f"weight_block_size {block!r}: expected [rows, cols]")
+    return (block[0], block[1])

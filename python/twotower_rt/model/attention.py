@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import TwoTowerConfig
 from ..ops.block_attention import attention_ref, block_attention
+from .linear import make_linear
 
 
 class Attention(nn.Module):
@@ -25,10 +26,10 @@ class Attention(nn.Module):
         self.cfg = cfg
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=bias)
-        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=bias)
+        self.q_proj = make_linear(cfg, cfg.hidden_size, hq * d, bias)
+        self.k_proj = make_linear(cfg, cfg.hidden_size, hkv * d, bias)
+        self.v_proj = make_linear(cfg, cfg.hidden_size, hkv * d, bias)
+        self.o_proj = make_linear(cfg, hq * d, cfg.hidden_size, bias)
 
     def forward(
         self,

@@ -22,6 +22,7 @@ from torch import nn
 from ..config import TwoTowerConfig
 from ..ops.rmsnorm import rms_norm
 from ..ops.ssm_scan import selective_scan_ref, ssm_scan
+from .linear import make_linear
 
 __all__ = ["MambaState", "Mamba2Mixer", "selective_scan_chunked", "selective_scan_ref"]
 
@@ -115,7 +116,7 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: TwoTowerConfig):
         super().__init__()
         self.cfg = cfg
-        self.in_proj = nn.Linear(cfg.hidden_size, cfg.mamba_in_proj_dim, bias=cfg.use_bias)
+        self.in_proj = make_linear(cfg, cfg.hidden_size, cfg.mamba_in_proj_dim, cfg.use_bias)
         self.conv1d = nn.Conv1d(
             cfg.mamba_conv_dim, cfg.mamba_conv_dim, cfg.conv_kernel,
             groups=cfg.mamba_conv_dim, bias=cfg.use_conv_bias,
@@ -125,7 +126,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(cfg.mamba_num_heads))
         self.norm = nn.Module()
         self.norm.weight = nn.Parameter(torch.empty(cfg.mamba_d_inner))
-        self.out_proj = nn.Linear(cfg.mamba_d_inner, cfg.hidden_size, bias=cfg.use_bias)
+        self.out_proj = make_linear(cfg, cfg.mamba_d_inner, cfg.hidden_size, cfg.use_bias)
         # Trainer switch: > 0 runs selective_scan_chunked with this chunk and keeps, detached, the
         # state after every chunk in ``chunk_states`` (MambaState of (b, n_chunks, ...) tensors).
         self.scan_chunk = 0

@@ -8,15 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TwoTowerConfig
+from .linear import make_linear
 
 
 class Relu2MLP(nn.Module):
     """down(relu(up(x))^2): the routed experts, the shared expert and dense MLP layers."""
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool):
+    def __init__(self, cfg: TwoTowerConfig, hidden: int, intermediate: int):
         super().__init__()
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.up_proj = make_linear(cfg, hidden, intermediate, cfg.mlp_bias)
+        self.down_proj = make_linear(cfg, intermediate, hidden, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.relu(self.up_proj(x)).square())
@@ -50,12 +51,12 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.gate = Router(cfg)
         self.experts = nn.ModuleList(
-            Relu2MLP(cfg.hidden_size, cfg.moe_intermediate_size, cfg.mlp_bias)
+            Relu2MLP(cfg, cfg.hidden_size, cfg.moe_intermediate_size)
             for _ in range(cfg.n_routed_experts)
         )
         if cfg.n_shared_experts:
             self.shared_experts = Relu2MLP(
-                cfg.hidden_size, cfg.moe_shared_expert_intermediate_size, cfg.mlp_bias
+                cfg, cfg.hidden_size, cfg.moe_shared_expert_intermediate_size
             )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -76,4 +77,4 @@ class MoE(nn.Module):
 
 class DenseMLP(Relu2MLP):
     def __init__(self, cfg: TwoTowerConfig):
-        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        super().__init__(cfg, cfg.hidden_size, cfg.intermediate_size)
