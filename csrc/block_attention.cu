@@ -1,9 +1,7 @@
 // Launcher for twotower_rt._C.block_attention: checks what Python hands over (pointers as integers,
 // sizes, strides in elements, a stream), runs include/twotower_rt/block_attention.cuh and turns
 // every CUDA error into an exception naming the op.
-//
-// ptxas (nvcc 13.0.88, sm_90a, -Xptxas -v): see the block_attention lines of bench/gpu_check.sh's
-// summary; the numbers are quoted in block_attention.cuh's header once measured.
+
 #include <array>
 #include <cmath>
 #include <cstdint>
