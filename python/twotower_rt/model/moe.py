@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TwoTowerConfig
+from ..ops.moe import grouped_unsupported_reason, moe_experts_grouped, moe_experts_ref
 from .linear import make_linear
 
 
@@ -58,17 +59,37 @@ class MoE(nn.Module):
             self.shared_experts = Relu2MLP(
                 cfg, cfg.hidden_size, cfg.moe_shared_expert_intermediate_size
             )
+        # Switch: the grouped path (ops.moe.moe_experts_grouped: no host sync, one grouped GEMM
+        # per projection) where it can run (bf16, torch._grouped_mm, sm_90); off by default until
+        # its GPU tests have run on a GPU (tests/test_moe.py).
+        self.grouped = False
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up (E, I, H), down (E, H, I)): the experts' weights in one tensor each, the experts'
+        own parameters becoming views into them (no second copy). None for FP8 or biased experts."""
+        first = self.experts[0]
+        if not isinstance(first.up_proj, nn.Linear) or first.up_proj.bias is not None:
+            return None
+        if self._stacked is None or self._stacked[0].device != first.up_proj.weight.device:
+            up = torch.stack([e.up_proj.weight.detach() for e in self.experts])
+            down = torch.stack([e.down_proj.weight.detach() for e in self.experts])
+            for i, expert in enumerate(self.experts):
+                expert.up_proj.weight.data = up[i]
+                expert.down_proj.weight.data = down[i]
+            self._stacked = (up, down)
+        return self._stacked
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
         expert_ids, weights = self.gate(x)
         # Routed outputs accumulate in fp32, expert by expert in id order, then are cast.
-        routed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in torch.unique(expert_ids).tolist():
-            token_idx, slot = torch.nonzero(expert_ids == e, as_tuple=True)
-            out = self.experts[e](x[token_idx]).float() * weights[token_idx, slot, None]
-            routed.index_add_(0, token_idx, out)
+        stacked = self.stacked_weights() if self.grouped else None
+        if stacked is not None and grouped_unsupported_reason(x, stacked[0]) is None:
+            routed = moe_experts_grouped(x, expert_ids, weights, *stacked)
+        else:
+            routed = moe_experts_ref(x, expert_ids, weights, self.experts)
         out = routed.to(h.dtype)
         if self.cfg.n_shared_experts:
             out = out + self.shared_experts(x)
