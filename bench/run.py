@@ -5,6 +5,7 @@
     python bench/run.py sample_tokens [--batch 1 16 64] [--vocab 131072]
     python bench/run.py block_attention [--batch 1 16 64] [--context 1024 8192 32768]
     python bench/run.py mamba [--batch 1 16 64] [--dtype bf16]    # ssm_scan: decode, block
+    python bench/run.py moe [--tokens 16 64 256 1024 2048]        # grouped experts (bf16)
     python bench/run.py all_reduce [--rows 16 256 1024 1536] [--world N]   # needs >= 2 GPUs
     python bench/run.py --check            # every family, few shapes, few repetitions
     python bench/run.py all                # every family's full sweep, one JSON
@@ -603,6 +604,89 @@ def bench_ssm_scan_case(batch, n, keep_state, args, *, reps, inner, peaks):
     }
 
 
+# --- moe -----------------------------------------------------------------------------------------
+
+# The real model's MoE layer: 128 routed experts (top 6) of 2688 -> 1856 -> 2688, relu^2.
+MOE_EXPERTS, MOE_TOP_K, MOE_INTER = 128, 6, 1856
+MOE_TOKENS = [16, 64, 256, 1024, 2048]
+
+
+def add_moe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, nargs="+", default=MOE_TOKENS, help="per forward")
+
+
+def run_moe(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
+    from twotower_rt.ops.moe import grouped_unsupported_reason
+
+    probe = torch.empty(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    reason = grouped_unsupported_reason(probe, probe.new_empty(1, MOE_INTER, HIDDEN))
+    if reason is not None:
+        raise NothingToRun(f"the grouped MoE path does not run here: {reason}")
+    reps, inner = (10, 3) if quick else (args.reps, max(1, args.inner // 4))
+    tokens = [16, 2048] if quick else args.tokens
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    E, H, inter = MOE_EXPERTS, HIDDEN, MOE_INTER
+    up = (torch.randn(E, inter, H, device="cuda", generator=gen) * 0.02).bfloat16()
+    down = (torch.randn(E, H, inter, device="cuda", generator=gen) * 0.02).bfloat16()
+    return [bench_moe_case(t, up, down, reps=reps, inner=inner, peaks=peaks) for t in tokens]
+
+
+def bench_moe_case(tokens, up, down, *, reps, inner, peaks):
+    from twotower_rt.ops.moe import moe_experts_grouped, moe_experts_ref
+
+    E, inter, H = up.shape
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, H, device="cuda", generator=gen).bfloat16()
+    scores = torch.rand(tokens, E, device="cuda", generator=gen)
+    expert_ids = scores.topk(MOE_TOP_K, dim=-1).indices
+    weights = torch.rand(tokens, MOE_TOP_K, device="cuda", generator=gen)
+
+    def expert(e):
+        return lambda rows: torch.nn.functional.relu(rows @ up[e].T).square() @ down[e].T
+
+    experts = [expert(e) for e in range(E)]
+    got = moe_experts_grouped(x, expert_ids, weights, up, down)
+    want = moe_experts_ref(x, expert_ids, weights, experts)
+    correct = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
+    kernel_us = time_us(lambda: moe_experts_grouped(x, expert_ids, weights, up, down),
+                        reps=reps, inner=inner)  # fmt: skip
+    # The baseline loop asks the host which experts have tokens: time it eagerly (not in a graph).
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ref_times = []
+    for _ in range(max(3, reps // 5)):
+        start.record()
+        moe_experts_ref(x, expert_ids, weights, experts)
+        end.record()
+        end.synchronize()
+        ref_times.append(start.elapsed_time(end) * 1e3)
+    touched = int(torch.unique(expert_ids).numel())
+    # Floor: every touched expert's up and down weights read once (activations are small).
+    moved = touched * 2 * inter * H * 2 + 2 * tokens * H * 2
+    flops = 2 * 2 * tokens * MOE_TOP_K * inter * H
+    gbps = moved / (kernel_us * 1e-6) / 1e9
+    return {
+        "kernel": "moe_experts",
+        "shape": f"T={tokens} E={E} top{MOE_TOP_K} {H}->{inter} bf16 ({touched} touched)",
+        "dims": {
+            "tokens": tokens,
+            "experts": E,
+            "top_k": MOE_TOP_K,
+            "hidden": H,
+            "intermediate": inter,
+            "experts_touched": touched,
+        },
+        "correct": correct,
+        "median_us": round(kernel_us, 3),
+        "baseline": "torch loop over touched experts (eager, host-synchronised)",
+        "baseline_median_us": round(statistics.median(ref_times), 3),
+        "bytes": moved,
+        "achieved_gbps": round(gbps, 1),
+        "achieved_tflops": round(flops / (kernel_us * 1e-6) / 1e12, 2),
+        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+    }
+
+
 # --- all_reduce -----------------------------------------------------------------------------------
 
 # Messages: one 16-token block at hidden 2688 (a denoise step at batch 1), batch 16 and 64 of them,
@@ -723,6 +807,7 @@ FAMILIES: dict[str, tuple[Callable, Callable]] = {
     "mask_sampling": (add_mask_sampling_args, run_mask_sampling),
     "sample_tokens": (add_sample_tokens_args, run_sample_tokens),
     "mamba": (add_mamba_args, run_mamba),
+    "moe": (add_moe_args, run_moe),
     "all_reduce": (add_all_reduce_args, run_all_reduce),
 }
 

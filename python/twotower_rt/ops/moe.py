@@ -65,7 +65,10 @@ def moe_experts_grouped(
     T, k = expert_ids.shape
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert, token order inside
-    offs = torch.cumsum(torch.bincount(flat, minlength=up.shape[0]), 0).to(torch.int32)
+    # Rows per expert by scatter_add (torch.bincount sizes its output from the data: a host sync).
+    counts = torch.zeros(up.shape[0], dtype=torch.int64, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
     h = mm(x[order // k], up.transpose(1, 2), offs)
     y = mm(F.relu(h).square(), down.transpose(1, 2), offs)
     y = y.float() * weights.reshape(-1)[order, None]
