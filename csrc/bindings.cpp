@@ -78,6 +78,14 @@ void AllReduceOp(const std::vector<std::uintptr_t>& ranks, std::uintptr_t input,
                  std::uintptr_t output, int64_t numel, int64_t buffer_bytes, int rank, int dtype,
                  int algo, int device, std::uintptr_t stream);
 
+#ifdef TWOTOWER_RT_HAVE_CUTLASS
+// csrc/moe_gemm.cu (built only with the CUTLASS headers)
+int64_t MoeGemmWorkspaceOp(int64_t experts, int epilogue, int device);
+void MoeGroupedGemmOp(std::uintptr_t a, std::uintptr_t w, std::uintptr_t offsets, std::uintptr_t d,
+                      std::uintptr_t workspace, int64_t workspace_bytes, int64_t experts,
+                      int64_t n, int64_t k, int epilogue, int device, std::uintptr_t stream);
+#endif
+
 #ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
 // csrc/block_attention.cu (built only with the CUTLASS headers)
 void BlockAttentionOp(std::uintptr_t q, std::array<int64_t, 3> q_strides, std::uintptr_t k_cache,
@@ -125,6 +133,9 @@ py::dict BuildInfo() {
   ops.append("ssm_scan");
 #ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
   ops.append("block_attention");
+#endif
+#ifdef TWOTOWER_RT_HAVE_CUTLASS
+  ops.append("moe_grouped_gemm");
 #endif
   info["ops"] = ops;
   return info;
@@ -215,6 +226,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ranks"), py::arg("input"), py::arg("output"), py::arg("numel"),
         py::arg("buffer_bytes"), py::arg("rank"), py::arg("dtype"), py::arg("algo"),
         py::arg("device"), py::arg("stream"));
+#ifdef TWOTOWER_RT_HAVE_CUTLASS
+  m.def("moe_grouped_gemm_workspace_bytes", &twotower_rt::MoeGemmWorkspaceOp,
+        "Workspace bytes of moe_grouped_gemm for this many experts on this device.",
+        py::arg("experts"), py::arg("epilogue"), py::arg("device"));
+  m.def("moe_grouped_gemm", &twotower_rt::MoeGroupedGemmOp,
+        "Grouped GEMM of the routed experts (rows sorted by expert; relu^2 epilogue optional); "
+        "see moe_gemm.cuh.",
+        py::arg("a"), py::arg("w"), py::arg("offsets"), py::arg("d"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("experts"), py::arg("n"), py::arg("k"),
+        py::arg("epilogue"), py::arg("device"), py::arg("stream"));
+#endif
 #ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
   m.def("block_attention", &twotower_rt::BlockAttentionOp,
         "Denoiser block attention / AR decode over a lengths-indexed K/V cache, split-KV; see "

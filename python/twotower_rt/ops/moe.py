@@ -1,5 +1,6 @@
 """The routed experts of an MoE layer: the reference loop, and a grouped path without host
-synchronisation (for the GPU and CUDA graphs).
+synchronisation (for the GPU and CUDA graphs), whose grouped GEMM is our CUTLASS kernel
+(``csrc/include/twotower_rt/moe_gemm.cuh``, relu^2 fused) or ``torch._grouped_mm``.
 
 Both compute, for tokens x (T, H) routed to expert_ids (T, k) with weights (T, k) fp32:
 
@@ -11,9 +12,10 @@ and is what the CPU runs: bitwise the reference implementation's order. ``moe_ex
 sorts the T*k assignments by expert on the device (stable: token order within an expert), runs
 one grouped GEMM for ``up`` and one for ``down`` over stacked expert weights (E, I, H) / (E, H, I)
 with per-expert row offsets that stay on the device, and adds each token's k outputs in expert-id
-order, so no value crosses to the host. Its grouped GEMM is ``torch._grouped_mm`` (CUTLASS on
-Hopper, also present on the CPU), or any function with that signature (tests pass a per-group
-loop to check the permutation logic exactly).
+order, so no value crosses to the host. Its grouped GEMM ``gemm(a, w, offsets, relu2)`` is
+:func:`gemm_cutlass` (ours, sm_90a), :func:`gemm_torch` (``torch._grouped_mm``, also on the CPU) or
+:func:`gemm_loop` (per-expert matmuls: the reference's arithmetic, which tests use to check the
+permutation logic exactly).
 """
 
 from __future__ import annotations
@@ -39,15 +41,57 @@ def moe_experts_ref(
     return routed
 
 
-def grouped_mm_loop(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``torch._grouped_mm``'s 2-D x 3-D case as a loop of matmuls (rows [offs[g-1], offs[g]) of a
-    times b[g]): the exact per-group arithmetic of a plain matmul, for tests and as a fallback."""
-    out = a.new_empty((a.shape[0], b.shape[2]))
+Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+def _relu2(h: torch.Tensor) -> torch.Tensor:
+    return F.relu(h).square()
+
+
+def gemm_loop(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, relu2: bool) -> torch.Tensor:
+    """Rows [offs[e-1], offs[e]) of a times w[e]^T, expert by expert (reads offs on the host)."""
+    out = a.new_empty((a.shape[0], w.shape[1]))
     start = 0
-    for g, end in enumerate(offs.tolist()):
+    for e, end in enumerate(offs.tolist()):
         if end > start:
-            out[start:end] = a[start:end] @ b[g]
+            out[start:end] = a[start:end] @ w[e].T
         start = end
+    return _relu2(out) if relu2 else out
+
+
+def gemm_torch(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, relu2: bool) -> torch.Tensor:
+    """``torch._grouped_mm`` (CUTLASS inside PyTorch on Hopper), relu^2 after the rounding."""
+    out = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+    return _relu2(out) if relu2 else out
+
+
+_workspaces: dict[tuple, torch.Tensor] = {}
+
+
+def gemm_cutlass(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, relu2: bool) -> torch.Tensor:
+    """Our grouped GEMM (twotower_rt._C.moe_grouped_gemm): relu^2 fused into the epilogue, on the
+    fp32 accumulator before the one rounding to bf16."""
+    from twotower_rt import _ext
+
+    C = _ext.require_cuda_op("moe_grouped_gemm", a)
+    a = a.contiguous()
+    w = w.contiguous()
+    offs = offs.to(torch.int32).contiguous()
+    experts, n, k = w.shape
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    key = (index, experts, relu2)
+    if key not in _workspaces:
+        size = C.moe_grouped_gemm_workspace_bytes(experts=experts, epilogue=int(relu2),
+                                                  device=index)  # fmt: skip
+        _workspaces[key] = torch.empty(size, dtype=torch.uint8, device=a.device)
+    workspace = _workspaces[key]
+    out = torch.empty((a.shape[0], n), dtype=a.dtype, device=a.device)
+    C.moe_grouped_gemm(
+        a=a.data_ptr(), w=w.data_ptr(), offsets=offs.data_ptr(), d=out.data_ptr(),
+        workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(), experts=experts,
+        n=n, k=k, epilogue=int(relu2), device=index,
+        stream=torch.cuda.current_stream(a.device).cuda_stream,
+    )  # fmt: skip
     return out
 
 
@@ -57,11 +101,16 @@ def moe_experts_grouped(
     weights: torch.Tensor,
     up: torch.Tensor,
     down: torch.Tensor,
-    grouped_mm: Callable[..., torch.Tensor] | None = None,
+    gemm: Gemm | None = None,
 ) -> torch.Tensor:
     """x (T, H); expert_ids, weights (T, k); up (E, I, H) and down (E, H, I) in x's dtype, as the
-    experts' ``up_proj.weight`` / ``down_proj.weight`` stacked. Returns fp32 (T, H)."""
-    mm = grouped_mm or (lambda a, b, offs: torch._grouped_mm(a, b, offs=offs))
+    experts' ``up_proj.weight`` / ``down_proj.weight`` stacked. ``gemm`` defaults to
+    :func:`grouped_gemm_for` of the inputs. Returns fp32 (T, H)."""
+    gemm = gemm or grouped_gemm_for(x, up)
+    if gemm is None:
+        raise ValueError(
+            f"moe_experts_grouped: no grouped GEMM here: {grouped_unsupported_reason(x, up)}"
+        )
     T, k = expert_ids.shape
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert, token order inside
@@ -69,8 +118,8 @@ def moe_experts_grouped(
     counts = torch.zeros(up.shape[0], dtype=torch.int64, device=x.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     offs = torch.cumsum(counts, 0).to(torch.int32)
-    h = mm(x[order // k], up.transpose(1, 2), offs)
-    y = mm(F.relu(h).square(), down.transpose(1, 2), offs)
+    h = gemm(x[order // k], up, offs, True)
+    y = gemm(h, down, offs, False)
     y = y.float() * weights.reshape(-1)[order, None]
     per_slot = torch.empty_like(y)
     per_slot[order] = y  # back to (token, slot) order
@@ -84,13 +133,30 @@ def moe_experts_grouped(
 
 
 def grouped_unsupported_reason(x: torch.Tensor, up: torch.Tensor) -> str | None:
-    """Why ``torch._grouped_mm`` cannot run these experts here (None when it can)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return f"torch {torch.__version__} has no _grouped_mm"
+    """Why no grouped GEMM can run these experts here (None when one can)."""
     if x.dtype != torch.bfloat16 or up.dtype != torch.bfloat16:
         return "the grouped GEMM path takes bfloat16 activations and weights"
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (9, 0):
-        return "torch._grouped_mm needs an sm_90 or newer GPU"
     if x.shape[-1] % 8 or up.shape[1] % 8:
         return "hidden and intermediate sizes must be multiples of 8 (16-byte rows)"
+    if _cutlass_ready(x):
+        return None
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no _grouped_mm and the CUTLASS kernel cannot run"
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (9, 0):
+        return "torch._grouped_mm needs an sm_90 or newer GPU"
     return None
+
+
+def _cutlass_ready(x: torch.Tensor) -> bool:
+    from twotower_rt import _ext
+
+    if x.device.type != "cuda" or _ext.cuda_unsupported_reason(x.device) is not None:
+        return False
+    return hasattr(_ext.extension_module(), "moe_grouped_gemm")
+
+
+def grouped_gemm_for(x: torch.Tensor, up: torch.Tensor) -> Gemm | None:
+    """Our kernel where it runs, else torch._grouped_mm, else None."""
+    if grouped_unsupported_reason(x, up) is not None:
+        return None
+    return gemm_cutlass if _cutlass_ready(x) else gemm_torch
