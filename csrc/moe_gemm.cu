@@ -45,10 +45,11 @@ void MoeGroupedGemmOp(std::uintptr_t a, std::uintptr_t w, std::uintptr_t offsets
                           std::to_string(n) + ", k=" + std::to_string(k));
   }
   if (device < 0) ThrowInvalid(kOp, "device index must be >= 0");
-  for (std::uintptr_t ptr : {a, w, d, workspace}) {
-    if (ptr == 0 || ptr % 16 != 0) {
-      ThrowInvalid(kOp, "a, w, d and the workspace must be non-null and 16-byte aligned");
-    }
+  for (std::uintptr_t ptr : {a, w, d}) {
+    if (ptr == 0 || ptr % 16 != 0) ThrowInvalid(kOp, "a, w and d must be non-null, 16-byte aligned");
+  }
+  if (workspace == 0 || workspace % 256 != 0) {
+    ThrowInvalid(kOp, "the workspace must be non-null and 256-byte aligned");
   }
   if (offsets == 0) ThrowInvalid(kOp, "offsets must be non-null");
   ScopedDevice guard(kOp, device);

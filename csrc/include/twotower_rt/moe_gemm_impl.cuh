@@ -74,7 +74,8 @@ struct Config {
   using StrideD = typename Kernel::InternalStrideD;
 };
 
-// The device-side problem list at the start of the workspace, each array 16-byte aligned.
+// The device-side problem list at the start of the workspace, each array 16-byte aligned, the
+// whole padded to 256 bytes (the workspace itself comes 256-byte aligned from the allocator).
 template <class C>
 struct ProblemList {
   typename C::Shape* sizes;
@@ -101,7 +102,7 @@ struct ProblemList {
     stride_a = reinterpret_cast<typename C::StrideA*>(take(sizeof(*stride_a) * experts));
     stride_b = reinterpret_cast<typename C::StrideB*>(take(sizeof(*stride_b) * experts));
     stride_d = reinterpret_cast<typename C::StrideD*>(take(sizeof(*stride_d) * experts));
-    bytes = used;
+    bytes = (used + 255) / 256 * 256;  // CUTLASS's workspace after it holds TMA descriptors
   }
 };
 
