@@ -540,11 +540,65 @@ def run_mamba(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
         raise NothingToRun(f"ssm_scan's CUDA kernel does not run here: {reason}")
     reps, inner = (10, 10) if quick else (args.reps, args.inner)
     batches = [1, 64] if quick else args.batch
-    return [
+    results = [
         bench_ssm_scan_case(batch, n, keep, args, reps=reps, inner=inner, peaks=peaks)
         for n, keep in ((1, True), (BLOCK, False))  # decode step; denoiser block
         for batch in batches
     ]
+    from twotower_rt.ops import mamba_decode_backend
+
+    if mamba_decode_backend("cuda", DTYPES[args.dtype])[0] == "cuda":
+        results += [
+            bench_mamba_decode_case(batch, args, reps=reps, inner=inner, peaks=peaks)
+            for batch in batches
+        ]
+    return results
+
+
+def bench_mamba_decode_case(batch, args, *, reps, inner, peaks):
+    """The fused one-token step (conv, scan, gated norm) against its PyTorch reference."""
+    from twotower_rt.ops import mamba_decode_step, mamba_decode_step_ref
+
+    H, P, N, G, K = MAMBA_HEADS, MAMBA_HEAD_DIM, MAMBA_STATE, MAMBA_GROUPS, 4
+    dtype = DTYPES[args.dtype]
+    d_inner, conv_dim = H * P, H * P + 2 * G * N
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+
+    def rand(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dt)
+
+    zxbcdt = rand(batch, d_inner + conv_dim + H)
+    conv_state, conv_w, conv_b = (
+        rand(batch, conv_dim, K),
+        rand(conv_dim, 1, K, scale=0.5),
+        rand(conv_dim),
+    )
+    dt_bias, A_log, D = rand(H), rand(H, scale=0.5), rand(H)
+    ssm, norm_w = rand(batch, H, P, N, dt=torch.float32), rand(d_inner)
+    call = (zxbcdt, conv_state, conv_w, conv_b, dt_bias, A_log, D, ssm, norm_w, 1e-5, G)
+    got, want = mamba_decode_step(*call), mamba_decode_step_ref(*call)
+    correct = bool(torch.allclose(got[0].float(), want[0].float(), rtol=2e-2, atol=2e-2))
+    correct &= bool(torch.allclose(got[2], want[2], rtol=2e-2, atol=2e-2))
+    kernel_us = time_us(lambda: mamba_decode_step(*call), reps=reps, inner=inner)
+    ref_us = time_us(lambda: mamba_decode_step_ref(*call), reps=reps, inner=inner)
+    # Floor: the SSM state read and written, the conv state read and written, the row and out.
+    moved = 2 * ssm.numel() * 4 + 2 * conv_state.numel() * conv_state.element_size()
+    moved += (zxbcdt.numel() + batch * d_inner) * zxbcdt.element_size()
+    gbps = moved / (kernel_us * 1e-6) / 1e9
+    return {
+        "kernel": "mamba_decode_step",
+        "shape": f"B={batch} fused decode {H}x{P}x{N} g{G} {args.dtype}",
+        "dims": {"batch": batch, "heads": H, "head_dim": P, "state": N, "groups": G},
+        "correct": correct,
+        "median_us": round(kernel_us, 3),
+        "baseline": "torch mamba_decode_step_ref (the mixer's ops, same graph timing)",
+        "baseline_median_us": round(ref_us, 3),
+        "bytes": moved,
+        "achieved_gbps": round(gbps, 1),
+        "achieved_tflops": 0.0,
+        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+        "layer_projections_floor_us": round(MAMBA_PROJ_BYTES / (peaks["copy_gbps"] * 1e3), 2),
+    }
 
 
 def bench_ssm_scan_case(batch, n, keep_state, args, *, reps, inner, peaks):

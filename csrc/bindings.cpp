@@ -68,6 +68,16 @@ void SsmScanOp(std::uintptr_t x, std::array<int64_t, 3> x_strides, std::uintptr_
                int64_t heads, int64_t groups, int64_t head_dim, int64_t state_size, int dtype,
                int device, std::uintptr_t stream);
 
+// csrc/mamba_decode.cu
+void MambaDecodeOp(std::uintptr_t zxbcdt, int64_t zxbcdt_stride, std::uintptr_t conv_state,
+                   std::uintptr_t conv_state_out, std::uintptr_t conv_weight,
+                   std::uintptr_t conv_bias, std::uintptr_t dt_bias, std::uintptr_t A_log,
+                   std::uintptr_t D, std::uintptr_t ssm_state, std::uintptr_t ssm_state_out,
+                   std::uintptr_t norm_weight, std::uintptr_t out, int64_t batch, int64_t heads,
+                   int64_t head_dim, int64_t state_size, int64_t groups, int64_t kernel,
+                   double eps, double dt_min, double dt_max, int dtype, int device,
+                   std::uintptr_t stream);
+
 // csrc/all_reduce.cu
 int64_t AllReduceSignalBytesOp();
 std::pair<std::uintptr_t, std::string> AllReduceAllocateOp(int64_t buffer_bytes, int device);
@@ -131,6 +141,7 @@ py::dict BuildInfo() {
   ops.append("sample_tokens");
   ops.append("all_reduce");
   ops.append("ssm_scan");
+  ops.append("mamba_decode_step");
 #ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
   ops.append("block_attention");
 #endif
@@ -197,6 +208,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_valid"), py::arg("state"), py::arg("state_out"), py::arg("y"),
         py::arg("batch"), py::arg("n"), py::arg("heads"), py::arg("groups"), py::arg("head_dim"),
         py::arg("state_size"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("mamba_decode_step", &twotower_rt::MambaDecodeOp,
+        "The Mamba-2 mixer's one-token step between in_proj and out_proj (conv, scan, gated "
+        "norm), fused; see mamba_decode.cuh.",
+        py::arg("zxbcdt"), py::arg("zxbcdt_stride"), py::arg("conv_state"),
+        py::arg("conv_state_out"), py::arg("conv_weight"), py::arg("conv_bias"),
+        py::arg("dt_bias"), py::arg("A_log"), py::arg("D"), py::arg("ssm_state"),
+        py::arg("ssm_state_out"), py::arg("norm_weight"), py::arg("out"), py::arg("batch"),
+        py::arg("heads"), py::arg("head_dim"), py::arg("state_size"), py::arg("groups"),
+        py::arg("kernel"), py::arg("eps"), py::arg("dt_min"), py::arg("dt_max"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("all_reduce_signal_bytes", &twotower_rt::AllReduceSignalBytesOp,
         "Bytes of barrier flags before the data in each rank's all-reduce allocation.");
   m.def(

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TwoTowerConfig
+from ..ops.mamba_decode import mamba_decode_step
 from ..ops.rmsnorm import rms_norm
 from ..ops.ssm_scan import selective_scan_ref, ssm_scan
 from .linear import make_linear
@@ -131,6 +132,9 @@ class Mamba2Mixer(nn.Module):
         # state after every chunk in ``chunk_states`` (MambaState of (b, n_chunks, ...) tensors).
         self.scan_chunk = 0
         self.chunk_states: MambaState | None = None
+        # Switch: the one-token step through ops.mamba_decode_step (the fused kernel on the GPU);
+        # off by default until its GPU tests have run on a GPU (tests/test_mamba_decode.py).
+        self.fused_decode = False
 
     def forward(
         self,
@@ -147,9 +151,15 @@ class Mamba2Mixer(nn.Module):
         b, n, _ = h.shape
         H, P, N, G, K = (cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size,
                          cfg.n_groups, cfg.conv_kernel)  # fmt: skip
-        z, xBC, dt = torch.split(
-            self.in_proj(h), [cfg.mamba_d_inner, cfg.mamba_conv_dim, H], dim=-1
-        )
+        zxbcdt = self.in_proj(h)
+        if self.fused_decode and n == 1 and n_valid is None and keep_state and not self.scan_chunk:
+            y, new_conv, new_ssm = mamba_decode_step(
+                zxbcdt[:, 0], state.conv, self.conv1d.weight, self.conv1d.bias, self.dt_bias,
+                self.A_log, self.D, state.ssm, self.norm.weight, cfg.layer_norm_epsilon, G,
+                cfg.time_step_limit,
+            )  # fmt: skip
+            return self.out_proj(y[:, None]), MambaState(new_conv, new_ssm)
+        z, xBC, dt = torch.split(zxbcdt, [cfg.mamba_d_inner, cfg.mamba_conv_dim, H], dim=-1)
         valid = None
         if n_valid is not None:
             valid = torch.arange(n, device=h.device)[None, :] < n_valid[:, None]  # (b, n)

@@ -11,6 +11,11 @@ from twotower_rt.ops.block_attention import (
     block_attention_backend,
     block_attention_ref,
 )
+from twotower_rt.ops.mamba_decode import (
+    mamba_decode_backend,
+    mamba_decode_step,
+    mamba_decode_step_ref,
+)
 from twotower_rt.ops.mask_sampling import (
     MaskSamplingOutput,
     mask_sampling,
@@ -29,6 +34,7 @@ OP_BACKENDS = {
     "mask_sampling": mask_sampling_backend,
     "sample_tokens": sample_tokens_backend,
     "ssm_scan": ssm_scan_backend,
+    "mamba_decode_step": mamba_decode_backend,
     "all_reduce": all_reduce_backend,
 }
 
@@ -42,6 +48,9 @@ __all__ = [
     "block_attention",
     "block_attention_backend",
     "block_attention_ref",
+    "mamba_decode_backend",
+    "mamba_decode_step",
+    "mamba_decode_step_ref",
     "mask_sampling",
     "mask_sampling_backend",
     "mask_sampling_ref",
