@@ -541,8 +541,9 @@ def run_mamba(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
     reps, inner = (10, 10) if quick else (args.reps, args.inner)
     batches = [1, 64] if quick else args.batch
     results = [
-        bench_ssm_scan_case(batch, n, keep, args, reps=reps, inner=inner, peaks=peaks)
+        bench_ssm_scan_case(batch, n, keep, variant, args, reps=reps, inner=inner, peaks=peaks)
         for n, keep in ((1, True), (BLOCK, False))  # decode step; denoiser block
+        for variant in ("lanes", "rows")
         for batch in batches
     ]
     from twotower_rt.ops import mamba_decode_backend
@@ -601,7 +602,7 @@ def bench_mamba_decode_case(batch, args, *, reps, inner, peaks):
     }
 
 
-def bench_ssm_scan_case(batch, n, keep_state, args, *, reps, inner, peaks):
+def bench_ssm_scan_case(batch, n, keep_state, variant, args, *, reps, inner, peaks):
     from twotower_rt.ops import ssm_scan, ssm_scan_ref
 
     H, P, N, G = MAMBA_HEADS, MAMBA_HEAD_DIM, MAMBA_STATE, MAMBA_GROUPS
@@ -617,13 +618,15 @@ def bench_ssm_scan_case(batch, n, keep_state, args, *, reps, inner, peaks):
     D = torch.randn(H, device="cuda", generator=gen)
     state = torch.randn(batch, H, P, N, device="cuda", generator=gen)
 
-    y, final = ssm_scan(x, dt, A, B, C, D, state, keep_state=keep_state)
+    y, final = ssm_scan(x, dt, A, B, C, D, state, keep_state=keep_state, variant=variant)
     y_ref, final_ref = ssm_scan_ref(x, dt, A, B, C, D, state)
     correct = bool(torch.allclose(y, y_ref, rtol=1e-4, atol=1e-4))
     if keep_state:
         correct &= bool(torch.allclose(final, final_ref, rtol=1e-4, atol=1e-4))
-    kernel_us = time_us(lambda: ssm_scan(x, dt, A, B, C, D, state, keep_state=keep_state),
-                        reps=reps, inner=inner)  # fmt: skip
+    kernel_us = time_us(
+        lambda: ssm_scan(x, dt, A, B, C, D, state, keep_state=keep_state, variant=variant),
+        reps=reps, inner=inner,
+    )  # fmt: skip
     ref_us = time_us(lambda: ssm_scan_ref(x, dt, A, B, C, D, state), reps=reps, inner=inner)
     # Floor: the state read once (and written once when kept); x, B, C read, y written, dt read.
     state_bytes = state.numel() * 4
@@ -636,7 +639,8 @@ def bench_ssm_scan_case(batch, n, keep_state, args, *, reps, inner, peaks):
     mode = "decode step" if keep_state else f"block of {n}, state read only"
     return {
         "kernel": "ssm_scan",
-        "shape": f"B={batch} {mode} {H}x{P}x{N} {args.dtype}",
+        "shape": f"B={batch} {mode} {H}x{P}x{N} {args.dtype} {variant}",
+        "variant": variant,
         "dims": {
             "batch": batch,
             "n": n,

@@ -66,7 +66,7 @@ void SsmScanOp(std::uintptr_t x, std::array<int64_t, 3> x_strides, std::uintptr_
                std::array<int64_t, 3> c_strides, std::uintptr_t n_valid, std::uintptr_t state,
                std::uintptr_t state_out, std::uintptr_t y, int64_t batch, int64_t n,
                int64_t heads, int64_t groups, int64_t head_dim, int64_t state_size, int dtype,
-               int device, std::uintptr_t stream);
+               int variant, int device, std::uintptr_t stream);
 
 // csrc/mamba_decode.cu
 void MambaDecodeOp(std::uintptr_t zxbcdt, int64_t zxbcdt_stride, std::uintptr_t conv_state,
@@ -207,7 +207,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("D"), py::arg("B"), py::arg("b_strides"), py::arg("C"), py::arg("c_strides"),
         py::arg("n_valid"), py::arg("state"), py::arg("state_out"), py::arg("y"),
         py::arg("batch"), py::arg("n"), py::arg("heads"), py::arg("groups"), py::arg("head_dim"),
-        py::arg("state_size"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+        py::arg("state_size"), py::arg("dtype"), py::arg("variant"), py::arg("device"),
+        py::arg("stream"));
   m.def("mamba_decode_step", &twotower_rt::MambaDecodeOp,
         "The Mamba-2 mixer's one-token step between in_proj and out_proj (conv, scan, gated "
         "norm), fused; see mamba_decode.cuh.",

@@ -22,7 +22,8 @@ void SsmScanOp(std::uintptr_t x, std::array<int64_t, 3> x_strides, std::uintptr_
                std::array<int64_t, 3> c_strides, std::uintptr_t n_valid, std::uintptr_t state,
                std::uintptr_t state_out, std::uintptr_t y, int64_t batch, int64_t n,
                int64_t heads, int64_t groups, int64_t head_dim, int64_t state_size, int dtype,
-               int device, std::uintptr_t stream) {
+               int variant, int device, std::uintptr_t stream) {
+  if (variant != 0 && variant != 1) ThrowInvalid(kOp, "variant must be 0 or 1");
   if (batch < 0 || n < 0 || heads < 0 || head_dim < 0) {
     ThrowInvalid(kOp, "batch, n, heads and head_dim must be >= 0");
   }
@@ -83,6 +84,7 @@ void SsmScanOp(std::uintptr_t x, std::array<int64_t, 3> x_strides, std::uintptr_
   p.head_dim = static_cast<int>(head_dim);
   p.state_size = static_cast<int>(state_size);
   p.dtype = static_cast<DType>(dtype);
+  p.variant = variant;
 
   ScopedDevice guard(kOp, device);
   CheckCuda(kOp, SsmScan(p, reinterpret_cast<cudaStream_t>(stream)), "kernel launch");

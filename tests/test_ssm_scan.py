@@ -48,6 +48,11 @@ def test_grouped_reference_is_the_plain_recurrence():
     torch.testing.assert_close(final[1:], after2)
 
 
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="variant"):
+        ssm_scan(*make_inputs(1, 2, 4, 8, 2, 32), variant="fast")
+
+
 def test_cpu_path_and_keep_state():
     x, dt, A, B, C, D, state = make_inputs(1, 3, 4, 8, 2, 32)
     y, final = ssm_scan(x, dt, A, B, C, D, state)
@@ -82,6 +87,7 @@ class FakeExtension:
 
     def ssm_scan(self, **a):
         self.calls.append(a)
+        assert a["variant"] in (0, 1)
         b, n, H, G, P, N = (a[k] for k in ("batch", "n", "heads", "groups", "head_dim",
                                             "state_size"))  # fmt: skip
         dtype = {0: torch.float32, 1: torch.bfloat16}[a["dtype"]]
@@ -158,21 +164,22 @@ GPU_CASES = [
 @needs_gpu
 @pytest.mark.parametrize("b,n,H,P,G,N,lens", GPU_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_ref(b, n, H, P, G, N, lens, dtype):
+@pytest.mark.parametrize("variant", ["lanes", "rows"])
+def test_kernel_matches_ref(b, n, H, P, G, N, lens, dtype, variant):
     _require_kernel(dtype)
     for from_xbc, state_scale in ((False, 1.0), (True, 1e4)):
         args = make_inputs(b, n, H, P, G, N, device="cuda", dtype=dtype, seed=b * n + N,
                            state_scale=state_scale, from_xbc=from_xbc)  # fmt: skip
         n_valid = torch.tensor(lens, device="cuda") if lens is not None else None
         state_before = args[-1].clone()
-        y, final = ssm_scan(*args, n_valid)
+        y, final = ssm_scan(*args, n_valid, variant=variant)
         y_ref, final_ref = ssm_scan_ref(*args, n_valid)
         torch.cuda.synchronize()
         assert torch.equal(args[-1], state_before), "the input state was modified"
         scale = max(1.0, state_scale)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4 * scale)
         torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4 * scale)
-        y2, none = ssm_scan(*args, n_valid, keep_state=False)
+        y2, none = ssm_scan(*args, n_valid, keep_state=False, variant=variant)
         assert none is None and torch.equal(y, y2)
 
 

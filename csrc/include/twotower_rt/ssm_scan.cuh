@@ -51,6 +51,7 @@ struct SsmScanParams {
   float* y;                // [batch, n, heads, P] contiguous
   int batch, n, heads, groups, head_dim, state_size;
   DType dtype;  // of x, B, C
+  int variant;  // 0: SsmScanKernel (measured), 1: SsmScanRowsKernel (not yet run on a GPU)
 };
 
 namespace ssm_scan {
@@ -138,8 +139,123 @@ __global__ void __launch_bounds__(32 * kWarps) SsmScanKernel(const SsmScanParams
   }
 }
 
+// Variant 1, for runs of several tokens: a thread owns kPerThread = min(N, 32) states of one row,
+// so kThreadsPerRow = N / kPerThread (1, 2 or 4) threads share a row and a CTA of 64 rows holds its
+// state tile in registers. Each token's x (the CTA's 64 rows), B and C are staged once in shared
+// memory (double-buffered, B and C padded by 4 floats per 32 so the quarters of a row read distinct
+// banks) and read as float4; y is a sum over kThreadsPerRow lanes, written by consecutive rows.
+template <typename T, int kN>
+struct RowsLayout {
+  static constexpr int kPerThread = kN < 32 ? kN : 32;
+  static constexpr int kThreadsPerRow = kN / kPerThread;
+  static constexpr int kRows = 64;
+  static constexpr int kThreads = kRows * kThreadsPerRow;
+  static constexpr int kPadded = kN + kN / 32 * 4;  // B or C in shared memory
+  static constexpr int kDt = kRows + 2 * kPadded;    // after x, B, C
+  static constexpr int kStage = (kDt + 1 + 3) / 4 * 4;  // keeps the second buffer 16-byte aligned
+};
+
+template <typename T, int kN>
+__global__ void __launch_bounds__(RowsLayout<T, kN>::kThreads)
+    SsmScanRowsKernel(const SsmScanParams p) {
+  using L = RowsLayout<T, kN>;
+  constexpr int kPer = L::kPerThread;
+  __shared__ __align__(16) float stage[2][L::kStage];
+  const int head = blockIdx.y;
+  const int b = blockIdx.z;
+  const int group = head / (p.heads / p.groups);
+  const int row0 = blockIdx.x * L::kRows;
+  const int local_row = threadIdx.x / L::kThreadsPerRow;
+  const int quarter = threadIdx.x % L::kThreadsPerRow;
+  const int row = row0 + local_row;
+  const bool valid_row = row < p.head_dim;
+  const int n0 = quarter * kPer;
+  const int padded0 = n0 + n0 / 32 * 4;
+
+  float state[kPer];
+  const int64_t state_offset =
+      ((static_cast<int64_t>(b) * p.heads + head) * p.head_dim + row) * kN;
+  if (valid_row) {
+    LoadAsFloat<float, kPer>(p.state + state_offset + n0, state);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) state[k] = 0.f;
+  }
+  const float A = p.A[head];
+  const float D = p.D[head];
+  const int valid_tokens = p.n_valid != nullptr ? static_cast<int>(p.n_valid[b]) : p.n;
+  const T* x_seq = static_cast<const T*>(p.x) + b * p.x_batch_stride + head * p.x_head_stride;
+  const T* B_seq = static_cast<const T*>(p.B) + b * p.b_batch_stride + group * p.b_group_stride;
+  const T* C_seq = static_cast<const T*>(p.C) + b * p.c_batch_stride + group * p.c_group_stride;
+  float* y_seq = p.y + static_cast<int64_t>(b) * p.n * p.heads * p.head_dim +
+                 static_cast<int64_t>(head) * p.head_dim;
+
+  auto load_stage = [&](int i, float* dst) {
+    for (int j = threadIdx.x; j < L::kRows + 2 * kN + 1; j += L::kThreads) {
+      if (j < L::kRows) {
+        dst[j] = row0 + j < p.head_dim ? ToFloat(x_seq[i * p.x_token_stride + row0 + j]) : 0.f;
+      } else if (j < L::kRows + kN) {
+        const int n = j - L::kRows;
+        dst[L::kRows + n + n / 32 * 4] = ToFloat(B_seq[i * p.b_token_stride + n]);
+      } else if (j < L::kRows + 2 * kN) {
+        const int n = j - L::kRows - kN;
+        dst[L::kRows + L::kPadded + n + n / 32 * 4] = ToFloat(C_seq[i * p.c_token_stride + n]);
+      } else {
+        dst[L::kDt] =
+            i < valid_tokens ? p.dt[b * p.dt_batch_stride + i * p.dt_token_stride + head] : 0.f;
+      }
+    }
+  };
+
+  if (p.n > 0) load_stage(0, stage[0]);
+  __syncthreads();
+  for (int i = 0; i < p.n; ++i) {
+    const float* cur = stage[i & 1];
+    if (i + 1 < p.n) load_stage(i + 1, stage[(i + 1) & 1]);
+    const float dt = cur[L::kDt];
+    const float decay = expf(dt * A);
+    const float x = cur[local_row];
+    const float dtx = dt * x;
+    const float* Bv = cur + L::kRows + padded0;
+    const float* Cv = cur + L::kRows + L::kPadded + padded0;
+    float acc = 0.f;
+    static_assert(kPer % 4 == 0, "float4 reads of B and C");
+#pragma unroll
+    for (int k = 0; k < kPer; k += 4) {
+      const float4 bq = *reinterpret_cast<const float4*>(Bv + k);
+      const float4 cq = *reinterpret_cast<const float4*>(Cv + k);
+      state[k] = state[k] * decay + dtx * bq.x;
+      state[k + 1] = state[k + 1] * decay + dtx * bq.y;
+      state[k + 2] = state[k + 2] * decay + dtx * bq.z;
+      state[k + 3] = state[k + 3] * decay + dtx * bq.w;
+      acc += state[k] * cq.x + state[k + 1] * cq.y + state[k + 2] * cq.z + state[k + 3] * cq.w;
+    }
+#pragma unroll
+    for (int offset = L::kThreadsPerRow / 2; offset > 0; offset >>= 1) {
+      acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    }
+    if (valid_row && quarter == 0) {
+      y_seq[static_cast<int64_t>(i) * p.heads * p.head_dim + row] = acc + D * x;
+    }
+    __syncthreads();  // the next iteration's stage load overwrites the buffer read here
+  }
+  if (p.state_out != nullptr && valid_row) {
+    float* out = p.state_out + state_offset;
+    StoreFromFloat<float, kPer>(out + n0, state);
+  }
+}
+
+template <typename T, int kN>
+cudaError_t LaunchRows(const SsmScanParams& p, cudaStream_t stream) {
+  using L = RowsLayout<T, kN>;
+  const dim3 grid((p.head_dim + L::kRows - 1) / L::kRows, p.heads, p.batch);
+  SsmScanRowsKernel<T, kN><<<grid, L::kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename T, int kN>
 cudaError_t Launch(const SsmScanParams& p, cudaStream_t stream) {
+  if (p.variant == 1) return LaunchRows<T, kN>(p, stream);
   const dim3 grid((p.head_dim + Layout<kN>::kRowsPerCta - 1) / Layout<kN>::kRowsPerCta, p.heads,
                   p.batch);
   SsmScanKernel<T, kN><<<grid, 32 * kWarps, 0, stream>>>(p);

@@ -15,6 +15,7 @@ from twotower_rt import _ext
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_STATE_SIZES = (16, 32, 64, 128)
+VARIANTS = {"lanes": 0, "rows": 1}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -70,6 +71,7 @@ def ssm_scan(
     n_valid: torch.Tensor | None = None,
     *,
     keep_state: bool = True,
+    variant: str = "lanes",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The selective scan of n tokens from ``state``.
 
@@ -81,17 +83,22 @@ def ssm_scan(
         state: (b, H, P, N)   fp32, not modified
         n_valid: (b,) int64 or None: tokens at or after n_valid[b] leave the state unchanged
         keep_state: False skips writing the final state (the denoiser's block scan): returns None.
+        variant: the kernel's layout: "lanes" (a warp's lanes over a state row; measured) or
+            "rows" (a thread per row slice, tokens staged in shared memory, for runs of several
+            tokens; not yet run on a GPU). The PyTorch path ignores it.
         returns (y (b, n, H, P) fp32, final state (b, H, P, N) fp32 or None).
 
     CUDA tensors run the twotower_rt._C kernel when N is 16/32/64/128 and x, B, C share a kernel
     dtype; everything else runs :func:`ssm_scan_ref`.
     """
     _check_args(x, dt, A, B, C, D, state, n_valid)
+    if variant not in VARIANTS:
+        raise ValueError(f"ssm_scan: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     reason = _kernel_unsupported_reason(x, B, C, state)
     if reason is not None:
         y, final = ssm_scan_ref(x, dt, A, B, C, D, state, n_valid)
         return y, final if keep_state else None
-    return _ssm_scan_cuda(x, dt, A, B, C, D, state, n_valid, keep_state)
+    return _ssm_scan_cuda(x, dt, A, B, C, D, state, n_valid, keep_state, VARIANTS[variant])
 
 
 def ssm_scan_backend(
@@ -159,7 +166,7 @@ def _vector_ready(t: torch.Tensor, per_lane: int) -> torch.Tensor:
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
-def _ssm_scan_cuda(x, dt, A, B, C, D, state, n_valid, keep_state):
+def _ssm_scan_cuda(x, dt, A, B, C, D, state, n_valid, keep_state, variant):
     C_ext = _ext.require_cuda_op("ssm_scan", x)
     b, n, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -197,6 +204,7 @@ def _ssm_scan_cuda(x, dt, A, B, C, D, state, n_valid, keep_state):
         head_dim=P,
         state_size=N,
         dtype=_DTYPE_CODES[x.dtype],
+        variant=variant,
         device=x.device.index if x.device.index is not None else torch.cuda.current_device(),
         stream=torch.cuda.current_stream(x.device).cuda_stream,
     )
