@@ -22,8 +22,9 @@
 // Measured on an H200 (bench/results/2026-11-27-nvidia-h200.json, real shapes, bf16 x/B/C): the
 // decode step at batch 64 in 69 us (92% of copy bandwidth, 5x the PyTorch recurrence); the
 // 16-token block at batch 64 in 263 us, 15% of copy: the per-token loop dominates (one row per
-// warp step makes the x loads and y stores 4-byte scalar sector accesses). Next: lanes over rows
-// of P with N split over few lanes, so x and y move coalesced and y needs fewer shuffles.
+// warp step makes the x loads and y stores 4-byte scalar sector accesses). SsmScanRowsKernel
+// (variant 1, below) puts threads over rows of P instead, with N split over 1-4 threads; it has
+// not run on a GPU yet, so variant 0 stays the default.
 //
 // Resources (nvcc 13.0.88, sm_90a): 38-56 registers, no stack, no spills.
 #pragma once
