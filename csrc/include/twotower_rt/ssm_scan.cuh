@@ -68,6 +68,28 @@ struct Layout {
   static constexpr int kRowsPerCta = kWarps * kRowIters * kRowsPerWarpStep;
 };
 
+// One (sequence, head)'s inputs and output: where its x, B, C and y start, A, D and its length.
+template <typename T>
+struct Sequence {
+  const T* x;
+  const T* B;
+  const T* C;
+  float* y;
+  float A, D;
+  int valid_tokens;
+  __device__ __forceinline__ Sequence(const SsmScanParams& p, int b, int head) {
+    const int group = head / (p.heads / p.groups);
+    x = static_cast<const T*>(p.x) + b * p.x_batch_stride + head * p.x_head_stride;
+    B = static_cast<const T*>(p.B) + b * p.b_batch_stride + group * p.b_group_stride;
+    C = static_cast<const T*>(p.C) + b * p.c_batch_stride + group * p.c_group_stride;
+    y = p.y + static_cast<int64_t>(b) * p.n * p.heads * p.head_dim +
+        static_cast<int64_t>(head) * p.head_dim;
+    A = p.A[head];
+    D = p.D[head];
+    valid_tokens = p.n_valid != nullptr ? static_cast<int>(p.n_valid[b]) : p.n;
+  }
+};
+
 template <typename T, int kN>
 __global__ void __launch_bounds__(32 * kWarps) SsmScanKernel(const SsmScanParams p) {
   using L = Layout<kN>;
@@ -76,7 +98,6 @@ __global__ void __launch_bounds__(32 * kWarps) SsmScanKernel(const SsmScanParams
   const int lane = threadIdx.x & 31;
   const int head = blockIdx.y;
   const int b = blockIdx.z;
-  const int group = head / (p.heads / p.groups);
   const int n0 = (lane % L::kLanesPerRow) * kNPerLane;
   const bool row_leader = lane % L::kLanesPerRow == 0;
 
@@ -95,14 +116,11 @@ __global__ void __launch_bounds__(32 * kWarps) SsmScanKernel(const SsmScanParams
     }
   }
 
-  const float A = p.A[head];
-  const float D = p.D[head];
-  const int valid_tokens = p.n_valid != nullptr ? static_cast<int>(p.n_valid[b]) : p.n;
-  const T* x_seq = static_cast<const T*>(p.x) + b * p.x_batch_stride + head * p.x_head_stride;
-  const T* B_seq = static_cast<const T*>(p.B) + b * p.b_batch_stride + group * p.b_group_stride;
-  const T* C_seq = static_cast<const T*>(p.C) + b * p.c_batch_stride + group * p.c_group_stride;
-  float* y_seq = p.y + static_cast<int64_t>(b) * p.n * p.heads * p.head_dim +
-                 static_cast<int64_t>(head) * p.head_dim;
+  const Sequence<T> seq(p, b, head);
+  const float A = seq.A, D = seq.D;
+  const int valid_tokens = seq.valid_tokens;
+  const T *x_seq = seq.x, *B_seq = seq.B, *C_seq = seq.C;
+  float* y_seq = seq.y;
   for (int i = 0; i < p.n; ++i) {
     const float dt = i < valid_tokens ? p.dt[b * p.dt_batch_stride + i * p.dt_token_stride + head]
                                       : 0.f;
@@ -157,14 +175,13 @@ struct RowsLayout {
 };
 
 template <typename T, int kN>
-__global__ void __launch_bounds__(RowsLayout<T, kN>::kThreads)
+__global__ void __launch_bounds__(RowsLayout<T, kN>::kThreads, 1)
     SsmScanRowsKernel(const SsmScanParams p) {
   using L = RowsLayout<T, kN>;
   constexpr int kPer = L::kPerThread;
   __shared__ __align__(16) float stage[2][L::kStage];
   const int head = blockIdx.y;
   const int b = blockIdx.z;
-  const int group = head / (p.heads / p.groups);
   const int row0 = blockIdx.x * L::kRows;
   const int local_row = threadIdx.x / L::kThreadsPerRow;
   const int quarter = threadIdx.x % L::kThreadsPerRow;
@@ -182,14 +199,11 @@ __global__ void __launch_bounds__(RowsLayout<T, kN>::kThreads)
 #pragma unroll
     for (int k = 0; k < kPer; ++k) state[k] = 0.f;
   }
-  const float A = p.A[head];
-  const float D = p.D[head];
-  const int valid_tokens = p.n_valid != nullptr ? static_cast<int>(p.n_valid[b]) : p.n;
-  const T* x_seq = static_cast<const T*>(p.x) + b * p.x_batch_stride + head * p.x_head_stride;
-  const T* B_seq = static_cast<const T*>(p.B) + b * p.b_batch_stride + group * p.b_group_stride;
-  const T* C_seq = static_cast<const T*>(p.C) + b * p.c_batch_stride + group * p.c_group_stride;
-  float* y_seq = p.y + static_cast<int64_t>(b) * p.n * p.heads * p.head_dim +
-                 static_cast<int64_t>(head) * p.head_dim;
+  const Sequence<T> seq(p, b, head);
+  const float A = seq.A, D = seq.D;
+  const int valid_tokens = seq.valid_tokens;
+  const T *x_seq = seq.x, *B_seq = seq.B, *C_seq = seq.C;
+  float* y_seq = seq.y;
 
   auto load_stage = [&](int i, float* dst) {
     for (int j = threadIdx.x; j < L::kRows + 2 * kN + 1; j += L::kThreads) {
@@ -210,6 +224,7 @@ __global__ void __launch_bounds__(RowsLayout<T, kN>::kThreads)
 
   if (p.n > 0) load_stage(0, stage[0]);
   __syncthreads();
+#pragma unroll 1
   for (int i = 0; i < p.n; ++i) {
     const float* cur = stage[i & 1];
     if (i + 1 < p.n) load_stage(i + 1, stage[(i + 1) & 1]);
