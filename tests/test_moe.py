@@ -149,3 +149,10 @@ def test_grouped_gemm_on_gpu_matches_the_loop(T, backend):
     torch.cuda.synchronize()
     want = loop()
     torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_backend_report():
+    from twotower_rt.ops import OP_BACKENDS
+
+    backend, reason = OP_BACKENDS["moe_experts"]("cpu", torch.bfloat16)
+    assert backend == "torch" and "moe_experts_ref" in reason and "MoE.grouped" in reason

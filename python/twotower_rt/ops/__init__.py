@@ -22,6 +22,7 @@ from twotower_rt.ops.mask_sampling import (
     mask_sampling_backend,
     mask_sampling_ref,
 )
+from twotower_rt.ops.moe import moe_experts_backend
 from twotower_rt.ops.rmsnorm import rms_norm, rms_norm_backend, rms_norm_ref
 from twotower_rt.ops.sample_tokens import sample_tokens, sample_tokens_backend, sample_tokens_ref
 from twotower_rt.ops.ssm_scan import ssm_scan, ssm_scan_backend, ssm_scan_ref
@@ -35,6 +36,7 @@ OP_BACKENDS = {
     "sample_tokens": sample_tokens_backend,
     "ssm_scan": ssm_scan_backend,
     "mamba_decode_step": mamba_decode_backend,
+    "moe_experts": moe_experts_backend,
     "all_reduce": all_reduce_backend,
 }
 
@@ -54,6 +56,7 @@ __all__ = [
     "mask_sampling",
     "mask_sampling_backend",
     "mask_sampling_ref",
+    "moe_experts_backend",
     "rms_norm",
     "rms_norm_backend",
     "rms_norm_ref",

@@ -160,3 +160,20 @@ def grouped_gemm_for(x: torch.Tensor, up: torch.Tensor) -> Gemm | None:
     if grouped_unsupported_reason(x, up) is not None:
         return None
     return gemm_cutlass if _cutlass_ready(x) else gemm_torch
+
+
+def moe_experts_backend(
+    device: torch.device | str, dtype: torch.dtype = torch.bfloat16
+) -> tuple[str, str]:
+    """``(backend, reason)`` for the env report: "cuda" (our grouped GEMM), "torch" (the loop, or
+    torch._grouped_mm) or "none". The grouped path runs only where ``MoE.grouped`` is set."""
+    from twotower_rt import _ext
+
+    backend, reason = _ext.op_backend(
+        device, dtype, ref="moe_experts_ref", kernel_dtypes=(torch.bfloat16,)
+    )
+    if backend == "cuda" and not hasattr(_ext.extension_module(), "moe_grouped_gemm"):
+        backend, reason = "torch", "twotower_rt._C has no moe_grouped_gemm (no CUTLASS at build)"
+    if backend != "none":
+        reason += "; the grouped path runs only with MoE.grouped (off by default)"
+    return backend, reason
