@@ -4,12 +4,11 @@ handed), and the kernel itself against block_attention_ref on a GPU."""
 
 import importlib
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_mask_sampling import _view
+from helpers import install_fake_extension, raw_view
 
 from twotower_rt.ops import block_attention, block_attention_backend, block_attention_ref
 from twotower_rt.ops.block_attention import MAX_SPLITS, plan_splits
@@ -56,20 +55,20 @@ class FakeExtension:
         B, S, hq, hkv, D = (a[k] for k in ("batch", "seq", "q_heads", "kv_heads", "head_dim"))
         nb, splits = a["block_len"], a["num_splits"]
         bf16 = torch.bfloat16
-        q = _view(a["q"], (B, S, hq, D), (*a["q_strides"], 1), bf16).float()
-        lens = _view(a["context_lens"], (B,), (1,), torch.int32)
-        slots = _view(a["cache_slots"], (B,), (1,), torch.int32) if a["cache_slots"] else None
-        out = _view(a["out"], (B, S, hq, D), (*a["out_strides"], 1), bf16)
+        q = raw_view(a["q"], (B, S, hq, D), (*a["q_strides"], 1), bf16).float()
+        lens = raw_view(a["context_lens"], (B,), (1,), torch.int32)
+        slots = raw_view(a["cache_slots"], (B,), (1,), torch.int32) if a["cache_slots"] else None
+        out = raw_view(a["out"], (B, S, hq, D), (*a["out_strides"], 1), bf16)
         for b in range(B):
             slot = int(slots[b]) if slots is not None else b
             n_ctx = int(lens[b])
             keys, values = [], []
             for name, ks in (("k", keys), ("v", values)):
-                cache = _view(a[f"{name}_cache"], (slot + 1, n_ctx, hkv, D),
+                cache = raw_view(a[f"{name}_cache"], (slot + 1, n_ctx, hkv, D),
                               (*a[f"{name}_cache_strides"], 1), bf16)  # fmt: skip
                 ks.append(cache[slot].float())
                 if nb:
-                    blk = _view(a[f"{name}_block"], (B, nb, hkv, D),
+                    blk = raw_view(a[f"{name}_block"], (B, nb, hkv, D),
                                 (*a[f"{name}_block_strides"], 1), bf16)  # fmt: skip
                     ks.append(blk[b].float())
             k, v = torch.cat(keys), torch.cat(values)
@@ -94,19 +93,9 @@ class FakeExtension:
 
 @pytest.fixture
 def fake_extension(monkeypatch):
-    from twotower_rt import _ext
-
     module = importlib.import_module("twotower_rt.ops.block_attention")
-
-    fake = FakeExtension()
-    monkeypatch.setattr(module, "_kernel_unsupported_reason", lambda *args: None)
     monkeypatch.setattr(module, "_num_sms", lambda index: 132)
-    monkeypatch.setattr(_ext, "require_cuda_op", lambda name, tensor: fake)
-    monkeypatch.setattr(
-        torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0)
-    )
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    return fake
+    return install_fake_extension(monkeypatch, FakeExtension(), module.__name__)
 
 
 def _case(B, S, hq, hkv, D, cap, lens, block=True, seed=0, slots=None):

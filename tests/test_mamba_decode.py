@@ -2,13 +2,11 @@
 mixer's switch, the wrapper's plumbing on the CPU (a fake extension reading the raw pointers), and
 the fused kernel against the reference on a GPU."""
 
-import importlib
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from test_mask_sampling import _view
+from helpers import install_fake_extension, raw_view
 
 from twotower_rt.builtin import load_builtin
 from twotower_rt.generate import generate
@@ -74,36 +72,30 @@ class FakeExtension:
         dt = self.dtype
         d_inner, conv_dim = H * P, H * P + 2 * G * N
         row = d_inner + conv_dim + H
-        zx = _view(a["zxbcdt"], (b, row), (a["zxbcdt_stride"], 1), dt)
-        conv = _view(a["conv_state"], (b, conv_dim, K), (conv_dim * K, K, 1), dt)
-        w = _view(a["conv_weight"], (conv_dim, K), (K, 1), dt)
-        bias = _view(a["conv_bias"], (conv_dim,), (1,), dt) if a["conv_bias"] else None
-        vec = {k: _view(a[k], (H,), (1,), dt) for k in ("dt_bias", "A_log", "D")}
-        ssm = _view(a["ssm_state"], (b, H, P, N), (H * P * N, P * N, N, 1), torch.float32)
-        norm_w = _view(a["norm_weight"], (d_inner,), (1,), dt)
+        zx = raw_view(a["zxbcdt"], (b, row), (a["zxbcdt_stride"], 1), dt)
+        conv = raw_view(a["conv_state"], (b, conv_dim, K), (conv_dim * K, K, 1), dt)
+        w = raw_view(a["conv_weight"], (conv_dim, K), (K, 1), dt)
+        bias = raw_view(a["conv_bias"], (conv_dim,), (1,), dt) if a["conv_bias"] else None
+        vec = {k: raw_view(a[k], (H,), (1,), dt) for k in ("dt_bias", "A_log", "D")}
+        ssm = raw_view(a["ssm_state"], (b, H, P, N), (H * P * N, P * N, N, 1), torch.float32)
+        norm_w = raw_view(a["norm_weight"], (d_inner,), (1,), dt)
         y, new_conv, new_ssm = mamba_decode_step_ref(
             zx, conv, w, bias, vec["dt_bias"], vec["A_log"], vec["D"], ssm, norm_w, a["eps"], G,
             (a["dt_min"], a["dt_max"]),
         )  # fmt: skip
-        _view(a["out"], (b, d_inner), (d_inner, 1), dt).copy_(y)
-        _view(a["conv_state_out"], (b, conv_dim, K), (conv_dim * K, K, 1), dt).copy_(new_conv)
-        _view(a["ssm_state_out"], (b, H, P, N), (H * P * N, P * N, N, 1), torch.float32).copy_(
+        raw_view(a["out"], (b, d_inner), (d_inner, 1), dt).copy_(y)
+        raw_view(a["conv_state_out"], (b, conv_dim, K), (conv_dim * K, K, 1), dt).copy_(new_conv)
+        raw_view(a["ssm_state_out"], (b, H, P, N), (H * P * N, P * N, N, 1), torch.float32).copy_(
             new_ssm
         )
 
 
 def test_wrapper_plumbing(monkeypatch):
-    from twotower_rt import _ext
-
-    module = importlib.import_module("twotower_rt.ops.mamba_decode")
     lm = load_builtin(dtype=torch.bfloat16)
     mixer = mixers(lm)[1]
     cfg = mixer.cfg
     fake = FakeExtension(cfg.n_groups, torch.bfloat16, mixer.conv1d.bias is not None)
-    monkeypatch.setattr(module, "_kernel_unsupported_reason", lambda *a: None)
-    monkeypatch.setattr(_ext, "require_cuda_op", lambda name, t: fake)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: SimpleNamespace(cuda_stream=0))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    install_fake_extension(monkeypatch, fake, "twotower_rt.ops.mamba_decode")
     gen = torch.Generator().manual_seed(3)
     state = random_state(cfg, 2, torch.bfloat16, gen)
     wide = torch.randn(2, cfg.mamba_in_proj_dim + 5, generator=gen).bfloat16()

@@ -4,12 +4,11 @@ CUDA kernels against the references (same draws for the same seed and offset).""
 
 from __future__ import annotations
 
-import ctypes
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import assert_frequencies, install_fake_extension, raw_view
 
 from twotower_rt.ops import (
     mask_sampling,
@@ -43,14 +42,6 @@ PHILOX_KAT = [
 
 def seeds(*values, device="cpu"):
     return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-def assert_frequencies(counts, probs, sigmas=5.0):
-    n = counts.sum()
-    expected = probs * n
-    std = torch.sqrt(n * probs * (1 - probs)).clamp_min(1e-9)
-    assert torch.all((counts - expected).abs() <= sigmas * std + 1e-9), (counts, expected)
-    assert torch.all(counts[probs == 0] == 0)
 
 
 # --- Philox and the noise ------------------------------------------------------------------------
@@ -301,14 +292,6 @@ def test_sample_tokens_ref_top_p_distribution():
 # --- the CUDA wrappers' plumbing, on the CPU ------------------------------------------------------
 
 
-def _view(ptr, shape, strides, dtype):
-    """The memory at raw address ``ptr`` as a tensor of ``shape`` / ``strides`` (elements)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    numel = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
-    buffer = (ctypes.c_char * (numel * size)).from_address(ptr)
-    return torch.frombuffer(buffer, dtype=dtype).as_strided(shape, strides)
-
-
 class FakeExtension:
     """Stands in for twotower_rt._C on the CPU: reads the raw pointers and strides it is given and
     computes with the references, so the wrappers' pointer/stride/dtype plumbing is checked here."""
@@ -327,50 +310,42 @@ class FakeExtension:
         B, S, V = a["batch"], a["block_size"], a["vocab"]
         assert a["workspace_bytes"] >= 16 * B * S and a["workspace"] % 16 == 0
         i64 = torch.int64
-        logits = _view(
+        logits = raw_view(
             a["logits"], (B, S, V), (a["logits_batch_stride"], a["logits_position_stride"], 1),
             self.DTYPES[a["dtype"]],
         )  # fmt: skip
-        block = _view(a["block"], (B, S), (a["block_row_stride"], 1), i64).clone()
+        block = raw_view(a["block"], (B, S), (a["block_row_stride"], 1), i64).clone()
         sampled = a["temperature"] > 0
         ref = mask_sampling_ref(
-            logits, block, mask_token_id=a["mask_token_id"], step=_view(a["step"], (B,), (1,), i64),
-            steps_per_block=a["steps_per_block"],
+            logits, block, mask_token_id=a["mask_token_id"],
+            step=raw_view(a["step"], (B,), (1,), i64), steps_per_block=a["steps_per_block"],
             confidence_threshold=a["confidence_threshold"], temperature=a["temperature"],
-            seed=_view(a["seed"], (B,), (1,), i64) if sampled else None,
-            offset=_view(a["offset"], (B,), (1,), i64) if sampled else None,
+            seed=raw_view(a["seed"], (B,), (1,), i64) if sampled else None,
+            offset=raw_view(a["offset"], (B,), (1,), i64) if sampled else None,
         )  # fmt: skip
-        _view(a["out_block"], (B, S), (S, 1), i64).copy_(ref.block)
-        _view(a["out_masked"], (B, S), (S, 1), torch.bool).copy_(ref.masked)
-        _view(a["out_num_committed"], (B,), (1,), i64).copy_(ref.num_committed)
-        _view(a["out_prediction"], (B, S), (S, 1), i64).copy_(ref.prediction)
-        _view(a["out_confidence"], (B, S), (S, 1), torch.float32).copy_(ref.confidence)
+        raw_view(a["out_block"], (B, S), (S, 1), i64).copy_(ref.block)
+        raw_view(a["out_masked"], (B, S), (S, 1), torch.bool).copy_(ref.masked)
+        raw_view(a["out_num_committed"], (B,), (1,), i64).copy_(ref.num_committed)
+        raw_view(a["out_prediction"], (B, S), (S, 1), i64).copy_(ref.prediction)
+        raw_view(a["out_confidence"], (B, S), (S, 1), torch.float32).copy_(ref.confidence)
 
     def sample_tokens(self, **a):
         self.calls.append(a)
         B, V = a["batch"], a["vocab"]
-        logits = _view(a["logits"], (B, V), (a["logits_row_stride"], 1), self.DTYPES[a["dtype"]])
+        logits = raw_view(a["logits"], (B, V), (a["logits_row_stride"], 1), self.DTYPES[a["dtype"]])
         sampled = a["temperature"] > 0
         tok = sample_tokens_ref(
             logits, a["temperature"], a["top_k"] or None,
             a["top_p"] if a["top_p"] < 1 else None,
-            _view(a["seed"], (B,), (1,), torch.int64) if sampled else None,
-            _view(a["offset"], (B,), (1,), torch.int64) if sampled else None,
+            raw_view(a["seed"], (B,), (1,), torch.int64) if sampled else None,
+            raw_view(a["offset"], (B,), (1,), torch.int64) if sampled else None,
         )  # fmt: skip
-        _view(a["out"], (B,), (1,), torch.int64).copy_(tok)
+        raw_view(a["out"], (B,), (1,), torch.int64).copy_(tok)
 
 
 @pytest.fixture
 def fake_extension(monkeypatch):
-    from twotower_rt import _ext
-
-    fake = FakeExtension()
-    monkeypatch.setattr(_ext, "require_cuda_op", lambda name, tensor: fake)
-    monkeypatch.setattr(
-        torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0)
-    )
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    return fake
+    return install_fake_extension(monkeypatch, FakeExtension())
 
 
 def test_mask_sampling_wrapper_plumbing(fake_extension):

@@ -3,12 +3,10 @@ GPU, the CUDA kernel against the reference."""
 
 from __future__ import annotations
 
-import ctypes
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
+from helpers import install_fake_extension, raw_view
 
 from twotower_rt.ops import rms_norm, rms_norm_backend, rms_norm_ref
 from twotower_rt.ops import rmsnorm as rmsnorm_module
@@ -195,9 +193,7 @@ class FakeExtension:
 
     @staticmethod
     def _rows(ptr, rows, n, row_stride, dtype):
-        size = torch.empty((), dtype=dtype).element_size()
-        buffer = (ctypes.c_char * (((rows - 1) * row_stride + n) * size)).from_address(ptr)
-        return torch.frombuffer(buffer, dtype=dtype).as_strided((rows, n), (row_stride, 1))
+        return raw_view(ptr, (rows, n), (row_stride, 1), dtype)
 
     def rms_norm(
         self,
@@ -229,12 +225,7 @@ class FakeExtension:
 
 @pytest.fixture
 def fake_extension(monkeypatch):
-    fake = FakeExtension()
-    monkeypatch.setattr(rmsnorm_module._ext, "require_cuda_op", lambda name, tensor: fake)
-    monkeypatch.setattr(
-        torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0)
-    )
-    return fake
+    return install_fake_extension(monkeypatch, FakeExtension())
 
 
 def test_cuda_wrapper_plumbing(fake_extension):

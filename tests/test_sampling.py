@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_frequencies
 
 from twotower_rt.generate import row_rng
 from twotower_rt.ops.mask_sampling import mask_sampling
@@ -30,14 +31,6 @@ def draw_many(logits_row, n_rows, draws, **kw):
             sample_next(logits, seed=seed, offset=offset, **kw), minlength=logits.shape[-1]
         )
     return counts
-
-
-def assert_frequencies(counts, probs, sigmas=5.0):
-    n = counts.sum()
-    expected = probs * n
-    std = torch.sqrt(n * probs * (1 - probs)).clamp_min(1e-9)
-    assert torch.all((counts - expected).abs() <= sigmas * std + 1e-9), (counts, expected)
-    assert torch.all(counts[probs == 0] == 0)
 
 
 def test_greedy_is_argmax():

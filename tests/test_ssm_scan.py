@@ -4,11 +4,10 @@ reference on a GPU: the decode step, the denoiser's seeded 16-token block (the c
 chunked scan elsewhere), padding, large states, strided inputs sliced from xBC."""
 
 import importlib
-from types import SimpleNamespace
 
 import pytest
 import torch
-from test_mask_sampling import _view
+from helpers import install_fake_extension, raw_view
 
 from twotower_rt.ops import ssm_scan, ssm_scan_backend, ssm_scan_ref
 from twotower_rt.ops.ssm_scan import selective_scan_ref
@@ -91,35 +90,25 @@ class FakeExtension:
         b, n, H, G, P, N = (a[k] for k in ("batch", "n", "heads", "groups", "head_dim",
                                             "state_size"))  # fmt: skip
         dtype = {0: torch.float32, 1: torch.bfloat16}[a["dtype"]]
-        x = _view(a["x"], (b, n, H, P), (*a["x_strides"], 1), dtype)
-        dt = _view(a["dt"], (b, n, H), (*a["dt_strides"], 1), torch.float32)
-        B = _view(a["B"], (b, n, G, N), (*a["b_strides"], 1), dtype)
-        C = _view(a["C"], (b, n, G, N), (*a["c_strides"], 1), dtype)
-        A = _view(a["A"], (H,), (1,), torch.float32)
-        D = _view(a["D"], (H,), (1,), torch.float32)
-        state = _view(a["state"], (b, H, P, N), (H * P * N, P * N, N, 1), torch.float32)
-        n_valid = _view(a["n_valid"], (b,), (1,), torch.int64) if a["n_valid"] else None
+        x = raw_view(a["x"], (b, n, H, P), (*a["x_strides"], 1), dtype)
+        dt = raw_view(a["dt"], (b, n, H), (*a["dt_strides"], 1), torch.float32)
+        B = raw_view(a["B"], (b, n, G, N), (*a["b_strides"], 1), dtype)
+        C = raw_view(a["C"], (b, n, G, N), (*a["c_strides"], 1), dtype)
+        A = raw_view(a["A"], (H,), (1,), torch.float32)
+        D = raw_view(a["D"], (H,), (1,), torch.float32)
+        state = raw_view(a["state"], (b, H, P, N), (H * P * N, P * N, N, 1), torch.float32)
+        n_valid = raw_view(a["n_valid"], (b,), (1,), torch.int64) if a["n_valid"] else None
         y, final = ssm_scan_ref(x, dt, A, B, C, D, state.clone(), n_valid)
-        _view(a["y"], (b, n, H, P), (n * H * P, H * P, P, 1), torch.float32).copy_(y)
+        raw_view(a["y"], (b, n, H, P), (n * H * P, H * P, P, 1), torch.float32).copy_(y)
         if a["state_out"]:
-            _view(a["state_out"], (b, H, P, N), (H * P * N, P * N, N, 1), torch.float32).copy_(
+            raw_view(a["state_out"], (b, H, P, N), (H * P * N, P * N, N, 1), torch.float32).copy_(
                 final
             )
 
 
 @pytest.fixture
 def fake_extension(monkeypatch):
-    from twotower_rt import _ext
-
-    module = importlib.import_module("twotower_rt.ops.ssm_scan")
-    fake = FakeExtension()
-    monkeypatch.setattr(module, "_kernel_unsupported_reason", lambda *args: None)
-    monkeypatch.setattr(_ext, "require_cuda_op", lambda name, tensor: fake)
-    monkeypatch.setattr(
-        torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0)
-    )
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    return fake
+    return install_fake_extension(monkeypatch, FakeExtension(), "twotower_rt.ops.ssm_scan")
 
 
 @pytest.mark.parametrize("keep_state", [True, False])

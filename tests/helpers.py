@@ -1,0 +1,48 @@
+"""Helpers shared by the test modules (not tests themselves).
+
+- ``raw_view`` and ``install_fake_extension``: the CPU tests of the CUDA wrappers' plumbing put a
+  stand-in for ``twotower_rt._C`` in place that reads the raw pointers and strides it is handed.
+- ``assert_frequencies``: the samplers' distribution check.
+"""
+
+import ctypes
+import importlib
+from types import SimpleNamespace
+
+import torch
+
+
+def raw_view(ptr: int, shape, strides, dtype: torch.dtype) -> torch.Tensor:
+    """The memory at raw address ``ptr`` as a tensor of ``shape`` / ``strides`` (elements)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    numel = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
+    buffer = (ctypes.c_char * (numel * size)).from_address(ptr)
+    return torch.frombuffer(buffer, dtype=dtype).as_strided(shape, strides)
+
+
+def install_fake_extension(monkeypatch, fake, op_module: str | None = None):
+    """Make the wrappers call ``fake`` instead of twotower_rt._C on CPU tensors: it replaces
+    ``_ext.require_cuda_op`` and the CUDA stream/device queries, and, given the op's module
+    name, that module's ``_kernel_unsupported_reason`` (so the wrapper takes its CUDA path).
+    Returns ``fake``."""
+    from twotower_rt import _ext
+
+    monkeypatch.setattr(_ext, "require_cuda_op", lambda name, tensor: fake)
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0)
+    )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    if op_module is not None:
+        module = importlib.import_module(op_module)
+        monkeypatch.setattr(module, "_kernel_unsupported_reason", lambda *args: None)
+    return fake
+
+
+def assert_frequencies(counts, probs, sigmas=5.0):
+    """Observed counts within ``sigmas`` binomial standard deviations of probs * n, and never a
+    zero-probability token."""
+    n = counts.sum()
+    expected = probs * n
+    std = torch.sqrt(n * probs * (1 - probs)).clamp_min(1e-9)
+    assert torch.all((counts - expected).abs() <= sigmas * std + 1e-9), (counts, expected)
+    assert torch.all(counts[probs == 0] == 0)
