@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from twotower_rt import _ext
-from twotower_rt.ops.philox import gumbel_ref
+from twotower_rt.ops.philox import check_rng_args, gumbel_ref
 
 MASKED_LOGIT = -1e12  # the mask token's logit in diffusion scoring, as in the reference
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -216,14 +216,7 @@ def _check_args(logits, block, mask_token_id, steps_per_block, temperature, seed
     if not temperature >= 0 or temperature == float("inf"):
         raise ValueError(f"mask_sampling: temperature must be finite and >= 0, got {temperature}")
     if temperature > 0:
-        for name, t in (("seed", seed), ("offset", offset)):
-            if t is None:
-                raise ValueError(f"mask_sampling: {name} is required when temperature > 0")
-            if t.shape != (B,) or t.dtype != torch.int64:
-                raise ValueError(
-                    f"mask_sampling: {name} must be an int64 ({B},) tensor, got {t.dtype} "
-                    f"of shape {tuple(t.shape)}"
-                )
+        check_rng_args("mask_sampling", seed, offset, B)
 
 
 def _kernel_unsupported_reason(logits, block, out) -> str | None:

@@ -82,6 +82,19 @@ def uniform_ref(
     return ((words >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
 
 
+def check_rng_args(op: str, seed, offset, batch: int) -> None:
+    """The samplers' argument check at temperature > 0: ``seed`` and ``offset`` must be given as
+    int64 (batch,) tensors. Raises ValueError naming ``op``."""
+    for name, t in (("seed", seed), ("offset", offset)):
+        if t is None:
+            raise ValueError(f"{op}: {name} is required when temperature > 0")
+        if t.shape != (batch,) or t.dtype != torch.int64:
+            raise ValueError(
+                f"{op}: {name} must be an int64 ({batch},) tensor, got {t.dtype} "
+                f"of shape {tuple(t.shape)}"
+            )
+
+
 def gumbel_ref(
     seed: torch.Tensor, offset: torch.Tensor, positions: int, vocab: int
 ) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from twotower_rt import _ext
-from twotower_rt.ops.philox import gumbel_ref
+from twotower_rt.ops.philox import check_rng_args, gumbel_ref
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 MAX_VOCAB = 2**23
@@ -105,15 +105,7 @@ def _check_args(logits, temperature, top_k, top_p, seed, offset) -> None:
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"sample_tokens: top_p must be in (0, 1] or None, got {top_p}")
     if temperature > 0:
-        B = logits.shape[0]
-        for name, t in (("seed", seed), ("offset", offset)):
-            if t is None:
-                raise ValueError(f"sample_tokens: {name} is required when temperature > 0")
-            if t.shape != (B,) or t.dtype != torch.int64:
-                raise ValueError(
-                    f"sample_tokens: {name} must be an int64 ({B},) tensor, got {t.dtype} "
-                    f"of shape {tuple(t.shape)}"
-                )
+        check_rng_args("sample_tokens", seed, offset, logits.shape[0])
 
 
 def _kernel_unsupported_reason(logits) -> str | None:
