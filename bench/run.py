@@ -122,6 +122,25 @@ def within_lowprec_error(out, ref32, lowprec) -> bool:
     return err <= 2 * lowprec_err + 1e-5 * max(1.0, ref32.abs().max().item())
 
 
+def throughput(kernel_us: float, moved: int, flops: float, peaks: dict[str, float]) -> dict:
+    """The derived figures of a result: bytes moved (the floor's count), GB/s and TFLOP/s at the
+    measured time, and GB/s as a fraction of the measured copy bandwidth."""
+    gbps = moved / (kernel_us * 1e-6) / 1e9
+    return {
+        "bytes": moved,
+        "achieved_gbps": round(gbps, 1),
+        "achieved_tflops": round(flops / (kernel_us * 1e-6) / 1e12, 4),
+        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+    }
+
+
+def require_kernel(op: str, backend: Callable, dtype: torch.dtype) -> None:
+    """NothingToRun unless ``backend`` (an ops ``*_backend``) says the CUDA kernel runs here."""
+    chosen, reason = backend("cuda", dtype)
+    if chosen != "cuda":
+        raise NothingToRun(f"{op}: the CUDA kernel does not run here: {reason}")
+
+
 # --- rmsnorm ------------------------------------------------------------------------------------
 
 
@@ -143,9 +162,7 @@ def rmsnorm_cases(args: argparse.Namespace, quick: bool):
 def run_rmsnorm(args: argparse.Namespace, quick: bool, peaks: dict[str, float]) -> list[dict]:
     from twotower_rt.ops import rms_norm_backend
 
-    backend, reason = rms_norm_backend("cuda", DTYPES[args.dtype])
-    if backend != "cuda":
-        raise NothingToRun(f"rms_norm's CUDA kernel does not run here: {reason}")
+    require_kernel("rms_norm", rms_norm_backend, DTYPES[args.dtype])
     reps, inner = (10, 10) if quick else (args.reps, args.inner)
     return [
         bench_rmsnorm_case(**case, dtype_name=args.dtype, reps=reps, inner=inner, peaks=peaks)
@@ -184,7 +201,6 @@ def bench_rmsnorm_case(*, rows, n, group_size, gated, dtype, dtype_name, reps, i
     # Nominal FLOPs per element: square + add, scale by rstd and by weight (4); the gate adds silu
     # (exp, add, divide) and a multiply (4).
     flops = rows * n * (8 if gated else 4)
-    gbps = moved / (kernel_us * 1e-6) / 1e9
     shape = f"{rows}x{n}" + (f" g{group_size}" if group_size else "") + (" gated" if gated else "")
     return {
         "kernel": "rms_norm",
@@ -200,10 +216,7 @@ def bench_rmsnorm_case(*, rows, n, group_size, gated, dtype, dtype_name, reps, i
         "median_us": round(kernel_us, 3),
         "baseline": "torch rms_norm_ref (eager ops, same graph timing)",
         "baseline_median_us": round(ref_us, 3),
-        "bytes": moved,
-        "achieved_gbps": round(gbps, 1),
-        "achieved_tflops": round(flops / (kernel_us * 1e-6) / 1e12, 4),
-        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+        **throughput(kernel_us, moved, flops, peaks),
     }
 
 
@@ -233,9 +246,7 @@ def _ref_us(fn: Callable[[], Any], reps: int) -> float:
 def run_mask_sampling(args: argparse.Namespace, quick: bool, peaks: dict[str, float]) -> list[dict]:
     from twotower_rt.ops import mask_sampling_backend
 
-    backend, reason = mask_sampling_backend("cuda", DTYPES[args.dtype])
-    if backend != "cuda":
-        raise NothingToRun(f"mask_sampling's CUDA kernel does not run here: {reason}")
+    require_kernel("mask_sampling", mask_sampling_backend, DTYPES[args.dtype])
     reps, inner = (10, 10) if quick else (args.reps, args.inner)
     batches = [args.batch[0], args.batch[-1]] if quick else args.batch
     return [
@@ -282,7 +293,6 @@ def bench_mask_sampling_case(*, batch, block_size, vocab, temperature, dtype_nam
     kernel_us = time_us(lambda: mask_sampling(logits, block, **kw, out=out), reps=reps, inner=inner)
     ref_us = _ref_us(lambda: mask_sampling_ref(logits, block, **kw), reps)
     moved = logits.numel() * logits.element_size()  # floor: the logits once (all masked at step 0)
-    gbps = moved / (kernel_us * 1e-6) / 1e9
     return {
         "kernel": "mask_sampling",
         "shape": f"{batch}x{block_size}x{vocab} T={temperature:g} {dtype_name}",
@@ -298,10 +308,7 @@ def bench_mask_sampling_case(*, batch, block_size, vocab, temperature, dtype_nam
         "median_us": round(kernel_us, 3),
         "baseline": "torch mask_sampling_ref (eager ops, Philox in int64 ops, graph-timed)",
         "baseline_median_us": round(ref_us, 3),
-        "bytes": moved,
-        "achieved_gbps": round(gbps, 1),
-        "achieved_tflops": 0.0,
-        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+        **throughput(kernel_us, moved, 0, peaks),
     }
 
 
@@ -324,9 +331,7 @@ SAMPLE_CONFIGS = [  # (temperature, top_k, top_p)
 def run_sample_tokens(args: argparse.Namespace, quick: bool, peaks: dict[str, float]) -> list[dict]:
     from twotower_rt.ops import sample_tokens_backend
 
-    backend, reason = sample_tokens_backend("cuda", DTYPES[args.dtype])
-    if backend != "cuda":
-        raise NothingToRun(f"sample_tokens' CUDA kernel does not run here: {reason}")
+    require_kernel("sample_tokens", sample_tokens_backend, DTYPES[args.dtype])
     reps, inner = (10, 10) if quick else (args.reps, args.inner)
     batches = [args.batch[0], args.batch[-1]] if quick else args.batch
     return [
@@ -366,7 +371,6 @@ def bench_sample_tokens_case(*, batch, vocab, config, dtype_name, reps, inner, p
     kernel_us = time_us(kernel, reps=reps, inner=inner)
     ref_us = _ref_us(reference, reps)
     moved = logits.numel() * logits.element_size()
-    gbps = moved / (kernel_us * 1e-6) / 1e9
     name = "greedy" if temperature == 0 else f"T={temperature:g}"
     name += f" k={top_k}" if top_k else ""
     name += f" p={top_p:g}" if top_p else ""
@@ -385,10 +389,7 @@ def bench_sample_tokens_case(*, batch, vocab, config, dtype_name, reps, inner, p
         "median_us": round(kernel_us, 3),
         "baseline": "torch sample_tokens_ref (topk + cumsum filter, Gumbel-max, graph-timed)",
         "baseline_median_us": round(ref_us, 3),
-        "bytes": moved,
-        "achieved_gbps": round(gbps, 1),
-        "achieved_tflops": 0.0,
-        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+        **throughput(kernel_us, moved, 0, peaks),
     }
 
 
@@ -420,9 +421,7 @@ def add_block_attention_args(parser: argparse.ArgumentParser) -> None:
 def run_block_attention(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
     from twotower_rt.ops import block_attention_backend
 
-    backend, reason = block_attention_backend("cuda", torch.bfloat16)
-    if backend != "cuda":
-        raise NothingToRun(f"block_attention's CUDA kernel does not run here: {reason}")
+    require_kernel("block_attention", block_attention_backend, torch.bfloat16)
     reps, inner = (10, 5) if quick else (args.reps, max(1, args.inner // 4))
     batches = [1, 64] if quick else args.batch
     contexts = [8192] if quick else args.context
@@ -489,8 +488,6 @@ def bench_block_attention_case(batch, seq, context, block, args, *, reps, inner,
     # Floor: K and V read once (and q, out); 2 products of 2 * Hq * S * keys * D FLOPs each.
     moved = 2 * batch * keys_n * hkv * d * 2 + 2 * q.numel() * 2
     flops = 4 * batch * hq * seq * keys_n * d
-    gbps = moved / (kernel_us * 1e-6) / 1e9
-    tflops = flops / (kernel_us * 1e-6) / 1e12
     roofline_us = max(moved / (peaks["copy_gbps"] * 1e3), flops / (peaks["bf16_tflops"] * 1e6))
     mode = f"S={seq} block" if block else "decode"
     return {
@@ -509,11 +506,8 @@ def bench_block_attention_case(batch, seq, context, block, args, *, reps, inner,
         "median_us": round(kernel_us, 3),
         "baseline": "torch SDPA (enable_gqa) on pre-concatenated K/V, same graph timing",
         "baseline_median_us": round(ref_us, 3),
-        "bytes": moved,
         "flops": flops,
-        "achieved_gbps": round(gbps, 1),
-        "achieved_tflops": round(tflops, 2),
-        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+        **throughput(kernel_us, moved, flops, peaks),
         "fraction_of_roofline": round(roofline_us / kernel_us, 3),
     }
 
@@ -535,9 +529,7 @@ def add_mamba_args(parser: argparse.ArgumentParser) -> None:
 def run_mamba(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
     from twotower_rt.ops import ssm_scan_backend
 
-    backend, reason = ssm_scan_backend("cuda", DTYPES[args.dtype])
-    if backend != "cuda":
-        raise NothingToRun(f"ssm_scan's CUDA kernel does not run here: {reason}")
+    require_kernel("ssm_scan", ssm_scan_backend, DTYPES[args.dtype])
     reps, inner = (10, 10) if quick else (args.reps, args.inner)
     batches = [1, 64] if quick else args.batch
     results = [
@@ -585,7 +577,6 @@ def bench_mamba_decode_case(batch, args, *, reps, inner, peaks):
     # Floor: the SSM state read and written, the conv state read and written, the row and out.
     moved = 2 * ssm.numel() * 4 + 2 * conv_state.numel() * conv_state.element_size()
     moved += (zxbcdt.numel() + batch * d_inner) * zxbcdt.element_size()
-    gbps = moved / (kernel_us * 1e-6) / 1e9
     return {
         "kernel": "mamba_decode_step",
         "shape": f"B={batch} fused decode {H}x{P}x{N} g{G} {args.dtype}",
@@ -594,10 +585,7 @@ def bench_mamba_decode_case(batch, args, *, reps, inner, peaks):
         "median_us": round(kernel_us, 3),
         "baseline": "torch mamba_decode_step_ref (the mixer's ops, same graph timing)",
         "baseline_median_us": round(ref_us, 3),
-        "bytes": moved,
-        "achieved_gbps": round(gbps, 1),
-        "achieved_tflops": 0.0,
-        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+        **throughput(kernel_us, moved, 0, peaks),
         "layer_projections_floor_us": round(MAMBA_PROJ_BYTES / (peaks["copy_gbps"] * 1e3), 2),
     }
 
@@ -634,7 +622,6 @@ def bench_ssm_scan_case(batch, n, keep_state, variant, args, *, reps, inner, pea
     moved += y.numel() * 4 + dt.numel() * 4
     # 4 FLOPs per state element and token (decay, input, and the C dot product).
     flops = 4 * state.numel() * n
-    gbps = moved / (kernel_us * 1e-6) / 1e9
     proj_us = MAMBA_PROJ_BYTES / (peaks["copy_gbps"] * 1e3)
     mode = "decode step" if keep_state else f"block of {n}, state read only"
     return {
@@ -654,10 +641,7 @@ def bench_ssm_scan_case(batch, n, keep_state, variant, args, *, reps, inner, pea
         "median_us": round(kernel_us, 3),
         "baseline": "torch ssm_scan_ref (per-token recurrence, same graph timing)",
         "baseline_median_us": round(ref_us, 3),
-        "bytes": moved,
-        "achieved_gbps": round(gbps, 1),
-        "achieved_tflops": round(flops / (kernel_us * 1e-6) / 1e12, 3),
-        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+        **throughput(kernel_us, moved, flops, peaks),
         "layer_projections_floor_us": round(proj_us, 2),
     }
 
@@ -731,7 +715,6 @@ def bench_moe_case(tokens, up, down, backend, gemm, *, reps, inner, peaks):
     # Floor: every touched expert's up and down weights read once (activations are small).
     moved = touched * 2 * inter * H * 2 + 2 * tokens * H * 2
     flops = 2 * 2 * tokens * MOE_TOP_K * inter * H
-    gbps = moved / (kernel_us * 1e-6) / 1e9
     return {
         "kernel": "moe_experts",
         "shape": f"T={tokens} {backend} ({touched} of {E} experts)",
@@ -748,10 +731,7 @@ def bench_moe_case(tokens, up, down, backend, gemm, *, reps, inner, peaks):
         "median_us": round(kernel_us, 3),
         "baseline": "torch loop over touched experts (eager, host-synchronised)",
         "baseline_median_us": round(statistics.median(ref_times), 3),
-        "bytes": moved,
-        "achieved_gbps": round(gbps, 1),
-        "achieved_tflops": round(flops / (kernel_us * 1e-6) / 1e12, 2),
-        "fraction_of_copy": round(gbps / peaks["copy_gbps"], 3),
+        **throughput(kernel_us, moved, flops, peaks),
     }
 
 
@@ -776,9 +756,7 @@ def run_all_reduce(args: argparse.Namespace, quick: bool, peaks: dict[str, float
         raise NothingToRun(
             f"all_reduce needs 2 to 8 GPUs of this host; {torch.cuda.device_count()} visible"
         )
-    backend, reason = all_reduce_backend("cuda", torch.bfloat16)
-    if backend != "cuda":
-        raise NothingToRun(f"all_reduce's CUDA kernel does not run here: {reason}")
+    require_kernel("all_reduce", all_reduce_backend, torch.bfloat16)
     import tempfile
 
     import torch.multiprocessing as mp
