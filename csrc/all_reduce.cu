@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "op_errors.h"
+#include "ops.h"
 #include "twotower_rt/all_reduce.cuh"
 
 namespace twotower_rt {

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "op_errors.h"
+#include "ops.h"
 #include "twotower_rt/block_attention.cuh"
 
 namespace twotower_rt {

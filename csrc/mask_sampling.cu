@@ -7,6 +7,7 @@
 #include <string>
 
 #include "op_errors.h"
+#include "ops.h"
 #include "twotower_rt/mask_sampling.cuh"
 #include "twotower_rt/sample_tokens.cuh"
 

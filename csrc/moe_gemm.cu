@@ -7,6 +7,7 @@
 #include <string>
 
 #include "op_errors.h"
+#include "ops.h"
 #include "twotower_rt/moe_gemm.cuh"
 
 namespace twotower_rt {

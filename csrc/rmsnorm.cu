@@ -6,6 +6,7 @@
 #include <string>
 
 #include "op_errors.h"
+#include "ops.h"
 #include "twotower_rt/rmsnorm.cuh"
 
 namespace twotower_rt {
