@@ -47,21 +47,20 @@ class Attention(nn.Module):
         q = self.q_proj(h).view(b, n, cfg.num_attention_heads, cfg.head_dim)
         k = self.k_proj(h).view(b, n, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(h).view(b, n, cfg.num_key_value_heads, cfg.head_dim)
-        dev = h.device
-        new_pos = torch.arange(n, device=dev)[None, :]
-        if append:
-            pos = prefix_len[:, None] + new_pos  # (b, n)
+        if not append:
+            out = block_attention(q, cache_k, cache_v, prefix_len, k, v)
+        else:
+            dev = h.device
+            pos = prefix_len[:, None] + torch.arange(n, device=dev)[None, :]  # (b, n)
             rows = torch.arange(b, device=dev)[:, None]
             cache_k[rows, pos] = k.to(cache_k.dtype)
             cache_v[rows, pos] = v.to(cache_v.dtype)
             if n == 1:  # AR decode: the one new token sees the whole prefix and itself
                 out = block_attention(q, cache_k, cache_v, prefix_len + 1)
-                return self.o_proj(out.reshape(b, n, -1))
-            span = int(prefix_len.max()) + n
-            keys, values = cache_k[:, :span], cache_v[:, :span]
-            key_pos = torch.arange(span, device=dev)[None, None, :]
-            allowed = key_pos <= pos[:, :, None]  # causal; padding rows only see real keys
-            out = attention_ref(q, keys, values, allowed)
-        else:
-            out = block_attention(q, cache_k, cache_v, prefix_len, k, v)
+            else:
+                span = int(prefix_len.max()) + n
+                keys, values = cache_k[:, :span], cache_v[:, :span]
+                key_pos = torch.arange(span, device=dev)[None, None, :]
+                allowed = key_pos <= pos[:, :, None]  # causal; padding rows only see real keys
+                out = attention_ref(q, keys, values, allowed)
         return self.o_proj(out.reshape(b, n, -1))
