@@ -104,13 +104,22 @@ def evaluate(model, prompts, truths, new_tokens: int, single_prompts: int) -> li
     return rows
 
 
+def read_stage_log(run_dir: str, stage: str) -> list[dict] | None:
+    """A stage's JSON-lines training log (train steps have "loss", evaluations "heldout_loss"),
+    or None when the stage has not run."""
+    path = os.path.join(run_dir, f"{stage}_log.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def training_summary(run_dir: str) -> dict:
     summary = {}
     for stage in ("ar", "diffusion"):
-        path = os.path.join(run_dir, f"{stage}_log.jsonl")
-        if not os.path.isfile(path):
+        records = read_stage_log(run_dir, stage)
+        if records is None:
             continue
-        records = [json.loads(line) for line in open(path)]
         steps = [r for r in records if "loss" in r]
         evals = [r for r in records if "heldout_loss" in r]
         with open(os.path.join(run_dir, f"{stage}_stage.json")) as f:
@@ -146,10 +155,9 @@ def plot(run_dir: str, path: str) -> None:
     titles = {"ar": "stage 1: context tower (next-token CE)",
               "diffusion": "stage 2: denoiser (masked-token CE, blocks of 16)"}  # fmt: skip
     for ax, stage in zip(axes, ("ar", "diffusion")):
-        log = os.path.join(run_dir, f"{stage}_log.jsonl")
-        if not os.path.isfile(log):
+        records = read_stage_log(run_dir, stage)
+        if records is None:
             continue
-        records = [json.loads(line) for line in open(log)]
         tr = [r for r in records if "loss" in r]
         ev = [r for r in records if "heldout_loss" in r]
         ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], lw=0.6, alpha=0.6,
