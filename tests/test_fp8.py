@@ -140,3 +140,50 @@ def test_fp8_model_on_gpu(tmp_path):
     for mode in ("ar", "mask_diffusion"):
         out = model.generate([[1, 5, 9, 33]], mode=mode, max_new_tokens=32)
         assert len(out.generated[0]) == 32 or out.finish_reason[0] == "eos"
+
+
+def _as_bytes(t):
+    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
+
+
+def test_sharded_source_is_quantized_shard_by_shard(golden_dir, fp8_golden, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    # The golden checkpoint split into two shards with an index.
+    state = load_file(golden_dir / "model.safetensors")
+    names = sorted(state)
+    src = tmp_path / "sharded"
+    src.mkdir()
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}  # fmt: skip
+    for file, part in shards.items():
+        save_file({n: state[n] for n in part}, src / file)
+    weight_map = {n: f for f, part in shards.items() for n in part}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (src / "config.json").write_text((golden_dir / "config.json").read_text())
+    out = tmp_path / "fp8-sharded"
+    quantize_checkpoint(src, out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    got = {}
+    for file in shards:
+        got.update(load_file(out / file))
+    want = load_file(fp8_golden[0] / "model.safetensors")  # the single-file source's result
+    assert got.keys() == want.keys()
+    assert all(torch.equal(_as_bytes(got[n]), _as_bytes(want[n])) for n in want)
+    assert all(index["weight_map"][n] in shards for n in want)
+    twotower_rt.load(out).generate([[1, 2, 3]], mode="ar", max_new_tokens=4)
+
+
+def test_failed_quantize_leaves_nothing(golden_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(golden_dir / "model.safetensors")
+    state.pop(sorted(state)[-1])  # one tensor missing: found only after the last one is read
+    src = tmp_path / "broken"
+    src.mkdir()
+    save_file(state, src / "model.safetensors")
+    (src / "config.json").write_text((golden_dir / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="missing"):
+        quantize_checkpoint(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -87,18 +87,16 @@ def _fmt_names(names: Iterable[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def read_state_dict(
+def iter_checkpoint(
     directory: str,
     expected: dict[str, torch.Size],
-    device,
-    dtype: torch.dtype,
     fixed: dict[str, torch.dtype] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Read every tensor of the checkpoint, checking names and shapes against ``expected``.
-    Tensors named in ``fixed`` (an FP8 checkpoint's weights and scales) must have that dtype in
-    the file and keep it; all others are converted to ``dtype``."""
+) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """``(file, name, tensor)`` for every tensor of the checkpoint, shard after shard, each as
+    stored (CPU, the file's dtype), checked against ``expected`` (names, shapes, floating point)
+    and ``fixed`` (the dtypes an FP8 checkpoint must store); after the last, missing names raise.
+    Only one tensor is held at a time, so a caller can work shard by shard."""
     fixed = fixed or {}
-    state: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     for path, listed in _weight_files(directory).items():
         try:
@@ -139,17 +137,33 @@ def read_state_dict(
                             f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected {want} "
                             "(config.json's quantization_config says this weight is FP8)"
                         )
-                    state[name] = tensor.to(device=device, dtype=want or dtype)
                     where[name] = path
+                    yield path, name, tensor
         except SafetensorError as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    missing = set(expected) - set(state)
+    missing = set(expected) - set(where)
     if missing:
         raise CheckpointError(
             f"{directory}: {len(missing)} tensor(s) missing from the checkpoint: "
             f"{_fmt_names(missing)}"
         )
-    return state
+
+
+def read_state_dict(
+    directory: str,
+    expected: dict[str, torch.Size],
+    device,
+    dtype: torch.dtype,
+    fixed: dict[str, torch.dtype] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint (checked by :func:`iter_checkpoint`) on ``device``: those
+    named in ``fixed`` (an FP8 checkpoint's weights and scales) keep that dtype, all others are
+    converted to ``dtype``."""
+    fixed = fixed or {}
+    return {
+        name: tensor.to(device=device, dtype=fixed.get(name) or dtype)
+        for _, name, tensor in iter_checkpoint(directory, expected, fixed)
+    }
 
 
 def build_model(cfg: TwoTowerConfig, state: dict[str, torch.Tensor]) -> TwoTowerLM:

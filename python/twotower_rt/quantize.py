@@ -3,7 +3,8 @@
 The projections listed in :mod:`twotower_rt.model.linear` get float8_e4m3fn weights and float32
 ``weight_scale`` tensors (per output channel, or per block with ``block``); every other tensor keeps
 the source checkpoint's dtype. config.json is the source's with a ``quantization_config`` added,
-which the loader reads; tokenizer.json is copied.
+which the loader reads; tokenizer.json is copied. It works one source shard at a time, so the
+real checkpoint (24 shards, 126 GB in bf16) needs the memory of one shard, not of the model.
 """
 
 from __future__ import annotations
@@ -14,22 +15,19 @@ import os
 import shutil
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import _weight_files, expected_fixed_dtypes, load_checkpoint
+from .checkpoint import (
+    INDEX_FILE,
+    _weight_files,
+    expected_fixed_dtypes,
+    expected_shapes,
+    iter_checkpoint,
+)
+from .config import TwoTowerConfig
 from .model.linear import FP8_DTYPE, quantize_weight
 
 PER_CHANNEL = (1, 0)
-
-
-def _source_dtype(directory: str) -> torch.dtype:
-    """The dtype the source checkpoint stores its tensors in (that of its first tensor)."""
-    for path in _weight_files(directory):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                return f.get_tensor(name).dtype
-    raise ValueError(f"{directory}: the checkpoint has no tensors")
 
 
 def _file_bytes(directory: str) -> int:
@@ -39,37 +37,37 @@ def _file_bytes(directory: str) -> int:
 def quantize_checkpoint(
     src: str | os.PathLike, dst: str | os.PathLike, block: tuple[int, int] = PER_CHANNEL
 ) -> dict:
-    """Write the FP8 checkpoint of ``src`` into the new directory ``dst``; returns a report
-    (bytes before/after, tensors quantized)."""
+    """Write the FP8 checkpoint of ``src`` into the new directory ``dst``, shard by shard (one
+    source shard's tensors in memory at a time; a sharded source gives the same shards and an
+    index); returns a report (bytes before/after, tensors quantized). On an error nothing is
+    left in ``dst``."""
     src, dst = os.fspath(src), os.fspath(dst)
     if len(block) != 2 or block[0] < 1 or block[1] < 0:
         raise ValueError(f"block must be (rows >= 1, cols >= 0; 0 = whole row), got {block}")
     if os.path.exists(dst) and os.listdir(dst):
         raise ValueError(f"{dst}: exists and is not empty; choose a new directory")
-    cfg, lm = load_checkpoint(src, "cpu", torch.float32)
+    cfg = TwoTowerConfig.from_json_file(os.path.join(src, "config.json"))
     if cfg.fp8_weight_block is not None:
         raise ValueError(f"{src}: already an FP8 checkpoint")
-    keep_dtype = _source_dtype(src)
     qcfg = dataclasses.replace(cfg, fp8_weight_block=tuple(block))
-    fixed = expected_fixed_dtypes(qcfg)
-    state: dict[str, torch.Tensor] = {}
-    quantized = 0
-    for name, tensor in lm.state_dict().items():
-        if fixed.get(name) == FP8_DTYPE:
-            q, scale = quantize_weight(tensor, qcfg.fp8_weight_block)
-            state[name] = q
-            state[name.removesuffix("weight") + "weight_scale"] = scale
-            quantized += 1
-        else:
-            state[name] = tensor.to(keep_dtype).contiguous()
+    created = not os.path.exists(dst)
     os.makedirs(dst, exist_ok=True)
-    save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    try:
+        weight_map, quantized, kept_dtypes = _write_shards(src, dst, cfg, qcfg)
+    except BaseException:  # leave dst as it was: new or empty
+        for leftover in os.listdir(dst):
+            os.remove(os.path.join(dst, leftover))
+        if created:
+            os.rmdir(dst)
+        raise
+    if os.path.isfile(os.path.join(src, INDEX_FILE)):
+        total = sum(os.path.getsize(os.path.join(dst, f)) for f in set(weight_map.values()))
+        _write_json(os.path.join(dst, INDEX_FILE),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})  # fmt: skip
     with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
         raw = json.load(f)
     raw["quantization_config"] = qcfg.to_dict()["quantization_config"]
-    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(raw, f, indent=2)
-        f.write("\n")
+    _write_json(os.path.join(dst, "config.json"), raw)
     if os.path.isfile(os.path.join(src, "tokenizer.json")):
         shutil.copyfile(os.path.join(src, "tokenizer.json"), os.path.join(dst, "tokenizer.json"))
     before, after = _file_bytes(src), _file_bytes(dst)
@@ -78,8 +76,44 @@ def quantize_checkpoint(
         "output": dst,
         "weight_block": list(qcfg.fp8_weight_block),
         "tensors_quantized": quantized,
-        "other_tensors_dtype": str(keep_dtype).removeprefix("torch."),
+        "other_tensors_dtype": ", ".join(sorted(kept_dtypes)),
         "bytes_before": before,
         "bytes_after": after,
         "saved_fraction": round(1 - after / before, 4),
     }
+
+
+def _write_shards(src, dst, cfg, qcfg) -> tuple[dict[str, str], int, set[str]]:
+    """Each source shard to a shard of the same name in ``dst``: the FP8 projections with their
+    scales, every other tensor as stored. Returns (name -> shard file, count quantized, the
+    dtypes kept)."""
+    fixed = expected_fixed_dtypes(qcfg)
+    weight_map: dict[str, str] = {}
+    kept_dtypes: set[str] = set()
+    quantized = 0
+    shard: dict[str, torch.Tensor] = {}
+    shard_file = None
+    for path, name, tensor in iter_checkpoint(src, expected_shapes(cfg)):
+        if os.path.basename(path) != shard_file:
+            if shard_file is not None:
+                save_file(shard, os.path.join(dst, shard_file), metadata={"format": "pt"})
+            shard, shard_file = {}, os.path.basename(path)
+        if fixed.get(name) == FP8_DTYPE:
+            q, scale = quantize_weight(tensor, qcfg.fp8_weight_block)
+            scale_name = name.removesuffix("weight") + "weight_scale"
+            shard[name], shard[scale_name] = q, scale
+            weight_map[scale_name] = shard_file
+            quantized += 1
+        else:
+            shard[name] = tensor.contiguous()
+            kept_dtypes.add(str(tensor.dtype).removeprefix("torch."))
+        weight_map[name] = shard_file
+    if shard_file is not None:
+        save_file(shard, os.path.join(dst, shard_file), metadata={"format": "pt"})
+    return weight_map, quantized, kept_dtypes
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
