@@ -61,11 +61,10 @@ def block_attention_ref(
     k_block, v_block (B, S, Hkv, D) or None; cache_slots (B,) int or None (row b).
     Returns (B, S, Hq, D) in q's dtype. Every row needs at least one key (context_lens[b] > 0 or
     a block); the kernel gives zeros for a row without any, this gives NaN."""
-    if cache_slots is not None:
-        k_cache, v_cache = k_cache[cache_slots.long()], v_cache[cache_slots.long()]
     B, S = q.shape[:2]
     span = int(context_lens.max()) if B else 0
-    keys, values = k_cache[:, :span].to(q.dtype), v_cache[:, :span].to(q.dtype)
+    rows = cache_slots.long() if cache_slots is not None else slice(None)
+    keys, values = k_cache[rows, :span].to(q.dtype), v_cache[rows, :span].to(q.dtype)
     n_block = 0
     if k_block is not None:
         keys = torch.cat([keys, k_block.to(q.dtype)], dim=1)
