@@ -116,6 +116,19 @@ def test_arch_runs_on():
     assert _ext.arch_runs_on("100a", (10, 0))
 
 
+def test_a_build_without_an_op_says_so(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(_ext, "_C", SimpleNamespace(rms_norm=object()))
+    monkeypatch.setattr(_ext, "built_archs", lambda: ["90a"])
+    monkeypatch.setattr(_ext, "_device_capability", lambda index: (9, 0))
+    device = torch.device("cuda", 0)
+    assert _ext.cuda_unsupported_reason(device) is None
+    assert _ext.cuda_unsupported_reason(device, "rms_norm") is None
+    reason = _ext.cuda_unsupported_reason(device, "block_attention")
+    assert "built without block_attention" in reason and "CUTLASS" in reason
+
+
 def test_require_cuda_op_names_the_op_and_the_reason():
     with pytest.raises(RuntimeError, match=r"CUDA op 'rms_norm' cannot run: tensor is on cpu"):
         _ext.require_cuda_op("rms_norm", torch.zeros(2))

@@ -96,8 +96,9 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def cuda_unsupported_reason(device: torch.device) -> str | None:
-    """Why the extension's kernels cannot run on ``device``; None when they can."""
+def cuda_unsupported_reason(device: torch.device, op: str | None = None) -> str | None:
+    """Why the extension's kernels (or, given its name, the kernel ``op``) cannot run on
+    ``device``; None when they can."""
     if device.type != "cuda":
         return f"tensor is on {device.type}, the CUDA kernels need a CUDA tensor"
     if _C is None:
@@ -111,6 +112,11 @@ def cuda_unsupported_reason(device: torch.device) -> str | None:
             f"the CUDA kernels are built for {built}; {_device_name(index)} (cuda:{index}) "
             f"is {_sm(capability)}"
         )
+    if op is not None and not hasattr(_C, op):
+        return (
+            f"twotower_rt._C was built without {op} (the attention and MoE kernels need the "
+            "CUTLASS headers at build time)"
+        )
     return None
 
 
@@ -121,10 +127,12 @@ def op_backend(
     ref: str,
     kernel_dtypes: tuple[torch.dtype, ...],
     what: str = "",
+    op: str | None = None,
 ) -> tuple[str, str]:
     """``(backend, reason)`` for an op on ``dtype`` tensors on ``device``: ``"cuda"`` (the
     twotower_rt._C kernel), ``"torch"`` (its PyTorch reference, named ``ref``) or ``"none"`` (no
-    such device here). ``what`` names the kernel's dtype-checked input in messages ("logits")."""
+    such device here). ``what`` names the kernel's dtype-checked input in messages ("logits");
+    ``op``, the kernel's name in _C, which a build may lack."""
     device = torch.device(device)
     if device.type != "cuda":
         return "torch", f"{device.type} tensors run {ref}"
@@ -135,7 +143,7 @@ def op_backend(
         return "none", f"no CUDA device visible to PyTorch; {extension_error()}"
     names = " and ".join(_dtype_name(d) for d in kernel_dtypes)
     suffix = f" {what}" if what else ""
-    reason = cuda_unsupported_reason(device)
+    reason = cuda_unsupported_reason(device, op)
     if reason is None and dtype not in kernel_dtypes:
         reason = f"the kernel takes {names}{suffix}, not {_dtype_name(dtype)}"
     if reason is not None:

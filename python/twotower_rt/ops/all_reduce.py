@@ -146,12 +146,7 @@ class CustomAllReduce:
             )
         if self.device.type != "cuda":
             return f"the device is {self.device}, not a CUDA GPU"
-        reason = _ext.cuda_unsupported_reason(self.device)
-        if reason is not None:
-            return reason
-        if not hasattr(_ext.extension_module(), "all_reduce"):
-            return "twotower_rt._C has no all_reduce"
-        return None
+        return _ext.cuda_unsupported_reason(self.device, "all_reduce")
 
     def _group_reason(self, gathered: list) -> str | None:
         for rank, (_, _, reason, _) in enumerate(gathered):

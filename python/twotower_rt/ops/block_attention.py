@@ -156,21 +156,11 @@ def block_attention_backend(
 ) -> tuple[str, str]:
     """``(backend, reason)``: "cuda" (the kernel), "torch" (block_attention_ref) or "none"."""
     backend, reason = _ext.op_backend(
-        device, dtype, ref="block_attention_ref", kernel_dtypes=KERNEL_DTYPES
+        device, dtype, ref="block_attention_ref", kernel_dtypes=KERNEL_DTYPES, op="block_attention"
     )
-    if backend == "cuda" and not _has_kernel():
-        return "torch", (
-            "twotower_rt._C was built without block_attention (no CUTLASS headers at build "
-            "time): PyTorch path (block_attention_ref)"
-        )
     if backend == "cuda":
         reason += f", head_dim {'/'.join(map(str, KERNEL_HEAD_DIMS))}"
     return backend, reason
-
-
-def _has_kernel() -> bool:
-    C = _ext.extension_module()
-    return C is not None and hasattr(C, "block_attention")
 
 
 def _check_args(q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, out) -> None:
@@ -211,11 +201,9 @@ def _check_args(q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots
 
 
 def _kernel_unsupported_reason(q, k_cache, v_cache, k_block, v_block) -> str | None:
-    reason = _ext.cuda_unsupported_reason(q.device)
+    reason = _ext.cuda_unsupported_reason(q.device, "block_attention")
     if reason is not None:
         return reason
-    if not _has_kernel():
-        return "twotower_rt._C was built without block_attention"
     tensors = [q, k_cache, v_cache] + ([k_block, v_block] if k_block is not None else [])
     if any(t.dtype != torch.bfloat16 for t in tensors):
         return "the kernel takes bfloat16 q, caches and block K/V"

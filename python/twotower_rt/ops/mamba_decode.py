@@ -84,21 +84,17 @@ def mamba_decode_backend(
     device: torch.device | str, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[str, str]:
     """``(backend, reason)``: "cuda" (the kernel), "torch" (mamba_decode_step_ref) or "none"."""
-    backend, reason = _ext.op_backend(
-        device, dtype, ref="mamba_decode_step_ref", kernel_dtypes=KERNEL_DTYPES
-    )
-    if backend == "cuda" and not hasattr(_ext.extension_module(), "mamba_decode_step"):
-        return "torch", "twotower_rt._C has no mamba_decode_step: PyTorch path"
-    return backend, reason
+    return _ext.op_backend(
+        device, dtype, ref="mamba_decode_step_ref", kernel_dtypes=KERNEL_DTYPES,
+        op="mamba_decode_step",
+    )  # fmt: skip
 
 
 def _kernel_unsupported_reason(zxbcdt, conv_state, conv_weight, conv_bias, dt_bias, A_log, D,
                                ssm_state, norm_weight, n_groups) -> str | None:  # fmt: skip
-    reason = _ext.cuda_unsupported_reason(zxbcdt.device)
+    reason = _ext.cuda_unsupported_reason(zxbcdt.device, "mamba_decode_step")
     if reason is not None:
         return reason
-    if not hasattr(_ext.extension_module(), "mamba_decode_step"):
-        return "twotower_rt._C has no mamba_decode_step"
     dtype = zxbcdt.dtype
     same = [conv_state, conv_weight, dt_bias, A_log, D, norm_weight]
     if conv_bias is not None:

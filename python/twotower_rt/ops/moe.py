@@ -150,9 +150,10 @@ def grouped_unsupported_reason(x: torch.Tensor, up: torch.Tensor) -> str | None:
 def _cutlass_ready(x: torch.Tensor) -> bool:
     from twotower_rt import _ext
 
-    if x.device.type != "cuda" or _ext.cuda_unsupported_reason(x.device) is not None:
-        return False
-    return hasattr(_ext.extension_module(), "moe_grouped_gemm")
+    return (
+        x.device.type == "cuda"
+        and _ext.cuda_unsupported_reason(x.device, "moe_grouped_gemm") is None
+    )
 
 
 def grouped_gemm_for(x: torch.Tensor, up: torch.Tensor) -> Gemm | None:
@@ -170,10 +171,9 @@ def moe_experts_backend(
     from twotower_rt import _ext
 
     backend, reason = _ext.op_backend(
-        device, dtype, ref="moe_experts_ref", kernel_dtypes=(torch.bfloat16,)
-    )
-    if backend == "cuda" and not hasattr(_ext.extension_module(), "moe_grouped_gemm"):
-        backend, reason = "torch", "twotower_rt._C has no moe_grouped_gemm (no CUTLASS at build)"
+        device, dtype, ref="moe_experts_ref", kernel_dtypes=(torch.bfloat16,),
+        op="moe_grouped_gemm",
+    )  # fmt: skip
     if backend != "none":
         reason += "; the grouped path runs only with MoE.grouped (off by default)"
     return backend, reason

@@ -106,10 +106,9 @@ def ssm_scan_backend(
 ) -> tuple[str, str]:
     """``(backend, reason)``: "cuda" (the kernel), "torch" (ssm_scan_ref) or "none"."""
     backend, reason = _ext.op_backend(
-        device, dtype, ref="ssm_scan_ref", kernel_dtypes=KERNEL_DTYPES, what="x, B, C"
-    )
-    if backend == "cuda" and not hasattr(_ext.extension_module(), "ssm_scan"):
-        return "torch", "twotower_rt._C has no ssm_scan: PyTorch path (ssm_scan_ref)"
+        device, dtype, ref="ssm_scan_ref", kernel_dtypes=KERNEL_DTYPES, what="x, B, C",
+        op="ssm_scan",
+    )  # fmt: skip
     if backend == "cuda":
         reason += f", state size {'/'.join(map(str, KERNEL_STATE_SIZES))}"
     return backend, reason
@@ -138,11 +137,9 @@ def _check_args(x, dt, A, B, C, D, state, n_valid) -> None:
 
 
 def _kernel_unsupported_reason(x, B, C, state) -> str | None:
-    reason = _ext.cuda_unsupported_reason(x.device)
+    reason = _ext.cuda_unsupported_reason(x.device, "ssm_scan")
     if reason is not None:
         return reason
-    if not hasattr(_ext.extension_module(), "ssm_scan"):
-        return "twotower_rt._C has no ssm_scan"
     if x.dtype not in KERNEL_DTYPES or B.dtype != x.dtype or C.dtype != x.dtype:
         return f"dtypes x={x.dtype}, B={B.dtype}, C={C.dtype}; the kernel takes float32, bfloat16"
     if B.shape[3] not in KERNEL_STATE_SIZES:
