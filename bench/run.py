@@ -343,13 +343,15 @@ def run_sample_tokens(args: argparse.Namespace, quick: bool, peaks: dict[str, fl
             reps=reps,
             inner=inner,
             peaks=peaks,
+            splits=splits,
         )  # fmt: skip
         for b in batches
         for c in SAMPLE_CONFIGS
+        for splits in ((0, 1) if b == 1 else (0,))  # batch 1: split rows and one CTA per row
     ]
 
 
-def bench_sample_tokens_case(*, batch, vocab, config, dtype_name, reps, inner, peaks):
+def bench_sample_tokens_case(*, batch, vocab, config, dtype_name, reps, inner, peaks, splits=0):
     from twotower_rt.ops import sample_tokens, sample_tokens_ref
 
     temperature, top_k, top_p = config
@@ -360,7 +362,8 @@ def bench_sample_tokens_case(*, batch, vocab, config, dtype_name, reps, inner, p
     out = torch.full((batch,), -1, dtype=torch.int64, device="cuda")
 
     def kernel():
-        return sample_tokens(logits, temperature, top_k, top_p, seed, offset, out=out)
+        return sample_tokens(logits, temperature, top_k, top_p, seed, offset, out=out,
+                             splits=splits)  # fmt: skip
 
     def reference():
         return sample_tokens_ref(logits, temperature, top_k, top_p, seed, offset)
@@ -374,6 +377,7 @@ def bench_sample_tokens_case(*, batch, vocab, config, dtype_name, reps, inner, p
     name = "greedy" if temperature == 0 else f"T={temperature:g}"
     name += f" k={top_k}" if top_k else ""
     name += f" p={top_p:g}" if top_p else ""
+    name += " one CTA per row" if splits == 1 else ""
     return {
         "kernel": "sample_tokens",
         "shape": f"{batch}x{vocab} {name} {dtype_name}",
@@ -384,6 +388,7 @@ def bench_sample_tokens_case(*, batch, vocab, config, dtype_name, reps, inner, p
             "top_k": top_k,
             "top_p": top_p,
             "dtype": dtype_name,
+            "splits": splits,
         },
         "correct": correct,
         "median_us": round(kernel_us, 3),
@@ -416,10 +421,17 @@ def add_block_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-bytes", type=float, default=8e9, help="skip cases whose K/V cache exceeds this"
     )
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        default=["mma_sync", "wgmma"],
+        help="kernel variants; wgmma (unverified) adds rows only for the shapes it covers",
+    )
 
 
 def run_block_attention(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
     from twotower_rt.ops import block_attention_backend
+    from twotower_rt.ops.block_attention import kernel_variant
 
     require_kernel("block_attention", block_attention_backend, torch.bfloat16)
     reps, inner = (10, 5) if quick else (args.reps, max(1, args.inner // 4))
@@ -432,15 +444,20 @@ def run_block_attention(args: argparse.Namespace, quick: bool, peaks: dict[str, 
                 cache_bytes = 2 * batch * context * args.kv_heads * args.head_dim * 2
                 if cache_bytes > args.max_bytes:
                     continue
-                results.append(
-                    bench_block_attention_case(
-                        batch, seq, context, block, args, reps=reps, inner=inner, peaks=peaks
-                    )
-                )
+                for variant in args.variant:
+                    shape = (seq, args.q_heads, args.kv_heads, args.head_dim)
+                    if kernel_variant(variant, *shape)[0] != variant:
+                        continue  # it would run (and time) another variant's kernel
+                    results.append(
+                        bench_block_attention_case(batch, seq, context, block, args, reps=reps,
+                                                   inner=inner, peaks=peaks, variant=variant)
+                    )  # fmt: skip
     return results
 
 
-def bench_block_attention_case(batch, seq, context, block, args, *, reps, inner, peaks):
+def bench_block_attention_case(
+    batch, seq, context, block, args, *, reps, inner, peaks, variant="mma_sync"
+):
     import torch.nn.functional as F
 
     from twotower_rt.ops import block_attention, block_attention_ref
@@ -459,7 +476,7 @@ def bench_block_attention_case(batch, seq, context, block, args, *, reps, inner,
     )
     lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
     out = torch.full_like(q, float("nan"))
-    block_attention(q, k_cache, v_cache, lens, k_block, v_block, out=out)
+    block_attention(q, k_cache, v_cache, lens, k_block, v_block, out=out, variant=variant)
 
     # Baseline: torch SDPA (FlashAttention when it applies) on keys laid out as it likes best,
     # [cache ; block] concatenated beforehand (the concatenation is not timed).
@@ -479,10 +496,11 @@ def bench_block_attention_case(batch, seq, context, block, args, *, reps, inner,
         lowprec = sdpa().transpose(1, 2)[rows]
         correct = within_lowprec_error(out[rows], ref32, lowprec)
     kernel_us = time_us(
-        lambda: block_attention(q, k_cache, v_cache, lens, k_block, v_block, out=out),
+        lambda: block_attention(q, k_cache, v_cache, lens, k_block, v_block, out=out,
+                                variant=variant),
         reps=reps,
         inner=inner,
-    )
+    )  # fmt: skip
     ref_us = time_us(sdpa, reps=reps, inner=inner)
     keys_n = context + (seq if block else 0)
     # Floor: K and V read once (and q, out); 2 products of 2 * Hq * S * keys * D FLOPs each.
@@ -492,7 +510,9 @@ def bench_block_attention_case(batch, seq, context, block, args, *, reps, inner,
     mode = f"S={seq} block" if block else "decode"
     return {
         "kernel": "block_attention",
-        "shape": f"B={batch} ctx={context} {mode} {hq}/{hkv}x{d}",
+        "shape": f"B={batch} ctx={context} {mode} {hq}/{hkv}x{d}"
+        + (f" {variant}" if variant != "mma_sync" else ""),
+        "variant": variant,
         "dims": {
             "batch": batch,
             "seq": seq,
@@ -537,6 +557,12 @@ def run_mamba(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
         for n, keep in ((1, True), (BLOCK, False))  # decode step; denoiser block
         for variant in ("lanes", "rows")
         for batch in batches
+    ]
+    results += [
+        bench_ssm_prefill_case(batch, n, chunk, args, reps=min(reps, 5), inner=2, peaks=peaks)
+        for batch in ([1] if quick else PREFILL_BATCHES)
+        for n in ([8192] if quick else PREFILL_TOKENS)
+        for chunk in (0, None)  # in one piece; chunked as plan_scan_chunk picks
     ]
     from twotower_rt.ops import mamba_decode_backend
 
@@ -590,13 +616,13 @@ def bench_mamba_decode_case(batch, args, *, reps, inner, peaks):
     }
 
 
-def bench_ssm_scan_case(batch, n, keep_state, variant, args, *, reps, inner, peaks):
-    from twotower_rt.ops import ssm_scan, ssm_scan_ref
+PREFILL_BATCHES, PREFILL_TOKENS = [1, 16], [1024, 8192]
 
+
+def _scan_inputs(batch, n, dtype, seed):
+    """x, dt, A, B, C, D, state as the mixer makes them (x, B, C views into one xBC tensor)."""
     H, P, N, G = MAMBA_HEADS, MAMBA_HEAD_DIM, MAMBA_STATE, MAMBA_GROUPS
-    dtype = DTYPES[args.dtype]
-    gen = torch.Generator(device="cuda").manual_seed(batch * 100 + n)
-    # x, B, C as the mixer leaves them: views into one xBC tensor.
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     xbc = torch.randn(batch, n, H * P + 2 * G * N, device="cuda", generator=gen).to(dtype)
     x = xbc[..., : H * P].view(batch, n, H, P)
     B = xbc[..., H * P : H * P + G * N].view(batch, n, G, N)
@@ -605,7 +631,58 @@ def bench_ssm_scan_case(batch, n, keep_state, variant, args, *, reps, inner, pea
     A = -torch.exp(torch.rand(H, device="cuda", generator=gen) * 2)
     D = torch.randn(H, device="cuda", generator=gen)
     state = torch.randn(batch, H, P, N, device="cuda", generator=gen)
+    return x, dt, A, B, C, D, state
 
+
+def bench_ssm_prefill_case(batch, n, chunk, args, *, reps, inner, peaks):
+    """The prefill / block-extension scan of n tokens from a state, in one piece (chunk 0) or
+    chunked (None: plan_scan_chunk's choice), against the best PyTorch scan for long runs: the
+    trainer's SSD-style selective_scan_chunked (chunk 64)."""
+    from twotower_rt.model.mamba import selective_scan_chunked
+    from twotower_rt.ops import ssm_scan, ssm_scan_ref
+    from twotower_rt.ops.ssm_scan import plan_scan_chunk
+
+    H, P, N, G = MAMBA_HEADS, MAMBA_HEAD_DIM, MAMBA_STATE, MAMBA_GROUPS
+    x, dt, A, B, C, D, state = _scan_inputs(batch, n, DTYPES[args.dtype], batch * 100 + n)
+    Bh, Ch = B.repeat_interleave(H // G, dim=2), C.repeat_interleave(H // G, dim=2)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    used = plan_scan_chunk(batch, n, H, P, N, sms) if chunk is None else chunk
+
+    def run():
+        return ssm_scan(x, dt, A, B, C, D, state, chunk=chunk)
+
+    y, final = run()
+    y_ref, final_ref = ssm_scan_ref(x, dt, A, B, C, D, state)
+    correct = bool(torch.allclose(y, y_ref, rtol=1e-3, atol=1e-3))
+    correct &= bool(torch.allclose(final, final_ref, rtol=1e-3, atol=1e-3))
+    del y_ref, final_ref
+    kernel_us = time_us(run, reps=reps, inner=inner)
+    ref_us = time_us(lambda: selective_scan_chunked(x, dt, A, Bh, Ch, D, state, chunk=64),
+                     reps=reps, inner=inner)  # fmt: skip
+    # Floor: the state read and written once; x, B, C, dt read, y written. The chunked scan moves
+    # more (x, B, C twice, the chunk states three times) but the floor is the op's.
+    moved = 2 * state.numel() * 4 + (x.numel() + B.numel() + C.numel()) * x.element_size()
+    moved += y.numel() * 4 + dt.numel() * 4
+    flops = 4 * state.numel() * n
+    how = f"chunk {used}" if used else "one piece"
+    return {
+        "kernel": "ssm_scan",
+        "shape": f"B={batch} prefill of {n} ({how}) {H}x{P}x{N} {args.dtype}",
+        "variant": "lanes",
+        "dims": dict(batch=batch, n=n, heads=H, head_dim=P, state=N, groups=G, chunk=used),
+        "correct": correct,
+        "median_us": round(kernel_us, 3),
+        "baseline": "torch selective_scan_chunked (SSD form, chunk 64, same graph timing)",
+        "baseline_median_us": round(ref_us, 3),
+        **throughput(kernel_us, moved, flops, peaks),
+    }
+
+
+def bench_ssm_scan_case(batch, n, keep_state, variant, args, *, reps, inner, peaks):
+    from twotower_rt.ops import ssm_scan, ssm_scan_ref
+
+    H, P, N, G = MAMBA_HEADS, MAMBA_HEAD_DIM, MAMBA_STATE, MAMBA_GROUPS
+    x, dt, A, B, C, D, state = _scan_inputs(batch, n, DTYPES[args.dtype], batch * 100 + n)
     y, final = ssm_scan(x, dt, A, B, C, D, state, keep_state=keep_state, variant=variant)
     y_ref, final_ref = ssm_scan_ref(x, dt, A, B, C, D, state)
     correct = bool(torch.allclose(y, y_ref, rtol=1e-4, atol=1e-4))
@@ -618,7 +695,8 @@ def bench_ssm_scan_case(batch, n, keep_state, variant, args, *, reps, inner, pea
     ref_us = time_us(lambda: ssm_scan_ref(x, dt, A, B, C, D, state), reps=reps, inner=inner)
     # Floor: the state read once (and written once when kept); x, B, C read, y written, dt read.
     state_bytes = state.numel() * 4
-    moved = state_bytes * (2 if keep_state else 1) + xbc.numel() * xbc.element_size()
+    moved = state_bytes * (2 if keep_state else 1)
+    moved += (x.numel() + B.numel() + C.numel()) * x.element_size()
     moved += y.numel() * 4 + dt.numel() * 4
     # 4 FLOPs per state element and token (decay, input, and the C dot product).
     flops = 4 * state.numel() * n
@@ -648,8 +726,9 @@ def bench_ssm_scan_case(batch, n, keep_state, variant, args, *, reps, inner, pea
 
 # --- moe -----------------------------------------------------------------------------------------
 
-# The real model's MoE layer: 128 routed experts (top 6) of 2688 -> 1856 -> 2688, relu^2.
-MOE_EXPERTS, MOE_TOP_K, MOE_INTER = 128, 6, 1856
+# The real model's MoE layer: 128 routed experts (top 6) of 2688 -> 1856 -> 2688, relu^2, and the
+# shared expert (2688 -> 3712 -> 2688), folded into the grouped GEMMs as one extra group.
+MOE_EXPERTS, MOE_TOP_K, MOE_INTER, MOE_SHARED = 128, 6, 1856, 3712
 MOE_TOKENS = [16, 64, 256, 1024, 2048]
 
 
@@ -658,7 +737,17 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_moe(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
-    from twotower_rt.ops.moe import _cutlass_ready, gemm_cutlass, gemm_torch
+    from twotower_rt.model.linear import quantize_weight
+    from twotower_rt.ops.moe import (
+        Fp8ExpertWeights,
+        _cutlass_ready,
+        fold_shared_expert,
+        gemm_cutlass,
+        gemm_cutlass_fp8,
+        gemm_torch,
+        grouped_unsupported_reason,
+        shared_unsupported_reason,
+    )
 
     probe = torch.empty(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
     backends = {}
@@ -674,47 +763,106 @@ def run_moe(args: argparse.Namespace, quick: bool, peaks: dict[str, float]):
     E, H, inter = MOE_EXPERTS, HIDDEN, MOE_INTER
     up = (torch.randn(E, inter, H, device="cuda", generator=gen) * 0.02).bfloat16()
     down = (torch.randn(E, H, inter, device="cuda", generator=gen) * 0.02).bfloat16()
-    return [
-        bench_moe_case(t, up, down, name, gemm, reps=reps, inner=inner, peaks=peaks)
+    up_s = (torch.randn(MOE_SHARED, H, device="cuda", generator=gen) * 0.02).bfloat16()
+    down_s = (torch.randn(H, MOE_SHARED, device="cuda", generator=gen) * 0.02).bfloat16()
+    shared = fold_shared_expert(up, down, up_s, down_s)
+    rows = [
+        bench_moe_case(t, up, down, name, gemm, reps=reps, inner=inner, peaks=peaks, shared=shared)
         for t in tokens
         for name, gemm in backends.items()
     ]
 
+    # FP8 (e4m3, per-channel scales, the checkpoints' default) rows: the same weights quantized.
+    def quantized(w: torch.Tensor) -> Fp8ExpertWeights:
+        q, s = zip(*(quantize_weight(w[e], (1, 0)) for e in range(w.shape[0])))
+        return Fp8ExpertWeights.from_checkpoint(torch.stack(q), torch.stack(s), (1, 0))
 
-def bench_moe_case(tokens, up, down, backend, gemm, *, reps, inner, peaks):
+    up8, down8 = quantized(up), quantized(down)
+    shared8 = fold_shared_expert(up8, down8, quantized(up_s[None]), quantized(down_s[None]))
+    del up, down, shared
+    if grouped_unsupported_reason(probe, up8, down8) is None:
+        if shared_unsupported_reason(probe, up8, down8, shared8) is not None:
+            shared8 = None  # the rows then time the routed experts alone
+        bf16 = {r["dims"]["tokens"]: r["median_us"] for r in rows if r["backend"] == "cutlass"}
+        for t in tokens:
+            row = bench_moe_case(t, up8, down8, "cutlass fp8", gemm_cutlass_fp8, reps=reps,
+                                 inner=inner, peaks=peaks, shared=shared8)  # fmt: skip
+            row["bf16_grouped_median_us"] = bf16.get(t)
+            rows.append(row)
+    return rows
+
+
+def bench_moe_case(tokens, up, down, backend, gemm, *, reps, inner, peaks, shared=None):
+    """One row: the grouped routed experts, with ``shared`` (one-expert stacks from
+    fold_shared_expert) the whole layer's experts, the shared one folded in as the extra group
+    (torch._grouped_mm: as plain matmuls beside it); then also timed unfolded (grouped routed
+    experts, then the shared expert as its own matmuls, as MoE.forward runs it without folding)."""
     from twotower_rt.ops.moe import moe_experts_grouped, moe_experts_ref
 
     E, inter, H = up.shape
+    fp8 = not isinstance(up, torch.Tensor)  # ops.moe.Fp8ExpertWeights
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, H, device="cuda", generator=gen).bfloat16()
     scores = torch.rand(tokens, E, device="cuda", generator=gen)
     expert_ids = scores.topk(MOE_TOP_K, dim=-1).indices
     weights = torch.rand(tokens, MOE_TOP_K, device="cuda", generator=gen)
 
+    def weight(w, e):  # FP8: dequantized at each call, as Fp8Linear does in the PyTorch path
+        return w.dequantize(e, torch.bfloat16) if fp8 else w[e]
+
     def expert(e):
-        return lambda rows: torch.nn.functional.relu(rows @ up[e].T).square() @ down[e].T
+        return lambda rows: (
+            torch.nn.functional.relu(rows @ weight(up, e).T).square() @ weight(down, e).T
+        )
 
     experts = [expert(e) for e in range(E)]
-    got = moe_experts_grouped(x, expert_ids, weights, up, down, gemm=gemm)
-    want = moe_experts_ref(x, expert_ids, weights, experts)
+
+    def shared_expert(rows):  # Relu2MLP / Fp8Linear's arithmetic
+        up_s, down_s = shared
+        h = torch.nn.functional.relu(rows @ weight(up_s, 0).T).square()
+        return h @ weight(down_s, 0).T
+
+    def grouped():
+        return moe_experts_grouped(x, expert_ids, weights, up, down, gemm=gemm, shared=shared)
+
+    def unfolded():
+        routed = moe_experts_grouped(x, expert_ids, weights, up, down, gemm=gemm)
+        return routed.to(x.dtype) + shared_expert(x)
+
+    def reference():
+        routed = moe_experts_ref(x, expert_ids, weights, experts)
+        return routed if shared is None else routed.to(x.dtype) + shared_expert(x)
+
+    got, want = grouped().float(), reference().float()
     scale = want.abs().max().item()
     correct = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2 * scale))
-    kernel_us = time_us(lambda: moe_experts_grouped(x, expert_ids, weights, up, down, gemm=gemm),
-                        reps=reps, inner=inner)  # fmt: skip
+    kernel_us = time_us(grouped, reps=reps, inner=inner)
+    unfolded_us = time_us(unfolded, reps=reps, inner=inner) if shared is not None else None
     # The baseline loop asks the host which experts have tokens: time it eagerly (not in a graph).
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     ref_times = []
     for _ in range(max(3, reps // 5)):
         start.record()
-        moe_experts_ref(x, expert_ids, weights, experts)
+        reference()
         end.record()
         end.synchronize()
         ref_times.append(start.elapsed_time(end) * 1e3)
     touched = int(torch.unique(expert_ids).numel())
-    # Floor: every touched expert's up and down weights read once (activations are small).
-    moved = touched * 2 * inter * H * 2 + 2 * tokens * H * 2
+    # Floor: every touched expert's up and down weights read once (activations are small); FP8:
+    # 1 byte a weight plus its fp32 scales.
+    weight_bytes = 2 * inter * H * (1 if fp8 else 2)
+    if fp8:
+        weight_bytes += (up.scale[0].numel() + down.scale[0].numel()) * 4
+    moved = touched * weight_bytes + 2 * tokens * H * 2
     flops = 2 * 2 * tokens * MOE_TOP_K * inter * H
+    shared_inter = 0
+    if shared is not None:  # the shared expert: every token, its weights always read
+        shared_inter = shared[0].shape[1]
+        moved += 2 * shared_inter * H * (1 if fp8 else 2)
+        if fp8:
+            moved += (shared[0].scale.numel() + shared[1].scale.numel()) * 4
+        flops += 2 * 2 * tokens * shared_inter * H
     return {
         "kernel": "moe_experts",
         "shape": f"T={tokens} {backend} ({touched} of {E} experts)",
@@ -725,11 +873,15 @@ def bench_moe_case(tokens, up, down, backend, gemm, *, reps, inner, peaks):
             "top_k": MOE_TOP_K,
             "hidden": H,
             "intermediate": inter,
+            "shared_intermediate": shared_inter,
             "experts_touched": touched,
         },
         "correct": correct,
         "median_us": round(kernel_us, 3),
-        "baseline": "torch loop over touched experts (eager, host-synchronised)",
+        "unfolded_median_us": round(unfolded_us, 3) if unfolded_us is not None else None,
+        "baseline": "torch loop over touched experts (eager, host-synchronised)"
+        + (" + the shared expert's matmuls" if shared is not None else "")
+        + (", FP8 dequantized per call as Fp8Linear" if fp8 else ""),
         "baseline_median_us": round(statistics.median(ref_times), 3),
         **throughput(kernel_us, moved, flops, peaks),
     }

@@ -71,6 +71,7 @@ py::dict BuildInfo() {
 #endif
 #ifdef TWOTOWER_RT_HAVE_CUTLASS
   ops.append("moe_grouped_gemm");
+  ops.append("moe_grouped_gemm_fp8");
 #endif
   info["ops"] = ops;
   return info;
@@ -123,7 +124,15 @@ PYBIND11_MODULE(_C, m) {
         "sample_tokens.cuh.",
         py::arg("logits"), py::arg("logits_row_stride"), py::arg("seed"), py::arg("offset"),
         py::arg("out"), py::arg("batch"), py::arg("vocab"), py::arg("top_k"), py::arg("top_p"),
-        py::arg("temperature"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+        py::arg("temperature"), py::arg("split_size"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("sample_tokens_split_size", &twotower_rt::SampleTokensSplitSizeOp,
+        "Logits per CTA of sample_tokens' split rows on a GPU of sm_count SMs, or 0 (one CTA per "
+        "row); splits: 0 automatic, 1 never, k about k slices.",
+        py::arg("batch"), py::arg("vocab"), py::arg("splits"), py::arg("sm_count"));
+  m.def("sample_tokens_workspace_bytes", &twotower_rt::SampleTokensWorkspaceOp,
+        "Workspace bytes of sample_tokens with this split size.", py::arg("batch"),
+        py::arg("split_size"));
   m.def("ssm_scan", &twotower_rt::SsmScanOp,
         "Mamba-2 selective scan of a few tokens from a state (decode step, denoiser block); see "
         "ssm_scan.cuh.",
@@ -131,8 +140,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("D"), py::arg("B"), py::arg("b_strides"), py::arg("C"), py::arg("c_strides"),
         py::arg("n_valid"), py::arg("state"), py::arg("state_out"), py::arg("y"),
         py::arg("batch"), py::arg("n"), py::arg("heads"), py::arg("groups"), py::arg("head_dim"),
-        py::arg("state_size"), py::arg("dtype"), py::arg("variant"), py::arg("device"),
-        py::arg("stream"));
+        py::arg("state_size"), py::arg("chunk"), py::arg("dtype"), py::arg("variant"),
+        py::arg("device"), py::arg("stream"));
+  m.def("ssm_chunk_combine", &twotower_rt::SsmChunkCombineOp,
+        "The chunked scan's middle pass: the state entering each chunk; see ssm_scan.cuh.",
+        py::arg("states"), py::arg("decay"), py::arg("initial"), py::arg("final_state"),
+        py::arg("batch"), py::arg("chunks"), py::arg("heads"), py::arg("head_elems"),
+        py::arg("device"), py::arg("stream"));
   m.def("mamba_decode_step", &twotower_rt::MambaDecodeOp,
         "The Mamba-2 mixer's one-token step between in_proj and out_proj (conv, scan, gated "
         "norm), fused; see mamba_decode.cuh.",
@@ -174,14 +188,33 @@ PYBIND11_MODULE(_C, m) {
         py::arg("device"), py::arg("stream"));
 #ifdef TWOTOWER_RT_HAVE_CUTLASS
   m.def("moe_grouped_gemm_workspace_bytes", &twotower_rt::MoeGemmWorkspaceOp,
-        "Workspace bytes of moe_grouped_gemm for this many experts on this device.",
-        py::arg("experts"), py::arg("epilogue"), py::arg("device"));
+        "Workspace bytes of moe_grouped_gemm for this many experts (plus an extra group) on this "
+        "device.",
+        py::arg("experts"), py::arg("epilogue"), py::arg("device"), py::arg("extra_group") = false);
   m.def("moe_grouped_gemm", &twotower_rt::MoeGroupedGemmOp,
-        "Grouped GEMM of the routed experts (rows sorted by expert; relu^2 epilogue optional); "
-        "see moe_gemm.cuh.",
+        "Grouped GEMM of the routed experts (rows sorted by expert; relu^2 epilogue optional), "
+        "optionally with one extra group (the shared expert); see moe_gemm.cuh.",
         py::arg("a"), py::arg("w"), py::arg("offsets"), py::arg("d"), py::arg("workspace"),
         py::arg("workspace_bytes"), py::arg("experts"), py::arg("n"), py::arg("k"),
-        py::arg("epilogue"), py::arg("device"), py::arg("stream"));
+        py::arg("epilogue"), py::arg("device"), py::arg("stream"), py::arg("extra_a") = 0,
+        py::arg("extra_w") = 0, py::arg("extra_d") = 0, py::arg("extra_rows") = 0,
+        py::arg("extra_n") = 0, py::arg("extra_k") = 0, py::arg("extra_lda") = 0,
+        py::arg("extra_ldd") = 0);
+  m.def("moe_grouped_gemm_fp8_workspace_bytes", &twotower_rt::MoeGemmFp8WorkspaceOp,
+        "Workspace bytes of moe_grouped_gemm_fp8 for this many experts (plus an extra group) on "
+        "this device.",
+        py::arg("experts"), py::arg("epilogue"), py::arg("device"), py::arg("extra_group") = false);
+  m.def("moe_grouped_gemm_fp8", &twotower_rt::MoeGroupedGemmFp8Op,
+        "Grouped GEMM of the routed experts with FP8 (e4m3) weights and fp32 scales, bf16 tokens "
+        "(rows sorted by expert; relu^2 epilogue optional), optionally with one extra group (the "
+        "shared expert, its scales at the experts' group_size); see moe_gemm_fp8.cuh.",
+        py::arg("a"), py::arg("w"), py::arg("scales"), py::arg("offsets"), py::arg("d"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("experts"), py::arg("n"),
+        py::arg("k"), py::arg("group_size"), py::arg("epilogue"), py::arg("device"),
+        py::arg("stream"), py::arg("extra_a") = 0, py::arg("extra_w") = 0,
+        py::arg("extra_scales") = 0, py::arg("extra_d") = 0, py::arg("extra_rows") = 0,
+        py::arg("extra_n") = 0, py::arg("extra_k") = 0, py::arg("extra_lda") = 0,
+        py::arg("extra_ldd") = 0);
 #endif
 #ifdef TWOTOWER_RT_HAVE_BLOCK_ATTENTION
   m.def("block_attention", &twotower_rt::BlockAttentionOp,
@@ -193,6 +226,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("v_block_strides"), py::arg("out"), py::arg("out_strides"),
         py::arg("partial_out"), py::arg("partial_lse"), py::arg("batch"), py::arg("seq"),
         py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("block_len"),
-        py::arg("num_splits"), py::arg("softmax_scale"), py::arg("device"), py::arg("stream"));
+        py::arg("num_splits"), py::arg("softmax_scale"), py::arg("variant"), py::arg("device"),
+        py::arg("stream"));
 #endif
 }

@@ -1,6 +1,7 @@
 // Launcher for twotower_rt._C.block_attention: checks what Python hands over (pointers as integers,
-// sizes, strides in elements, a stream), runs include/twotower_rt/block_attention.cuh and turns
-// every CUDA error into an exception naming the op.
+// sizes, strides in elements, a stream), runs include/twotower_rt/block_attention.cuh (variant 0,
+// mma.sync) or the Hopper wgmma kernel of block_attention_sm90.cuh (variant 1, compiled in
+// csrc/block_attention_sm90.cu) and turns every CUDA error into an exception naming the op.
 
 #include <array>
 #include <cmath>
@@ -13,9 +14,14 @@
 
 namespace twotower_rt {
 
+// csrc/block_attention_sm90.cu: the wgmma kernel and its split merge (its own translation unit).
+cudaError_t LaunchBlockAttentionSm90(const BlockAttentionParams& p, cudaStream_t stream);
+
 namespace {
 
 constexpr const char* kOp = "twotower_rt._C.block_attention";
+constexpr int kVariantMmaSync = 0;
+constexpr int kVariantWgmma = 1;
 
 using Strides = std::array<int64_t, 3>;  // (batch, token, head), in elements
 
@@ -45,15 +51,22 @@ void BlockAttentionOp(std::uintptr_t q, Strides q_strides, std::uintptr_t k_cach
                       Strides v_block_strides, std::uintptr_t out, Strides out_strides,
                       std::uintptr_t partial_out, std::uintptr_t partial_lse, int64_t batch,
                       int64_t seq, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
-                      int64_t block_len, int64_t num_splits, double softmax_scale, int device,
-                      std::uintptr_t stream) {
+                      int64_t block_len, int64_t num_splits, double softmax_scale, int variant,
+                      int device, std::uintptr_t stream) {
   if (batch < 0 || seq < 0) ThrowInvalid(kOp, "batch and seq must be >= 0");
+  if (variant != kVariantMmaSync && variant != kVariantWgmma) {
+    ThrowInvalid(kOp, "variant must be 0 (mma_sync) or 1 (wgmma), got " + std::to_string(variant));
+  }
   if (kv_heads <= 0 || q_heads <= 0 || q_heads % kv_heads != 0) {
     ThrowInvalid(kOp, "need q_heads > 0 a multiple of kv_heads > 0, got q_heads=" +
                           std::to_string(q_heads) + ", kv_heads=" + std::to_string(kv_heads));
   }
   if (!BlockAttentionSupportsHeadDim(static_cast<int>(head_dim))) {
     ThrowInvalid(kOp, "head_dim must be 32, 64 or 128, got " + std::to_string(head_dim));
+  }
+  if (variant == kVariantWgmma && !BlockAttentionSm90SupportsHeadDim(static_cast<int>(head_dim))) {
+    ThrowInvalid(kOp, "the wgmma variant is built for head_dim 128 only, got " +
+                          std::to_string(head_dim) + " (use variant 0, mma_sync)");
   }
   if (block_len != 0 && block_len != seq) {
     ThrowInvalid(kOp, "block_len must be 0 or seq, got " + std::to_string(block_len));
@@ -129,7 +142,11 @@ void BlockAttentionOp(std::uintptr_t q, Strides q_strides, std::uintptr_t k_cach
   p.softmax_scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 
   ScopedDevice guard(kOp, device);
-  CheckCuda(kOp, BlockAttention(p, reinterpret_cast<cudaStream_t>(stream)), "kernel launch");
+  const cudaStream_t cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  CheckCuda(kOp,
+            variant == kVariantWgmma ? LaunchBlockAttentionSm90(p, cuda_stream)
+                                     : BlockAttention(p, cuda_stream),
+            "kernel launch");
 }
 
 }  // namespace twotower_rt

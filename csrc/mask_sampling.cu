@@ -106,9 +106,26 @@ void MaskSamplingOp(std::uintptr_t logits, int64_t logits_batch_stride,
   CheckCuda(op, MaskSampling(p, reinterpret_cast<cudaStream_t>(stream)), "kernel launch");
 }
 
+int64_t SampleTokensSplitSizeOp(int64_t batch, int64_t vocab, int64_t splits, int64_t sm_count) {
+  if (batch < 0 || vocab <= 0 || splits < 0 || sm_count <= 0) {
+    ThrowInvalid("twotower_rt._C.sample_tokens_split_size",
+                 "need batch >= 0, vocab > 0, splits >= 0 and sm_count > 0");
+  }
+  return SampleTokensSplitSize(batch, vocab, static_cast<int>(sm_count), splits);
+}
+
+int64_t SampleTokensWorkspaceOp(int64_t batch, int64_t split_size) {
+  if (batch < 0 || split_size < 0) {
+    ThrowInvalid("twotower_rt._C.sample_tokens_workspace_bytes",
+                 "need batch >= 0 and split_size >= 0");
+  }
+  return static_cast<int64_t>(SampleTokensWorkspaceBytes(batch, split_size));
+}
+
 void SampleTokensOp(std::uintptr_t logits, int64_t logits_row_stride, std::uintptr_t seed,
                     std::uintptr_t offset, std::uintptr_t out, int64_t batch, int64_t vocab,
-                    int64_t top_k, double top_p, double temperature, int dtype, int device,
+                    int64_t top_k, double top_p, double temperature, int64_t split_size,
+                    std::uintptr_t workspace, int64_t workspace_bytes, int dtype, int device,
                     std::uintptr_t stream) {
   const char* op = kSampleTokensOp;
   if (batch < 0) ThrowInvalid(op, "batch must be >= 0");
@@ -127,6 +144,15 @@ void SampleTokensOp(std::uintptr_t logits, int64_t logits_row_stride, std::uintp
   if (temperature > 0.0 && (seed == 0 || offset == 0)) {
     ThrowInvalid(op, "seed and offset are required when temperature > 0");
   }
+  if (split_size < 0 || split_size % 8 != 0 || (split_size > 0 && batch > 65535)) {
+    ThrowInvalid(op, "split_size must be 0 or a multiple of 8 (and batch <= 65535 to split), got " +
+                         std::to_string(split_size));
+  }
+  if (split_size > 0 &&
+      (workspace == 0 || workspace % 8 != 0 ||
+       workspace_bytes < static_cast<int64_t>(SampleTokensWorkspaceBytes(batch, split_size)))) {
+    ThrowInvalid(op, "split rows need an 8-byte aligned workspace of sample_tokens_workspace_bytes");
+  }
 
   SampleTokensParams p{};
   p.logits = reinterpret_cast<const void*>(logits);
@@ -142,7 +168,10 @@ void SampleTokensOp(std::uintptr_t logits, int64_t logits_row_stride, std::uintp
   p.dtype = static_cast<DType>(dtype);
 
   ScopedDevice guard(op, device);
-  CheckCuda(op, SampleTokens(p, reinterpret_cast<cudaStream_t>(stream)), "kernel launch");
+  CheckCuda(op,
+            SampleTokens(p, split_size, reinterpret_cast<void*>(workspace),
+                         reinterpret_cast<cudaStream_t>(stream)),
+            "kernel launch");
 }
 
 }  // namespace twotower_rt

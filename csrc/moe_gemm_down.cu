@@ -3,8 +3,8 @@
 
 namespace twotower_rt {
 
-int64_t MoeGemmWorkspaceBytesIdentity(int experts, int sm_count) {
-  return moe_gemm::WorkspaceBytes<MoeEpilogue::kIdentity>(experts, sm_count);
+int64_t MoeGemmWorkspaceBytesIdentity(int groups, int sm_count) {
+  return moe_gemm::WorkspaceBytes<MoeEpilogue::kIdentity>(groups, sm_count);
 }
 
 cudaError_t MoeGroupedGemmIdentity(const MoeGemmParams& p, cudaStream_t stream) {

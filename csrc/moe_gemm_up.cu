@@ -3,8 +3,8 @@
 
 namespace twotower_rt {
 
-int64_t MoeGemmWorkspaceBytesRelu2(int experts, int sm_count) {
-  return moe_gemm::WorkspaceBytes<MoeEpilogue::kRelu2>(experts, sm_count);
+int64_t MoeGemmWorkspaceBytesRelu2(int groups, int sm_count) {
+  return moe_gemm::WorkspaceBytes<MoeEpilogue::kRelu2>(groups, sm_count);
 }
 
 cudaError_t MoeGroupedGemmRelu2(const MoeGemmParams& p, cudaStream_t stream) {

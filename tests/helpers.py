@@ -22,8 +22,9 @@ def raw_view(ptr: int, shape, strides, dtype: torch.dtype) -> torch.Tensor:
 
 def install_fake_extension(monkeypatch, fake, op_module: str | None = None):
     """Make the wrappers call ``fake`` instead of twotower_rt._C on CPU tensors: it replaces
-    ``_ext.require_cuda_op`` and the CUDA stream/device queries, and, given the op's module
-    name, that module's ``_kernel_unsupported_reason`` (so the wrapper takes its CUDA path).
+    ``_ext.require_cuda_op`` and the CUDA stream/device queries (a 132-SM device), and, given the
+    op's module name, that module's ``_kernel_unsupported_reason`` (so the wrapper takes its CUDA
+    path).
     Returns ``fake``."""
     from twotower_rt import _ext
 
@@ -32,6 +33,8 @@ def install_fake_extension(monkeypatch, fake, op_module: str | None = None):
         torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0)
     )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    props = SimpleNamespace(multi_processor_count=132, name="fake H100")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     if op_module is not None:
         module = importlib.import_module(op_module)
         monkeypatch.setattr(module, "_kernel_unsupported_reason", lambda *args: None)

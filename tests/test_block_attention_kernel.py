@@ -1,6 +1,7 @@
-"""block_attention's CUDA kernel: the split planner and the wrapper's plumbing on the CPU (a fake
-extension that runs the kernel's split-and-merge algorithm in PyTorch on the raw pointers it is
-handed), and the kernel itself against block_attention_ref on a GPU."""
+"""block_attention's CUDA kernel: the split planner, the variant choice and the wrapper's plumbing
+on the CPU (a fake extension that runs the kernel's split-and-merge algorithm in PyTorch on the raw
+pointers it is handed), and the kernels themselves (mma_sync and the unverified wgmma variant)
+against block_attention_ref on a GPU."""
 
 import importlib
 import math
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from helpers import install_fake_extension, raw_view
 
+from twotower_rt import _ext
 from twotower_rt.ops import block_attention, block_attention_backend, block_attention_ref
-from twotower_rt.ops.block_attention import MAX_SPLITS, plan_splits
+from twotower_rt.ops.block_attention import MAX_SPLITS, VARIANTS, kernel_variant, plan_splits
 
 # --- the split planner --------------------------------------------------------------------------
 
@@ -37,6 +39,62 @@ def test_plan_bounds(max_keys, batch):
     s = plan_splits(batch, 16, 6, 2, 64, max_keys, num_sms=132)
     assert 1 <= s <= MAX_SPLITS
     assert s == 1 or math.ceil(max_keys / 64) // s >= 2
+
+
+# --- the kernel variant -------------------------------------------------------------------------
+
+
+def test_variant_wgmma_covers_the_denoise_step_at_head_dim_128():
+    assert kernel_variant("wgmma", 16, 32, 2, 128) == ("wgmma", None)  # the real model
+    assert kernel_variant("wgmma", 17, 4, 4, 128) == ("wgmma", None)  # 17 rows: past decode
+    assert kernel_variant("mma_sync", 16, 32, 2, 128) == ("mma_sync", None)
+    assert kernel_variant("mma_sync", 1, 32, 2, 64) == ("mma_sync", None)
+
+
+@pytest.mark.parametrize(
+    "seq, hq, hkv, d, why",
+    [
+        (16, 32, 2, 64, "head_dim 128, not 64"),
+        (16, 8, 2, 32, "head_dim 128, not 32"),
+        (1, 32, 2, 128, "16 query rows per KV head (decode)"),
+        (4, 4, 1, 128, "16 query rows per KV head"),
+        (3, 4, 4, 128, "3 query rows per KV head"),
+    ],
+)
+def test_variant_wgmma_falls_back_with_a_reason(seq, hq, hkv, d, why):
+    variant, reason = kernel_variant("wgmma", seq, hq, hkv, d)
+    assert variant == "mma_sync" and why in reason
+
+
+def test_unknown_variant_is_rejected_on_every_path():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        kernel_variant("tma", 16, 32, 2, 128)
+    q, kc, vc, lens, kb, vb = _case(2, 3, 4, 2, 16, 9, [9, 4])
+    with pytest.raises(ValueError, match="variant must be one of"):
+        block_attention(q, kc, vc, lens, kb, vb, variant="WGMMA")
+    # The PyTorch path ignores a valid variant.
+    got = block_attention(q, kc, vc, lens, kb, vb, variant="wgmma")
+    assert torch.equal(got, block_attention_ref(q, kc, vc, lens, kb, vb))
+
+
+@pytest.mark.skipif(
+    "block_attention" not in _ext.extension_info().get("ops", ()),
+    reason="the extension is not built with block_attention here",
+)
+def test_launcher_rejects_a_bad_variant_before_touching_the_gpu():
+    C = _ext.extension_module()
+    args = dict(
+        q=256, q_strides=(0, 0, 128), k_cache=256, k_cache_strides=(0, 128, 128), v_cache=256,
+        v_cache_strides=(0, 128, 128), context_lens=256, cache_slots=0, k_block=0,
+        k_block_strides=(0, 0, 0), v_block=0, v_block_strides=(0, 0, 0), out=256,
+        out_strides=(0, 0, 128), partial_out=0, partial_lse=0, batch=1, seq=16, q_heads=2,
+        kv_heads=1, head_dim=128, block_len=0, num_splits=1, softmax_scale=0.1, variant=1,
+        device=0, stream=0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="variant must be 0"):
+        C.block_attention(**{**args, "variant": 2})
+    with pytest.raises(ValueError, match="wgmma variant is built for head_dim 128 only, got 64"):
+        C.block_attention(**{**args, "head_dim": 64, "q_strides": (0, 0, 64)})
 
 
 # --- the wrapper's plumbing, on the CPU ---------------------------------------------------------
@@ -144,6 +202,18 @@ def test_wrapper_plumbing_strided_slots_and_out(fake_extension):
     )
 
 
+@pytest.mark.parametrize(
+    "variant, S, D, code",
+    [("mma_sync", 16, 128, 0), ("wgmma", 16, 128, 1), ("wgmma", 16, 64, 0), ("wgmma", 1, 128, 0)],
+)
+def test_wrapper_passes_the_variant_it_runs(fake_extension, variant, S, D, code):
+    q, kc, vc, lens, kb, vb = _case(2, S, 32, 2, D, 70, [70, 3], seed=3)
+    got = block_attention(q, kc, vc, lens, kb, vb, variant=variant)
+    assert fake_extension.calls[-1]["variant"] == code
+    want = block_attention_ref(q.float(), kc.float(), vc.float(), lens, kb.float(), vb.float())
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_ref_cache_slots_pick_rows():
     q, kc, vc, lens, kb, vb = _case(2, 2, 4, 2, 16, 9, [9, 4], slots=[3, 1])
     slots = torch.tensor([3, 1])
@@ -166,10 +236,16 @@ needs_gpu = pytest.mark.skipif(
 )
 
 
-def _require_kernel():
+def _require_kernel(variant="mma_sync", shape=None):
+    """Skips unless the kernel runs here and, for a (seq, hq, hkv, D) shape, unless `variant` is the
+    kernel that shape gets (a fallback would only repeat the mma_sync test)."""
     backend, reason = block_attention_backend("cuda", torch.bfloat16)
     if backend != "cuda":
         pytest.skip(f"the CUDA kernel does not run here: {reason}")
+    if shape is not None:
+        runs, why = kernel_variant(variant, *shape)
+        if runs != variant:
+            pytest.skip(f"variant {variant} runs {runs} here: {why}")
 
 
 def _gpu_case(B, S, hq, hkv, D, cap, lens, block, seed, slots_rows=None):
@@ -222,27 +298,40 @@ GPU_CASES = [
     (2, 3, 4, 4, 64, 40, [40, 19], False),  # MHA, no block
     (5, 1, 16, 2, 128, 989, [989, 1, 2, 64, 65], False),  # decode at tile edges
 ]
+# Shapes for the wgmma kernel (head_dim 128, > 16 rows per KV head): row tiles that end mid-way,
+# GQA ratios 1 to 32, lengths at every key-tile edge, empty contexts.
+WGMMA_CASES = [
+    (6, 16, 32, 2, 128, 200, [0, 1, 63, 64, 65, 200], True),  # tile edges around 64 keys
+    (3, 7, 12, 4, 128, 129, [127, 128, 129], True),  # GQA 3: 21 rows, one mostly padded tile
+    (2, 9, 16, 2, 128, 99, [99, 19], True),  # 72 rows: a second tile of 8 rows
+    (2, 17, 4, 4, 128, 19, [19, 0], True),  # MHA, 17 rows
+    (2, 16, 32, 1, 128, 500, [500, 250], False),  # MQA: 512 rows, no block
+    (1, 16, 32, 2, 128, 8192, [8192], True),  # long context: many splits
+]
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("B,S,hq,hkv,D,cap,lens,block", GPU_CASES)
-def test_kernel_matches_ref(B, S, hq, hkv, D, cap, lens, block):
-    _require_kernel()
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("B,S,hq,hkv,D,cap,lens,block", GPU_CASES + WGMMA_CASES)
+def test_kernel_matches_ref(B, S, hq, hkv, D, cap, lens, block, variant):
+    _require_kernel(variant, (S, hq, hkv, D))
     q, kc, vc, lens_t, kb, vb = _gpu_case(B, S, hq, hkv, D, cap, lens, block, seed=B * cap + S)
     for max_len in (None, min(lens)):  # the planner's split count never changes the result much
         out = torch.full_like(q, float("nan"))
-        block_attention(q, kc, vc, lens_t, kb, vb, out=out, max_context_len=max_len)
+        block_attention(q, kc, vc, lens_t, kb, vb, out=out, max_context_len=max_len,
+                        variant=variant)  # fmt: skip
         torch.cuda.synchronize()
         _check(out, q, kc, vc, lens_t, kb, vb)
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_kernel_strided_inputs_slots_and_int64_lengths():
-    _require_kernel()
-    gen = torch.Generator(device="cuda").manual_seed(11)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kernel_strided_inputs_slots_and_int64_lengths(variant):
     B, S, hq, hkv, D = 3, 16, 8, 2, 128
+    _require_kernel(variant, (S, hq, hkv, D))
+    gen = torch.Generator(device="cuda").manual_seed(11)
     bf = torch.bfloat16
     fused = torch.randn(B, S, hq + 2 * hkv, D, device="cuda", generator=gen).to(bf)
     q, kb, vb = fused[:, :, :hq], fused[:, :, hq : hq + hkv], fused[:, :, hq + hkv :]
@@ -252,22 +341,25 @@ def test_kernel_strided_inputs_slots_and_int64_lengths():
     slots = torch.tensor([5, 0, 3], device="cuda")
     lens = torch.tensor([300, 2, 150], device="cuda", dtype=torch.int64)
     out = torch.full((B, hq, S, D), float("nan"), device="cuda", dtype=bf).transpose(1, 2)
-    assert block_attention(q, pool_k, pool_v, lens, kb, vb, cache_slots=slots, out=out) is out
+    got = block_attention(q, pool_k, pool_v, lens, kb, vb, cache_slots=slots, out=out,
+                          variant=variant)  # fmt: skip
+    assert got is out
     _check(out, q, pool_k, pool_v, lens, kb, vb, slots)
     # Unaligned head_dim rows (an odd element offset) are copied, not misread.
     base = torch.randn(B * S * hq * D + 1, device="cuda", generator=gen).to(bf)
     q_odd = base[1:].view(B, S, hq, D)
-    _check(block_attention(q_odd, pool_k, pool_v, lens, kb, vb, cache_slots=slots),
+    _check(block_attention(q_odd, pool_k, pool_v, lens, kb, vb, cache_slots=slots, variant=variant),
            q_odd, pool_k, pool_v, lens, kb, vb, slots)  # fmt: skip
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_kernel_deterministic_and_no_keys_gives_zeros():
-    _require_kernel()
-    q, kc, vc, lens, _, _ = _gpu_case(3, 1, 32, 2, 128, 5000, [4999, 0, 3000], False, seed=4)
-    first = block_attention(q, kc, vc, lens)
-    second = block_attention(q, kc, vc, lens)
+@pytest.mark.parametrize("S, variant", [(1, "mma_sync"), (16, "mma_sync"), (16, "wgmma")])
+def test_kernel_deterministic_and_no_keys_gives_zeros(S, variant):
+    _require_kernel(variant, (S, 32, 2, 128))
+    q, kc, vc, lens, _, _ = _gpu_case(3, S, 32, 2, 128, 5000, [4999, 0, 3000], False, seed=4)
+    first = block_attention(q, kc, vc, lens, variant=variant)
+    second = block_attention(q, kc, vc, lens, variant=variant)
     assert torch.equal(first, second)
     assert torch.equal(first[1], torch.zeros_like(first[1]))
     _check(first[[0, 2]], q[[0, 2]], kc[[0, 2]], vc[[0, 2]], lens[[0, 2]], None, None)
@@ -275,15 +367,16 @@ def test_kernel_deterministic_and_no_keys_gives_zeros():
 
 @pytest.mark.gpu
 @needs_gpu
-def test_kernel_in_a_cuda_graph_follows_device_lengths():
-    _require_kernel()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kernel_in_a_cuda_graph_follows_device_lengths(variant):
+    _require_kernel(variant, (16, 32, 2, 128))
     q, kc, vc, lens, kb, vb = _gpu_case(2, 16, 32, 2, 128, 3000, [2500, 10], True, seed=9)
     out = torch.empty_like(q)
-    block_attention(q, kc, vc, lens, kb, vb, out=out)  # warm-up outside the capture
+    block_attention(q, kc, vc, lens, kb, vb, out=out, variant=variant)  # warm-up, not captured
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        block_attention(q, kc, vc, lens, kb, vb, out=out)
+        block_attention(q, kc, vc, lens, kb, vb, out=out, variant=variant)
     for new_lens in ([2999, 1], [7, 3000], [0, 640]):
         lens.copy_(torch.tensor(new_lens))
         out.fill_(float("nan"))

@@ -84,6 +84,25 @@ def test_launcher_validates_before_touching_the_gpu():
 
 
 @needs_extension
+def test_sample_tokens_split_plan():
+    """The launcher's rule for splitting sampler rows over CTAs (host code, no GPU needed)."""
+    C = _ext.extension_module()
+
+    def size(batch, vocab=131072, splits=0, sms=132):
+        return C.sample_tokens_split_size(batch=batch, vocab=vocab, splits=splits, sm_count=sms)
+
+    assert size(1) == 2048 and 131072 // 2048 == 64  # 2 x 132 wanted, capped at 2048 per CTA
+    assert size(8) == 131072 // 33 // 8 * 8 + 8  # ceil(264 / 8) = 33 slices, rounded up to 8
+    assert size(66) == 32768 and size(67) == 0  # 4 slices; then the rows fill the SMs alone
+    assert size(1, splits=1) == 0 and size(1, vocab=3000) == 1504  # never; 2 slices of 1504
+    assert size(1, vocab=250, splits=3) == 88 and size(1, vocab=8, splits=3) == 0
+    assert C.sample_tokens_workspace_bytes(batch=3, split_size=88) == 3 * (8 * 256 + 4) * 8
+    assert C.sample_tokens_workspace_bytes(batch=3, split_size=0) == 0
+    with pytest.raises(ValueError, match="sm_count"):
+        size(1, sms=0)
+
+
+@needs_extension
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
 def test_call_without_gpu_raises_runtime_error():
     C = _ext.extension_module()
@@ -165,3 +184,14 @@ def test_env_module_cli_json():
         timeout=120,
     )
     assert json.loads(result.stdout)["ops"]["rms_norm"]["cpu"]["backend"] == "torch"
+
+
+def test_kernels_can_be_turned_off_and_on():
+    before = (_ext.extension_available(), _ext.extension_error())
+    try:
+        _ext.set_kernels_enabled(False)
+        assert not _ext.extension_available()
+        assert "turned off" in _ext.cuda_unsupported_reason(torch.device("cuda", 0))
+    finally:
+        _ext.set_kernels_enabled(True)
+    assert (_ext.extension_available(), _ext.extension_error()) == before

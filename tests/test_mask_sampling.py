@@ -329,8 +329,17 @@ class FakeExtension:
         raw_view(a["out_prediction"], (B, S), (S, 1), i64).copy_(ref.prediction)
         raw_view(a["out_confidence"], (B, S), (S, 1), torch.float32).copy_(ref.confidence)
 
+    def sample_tokens_split_size(self, batch, vocab, splits, sm_count):
+        return 8 * splits if splits > 1 else 0  # not the launcher's rule: plumbing only
+
+    def sample_tokens_workspace_bytes(self, batch, split_size):
+        return batch * (8 * 256 + 4) * 8 if split_size else 0
+
     def sample_tokens(self, **a):
         self.calls.append(a)
+        if a["split_size"]:
+            need = self.sample_tokens_workspace_bytes(a["batch"], a["split_size"])
+            assert a["workspace"] and a["workspace_bytes"] >= need
         B, V = a["batch"], a["vocab"]
         logits = raw_view(a["logits"], (B, V), (a["logits_row_stride"], 1), self.DTYPES[a["dtype"]])
         sampled = a["temperature"] > 0
@@ -389,9 +398,15 @@ def test_sample_tokens_wrapper_plumbing(fake_extension):
     want = sample_tokens_ref(logits, 0.8, 20, 0.9, seed_t, offset_t)
     assert torch.equal(_sample_tokens_cuda(logits, 0.8, 20, 0.9, seed_t, offset_t, None), want)
     assert fake_extension.calls[-1]["logits_row_stride"] == 300
+    assert fake_extension.calls[-1]["split_size"] == 0  # 250 logits: too few to split
     out = torch.full((8,), -1)[::2]  # non-contiguous out: written through a temporary
     assert _sample_tokens_cuda(logits, 0.0, None, None, None, None, out) is out
     assert torch.equal(out, logits.argmax(-1))
+    # Split rows: the split size asked for is passed on, with a workspace (the fake checks it).
+    got = _sample_tokens_cuda(logits, 0.8, 20, 0.9, seed_t, offset_t, None, splits=3)
+    assert torch.equal(got, want) and fake_extension.calls[-1]["split_size"] == 24
+    with pytest.raises(ValueError, match="splits"):
+        sample_tokens(logits, 0.8, 20, 0.9, seed_t, offset_t, splits=-1)
 
 
 # --- the CUDA kernels -----------------------------------------------------------------------------
@@ -643,3 +658,29 @@ def test_sample_tokens_distribution_on_gpu():
     )  # fmt: skip
     counts = torch.bincount(tok, minlength=5).double().cpu()
     assert_frequencies(counts, torch.tensor([0.0, 0.5, 0.0, 0.25, 0.0]).double() / 0.75)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("B,V", [(1, 131072), (3, 1001), (2, 99), (8, 50000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(0.0, None, None), (0.8, None, None), (1.0, 50, None), (0.7, None, 0.9), (1.2, 20, 0.8)],
+)
+def test_sample_tokens_split_rows_equal_one_cta(B, V, dtype, temperature, top_k, top_p):
+    """Rows split over CTAs give bitwise the one-CTA kernel's token (integer histograms, the same
+    selections, max-then-lowest-index merges), for automatic and forced slice counts, including
+    slices that do not divide the row; a strided row takes the scalar loads."""
+    _require_kernels(dtype)
+    gen = torch.Generator(device="cuda").manual_seed(B * V)
+    wide = (torch.randn(B, V + 3, device="cuda", generator=gen) * 3).to(dtype)
+    seed_t = torch.randint(0, 2**62, (B,), device="cuda", generator=gen)
+    offset_t = torch.randint(0, 2**40, (B,), device="cuda", generator=gen)
+    for logits in (wide[:, :V].contiguous(), wide[:, 3:]):  # aligned, and an odd offset
+        one = sample_tokens(logits, temperature, top_k, top_p, seed_t, offset_t, splits=1)
+        for splits in (0, 3, 64):
+            out = torch.full((B,), -7, dtype=torch.int64, device="cuda")
+            sample_tokens(logits, temperature, top_k, top_p, seed_t, offset_t, out=out,
+                          splits=splits)  # fmt: skip
+            assert torch.equal(out, one), (splits, out, one)

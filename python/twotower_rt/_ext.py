@@ -32,6 +32,19 @@ except ImportError as exc:  # built, but it does not load (ABI, missing library,
 else:
     _import_error = None
 
+_loaded: tuple[ModuleType | None, str | None] = (_C, _import_error)
+
+
+def set_kernels_enabled(enabled: bool) -> None:
+    """Turn the compiled kernels off (every op takes its PyTorch path, as without ``_C``) or back
+    on: for the plain-PyTorch baseline of a benchmark, or to rule the kernels out when debugging.
+    Ops read this at each call."""
+    global _C, _import_error
+    if enabled:
+        _C, _import_error = _loaded
+    else:
+        _C, _import_error = None, "the compiled kernels are turned off (set_kernels_enabled)"
+
 
 def extension_available() -> bool:
     """True when ``twotower_rt._C`` imported (says nothing about a GPU being present)."""

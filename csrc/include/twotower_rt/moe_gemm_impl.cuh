@@ -72,10 +72,47 @@ struct Config {
   using StrideA = typename Kernel::InternalStrideA;
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
+  // SetupKernel writes the one dynamic stride (the row stride) of each.
+  static_assert(std::is_same_v<StrideA, cute::Stride<int64_t, cute::_1, cute::_0>>);
+  static_assert(std::is_same_v<StrideB, cute::Stride<int64_t, cute::_1, cute::_0>>);
+  static_assert(std::is_same_v<StrideD, cute::Stride<int64_t, cute::_1, cute::_0>>);
 };
 
-// The device-side problem list at the start of the workspace, each array 16-byte aligned, the
-// whole padded to 256 bytes (the workspace itself comes 256-byte aligned from the allocator).
+// Cuts a workspace into the device-side problem list's arrays, each 16-byte aligned; `bytes` is
+// where CUTLASS's own workspace starts (256-byte aligned: it holds TMA descriptors).
+struct WorkspaceCarver {
+  char* base;
+  int64_t used = 0;
+  explicit WorkspaceCarver(void* workspace) : base(static_cast<char*>(workspace)) {}
+  template <class T>
+  T* take(int count) {
+    T* at = reinterpret_cast<T*>(base + used);
+    used += (static_cast<int64_t>(sizeof(T)) * count + 15) / 16 * 16;
+    return at;
+  }
+  int64_t bytes() const { return (used + 255) / 256 * 256; }
+};
+
+// Checks, initialises and runs a CUTLASS grouped GEMM whose problem list fills the first
+// `list_bytes` of the workspace.
+template <class Gemm>
+cudaError_t RunGrouped(const typename Gemm::Arguments& args, void* workspace,
+                       int64_t workspace_bytes, int64_t list_bytes, cudaStream_t stream) {
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  if (workspace_bytes < list_bytes + static_cast<int64_t>(Gemm::get_workspace_size(args))) {
+    return cudaErrorInvalidValue;
+  }
+  void* cutlass_workspace = static_cast<char*>(workspace) + list_bytes;
+  if (gemm.initialize(args, cutlass_workspace, stream) != cutlass::Status::kSuccess) {
+    return cudaErrorUnknown;
+  }
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+  return cudaGetLastError();
+}
+
+// The device-side problem list at the start of the workspace (which comes 256-byte aligned from
+// the allocator).
 template <class C>
 struct ProblemList {
   typename C::Shape* sizes;
@@ -87,28 +124,39 @@ struct ProblemList {
   typename C::StrideD* stride_d;
   int64_t bytes;
 
-  ProblemList(void* base, int experts) {
-    char* ptr = static_cast<char*>(base);
-    int64_t used = 0;
-    auto take = [&](int64_t size) {
-      char* at = ptr + used;
-      used += (size + 15) / 16 * 16;
-      return at;
-    };
-    sizes = reinterpret_cast<typename C::Shape*>(take(sizeof(*sizes) * experts));
-    a = reinterpret_cast<const typename C::Element**>(take(sizeof(*a) * experts));
-    b = reinterpret_cast<const typename C::Element**>(take(sizeof(*b) * experts));
-    d = reinterpret_cast<typename C::Element**>(take(sizeof(*d) * experts));
-    stride_a = reinterpret_cast<typename C::StrideA*>(take(sizeof(*stride_a) * experts));
-    stride_b = reinterpret_cast<typename C::StrideB*>(take(sizeof(*stride_b) * experts));
-    stride_d = reinterpret_cast<typename C::StrideD*>(take(sizeof(*stride_d) * experts));
-    bytes = (used + 255) / 256 * 256;  // CUTLASS's workspace after it holds TMA descriptors
+  ProblemList(void* base, int groups) {
+    WorkspaceCarver carve(base);
+    sizes = carve.take<typename C::Shape>(groups);
+    a = carve.take<const typename C::Element*>(groups);
+    b = carve.take<const typename C::Element*>(groups);
+    d = carve.take<typename C::Element*>(groups);
+    stride_a = carve.take<typename C::StrideA>(groups);
+    stride_b = carve.take<typename C::StrideB>(groups);
+    stride_d = carve.take<typename C::StrideD>(groups);
+    bytes = carve.bytes();
   }
 };
 
+// Group e < experts: expert e's rows of A and D, its slice of W. Group `experts` (when p.extra.w
+// is set): the extra group's own buffers, sizes and row strides.
 template <class C>
 __global__ void SetupKernel(const MoeGemmParams p, ProblemList<C> list) {
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < p.experts; e += gridDim.x * blockDim.x) {
+  const int groups = MoeGemmGroups(p);
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < groups; e += gridDim.x * blockDim.x) {
+    list.stride_a[e] = typename C::StrideA{};
+    list.stride_b[e] = typename C::StrideB{};
+    list.stride_d[e] = typename C::StrideD{};
+    if (e == p.experts) {
+      const MoeGemmExtraGroup& x = p.extra;
+      list.sizes[e] = typename C::Shape(x.rows, x.n, x.k);
+      list.a[e] = reinterpret_cast<const typename C::Element*>(x.a);
+      list.b[e] = reinterpret_cast<const typename C::Element*>(x.w);
+      list.d[e] = reinterpret_cast<typename C::Element*>(x.d);
+      cute::get<0>(list.stride_a[e]) = x.lda;
+      cute::get<0>(list.stride_b[e]) = x.k;
+      cute::get<0>(list.stride_d[e]) = x.ldd;
+      continue;
+    }
     const int64_t start = e > 0 ? p.offsets[e - 1] : 0;
     const int m = static_cast<int>(p.offsets[e] - start);
     list.sizes[e] = typename C::Shape(m, p.n, p.k);
@@ -116,11 +164,8 @@ __global__ void SetupKernel(const MoeGemmParams p, ProblemList<C> list) {
     list.b[e] = reinterpret_cast<const typename C::Element*>(p.w) +
                 static_cast<int64_t>(e) * p.n * p.k;
     list.d[e] = reinterpret_cast<typename C::Element*>(p.d) + start * p.n;
-    list.stride_a[e] = typename C::StrideA{};
     cute::get<0>(list.stride_a[e]) = p.k;
-    list.stride_b[e] = typename C::StrideB{};
     cute::get<0>(list.stride_b[e]) = p.k;
-    list.stride_d[e] = typename C::StrideD{};
     cute::get<0>(list.stride_d[e]) = p.n;
   }
 }
@@ -136,7 +181,7 @@ typename C::Gemm::Arguments MakeArguments(const MoeGemmParams& p, const ProblemL
   fusion.beta = 0.f;
   args = typename C::Gemm::Arguments{
       cutlass::gemm::GemmUniversalMode::kGrouped,
-      {p.experts, list.sizes, nullptr},
+      {MoeGemmGroups(p), list.sizes, nullptr},
       {list.a, list.stride_a, list.b, list.stride_b},
       {fusion, nullptr, nullptr, list.d, list.stride_d},
       hw};
@@ -144,34 +189,25 @@ typename C::Gemm::Arguments MakeArguments(const MoeGemmParams& p, const ProblemL
 }
 
 template <MoeEpilogue kEpilogue>
-int64_t WorkspaceBytes(int experts, int sm_count) {
+int64_t WorkspaceBytes(int groups, int sm_count) {
   using C = Config<kEpilogue>;
   MoeGemmParams p{};
-  p.experts = experts;
+  p.experts = groups;
   p.sm_count = sm_count;
-  ProblemList<C> list(nullptr, experts);
+  ProblemList<C> list(nullptr, groups);
   return list.bytes + static_cast<int64_t>(C::Gemm::get_workspace_size(MakeArguments<C>(p, list)));
 }
 
 template <MoeEpilogue kEpilogue>
 cudaError_t Run(const MoeGemmParams& p, cudaStream_t stream) {
   using C = Config<kEpilogue>;
-  ProblemList<C> list(p.workspace, p.experts);
-  SetupKernel<C><<<(p.experts + 127) / 128, 128, 0, stream>>>(p, list);
+  const int groups = MoeGemmGroups(p);
+  ProblemList<C> list(p.workspace, groups);
+  SetupKernel<C><<<(groups + 127) / 128, 128, 0, stream>>>(p, list);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  auto args = MakeArguments<C>(p, list);
-  typename C::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  if (p.workspace_bytes < list.bytes + static_cast<int64_t>(C::Gemm::get_workspace_size(args))) {
-    return cudaErrorInvalidValue;
-  }
-  void* cutlass_workspace = static_cast<char*>(p.workspace) + list.bytes;
-  if (gemm.initialize(args, cutlass_workspace, stream) != cutlass::Status::kSuccess) {
-    return cudaErrorUnknown;
-  }
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-  return cudaGetLastError();
+  return RunGrouped<typename C::Gemm>(MakeArguments<C>(p, list), p.workspace, p.workspace_bytes,
+                                     list.bytes, stream);
 }
 
 }  // namespace moe_gemm

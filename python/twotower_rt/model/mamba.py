@@ -135,6 +135,10 @@ class Mamba2Mixer(nn.Module):
         # Switch: the one-token step through ops.mamba_decode_step (the fused kernel on the GPU);
         # off by default until its GPU tests have run on a GPU (tests/test_mamba_decode.py).
         self.fused_decode = False
+        # Switch: long runs (prefill, block extension) through ssm_scan's chunked scan with the
+        # chunk ops.ssm_scan.plan_scan_chunk picks on the GPU; off by default until its GPU tests
+        # have run on a GPU (tests/test_ssm_scan.py). The CPU path never chunks.
+        self.chunked_prefill = False
 
     def forward(
         self,
@@ -202,7 +206,7 @@ class Mamba2Mixer(nn.Module):
         else:
             y, new_ssm = ssm_scan(
                 x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, n_valid,
-                keep_state=keep_state,
+                keep_state=keep_state, chunk=None if self.chunked_prefill else 0,
             )  # fmt: skip
         y = y.reshape(b, n, cfg.mamba_d_inner).to(h.dtype)
         y = rms_norm(y, self.norm.weight, cfg.layer_norm_epsilon, gate=z,

@@ -8,8 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TwoTowerConfig
-from ..ops.moe import grouped_unsupported_reason, moe_experts_grouped, moe_experts_ref
-from .linear import make_linear
+from ..ops.moe import (
+    ExpertWeights,
+    Fp8ExpertWeights,
+    fold_shared_expert,
+    grouped_unsupported_reason,
+    moe_experts_grouped,
+    moe_experts_ref,
+    shared_unsupported_reason,
+)
+from .linear import Fp8Linear, make_linear
 
 
 class Relu2MLP(nn.Module):
@@ -60,25 +68,56 @@ class MoE(nn.Module):
                 cfg, cfg.hidden_size, cfg.moe_shared_expert_intermediate_size
             )
         # Switch: the grouped path (ops.moe.moe_experts_grouped: no host sync, one grouped GEMM
-        # per projection) where it can run (bf16, torch._grouped_mm, sm_90); off by default until
-        # its GPU tests have run on a GPU (tests/test_moe.py).
+        # per projection) where it can run (bf16: our kernel or torch._grouped_mm on sm_90; FP8:
+        # our kernel only); off by default until its GPU tests have run on a GPU
+        # (tests/test_moe.py, tests/test_moe_fp8.py). There the shared expert folds into the same
+        # two grouped GEMMs (one extra group each) where it can (shared_fold_reason says why not);
+        # in our kernels its relu^2 then acts on the fp32 accumulator before the one rounding to
+        # bf16 (Relu2MLP rounds first), as it already does for the routed experts.
         self.grouped = False
-        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stacked: tuple[ExpertWeights, ExpertWeights] | None = None
+        self._shared: tuple[ExpertWeights, ExpertWeights] | None = None
+        self.shared_fold_reason: str | None = None
 
-    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(up (E, I, H), down (E, H, I)): the experts' weights in one tensor each, the experts'
-        own parameters becoming views into them (no second copy). None for FP8 or biased experts."""
-        first = self.experts[0]
-        if not isinstance(first.up_proj, nn.Linear) or first.up_proj.bias is not None:
+    def stacked_weights(self) -> tuple[ExpertWeights, ExpertWeights] | None:
+        """(up (E, I, H), down (E, H, I)): the experts' weights in one tensor each (FP8 experts:
+        an ops.moe.Fp8ExpertWeights each, weights and scales stacked), the experts' own
+        parameters becoming views into them (no second copy). None for biased experts."""
+        first = self.experts[0].up_proj
+        if not isinstance(first, (nn.Linear, Fp8Linear)) or first.bias is not None:
             return None
-        if self._stacked is None or self._stacked[0].device != first.up_proj.weight.device:
-            up = torch.stack([e.up_proj.weight.detach() for e in self.experts])
-            down = torch.stack([e.down_proj.weight.detach() for e in self.experts])
-            for i, expert in enumerate(self.experts):
-                expert.up_proj.weight.data = up[i]
-                expert.down_proj.weight.data = down[i]
+        if self._stacked is None or self._stacked[0].device != first.weight.device:
+            if isinstance(first, Fp8Linear):
+                up = _stack_fp8([e.up_proj for e in self.experts])
+                down = _stack_fp8([e.down_proj for e in self.experts])
+            else:
+                up = _stack([e.up_proj for e in self.experts], "weight")
+                down = _stack([e.down_proj for e in self.experts], "weight")
             self._stacked = (up, down)
         return self._stacked
+
+    def folded_shared_weights(self) -> tuple[ExpertWeights, ExpertWeights] | None:
+        """The shared expert as the grouped GEMMs' extra group: (up (1, I_s, H), down (1, H, I_s))
+        over its own parameters (views; FP8 scales presented at the routed experts' group size,
+        ops.moe.fold_shared_expert). None without a shared expert or when it cannot fold, with
+        the reason in ``shared_fold_reason``."""
+        stacked = self.stacked_weights()
+        if not self.cfg.n_shared_experts or stacked is None:
+            self.shared_fold_reason = "no shared expert" if stacked else "biased experts"
+            return None
+        up_s, down_s = self.shared_experts.up_proj, self.shared_experts.down_proj
+        if self._shared is not None and self._shared[0].device == up_s.weight.device:
+            return self._shared
+        self._shared = None
+        if up_s.bias is not None or down_s.bias is not None:
+            self.shared_fold_reason = "the shared expert has biases"
+            return None
+        try:
+            self._shared = fold_shared_expert(*stacked, _one(up_s), _one(down_s))
+            self.shared_fold_reason = None
+        except ValueError as err:
+            self.shared_fold_reason = str(err)
+        return self._shared
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
@@ -86,7 +125,14 @@ class MoE(nn.Module):
         expert_ids, weights = self.gate(x)
         # Routed outputs accumulate in fp32, expert by expert in id order, then are cast.
         stacked = self.stacked_weights() if self.grouped else None
-        if stacked is not None and grouped_unsupported_reason(x, stacked[0]) is None:
+        if stacked is not None and grouped_unsupported_reason(x, *stacked) is None:
+            shared = self.folded_shared_weights()
+            if shared is not None:
+                reason = shared_unsupported_reason(x, *stacked, shared)
+                if reason is None:  # the shared expert inside the same two grouped GEMMs
+                    out = moe_experts_grouped(x, expert_ids, weights, *stacked, shared=shared)
+                    return out.reshape(shape)
+                self.shared_fold_reason = reason
             routed = moe_experts_grouped(x, expert_ids, weights, *stacked)
         else:
             routed = moe_experts_ref(x, expert_ids, weights, self.experts)
@@ -94,6 +140,29 @@ class MoE(nn.Module):
         if self.cfg.n_shared_experts:
             out = out + self.shared_experts(x)
         return out.reshape(shape)
+
+
+def _one(linear: nn.Module) -> ExpertWeights:
+    """A linear's weight as a one-expert stack (a view): (1, out, in), or FP8 with its scales."""
+    if isinstance(linear, Fp8Linear):
+        weight, scale = linear.weight[None], linear.weight_scale[None]
+        return Fp8ExpertWeights.from_checkpoint(weight, scale, linear.block)
+    return linear.weight[None]
+
+
+def _stack(linears: list[nn.Module], name: str) -> torch.Tensor:
+    """The parameter ``name`` of every module in one (E, ...) tensor, each module's own parameter
+    becoming a view into it."""
+    stacked = torch.stack([getattr(m, name).detach() for m in linears])
+    for i, m in enumerate(linears):
+        getattr(m, name).data = stacked[i]
+    return stacked
+
+
+def _stack_fp8(linears: list[Fp8Linear]) -> Fp8ExpertWeights:
+    weight = _stack(linears, "weight")
+    scale = _stack(linears, "weight_scale")
+    return Fp8ExpertWeights.from_checkpoint(weight, scale, linears[0].block)
 
 
 class DenseMLP(Relu2MLP):

@@ -13,6 +13,10 @@ tensor cores, split-KV with a log2-sum-exp merge; head_dim 32, 64 or 128); every
 :func:`block_attention_ref`. The split count comes from :func:`plan_splits`, which depends only on
 shapes and the GPU's SM count (never on the device-side lengths), so a captured CUDA graph stays
 valid as lengths change.
+
+``variant="wgmma"`` asks for the Hopper warpgroup-MMA kernel of the denoise step
+(``csrc/include/twotower_rt/block_attention_sm90.cuh``, head_dim 128). It is compiled but has never
+run on a GPU: unverified, so off by default. :func:`kernel_variant` says which kernel a shape gets.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ KERNEL_HEAD_DIMS = (32, 64, 128)
 MAX_SPLITS = 256  # csrc block_attention::kMaxSplits
 _BLOCK_N = 64  # keys per tile in the kernel
 _DECODE_ROWS = 16  # rows per KV head at or below which the one-warp kernel runs
+VARIANTS = ("mma_sync", "wgmma")  # the kernel's variant codes 0, 1 (csrc/block_attention.cu)
+WGMMA_HEAD_DIMS = (128,)
 
 
 def attention_ref(
@@ -86,6 +92,7 @@ def block_attention(
     cache_slots: torch.Tensor | None = None,
     max_context_len: int | None = None,
     out: torch.Tensor | None = None,
+    variant: str = "mma_sync",
 ) -> torch.Tensor:
     """Attention of the S block queries over each sequence's context and its block.
 
@@ -98,6 +105,10 @@ def block_attention(
         max_context_len: a host-side upper bound on context_lens; only the kernel's split count
                       depends on it (default: capacity). Never read from the device.
         out:          (B, S, Hq, D) in q's dtype, written in place; allocated when None.
+        variant:      which CUDA kernel: "mma_sync" (default, measured) or "wgmma" (Hopper
+                      warpgroup MMAs for the denoise step, head_dim 128; UNVERIFIED on a GPU).
+                      Shapes wgmma does not cover run mma_sync (:func:`kernel_variant` says why);
+                      the PyTorch path ignores it.
         returns out.
 
     CUDA bfloat16 inputs with head_dim 32/64/128 run the twotower_rt._C kernel (any strides with
@@ -105,15 +116,39 @@ def block_attention(
     run :func:`block_attention_ref`. ``block_attention_backend`` says which, and why.
     """
     _check_args(q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, out)
+    if variant not in VARIANTS:
+        raise ValueError(f"block_attention: variant must be one of {VARIANTS}, got {variant!r}")
     reason = _kernel_unsupported_reason(q, k_cache, v_cache, k_block, v_block)
     if reason is not None:
         result = block_attention_ref(
             q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots=cache_slots
         )
         return result if out is None else out.copy_(result)
-    return _block_attention_cuda(
-        q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, max_context_len, out
-    )
+    variant, _ = kernel_variant(variant, q.shape[1], q.shape[2], k_cache.shape[2], q.shape[3])
+    args = (q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, max_context_len, out)
+    return _block_attention_cuda(*args, variant)
+
+
+def kernel_variant(
+    variant: str, seq: int, q_heads: int, kv_heads: int, head_dim: int
+) -> tuple[str, str | None]:
+    """``(variant that runs, why it is not the one asked for, or None)`` for a CUDA call of this
+    shape. The wgmma kernel covers the denoise step at head_dim 128: 64-row warpgroup tiles of the
+    ``seq * q_heads / kv_heads`` rows of a KV head; at or below 16 such rows (decode) most of a tile
+    would be padding, and the mma.sync decode kernel (four key warps over 16 rows) is the fit."""
+    if variant not in VARIANTS:
+        raise ValueError(f"block_attention: variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "wgmma":
+        if head_dim not in WGMMA_HEAD_DIMS:
+            built = "/".join(map(str, WGMMA_HEAD_DIMS))
+            return "mma_sync", f"the wgmma kernel is built for head_dim {built}, not {head_dim}"
+        rows = seq * (q_heads // kv_heads)
+        if rows <= _DECODE_ROWS:
+            return "mma_sync", (
+                f"{rows} query rows per KV head (decode): the wgmma kernel's 64-row tiles would be "
+                "mostly padding; the mma.sync decode kernel runs"
+            )
+    return variant, None
 
 
 def plan_splits(
@@ -238,7 +273,7 @@ def _num_sms(index: int) -> int:
 
 
 def _block_attention_cuda(
-    q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, max_context_len, out
+    q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, max_context_len, out, variant
 ):
     C = _ext.require_cuda_op("block_attention", q)
     B, S, hq, d = q.shape
@@ -290,6 +325,7 @@ def _block_attention_cuda(
         block_len=block_len,
         num_splits=splits,
         softmax_scale=1.0 / math.sqrt(d),
+        variant=VARIANTS.index(variant),
         device=index,
         stream=torch.cuda.current_stream(q.device).cuda_stream,
     )

@@ -12,18 +12,37 @@ and is what the CPU runs: bitwise the reference implementation's order. ``moe_ex
 sorts the T*k assignments by expert on the device (stable: token order within an expert), runs
 one grouped GEMM for ``up`` and one for ``down`` over stacked expert weights (E, I, H) / (E, H, I)
 with per-expert row offsets that stay on the device, and adds each token's k outputs in expert-id
-order, so no value crosses to the host. Its grouped GEMM ``gemm(a, w, offsets, relu2)`` is
-:func:`gemm_cutlass` (ours, sm_90a), :func:`gemm_torch` (``torch._grouped_mm``, also on the CPU) or
+order, so no value crosses to the host. Its grouped GEMMs (``ops/moe_gemm.py``) are our CUTLASS
+kernels (bf16, or FP8 weights stacked as :class:`Fp8ExpertWeights`), ``torch._grouped_mm``, or
 :func:`gemm_loop` (per-expert matmuls: the reference's arithmetic, which tests use to check the
 permutation logic exactly).
+
+The shared expert folds in (``moe_experts_grouped(..., shared=(up_s, down_s))``, one-expert stacks
+from :func:`fold_shared_expert`): it is one extra group in both grouped GEMMs (M = T tokens in
+token order, N = I_s up, K = I_s down, its own weights, no copy), and the result is the MoE
+layer's output, combined as the reference does: ``routed.to(x.dtype) + shared``. In our kernels
+relu^2 acts on the fp32 accumulator before the one rounding, for the shared expert as for the
+routed ones; :func:`gemm_loop` keeps the module's order, so in fp32 it is the module bitwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from .moe_gemm import (  # noqa: F401  (re-exported: the grouped path's GEMM backends)
+    FP8_TILE_K,
+    ExpertWeights,
+    Fp8ExpertWeights,
+    Gemm,
+    _fp8_extra_reason,
+    gemm_cutlass,
+    gemm_cutlass_fp8,
+    gemm_fp8_ref,
+    gemm_loop,
+    gemm_torch,
+)
 
 
 def moe_experts_ref(
@@ -41,76 +60,32 @@ def moe_experts_ref(
     return routed
 
 
-Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
-
-
-def _relu2(h: torch.Tensor) -> torch.Tensor:
-    return F.relu(h).square()
-
-
-def gemm_loop(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, relu2: bool) -> torch.Tensor:
-    """Rows [offs[e-1], offs[e]) of a times w[e]^T, expert by expert (reads offs on the host)."""
-    out = a.new_empty((a.shape[0], w.shape[1]))
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        if end > start:
-            out[start:end] = a[start:end] @ w[e].T
-        start = end
-    return _relu2(out) if relu2 else out
-
-
-def gemm_torch(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, relu2: bool) -> torch.Tensor:
-    """``torch._grouped_mm`` (CUTLASS inside PyTorch on Hopper), relu^2 after the rounding."""
-    out = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
-    return _relu2(out) if relu2 else out
-
-
-_workspaces: dict[tuple, torch.Tensor] = {}
-
-
-def gemm_cutlass(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, relu2: bool) -> torch.Tensor:
-    """Our grouped GEMM (twotower_rt._C.moe_grouped_gemm): relu^2 fused into the epilogue, on the
-    fp32 accumulator before the one rounding to bf16."""
-    from twotower_rt import _ext
-
-    C = _ext.require_cuda_op("moe_grouped_gemm", a)
-    a = a.contiguous()
-    w = w.contiguous()
-    offs = offs.to(torch.int32).contiguous()
-    experts, n, k = w.shape
-    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    key = (index, experts, relu2)
-    if key not in _workspaces:
-        size = C.moe_grouped_gemm_workspace_bytes(experts=experts, epilogue=int(relu2),
-                                                  device=index)  # fmt: skip
-        _workspaces[key] = torch.empty(size, dtype=torch.uint8, device=a.device)
-    workspace = _workspaces[key]
-    out = torch.empty((a.shape[0], n), dtype=a.dtype, device=a.device)
-    C.moe_grouped_gemm(
-        a=a.data_ptr(), w=w.data_ptr(), offsets=offs.data_ptr(), d=out.data_ptr(),
-        workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(), experts=experts,
-        n=n, k=k, epilogue=int(relu2), device=index,
-        stream=torch.cuda.current_stream(a.device).cuda_stream,
-    )  # fmt: skip
-    return out
-
-
 def moe_experts_grouped(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
     weights: torch.Tensor,
-    up: torch.Tensor,
-    down: torch.Tensor,
+    up: ExpertWeights,
+    down: ExpertWeights,
     gemm: Gemm | None = None,
+    shared: tuple[ExpertWeights, ExpertWeights] | None = None,
 ) -> torch.Tensor:
     """x (T, H); expert_ids, weights (T, k); up (E, I, H) and down (E, H, I) in x's dtype, as the
-    experts' ``up_proj.weight`` / ``down_proj.weight`` stacked. ``gemm`` defaults to
-    :func:`grouped_gemm_for` of the inputs. Returns fp32 (T, H)."""
-    gemm = gemm or grouped_gemm_for(x, up)
+    experts' ``up_proj.weight`` / ``down_proj.weight`` stacked, or both :class:`Fp8ExpertWeights`.
+    ``gemm`` defaults to :func:`grouped_gemm_for` of the inputs. Returns fp32 (T, H), the routed
+    sum.
+
+    ``shared`` (up_s (1, I_s, H), down_s (1, H, I_s)) from :func:`fold_shared_expert`: the shared
+    expert runs as the extra group of both GEMMs (every token, in token order), and the return is
+    the layer's output in x's dtype, ``routed.to(x.dtype) + shared(x)`` as the reference combines
+    them."""
     if gemm is None:
-        raise ValueError(
-            f"moe_experts_grouped: no grouped GEMM here: {grouped_unsupported_reason(x, up)}"
-        )
+        if shared is None:
+            reason = grouped_unsupported_reason(x, up, down)
+        else:
+            reason = shared_unsupported_reason(x, up, down, shared)
+        if reason is not None:
+            raise ValueError(f"moe_experts_grouped: no grouped GEMM here: {reason}")
+        gemm = grouped_gemm_for(x, up, down)
     T, k = expert_ids.shape
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert, token order inside
@@ -118,8 +93,12 @@ def moe_experts_grouped(
     counts = torch.zeros(up.shape[0], dtype=torch.int64, device=x.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     offs = torch.cumsum(counts, 0).to(torch.int32)
-    h = gemm(x[order // k], up, offs, True)
-    y = gemm(h, down, offs, False)
+    if shared is None:
+        h = gemm(x[order // k], up, offs, True)
+        y = gemm(h, down, offs, False)
+    else:
+        h, h_shared = gemm(x[order // k], up, offs, True, extra=(x, shared[0]))
+        y, y_shared = gemm(h, down, offs, False, extra=(h_shared, shared[1]))
     y = y.float() * weights.reshape(-1)[order, None]
     per_slot = torch.empty_like(y)
     per_slot[order] = y  # back to (token, slot) order
@@ -129,11 +108,83 @@ def moe_experts_grouped(
     routed = per_slot[:, 0]
     for j in range(1, k):
         routed = routed + per_slot[:, j]
-    return routed
+    return routed if shared is None else routed.to(x.dtype) + y_shared.to(x.dtype)
 
 
-def grouped_unsupported_reason(x: torch.Tensor, up: torch.Tensor) -> str | None:
+def fold_shared_expert(
+    up: ExpertWeights,
+    down: ExpertWeights,
+    shared_up: ExpertWeights,
+    shared_down: ExpertWeights,
+) -> tuple[ExpertWeights, ExpertWeights]:
+    """The shared expert as the extra group of the routed experts' grouped GEMMs: its up (I_s, H)
+    and down (H, I_s) weights (2-D tensors, or :class:`Fp8ExpertWeights` of one expert) as
+    one-expert stacks (views, no copy), FP8 scales presented at the routed stacks' group sizes
+    (:meth:`Fp8ExpertWeights.regrouped`: the FP8 kernel has one group size for all groups). Raises
+    ValueError saying why when they cannot fold."""
+    fp8 = isinstance(up, Fp8ExpertWeights)
+    folded = []
+    for name, w, w_s in (("up", up, shared_up), ("down", down, shared_down)):
+        if fp8 != isinstance(w_s, Fp8ExpertWeights):
+            kind = "FP8" if fp8 else "unquantized"
+            raise ValueError(f"fold_shared_expert: {name}: {kind} experts need a {kind} shared one")
+        if fp8:
+            if w_s.shape[0] != 1:
+                raise ValueError(f"fold_shared_expert: {name}: one shared expert, got {w_s.shape}")
+            reason = w_s.regroup_reason(w.group_size)
+            if reason is not None:
+                raise ValueError(f"fold_shared_expert: {name}: {reason}")
+            folded.append(w_s.regrouped(w.group_size))
+        else:
+            if w_s.dtype != w.dtype:
+                raise ValueError(
+                    f"fold_shared_expert: {name}: shared weight {w_s.dtype}, experts {w.dtype}"
+                )
+            folded.append(w_s if w_s.dim() == 3 else w_s[None])
+    up_s, down_s = folded
+    H = up.shape[2]
+    if (up_s.shape[0], up_s.shape[2], down_s.shape[0], down_s.shape[1]) != (1, H, 1, H) or (
+        down_s.shape[2] != up_s.shape[1]
+    ):
+        raise ValueError(
+            f"fold_shared_expert: shared up {tuple(up_s.shape)} and down {tuple(down_s.shape)} "
+            f"must be (1, I_s, {H}) and (1, {H}, I_s)"
+        )
+    return up_s, down_s
+
+
+def shared_unsupported_reason(
+    x: torch.Tensor,
+    up: ExpertWeights,
+    down: ExpertWeights,
+    shared: tuple[ExpertWeights, ExpertWeights],
+) -> str | None:
+    """Why the grouped GEMM :func:`grouped_gemm_for` picks cannot take the folded shared expert
+    (from :func:`fold_shared_expert`) as its extra group (None when it can, or when that GEMM is
+    torch._grouped_mm, which runs it as plain matmuls)."""
+    reason = grouped_unsupported_reason(x, up, down)
+    if reason is not None:
+        return reason
+    up_s, down_s = shared
+    if isinstance(up, Fp8ExpertWeights):
+        for name, w, w_s in (("up", up, up_s), ("down", down, down_s)):
+            reason = _fp8_extra_reason(w, w_s)
+            if reason is not None:
+                return f"{name}: {reason}"
+        return None
+    if up_s.dtype != torch.bfloat16 or down_s.dtype != torch.bfloat16:
+        return "the shared expert's weights must be bfloat16"
+    if up_s.shape[1] % 8:
+        return f"the shared intermediate size must be a multiple of 8, got {up_s.shape[1]}"
+    return None
+
+
+def grouped_unsupported_reason(
+    x: torch.Tensor, up: ExpertWeights, down: ExpertWeights | None = None
+) -> str | None:
     """Why no grouped GEMM can run these experts here (None when one can)."""
+    if isinstance(up, Fp8ExpertWeights):
+        return _fp8_unsupported_reason(x, up, down)
     if x.dtype != torch.bfloat16 or up.dtype != torch.bfloat16:
         return "the grouped GEMM path takes bfloat16 activations and weights"
     if x.shape[-1] % 8 or up.shape[1] % 8:
@@ -156,10 +207,39 @@ def _cutlass_ready(x: torch.Tensor) -> bool:
     )
 
 
-def grouped_gemm_for(x: torch.Tensor, up: torch.Tensor) -> Gemm | None:
-    """Our kernel where it runs, else torch._grouped_mm, else None."""
-    if grouped_unsupported_reason(x, up) is not None:
+def _fp8_unsupported_reason(
+    x: torch.Tensor, up: Fp8ExpertWeights, down: ExpertWeights | None
+) -> str | None:
+    from twotower_rt import _ext
+
+    if x.dtype != torch.bfloat16:
+        return "the FP8 grouped GEMM takes bfloat16 activations"
+    for name, w in (("up", up), ("down", down)):
+        if w is None:
+            continue
+        if not isinstance(w, Fp8ExpertWeights):
+            return f"{name}: FP8 up needs FP8 down weights"
+        _, n, k = w.shape
+        if n % 16 or k % 16:
+            return f"{name}: hidden and intermediate sizes must be multiples of 16, got {n}, {k}"
+        if w.group_size != k and w.group_size % FP8_TILE_K:
+            return (
+                f"{name}: FP8 scale blocks of {w.group_size} input columns: the FP8 grouped GEMM "
+                f"takes per-channel scales (block cols 0) or blocks of a multiple of {FP8_TILE_K}"
+            )
+    if x.device.type != "cuda":
+        return "FP8 experts take the grouped path only on CUDA (_C.moe_grouped_gemm_fp8)"
+    return _ext.cuda_unsupported_reason(x.device, "moe_grouped_gemm_fp8")
+
+
+def grouped_gemm_for(
+    x: torch.Tensor, up: ExpertWeights, down: ExpertWeights | None = None
+) -> Gemm | None:
+    """Our kernel where it runs, else torch._grouped_mm (bf16 weights only), else None."""
+    if grouped_unsupported_reason(x, up, down) is not None:
         return None
+    if isinstance(up, Fp8ExpertWeights):
+        return gemm_cutlass_fp8
     return gemm_cutlass if _cutlass_ready(x) else gemm_torch
 
 

@@ -4,7 +4,8 @@ temperature <= 0 is argmax; otherwise logits / T, top-k, then the top-p nucleus,
 the renormalised rest, done as a Gumbel-max over the kept tokens with :mod:`twotower_rt.ops.philox`
 noise at position 0 (so the CPU reference and the CUDA kernel pick the same token for the same seed
 and offset). The CUDA kernel is ``csrc/include/twotower_rt/sample_tokens.cuh``: radix selection of
-the cut-offs, no sort.
+the cut-offs, no sort; one CTA per row, or, where the rows alone leave SMs idle (small batches),
+each row split over several CTAs with the same result (``splits``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def sample_tokens(
     offset: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
+    splits: int = 0,
 ) -> torch.Tensor:
     """One token per row.
 
@@ -74,13 +76,18 @@ def sample_tokens(
         seed, offset: (B,) int64 tensors, required when temperature > 0 (per-row Philox key and
             counter offset; advance offset between draws)
         out: (B,) int64, allocated when None
+        splits: the kernel's CTAs per row: 0 chooses (rows split only at small batch), 1 never
+            splits, k > 1 about k slices per row. The token is the same either way (the split
+            path's sums are exact integers); the split path has not yet run on a GPU.
         returns ``out``.
     """
     _check_args(logits, temperature, top_k, top_p, seed, offset)
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 0:
+        raise ValueError(f"sample_tokens: splits must be an int >= 0, got {splits!r}")
     if logits.device.type != "cuda" or _kernel_unsupported_reason(logits):
         result = sample_tokens_ref(logits, temperature, top_k, top_p, seed, offset)
         return result if out is None else out.copy_(result)
-    return _sample_tokens_cuda(logits, temperature, top_k, top_p, seed, offset, out)
+    return _sample_tokens_cuda(logits, temperature, top_k, top_p, seed, offset, out, splits)
 
 
 def sample_tokens_backend(
@@ -122,7 +129,7 @@ def _kernel_unsupported_reason(logits) -> str | None:
 _DTYPE_CODES = {torch.float32: "DTYPE_FLOAT32", torch.bfloat16: "DTYPE_BFLOAT16"}
 
 
-def _sample_tokens_cuda(logits, temperature, top_k, top_p, seed, offset, out):
+def _sample_tokens_cuda(logits, temperature, top_k, top_p, seed, offset, out, splits=0):
     C = _ext.require_cuda_op("sample_tokens", logits)
     B, V = logits.shape
     device = logits.device
@@ -136,6 +143,13 @@ def _sample_tokens_cuda(logits, temperature, top_k, top_p, seed, offset, out):
     if sampled:
         seed, offset = seed.to(device).contiguous(), offset.to(device).contiguous()
     target = out if out.is_contiguous() else torch.empty((B,), dtype=torch.int64, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    split_size = C.sample_tokens_split_size(batch=B, vocab=V, splits=splits, sm_count=sms)
+    workspace = None
+    if split_size:
+        size = C.sample_tokens_workspace_bytes(batch=B, split_size=split_size)
+        workspace = torch.empty(size, dtype=torch.uint8, device=device)
     C.sample_tokens(
         logits=logits.data_ptr(),
         logits_row_stride=logits.stride(0),
@@ -147,8 +161,11 @@ def _sample_tokens_cuda(logits, temperature, top_k, top_p, seed, offset, out):
         top_k=0 if top_k is None else int(top_k),
         top_p=1.0 if top_p is None else float(top_p),
         temperature=float(temperature),
+        split_size=split_size,
+        workspace=workspace.data_ptr() if workspace is not None else 0,
+        workspace_bytes=workspace.numel() if workspace is not None else 0,
         dtype=getattr(C, _DTYPE_CODES[logits.dtype]),
-        device=device.index if device.index is not None else torch.cuda.current_device(),
+        device=index,
         stream=torch.cuda.current_stream(device).cuda_stream,
     )
     if target is not out:

@@ -1,15 +1,29 @@
 """Mamba-2's selective scan over a few tokens from a given state: the op, and beside it the plain
 fp32 recurrence (``selective_scan_ref``) that is its CPU path and oracle.
 
-The model runs it for the one-token decode step (n = 1, the new state kept) and for the
-denoiser's context-seeded block scan (n = 16, the context state read once and never written). The
-CUDA kernel is ``csrc/include/twotower_rt/ssm_scan.cuh``; it keeps the whole state in registers
-across the tokens, so it suits short token runs, and the prefill keeps the PyTorch scans.
+The model runs it for the one-token decode step (n = 1, the new state kept), the denoiser's
+context-seeded block scan (n = 16, the context state read once and never written) and the prefill /
+block extension (n up to the prompt's length, from the context's state). The CUDA kernel is
+``csrc/include/twotower_rt/ssm_scan.cuh``; it keeps the whole state in registers across the tokens.
+
+A long run of few sequences leaves most of the GPU idle for thousands of sequential steps, so the
+prefill can take the *chunked* scan (``chunk``): the run is cut into chunks of ``chunk`` tokens and
+scanned in three passes, (1) every chunk from a zero state, in parallel, keeping only its final
+state; (2) the state entering each chunk, entering[c + 1] = decay[c] * entering[c] + local[c] with
+decay[c] = exp(A * the chunk's summed dt), from the given initial state; (3) every chunk again from
+its entering state, in parallel, for y. The recurrence inside a chunk is the reference's; only the
+grouping of the decays differs (a product of per-token exps vs one exp of the sum), so it agrees
+with :func:`selective_scan_ref` to fp32 rounding, for every chunk length including one longer than
+the run (the case that broke a seeded chunked scan in another port).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
+import torch.nn.functional as F
 
 from twotower_rt import _ext
 
@@ -17,6 +31,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_STATE_SIZES = (16, 32, 64, 128)
 VARIANTS = {"lanes": 0, "rows": 1}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+MIN_CHUNK = 64  # shorter chunks spend more on the two extra passes than they win in parallelism
 
 
 def selective_scan_ref(
@@ -72,6 +87,7 @@ def ssm_scan(
     *,
     keep_state: bool = True,
     variant: str = "lanes",
+    chunk: int | None = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The selective scan of n tokens from ``state``.
 
@@ -94,11 +110,111 @@ def ssm_scan(
     _check_args(x, dt, A, B, C, D, state, n_valid)
     if variant not in VARIANTS:
         raise ValueError(f"ssm_scan: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+        raise ValueError(f"ssm_scan: chunk must be an int >= 0 or None, got {chunk!r}")
     reason = _kernel_unsupported_reason(x, B, C, state)
+    if chunk is None:
+        chunk = 0 if reason is not None else _planned_chunk(x, B, variant)
+    n = x.shape[1]
     if reason is not None:
+        if chunk and chunk < n:
+            return _chunked_scan(x, dt, A, B, C, D, state, n_valid, keep_state, chunk,
+                                 _scan_chunks_ref, _combine_chunks_ref)  # fmt: skip
         y, final = ssm_scan_ref(x, dt, A, B, C, D, state, n_valid)
         return y, final if keep_state else None
-    return _ssm_scan_cuda(x, dt, A, B, C, D, state, n_valid, keep_state, VARIANTS[variant])
+    code = VARIANTS[variant]
+    if chunk and chunk < n:
+        scan = functools.partial(_scan_chunks_cuda, variant=code)
+        return _chunked_scan(x, dt, A, B, C, D, state, n_valid, keep_state, chunk, scan,
+                             _combine_chunks_cuda)  # fmt: skip
+    return _ssm_scan_cuda(x, dt, A, B, C, D, state, n_valid, keep_state, code)
+
+
+def plan_scan_chunk(
+    batch: int,
+    n: int,
+    heads: int,
+    head_dim: int,
+    state_size: int,
+    sm_count: int,
+    *,
+    variant: str = "lanes",
+    max_state_bytes: int = 1 << 30,
+) -> int:
+    """The chunk length for the kernel's chunked scan of ``n`` tokens, or 0 (scan in one piece).
+
+    The plain scan runs batch x heads x row tiles CTAs for n sequential steps; chunking multiplies
+    them by the number of chunks at the price of two more passes. Chunk only when the plain scan
+    fills less than a wave of ~8 resident CTAs per SM, into as many chunks as fill one, each at
+    least MIN_CHUNK tokens, the chunk states ((batch, chunks, heads, P, N) fp32) within
+    ``max_state_bytes``."""
+    rows = 64 if variant == "rows" else 16 * max(1, 32 // state_size)
+    ctas = batch * heads * math.ceil(head_dim / rows)
+    want = 8 * sm_count
+    if ctas == 0 or ctas >= want or n < 2 * MIN_CHUNK:
+        return 0
+    state_bytes = batch * heads * head_dim * state_size * 4
+    chunks = min(math.ceil(want / ctas), n // MIN_CHUNK, max_state_bytes // max(1, state_bytes))
+    return math.ceil(n / chunks) if chunks >= 2 else 0
+
+
+def _planned_chunk(x, B, variant) -> int:
+    b, n, H, P = x.shape
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return plan_scan_chunk(b, n, H, P, B.shape[3], sms, variant=variant)
+
+
+def _chunked_scan(x, dt, A, B, C, D, state, n_valid, keep_state, chunk, scan, combine):
+    """The three passes of the chunked scan (module docstring) with ``scan`` (per-chunk runs) and
+    ``combine`` (the entering states) from the kernel or the references."""
+    b, n, H, _ = x.shape
+    chunks = math.ceil(n / chunk)
+    _, states = scan(x, dt, A, B, C, D, None, n_valid, chunk, False)  # (b * chunks, H, P, N)
+    dt = dt.float()
+    if n_valid is not None:
+        dt = dt.masked_fill(torch.arange(n, device=x.device)[None, :, None]
+                            >= n_valid[:, None, None], 0.0)  # fmt: skip
+    summed = F.pad(dt, (0, 0, 0, chunks * chunk - n)).view(b, chunks, chunk, H).sum(2)
+    decay = torch.exp(summed * A.float()).contiguous()  # (b, chunks, H)
+    final = combine(states, decay, state, keep_state)
+    y, _ = scan(x, dt, A, B, C, D, states, n_valid, chunk, True)
+    return y, final
+
+
+def _scan_chunks_ref(x, dt, A, B, C, D, states, n_valid, chunk, want_y):
+    """The reference recurrence on every chunk of ``chunk`` tokens as its own run (the kernel's
+    ``chunk`` semantics): states (b * chunks, H, P, N) to start from, or None (zero). Returns
+    (y (b, n, H, P) or None, each chunk's final state (b * chunks, H, P, N))."""
+    b, n, H, P = x.shape
+    N = B.shape[3]
+    chunks = math.ceil(n / chunk)
+    pad = chunks * chunk - n
+
+    def runs(t):  # (b, n, ...) -> (b * chunks, chunk, ...), zero-padded
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(b * chunks, chunk, *t.shape[2:])
+
+    lengths = n_valid if n_valid is not None else torch.full((b,), n, device=x.device)
+    starts = torch.arange(chunks, device=x.device) * chunk
+    valid = (lengths[:, None] - starts[None, :]).clamp(0, chunk).reshape(-1)
+    if states is None:
+        states = torch.zeros(b * chunks, H, P, N, dtype=torch.float32, device=x.device)
+    y, final = ssm_scan_ref(runs(x), runs(dt), A, runs(B), runs(C), D, states, valid)
+    y = y.reshape(b, chunks * chunk, H, P)[:, :n] if want_y else None
+    return y, final
+
+
+def _combine_chunks_ref(states, decay, initial, keep_state):
+    """entering[c] replaces local[c] in ``states`` (b * chunks, H, P, N) in place; returns the
+    final state (b, H, P, N), or None without ``keep_state``."""
+    b, chunks = decay.shape[:2]
+    view = states.view(b, chunks, *states.shape[1:])
+    running = initial.float().clone()
+    for c in range(chunks):
+        local = view[:, c].clone()
+        view[:, c] = running
+        running = running * decay[:, c, :, None, None] + local
+    return running if keep_state else None
 
 
 def ssm_scan_backend(
@@ -164,6 +280,55 @@ def _vector_ready(t: torch.Tensor, per_lane: int) -> torch.Tensor:
 
 
 def _ssm_scan_cuda(x, dt, A, B, C, D, state, n_valid, keep_state, variant):
+    state = state.contiguous()
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    final = torch.empty_like(state) if keep_state else None
+    _launch(x, dt, A, B, C, D, state, n_valid, y, final, 0, variant)
+    return y, final
+
+
+def _scan_chunks_cuda(x, dt, A, B, C, D, states, n_valid, chunk, want_y, variant):
+    """:func:`_scan_chunks_ref` by the kernel."""
+    b, n, H, P = x.shape
+    chunks = math.ceil(n / chunk)
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device) if want_y else None
+    final = None
+    if not want_y:  # the first pass: the chunk-local states are its only output
+        final = torch.empty(b * chunks, H, P, B.shape[3], dtype=torch.float32, device=x.device)
+    _launch(x, dt, A, B, C, D, states, n_valid, y, final, chunk, variant)
+    return y, final
+
+
+def _combine_chunks_cuda(states, decay, initial, keep_state):
+    """:func:`_combine_chunks_ref` by the kernel (twotower_rt._C.ssm_chunk_combine)."""
+    C_ext = _ext.require_cuda_op("ssm_scan", states)
+    b, chunks, H = decay.shape
+    initial = initial.contiguous()
+    if initial.data_ptr() % 16:
+        initial = initial.clone()
+    final = torch.empty_like(initial) if keep_state else None
+    C_ext.ssm_chunk_combine(
+        states=states.data_ptr(),
+        decay=decay.data_ptr(),
+        initial=initial.data_ptr(),
+        final_state=final.data_ptr() if final is not None else 0,
+        batch=b,
+        chunks=chunks,
+        heads=H,
+        head_elems=states.shape[2] * states.shape[3],
+        device=_device_index(states),
+        stream=torch.cuda.current_stream(states.device).cuda_stream,
+    )
+    return final
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def _launch(x, dt, A, B, C, D, state, n_valid, y, state_out, chunk, variant):
+    """One ssm_scan kernel launch: state (runs, H, P, N) or None (zero), y (b, n, H, P) fp32 or
+    None, state_out (runs, H, P, N) or None, with runs = b * ceil(n / chunk) (b for chunk 0)."""
     C_ext = _ext.require_cuda_op("ssm_scan", x)
     b, n, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -173,12 +338,9 @@ def _ssm_scan_cuda(x, dt, A, B, C, D, state, n_valid, keep_state, variant):
     dt = dt.float()
     dt = dt if dt.stride(2) == 1 else dt.contiguous()
     A, D = A.float().contiguous(), D.float().contiguous()
-    state = state.contiguous()
-    if state.data_ptr() % 16:
-        state = state.clone()
+    if state is not None and (not state.is_contiguous() or state.data_ptr() % 16):
+        state = state.clone(memory_format=torch.contiguous_format)
     lens = n_valid.to(torch.int64).contiguous() if n_valid is not None else None
-    y = torch.empty((b, n, H, P), dtype=torch.float32, device=x.device)
-    final = torch.empty_like(state) if keep_state else None
     C_ext.ssm_scan(
         x=x.data_ptr(),
         x_strides=(x.stride(0), x.stride(1), x.stride(2)),
@@ -191,18 +353,18 @@ def _ssm_scan_cuda(x, dt, A, B, C, D, state, n_valid, keep_state, variant):
         C=C.data_ptr(),
         c_strides=(C.stride(0), C.stride(1), C.stride(2)),
         n_valid=lens.data_ptr() if lens is not None else 0,
-        state=state.data_ptr(),
-        state_out=final.data_ptr() if final is not None else 0,
-        y=y.data_ptr(),
+        state=state.data_ptr() if state is not None else 0,
+        state_out=state_out.data_ptr() if state_out is not None else 0,
+        y=y.data_ptr() if y is not None else 0,
         batch=b,
         n=n,
         heads=H,
         groups=G,
         head_dim=P,
         state_size=N,
+        chunk=chunk,
         dtype=_DTYPE_CODES[x.dtype],
         variant=variant,
-        device=x.device.index if x.device.index is not None else torch.cuda.current_device(),
+        device=_device_index(x),
         stream=torch.cuda.current_stream(x.device).cuda_stream,
     )
-    return y, final
