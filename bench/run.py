@@ -4,11 +4,13 @@
     python bench/run.py mask_sampling [--batch 1 16 64] [--block-size 16] [--vocab 131072]
     python bench/run.py sample_tokens [--batch 1 16 64] [--vocab 131072]
     python bench/run.py block_attention [--batch 1 16 64] [--context 1024 8192 32768]
-    python bench/run.py mamba [--batch 1 16 64] [--dtype bf16]    # ssm_scan: decode, block
-    python bench/run.py moe [--tokens 16 64 256 1024 2048]        # grouped experts (bf16)
+    python bench/run.py mamba [--batch 1 16 64] [--dtype bf16]    # ssm_scan: decode, block, prefill
+    python bench/run.py moe [--tokens 16 64 256 1024 2048]        # grouped experts (bf16, fp8)
     python bench/run.py all_reduce [--rows 16 256 1024 1536] [--world N]   # needs >= 2 GPUs
     python bench/run.py --check            # every family, few shapes, few repetitions
     python bench/run.py all                # every family's full sweep, one JSON
+    python bench/run.py e2e [--layers N] [--weights fp8|bf16] [--batch ...] [--context ...]
+                                           # the engine end to end (bench/e2e.py)
 
 Each case: correctness against the family's PyTorch reference, then the median over --reps timed
 replays of a CUDA graph holding --inner launches (so launch overhead is excluded; inputs are
@@ -1057,7 +1059,37 @@ def print_table(results: list[dict], peaks: dict[str, float]) -> None:
         )
 
 
+def main_e2e(argv: list[str]) -> int:
+    """``bench/run.py e2e``: the engine end to end (bench/e2e.py); its own JSON schema."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import e2e
+
+    parser = argparse.ArgumentParser(prog="bench/run.py e2e", description=e2e.__doc__)
+    e2e.add_args(parser)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench/run.py e2e: no CUDA GPU visible; use --device cpu for a smoke run",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    record = e2e.bench(args)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    record = {"device": device, "date": now.isoformat(timespec="seconds"),
+              "commit": git_commit(), "torch": torch.__version__, **record}  # fmt: skip
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    out = args.out or REPO / "bench" / "results" / f"{now:%Y-%m-%d}-{slug}-e2e.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["e2e"]:
+        return main_e2e(argv[1:])
+
     def add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
         # Accepted before and after the family name; SUPPRESS keeps a subparser from overwriting
         # a value given before it with its default.

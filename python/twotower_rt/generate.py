@@ -9,7 +9,9 @@
 Every mode starts with the reference's two-pass prefill (prompt[:-1] as a prefill, then the last
 token through the one-token path). Each row has its own t, its own random stream (a Philox seed and
 a counter offset, advanced only by the draws that row takes part in) and its own EOS; finished
-rows leave the batch, and no row's output depends on the others.
+rows leave the batch, and no row's output depends on the others. :func:`generate` runs a batch
+through the engine (``twotower_rt.engine``), which does the work; this module keeps the parameters,
+the input checks and the reference prefill (``_prefill``) that tests and tools build on.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ import torch
 
 from .model.cache import ContextCache
 from .model.tower import TwoTowerLM
-from .ops.mask_sampling import mask_sampling
-from .ops.sample_tokens import sample_tokens
 
 MODES = ("ar", "mock_ar", "mask_diffusion")
 
@@ -164,24 +164,6 @@ def row_rng(seeds, device) -> tuple[torch.Tensor, torch.Tensor]:
     return seed, torch.zeros_like(seed)
 
 
-class _Batch:
-    """The rows still generating: their original indices, caches and per-row state, kept
-    aligned; ``keep`` drops finished rows from all of them at once."""
-
-    def __init__(self, cache: ContextCache, rng, device):
-        self.rows = torch.arange(cache.lengths.shape[0], device=device)
-        self.cache = cache
-        self.seed, self.offset = rng if rng is not None else (None, None)
-
-    def keep(self, mask: torch.Tensor, *tensors: torch.Tensor):
-        idx = torch.nonzero(mask).squeeze(1)
-        self.rows = self.rows[idx]
-        self.cache = self.cache.index_select(idx)
-        if self.seed is not None:
-            self.seed, self.offset = self.seed[idx], self.offset[idx]
-        return [t.index_select(0, idx) if t is not None else None for t in tensors]
-
-
 def _prefill(lm: TwoTowerLM, prompts: list[list[int]], capacity: int, keep_before: bool):
     """The two-pass prefill. Returns the cache, the last prompt position's normed hidden state
     (b, hidden) and, if asked, the Mamba states from before the last prompt token."""
@@ -198,107 +180,24 @@ def _prefill(lm: TwoTowerLM, prompts: list[list[int]], capacity: int, keep_befor
     return cache, hidden[:, -1], before, last[:, 0]
 
 
-@torch.inference_mode()
 def generate(lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params) -> GenerationOutput:
+    """Every prompt through a :class:`twotower_rt.engine.Engine` sized for exactly this batch (one
+    slot per prompt, the longest prompt plus max_new_tokens of context), run to completion."""
+    from .engine import Engine
+
     p = SamplingParams(**params)
     prompts = check_input_ids(input_ids, lm.cfg.vocab_size)
     p.validate(mode, lm.cfg.vocab_size, len(prompts))
-    b = len(prompts)
-    out = [[] for _ in range(b)]
-    nfe = [0] * b
-    reason = ["length"] * b
-    commits = [[] for _ in range(b)] if mode == "mask_diffusion" else None
-    if p.max_new_tokens == 0:
-        return GenerationOutput(
-            [list(x) for x in prompts], nfe, [len(x) for x in prompts], reason, commits
-        )
-
-    device = lm.device
-    capacity = max(len(x) for x in prompts) + p.max_new_tokens
-    cache, hidden, before, last = _prefill(lm, prompts, capacity, keep_before=mode == "mock_ar")
-    sampled = p.temperature > 0
-    rng = row_rng(p.row_seeds(b), device) if sampled else None
-    batch = _Batch(cache, rng, device)
-    eos = torch.tensor(p.eos_ids, dtype=torch.long, device=device)
-
-    if mode in ("ar", "mock_ar"):
-        logits = lm.context_logits(hidden) if mode == "ar" else None
-        for step in range(p.max_new_tokens):
-            if mode == "mock_ar":
-                cache = batch.cache
-                logits = lm.denoiser_logits(
-                    last[:, None],
-                    cache,
-                    prefix_len=cache.lengths - 1,
-                    mamba_states=before,
-                    t=None,
-                )[:, -1]
-                for r in batch.rows.tolist():
-                    nfe[r] += 1
-            token = sample_tokens(logits, p.temperature, p.top_k, p.top_p, batch.seed, batch.offset)
-            if batch.offset is not None:
-                batch.offset += 1
-            done = torch.isin(token, eos)
-            for r, tok, d in zip(batch.rows.tolist(), token.tolist(), done.tolist()):
-                out[r].append(tok)
-                if d:
-                    reason[r] = "eos"
-            if step == p.max_new_tokens - 1 or bool(done.all()):
-                break
-            if bool(done.any()):
-                (token,) = batch.keep(~done, token)
-            if mode == "mock_ar":  # the denoiser's next Mamba seed: the state before `token`
-                before = batch.cache.snapshot_mamba()
-                last = token
-            hidden = lm.context_forward(token[:, None], batch.cache)
-            if mode == "ar":
-                logits = lm.context_logits(hidden[:, -1])
-    else:
-        S, T = p.block_size, p.steps_per_block
-        n_blocks = p.max_new_tokens // S
-        for blk in range(n_blocks):
-            cache = batch.cache
-            rows = batch.rows.tolist()
-            block = torch.full((len(rows), S), p.mask_token_id, dtype=torch.long, device=device)
-            for r in rows:
-                commits[r].append([])
-            for step in range(T):
-                n_masked = (block == p.mask_token_id).sum(dim=-1)
-                if not bool(n_masked.any()):
-                    break
-                t = n_masked.to(torch.float32) / S
-                logits = lm.denoiser_logits(
-                    block, cache, prefix_len=cache.lengths, mamba_states=cache.mamba, t=t
-                )
-                new_block = mask_sampling(
-                    logits,
-                    block,
-                    mask_token_id=p.mask_token_id,
-                    step=step,
-                    steps_per_block=T,
-                    confidence_threshold=p.confidence_threshold,
-                    temperature=p.temperature,
-                    seed=batch.seed,
-                    offset=batch.offset,
-                ).block
-                if batch.offset is not None:  # only rows that took this step drew noise
-                    batch.offset += n_masked > 0
-                n_new = (new_block != block).sum(dim=-1).tolist()
-                for r, active, c in zip(rows, n_masked.tolist(), n_new):
-                    if active:
-                        nfe[r] += 1
-                        commits[r][-1].append(c)
-                block = new_block
-            done = torch.isin(block, eos).any(dim=-1)
-            for r, ids, d in zip(rows, block.tolist(), done.tolist()):
-                out[r].extend(ids)
-                if d:
-                    reason[r] = "eos"
-            if blk == n_blocks - 1 or bool(done.all()):
-                break
-            if bool(done.any()):
-                (block,) = batch.keep(~done, block)
-            lm.context_forward(block, batch.cache)
-
-    sequences = [list(x) + o for x, o in zip(prompts, out)]
-    return GenerationOutput(sequences, nfe, [len(x) for x in prompts], reason, commits)
+    lengths = [len(x) for x in prompts]
+    seeds = p.row_seeds(len(prompts)) if p.temperature > 0 else [0] * len(prompts)
+    context = max(lengths) + p.max_new_tokens
+    engine = Engine(lm, max_slots=len(prompts), context=max(context, 2))
+    params = {**params, "seed": seeds}
+    outs = engine.generate(prompts, mode, **params)
+    return GenerationOutput(
+        [x + o.generated for x, o in zip(prompts, outs)],
+        [o.nfe for o in outs],
+        lengths,
+        [o.finish_reason for o in outs],
+        [o.commits_per_step for o in outs] if mode == "mask_diffusion" else None,
+    )

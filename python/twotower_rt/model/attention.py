@@ -6,8 +6,8 @@
 - denoiser (``append=False``): the block's own K/V are concatenated after the context prefix (read
   only) and every block position sees the whole prefix and the whole block (no mask at all).
 
-Cache layout, per attention layer: keys and values (batch, capacity, kv_heads, head_dim), row r
-valid in [0, lengths[r]).
+Cache layout, per attention layer: keys and values (rows, capacity, kv_heads, head_dim), sequence
+b's in row slots[b] (an engine's slot pool) or row b, valid in [0, lengths[b]).
 """
 
 from __future__ import annotations
@@ -38,28 +38,33 @@ class Attention(nn.Module):
         cache_v: torch.Tensor,
         prefix_len: torch.Tensor,
         append: bool,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """h (b, n, hidden); cache_k/v (b, capacity, Hkv, D); prefix_len (b,) committed tokens per
-        row. With ``append`` the n new K/V are written at [prefix_len, prefix_len + n) (the caller
-        advances the lengths); without, the cache is only read."""
+        """h (b, n, hidden); cache_k/v (rows, capacity, Hkv, D); prefix_len (b,) committed tokens
+        per sequence; slots (b,) the cache row of each sequence, or None (row b). With ``append``
+        the n new K/V are written at [prefix_len, prefix_len + n) (the caller advances the
+        lengths); without, the cache is only read."""
         cfg = self.cfg
         b, n, _ = h.shape
         q = self.q_proj(h).view(b, n, cfg.num_attention_heads, cfg.head_dim)
         k = self.k_proj(h).view(b, n, cfg.num_key_value_heads, cfg.head_dim)
         v = self.v_proj(h).view(b, n, cfg.num_key_value_heads, cfg.head_dim)
         if not append:
-            out = block_attention(q, cache_k, cache_v, prefix_len, k, v)
+            out = block_attention(q, cache_k, cache_v, prefix_len, k, v, cache_slots=slots)
         else:
             dev = h.device
             pos = prefix_len[:, None] + torch.arange(n, device=dev)[None, :]  # (b, n)
-            rows = torch.arange(b, device=dev)[:, None]
+            rows = (slots if slots is not None else torch.arange(b, device=dev))[:, None]
             cache_k[rows, pos] = k.to(cache_k.dtype)
             cache_v[rows, pos] = v.to(cache_v.dtype)
             if n == 1:  # AR decode: the one new token sees the whole prefix and itself
-                out = block_attention(q, cache_k, cache_v, prefix_len + 1)
+                out = block_attention(q, cache_k, cache_v, prefix_len + 1, cache_slots=slots)
             else:
                 span = int(prefix_len.max()) + n
-                keys, values = cache_k[:, :span], cache_v[:, :span]
+                if slots is None:
+                    keys, values = cache_k[:, :span], cache_v[:, :span]
+                else:
+                    keys, values = cache_k[slots, :span], cache_v[slots, :span]
                 key_pos = torch.arange(span, device=dev)[None, None, :]
                 allowed = key_pos <= pos[:, :, None]  # causal; padding rows only see real keys
                 out = attention_ref(q, keys, values, allowed)

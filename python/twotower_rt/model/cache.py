@@ -1,5 +1,10 @@
 """The context tower's caches for a batch: K/V per attention layer, conv + SSM state per Mamba
-layer, and each row's committed length. Allocated once at full capacity; nothing grows."""
+layer, and each row's committed length. Allocated once at full capacity; nothing grows.
+
+An engine keeps one cache as a pool of slots and runs each forward on some of them:
+``pool.select(slots)`` is a batch over those rows whose K/V are the pool's own tensors (the
+attention layers read and write them through ``slots``) and whose lengths and Mamba states are
+gathered copies, which ``pool.store(batch)`` writes back after a context forward."""
 
 from __future__ import annotations
 
@@ -16,11 +21,15 @@ class ContextCache:
         keys: dict[int, torch.Tensor],
         values: dict[int, torch.Tensor],
         mamba: dict[int, MambaState],
+        slots: torch.Tensor | None = None,
     ):
         self.lengths = lengths  # (b,) int64: committed tokens per row
-        self.keys = keys  # layer -> (b, capacity, kv_heads, head_dim)
+        self.keys = keys  # layer -> (rows, capacity, kv_heads, head_dim)
         self.values = values
-        self.mamba = mamba  # layer -> MambaState
+        self.mamba = mamba  # layer -> MambaState of (b, ...)
+        # (b,) int64: row i's K/V live in row slots[i] of keys/values (a batch over a pool's
+        # slots); None: row i is row i.
+        self.slots = slots
 
     @classmethod
     def allocate(
@@ -44,6 +53,27 @@ class ContextCache:
     def snapshot_mamba(self) -> dict[int, MambaState]:
         """A copy of every Mamba state as it is now (mock-AR needs the state before a token)."""
         return {i: s.clone() for i, s in self.mamba.items()}
+
+    def select(self, slots: torch.Tensor) -> ContextCache:
+        """A batch over this pool's rows ``slots`` (b,): K/V shared (written through), lengths and
+        Mamba states gathered copies (:meth:`store` writes them back)."""
+        if self.slots is not None:
+            raise ValueError("select() takes a pool, not a batch selected from one")
+        return ContextCache(
+            self.lengths.index_select(0, slots),
+            self.keys,
+            self.values,
+            {i: s.index_select(slots) for i, s in self.mamba.items()},
+            slots=slots,
+        )
+
+    def store(self, batch: ContextCache) -> None:
+        """Write a :meth:`select`ed batch's lengths and Mamba states back into its pool rows."""
+        rows = batch.slots
+        self.lengths.index_copy_(0, rows, batch.lengths)
+        for i, state in batch.mamba.items():
+            self.mamba[i].conv.index_copy_(0, rows, state.conv)
+            self.mamba[i].ssm.index_copy_(0, rows, state.ssm)
 
     def index_select(self, rows: torch.Tensor) -> ContextCache:
         """The cache of a subset of rows (a copy), e.g. when finished sequences leave a batch."""

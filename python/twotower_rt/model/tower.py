@@ -80,7 +80,8 @@ class Tower(nn.Module):
                 if new_state is not None:
                     new_states[i] = new_state
             elif block.kind == "attention":
-                out = block.mixer(h, cache.keys[i], cache.values[i], prefix_len, append)
+                k, v = cache.keys[i], cache.values[i]
+                out = block.mixer(h, k, v, prefix_len, append, cache.slots)
             else:
                 out = block.mixer(h)
             x = x + (out if modulation is None else gate * out)
@@ -148,15 +149,18 @@ class TwoTowerLM(nn.Module):
         """Feed ids (b, n) to the context tower: extends the cache (K/V, Mamba states, lengths)
         by each row's n_valid (default n) tokens. Returns the normed last hidden states
         (b, n, hidden); the caller applies ``context_lm_head`` where it needs logits."""
+        ragged = n_valid  # None: every row takes all n tokens, with no check on the device
         if n_valid is None:
             n_valid = torch.full_like(cache.lengths, ids.shape[1])
+        elif bool((n_valid == ids.shape[1]).all()):
+            ragged = None
         hidden, states = self.context_tower(
             ids,
             cache,
             prefix_len=cache.lengths,
             mamba_states=cache.mamba,
             append=True,
-            n_valid=None if bool((n_valid == ids.shape[1]).all()) else n_valid,
+            n_valid=ragged,
         )
         cache.mamba.update(states)
         cache.lengths = cache.lengths + n_valid

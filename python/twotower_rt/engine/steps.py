@@ -1,0 +1,193 @@
+"""The engine's fixed-shape step functions and the runner that plays them eagerly or as CUDA graphs.
+
+Every step the engine repeats is one function of a batch of slots, with fixed shapes:
+
+- ``ar``:      feed each row's pending token to the context tower, draw the next token from the
+               context head (temperature, top-k, top-p fixed per function);
+- ``mock``:    the same for mock-AR: keep the Mamba state before the token, feed it, and draw the
+               next token from the denoiser reading that token against the context before it;
+- ``denoise``: one denoiser forward over each row's block (t per row) and the mask-sampling
+               decision (block size, mask id, steps, threshold and temperature fixed per function);
+- ``feed``:    one token per row into the context tower (a diffusion request's last prompt token).
+
+:class:`StepRunner` runs one at a batch size rounded up to a bucket: rows past the real ones point
+at the pool's spare slot (a row no request owns, its length reset by every appending step, so it
+never runs past its capacity). With ``graphs`` (CUDA only) each (function, bucket) is captured
+into a CUDA graph the first time it runs and replayed after: inputs are copied into the graph's
+static tensors, outputs read from its static outputs. The variable-shape work (the chunked
+prefill, committing finished blocks) stays eager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..model.tower import TwoTowerLM
+from ..ops.mask_sampling import mask_sampling
+from ..ops.sample_tokens import sample_tokens
+from .pool import SlotPool
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def bucket(n: int) -> int:
+    """The smallest bucket holding n rows (n itself past the largest)."""
+    for b in BUCKETS:
+        if b >= n:
+            return b
+    return n
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """Which step function, with the parameters baked into it."""
+
+    kind: str  # "ar", "mock", "denoise", "feed"
+    params: tuple = ()
+
+
+def make_step(lm: TwoTowerLM, pool: SlotPool, key: StepKey) -> Callable[..., dict]:
+    """The step function for ``key``: keyword tensors of one batch in, a dict of tensors out."""
+    cache, spare = pool.cache, pool.spare
+
+    def reset_spare():
+        cache.lengths[spare] = 0  # padded rows append here: keep them inside its capacity
+
+    if key.kind in ("ar", "feed"):
+        temperature, top_k, top_p = key.params if key.kind == "ar" else (0.0, None, None)
+
+        def step(tokens, slots, seed=None, offset=None):
+            reset_spare()
+            batch = cache.select(slots)
+            hidden = lm.context_forward(tokens[:, None], batch)
+            cache.store(batch)
+            if key.kind == "feed":
+                return {}
+            logits = lm.context_logits(hidden[:, -1])
+            return {"next": sample_tokens(logits, temperature, top_k, top_p, seed, offset)}
+
+        return step
+
+    if key.kind == "mock":
+        temperature, top_k, top_p = key.params
+
+        def step(tokens, slots, seed=None, offset=None):
+            reset_spare()
+            pool.save_before(slots)
+            batch = cache.select(slots)
+            lm.context_forward(tokens[:, None], batch)
+            cache.store(batch)
+            logits = lm.denoiser_logits(
+                tokens[:, None], batch, prefix_len=batch.lengths - 1,
+                mamba_states=pool.before_states(slots), t=None,
+            )[:, -1]  # fmt: skip
+            return {"next": sample_tokens(logits, temperature, top_k, top_p, seed, offset)}
+
+        return step
+
+    if key.kind == "denoise":
+        size, mask_id, steps, threshold, temperature = key.params
+
+        def step(block, slots, step, seed=None, offset=None):
+            batch = cache.select(slots)
+            n_masked = (block == mask_id).sum(dim=-1)
+            logits = lm.denoiser_logits(
+                block, batch, prefix_len=batch.lengths, mamba_states=batch.mamba,
+                t=n_masked.to(torch.float32) / size,
+            )  # fmt: skip
+            out = mask_sampling(
+                logits, block, mask_token_id=mask_id, step=step, steps_per_block=steps,
+                confidence_threshold=threshold, temperature=temperature, seed=seed, offset=offset,
+            )  # fmt: skip
+            return {
+                "block": out.block,
+                "committed": (out.block != block).sum(dim=-1),
+                "left": (out.block == mask_id).sum(dim=-1),
+            }
+
+        return step
+
+    raise ValueError(f"unknown step kind {key.kind!r}")
+
+
+# Padding of each input for the rows past the real ones (slots: the spare slot).
+def _pad_value(name: str, pool: SlotPool, key: StepKey) -> int:
+    if name == "slots":
+        return pool.spare
+    if name == "block":
+        return key.params[1]  # a fully masked block
+    return 0
+
+
+class StepRunner:
+    """Runs step functions at bucketed batch sizes, eagerly or (``graphs``) as CUDA graphs.
+
+    ``pad``: round batches up to a bucket even when eager (what graphs need; tests use it on the
+    CPU to check that padding changes no real row)."""
+
+    def __init__(self, lm: TwoTowerLM, pool: SlotPool, *, graphs: bool = False, pad: bool = False):
+        if graphs and lm.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.lm, self.pool = lm, pool
+        self.graphs = graphs
+        self.pad = pad or graphs
+        self._fns: dict[StepKey, Callable[..., dict]] = {}
+        self._graphs: dict[tuple[StepKey, int], _Captured] = {}
+        self._mempool = None
+
+    def run(self, key: StepKey, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs for the len(slots) real rows of ``inputs`` (tensors whose first dim is the
+        batch; seed/offset may be absent at temperature 0)."""
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = make_step(self.lm, self.pool, key)
+        n = inputs["slots"].shape[0]
+        if not self.pad:
+            return fn(**inputs)
+        size = bucket(n)
+        if not self.graphs:
+            return {k: v[:n] for k, v in fn(**self._padded(key, inputs, size)).items()}
+        captured = self._graphs.get((key, size))
+        if captured is None:
+            captured = self._capture(fn, self._padded(key, inputs, size))
+            self._graphs[(key, size)] = captured
+        for name, value in inputs.items():
+            static = captured.inputs[name]
+            static[:n].copy_(value)
+            static[n:].fill_(_pad_value(name, self.pool, key))
+        captured.graph.replay()
+        return {k: v[:n] for k, v in captured.outputs.items()}
+
+    def _padded(self, key, inputs, size):
+        padded = {}
+        for name, value in inputs.items():
+            extra = size - value.shape[0]
+            if extra:
+                fill = value.new_full((extra, *value.shape[1:]), _pad_value(name, self.pool, key))
+                value = torch.cat([value, fill])
+            padded[name] = value
+        return padded
+
+    def _capture(self, fn, inputs) -> _Captured:
+        static = {k: v.clone() for k, v in inputs.items()}
+        stream = torch.cuda.Stream(self.lm.device)
+        stream.wait_stream(torch.cuda.current_stream(self.lm.device))
+        with torch.cuda.stream(stream):  # warm up off the capturing stream (allocator, autotune)
+            fn(**static)
+        torch.cuda.current_stream(self.lm.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            outputs = fn(**static)
+        return _Captured(graph, static, outputs)
+
+
+@dataclass
+class _Captured:
+    graph: object
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
