@@ -175,10 +175,16 @@ def bench(args) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = real_config(args.layers, args.weights == "fp8", **args.overrides)
     lm = random_model(cfg, device, dtype)
+    from twotower_rt.model.moe import MoE
+
+    for module in lm.modules():
+        if isinstance(module, MoE):
+            module.grouped = args.grouped
     copy_gbps = args.copy_gbps or measure_copy_gbps(device)
     steps = max(1, round(BLOCK / args.tokens_per_forward))
     context = max(args.context) + args.new_tokens + 1
-    engine = Engine(lm, max_slots=max(args.batch), context=context, prefill_chunk=8192)
+    engine = Engine(lm, max_slots=max(args.batch), context=context, prefill_chunk=8192,
+                    graphs=args.graphs)  # fmt: skip
     rows = []
     for ctx in args.context:
         for batch in args.batch:
@@ -220,6 +226,8 @@ def bench(args) -> dict:
         "new_tokens": args.new_tokens,
         "copy_gbps": round(copy_gbps, 1),
         "timing": "wall clock per whole generation (prefill excluded), measured",
+        "graphs": args.graphs,
+        "moe_grouped": args.grouped,
         "rows": rows,
     }
 
@@ -236,4 +244,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the plain-PyTorch runs")  # fmt: skip
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--graphs", action="store_true", help="the engine's CUDA graphs")
+    parser.add_argument("--no-grouped", dest="grouped", action="store_false",
+                        help="the MoE reference loop instead of the grouped GEMMs")  # fmt: skip
     parser.set_defaults(overrides={})

@@ -229,3 +229,24 @@ def test_cuda_graph_steps_match_eager():
         engine.run()
         runs.append([engine.pop(i).generated for i in ids])
     assert runs[0] == runs[1]
+
+
+def test_a_step_launches_before_it_reads_the_previous_one(builtin_model, monkeypatch):
+    """The order that keeps a GPU busy: each step queues its work first, then reads back what the
+    step before computed (so the host never waits between a block's steps)."""
+    engine = Engine(builtin_model, max_slots=2, context=64)
+    events = []
+    run, process = engine.runner.run, engine._process
+    monkeypatch.setattr(engine.runner, "run", lambda *a: events.append("run") or run(*a))
+    monkeypatch.setattr(engine, "_process", lambda f: events.append("read") or process(f))
+    engine.add_request([5, 6, 7], "mask_diffusion", max_new_tokens=8, block_size=4)
+    engine.add_request([9], "ar", max_new_tokens=3)
+    steps = []
+    while engine.has_unfinished():
+        events.clear()
+        engine.step()
+        steps.append(list(events))
+    for events in steps:
+        if "read" in events and "run" in events:
+            assert events.index("run") < events.index("read"), steps
+    assert steps[-1] == ["read"]  # the last step only drains what the one before launched

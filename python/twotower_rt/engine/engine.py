@@ -1,23 +1,28 @@
 """The engine: requests come and go at any time, and every step batches all of them wherever they
 are.
 
-One :meth:`Engine.step` runs, each as one batched forward over every request that needs it:
+One :meth:`Engine.step`:
 
-1. prefill: the next chunk of each admitted prompt's tokens but the last (the reference's first
-   prefill pass), at most ``prefill_chunk`` tokens per step over all requests, so a long prompt does
-   not stall the others;
-2. the fixed-shape steps of :mod:`.steps`: the denoiser over every mask-diffusion request's current
-   block, whatever its block and step (t per sequence), with the mask-sampling decision; the AR
-   step (feed the pending token, draw the next) and the mock-AR step of every such request (the
-   first pending token is the last prompt token: the reference's second prefill pass); one token
-   into the context for diffusion requests whose prefill just finished;
-3. one read of every step's small outputs to the host (tokens, commit counts), then the context
-   pass (n = block_size) that commits every diffusion block finished in this step.
+1. admits waiting requests into free slots, and runs one prefill pass over the next chunks of the
+   admitted prompts' tokens but the last (the reference's first prefill pass), at most
+   ``prefill_chunk`` tokens per step over all requests, so a long prompt does not stall the others;
+2. launches the fixed-shape steps of :mod:`.steps`, each one batched forward: the denoiser over
+   every mask-diffusion block whatever its block and step (t per sequence) with the commit
+   decision; the AR and mock-AR steps (feed the pending token, draw the next: the first pending
+   token is the last prompt token, the reference's second prefill pass); the last prompt token of
+   diffusion requests whose prefill just finished. Their inputs (pending tokens, blocks, Philox
+   counters) live on the device, so nothing waits for the host;
+3. only then reads back the previous step's small outputs (tokens, commit counts, blocks), which
+   the GPU finished while this step's work was queued behind it: emits tokens, finishes requests
+   (EOS, length), and commits the finished diffusion blocks to the context (one pass, n =
+   block_size, per block size).
 
-Finished requests leave at once and free their slot; waiting ones are admitted into free slots.
-Each request keeps its own sampling parameters, Philox seed and counter offset, so its output is
-what it would be alone. The cache memory is a :class:`SlotPool` planned up front; the steps run
-through a :class:`StepRunner` (bucketed batch sizes and CUDA graphs on the GPU with ``graphs``).
+So the host learns of an EOS or a finished block one step late: that request's row of the step in
+between is wasted (its result is dropped; a block's counter only advances where it had masks), and
+nothing is read back inside a block's steps. Each request keeps its own parameters, seed and
+counter, so its output is what it would be alone. The cache memory is a :class:`SlotPool` planned
+up front; the steps run through a :class:`StepRunner` (bucketed batch sizes, and CUDA graphs on the
+GPU with ``graphs``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -65,20 +70,15 @@ class _Request:
     seed: int
     slot: int | None = None
     prefilled: int = 0  # tokens of prompt[:-1] in the cache
-    started: bool = False  # the last prompt token is in the cache
-    offset: int = 0  # Philox counter: draws this request took part in
+    started: bool = False  # the last prompt token went to the context
+    length: int = 0  # tokens in its context (host-side: bounds the commit's attention)
+    launched: int = 0  # ar, mock_ar: draws launched
+    block_step: int | None = None  # mask_diffusion: steps launched on the current block
     output: list[int] = field(default_factory=list)
     reported: int = 0  # len(output) at the last report
     nfe: int = 0
     commits: list[list[int]] = field(default_factory=list)
     finish_reason: str | None = None
-    pending: int | None = None  # ar, mock_ar: the token to feed next (then draw the next one)
-    block: torch.Tensor | None = None  # mask_diffusion: the current block (S,)
-    block_step: int = 0
-
-    @property
-    def sampled(self) -> bool:
-        return self.params.temperature > 0
 
     def snapshot(self) -> RequestOutput:
         new = self.output[self.reported :]
@@ -88,6 +88,16 @@ class _Request:
             self.finish_reason, self.nfe,
             [list(c) for c in self.commits] if self.mode == "mask_diffusion" else None,
         )  # fmt: skip
+
+
+@dataclass
+class _InFlight:
+    """A launched step's outputs on their way to the host: per group (kind, requests, sizes of
+    its outputs), all of them in one host tensor filled by an asynchronous copy."""
+
+    groups: list[tuple[str, list[_Request], list[int]]]
+    values: torch.Tensor | None
+    event: torch.cuda.Event | None
 
 
 class Engine:
@@ -131,7 +141,7 @@ class Engine:
         self._running: list[_Request] = []
         self._requests: dict[str, _Request] = {}
         self._finished_now: list[_Request] = []  # finished since the last step's report
-        self._blocks_to_commit: list[_Request] = []
+        self._inflight: _InFlight | None = None
         self._ids = itertools.count()
 
     # --- requests ----------------------------------------------------------------------------
@@ -188,7 +198,7 @@ class Engine:
         return out
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._inflight)
 
     @property
     def num_waiting(self) -> int:
@@ -234,35 +244,26 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One step of every request; returns the outputs of those that produced tokens or
-        finished."""
+        finished (what the previous step computed: see the module docstring)."""
         self._admit()
         self._prefill()
-        reads: list[tuple[torch.Tensor, Callable[[list[int]], None]]] = []
-        self._denoise(reads)
-        self._token_steps(reads)
-        self._feed_last_prompt_tokens()
-        blocks = self._read(reads)
-        self._commit_blocks(blocks)
+        launched = self._launch()
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            self._process(previous)
         reports = [r for r in self._running if r.reported < len(r.output)] + self._finished_now
         self._finished_now = []
         return [r.snapshot() for r in reports]
 
     # --- the phases --------------------------------------------------------------------------
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.lm.device)
+
     def _admit(self) -> None:
         while self._waiting and self.pool.free:
             req = self._waiting.popleft()
-            req.slot = self.pool.acquire()
+            req.slot = self.pool.acquire(req.seed)
             self._running.append(req)
-
-    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.lm.device)
-
-    def _batch(self, reqs) -> dict[str, torch.Tensor]:
-        inputs = {"slots": self._tensor([r.slot for r in reqs])}
-        if reqs[0].sampled:
-            inputs["seed"] = self._tensor([r.seed for r in reqs])
-            inputs["offset"] = self._tensor([r.offset for r in reqs])
-        return inputs
 
     def _prefill(self) -> None:
         budget, chunk = self.prefill_chunk, []
@@ -277,136 +278,148 @@ class Engine:
         width = max(take for _, take in chunk)
         rows = [r.prompt[r.prefilled : r.prefilled + t] for r, t in chunk]
         ids = self._tensor([row + [0] * (width - len(row)) for row in rows])
-        n_valid = self._tensor([t for _, t in chunk])
-        batch = self.pool.cache.select(self._tensor([r.slot for r, _ in chunk]))
+        full = all(take == width for _, take in chunk)
+        n_valid = None if full else self._tensor([t for _, t in chunk])
+        slots = self._tensor([r.slot for r, _ in chunk])
+        batch = self.pool.cache.select(slots, max_length=max(r.length for r, _ in chunk))
         self.lm.context_forward(ids, batch, n_valid=n_valid)
         self.pool.cache.store(batch)
         for req, take in chunk:
             req.prefilled += take
+            req.length += take
 
-    def _ready(self, req: _Request) -> bool:
-        """The prompt but its last token is in the cache."""
-        return req.slot is not None and req.prefilled == len(req.prompt) - 1
-
-    def _denoise(self, reads) -> None:
-        groups = {}
+    def _launch(self) -> _InFlight | None:
+        """Every fixed-shape step this step runs; their small outputs start on their way to the
+        host."""
+        groups: dict[StepKey, list[_Request]] = {}
+        feed: list[_Request] = []
         for req in self._running:
-            if req.mode == "mask_diffusion" and req.block is not None:
-                p = req.params
-                key = (p.block_size, p.mask_token_id, p.steps_per_block, p.confidence_threshold,
-                       p.temperature)  # fmt: skip
-                groups.setdefault(key, []).append(req)
-        for params, reqs in groups.items():
-            inputs = self._batch(reqs)
-            inputs["block"] = torch.stack([r.block for r in reqs])
-            inputs["step"] = self._tensor([r.block_step for r in reqs])
-            out = self.runner.run(StepKey("denoise", params), inputs)
-            blocks = out["block"].clone()  # a graph's outputs are overwritten by its next replay
-            for i, req in enumerate(reqs):
-                req.block, req.block_step = blocks[i], req.block_step + 1
-                req.nfe += 1
-                req.offset += int(req.sampled)
-
-            def done(values, reqs=reqs, steps=params[2]):
-                n = len(reqs)
-                for req, committed, left in zip(reqs, values[:n], values[n:]):
-                    req.commits[-1].append(committed)
-                    if left == 0 or req.block_step == steps:
-                        self._block_done(req)
-
-            reads.append((torch.cat([out["committed"], out["left"]]), done))
-
-    def _token_steps(self, reads) -> None:
-        """The AR and mock-AR steps: feed each request's pending token, draw its next."""
-        groups = {}
-        for req in self._running:
-            if req.mode in ("ar", "mock_ar") and not req.started and self._ready(req):
-                req.pending = req.prompt[-1]  # the reference's second prefill pass
-            if req.pending is not None:
-                p = req.params
-                kind = "ar" if req.mode == "ar" else "mock"
-                groups.setdefault(StepKey(kind, (p.temperature, p.top_k, p.top_p)), []).append(req)
-        for key, reqs in groups.items():
-            inputs = self._batch(reqs)
-            inputs["tokens"] = self._tensor([r.pending for r in reqs])
-            out = self.runner.run(key, inputs)
-            for req in reqs:
-                req.pending = None
+            p = req.params
+            ready = req.slot is not None and req.prefilled == len(req.prompt) - 1
+            if not req.started:
+                if not ready:
+                    continue
+                self.pool.tokens[req.slot] = req.prompt[-1]  # the first token to feed
                 req.started = True
-                req.offset += int(req.sampled)
-                req.nfe += int(req.mode == "mock_ar")
+                if req.mode == "mask_diffusion":
+                    req.length += 1
+                    feed.append(req)
+                    continue
+            if req.mode == "mask_diffusion":
+                if req.block_step is None or req.block_step >= p.steps_per_block:
+                    continue  # no block yet, or its last step is launched: wait for its read
+                key = StepKey("denoise", (p.block_size, p.mask_token_id, p.steps_per_block,
+                                          p.confidence_threshold, p.temperature))  # fmt: skip
+            else:
+                if req.launched >= p.max_new_tokens:
+                    continue  # every draw is launched: wait for the last one's read
+                kind = "ar" if req.mode == "ar" else "mock"
+                key = StepKey(kind, (p.temperature, p.top_k, p.top_p))
+            groups.setdefault(key, []).append(req)
 
-            def drawn(values, reqs=reqs):
-                for req, tok in zip(reqs, values):
-                    req.output.append(tok)
-                    if tok in req.params.eos_ids:
-                        self._finish(req, "eos")
-                    elif len(req.output) == req.params.max_new_tokens:
-                        self._finish(req, "length")
-                    else:
-                        req.pending = tok
+        done: list[tuple[str, list[_Request], list[int]]] = []
+        outputs: list[torch.Tensor] = []
+        for key, reqs in groups.items():
+            inputs = {"slots": self._tensor([r.slot for r in reqs])}
+            if key.kind == "denoise":
+                inputs["step"] = self._tensor([r.block_step for r in reqs])
+                for req in reqs:
+                    req.block_step += 1
+            else:
+                for req in reqs:
+                    req.launched += 1
+                    req.length += 1  # the pending token it feeds
+            out = self.runner.run(key, inputs)
+            names = ("block", "masked", "committed") if key.kind == "denoise" else ("next",)
+            tensors = [out[n].reshape(-1) for n in names]
+            outputs += tensors
+            done.append((key.kind, reqs, [t.numel() for t in tensors]))
+        if feed:
+            self.runner.run(StepKey("feed"), {"slots": self._tensor([r.slot for r in feed])})
+            for req in feed:
+                self._new_block(req)
+        if not outputs:
+            return None
+        values = torch.cat([t.to(torch.long) for t in outputs])
+        event = None
+        if values.is_cuda:
+            values = values.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return _InFlight(done, values, event)
 
-            reads.append((out["next"], drawn))
+    def _process(self, flight: _InFlight) -> None:
+        """A launched step's outputs, now on the host: tokens, commits, finished blocks."""
+        if flight.event is not None:
+            flight.event.synchronize()
+        values = flight.values.tolist()
+        start, to_commit = 0, []
+        for kind, reqs, sizes in flight.groups:
+            parts = []
+            for size in sizes:
+                parts.append(values[start : start + size])
+                start += size
+            if kind == "denoise":
+                self._process_blocks(reqs, *parts, to_commit)
+            else:
+                self._process_draws(reqs, parts[0])
+        self._commit_blocks(to_commit)
 
-    def _feed_last_prompt_tokens(self) -> None:
-        reqs = [r for r in self._running
-                if r.mode == "mask_diffusion" and not r.started and self._ready(r)]  # fmt: skip
-        if not reqs:
-            return
-        inputs = {"slots": self._tensor([r.slot for r in reqs]),
-                  "tokens": self._tensor([r.prompt[-1] for r in reqs])}  # fmt: skip
-        self.runner.run(StepKey("feed"), inputs)
-        for req in reqs:
-            req.started = True
-            self._new_block(req)
+    def _process_draws(self, reqs, tokens) -> None:
+        for req, tok in zip(reqs, tokens):
+            if req.finish_reason is not None:
+                continue  # launched before its EOS was known: dropped
+            req.output.append(tok)
+            req.nfe += int(req.mode == "mock_ar")
+            if tok in req.params.eos_ids:
+                self._finish(req, "eos")
+            elif len(req.output) == req.params.max_new_tokens:
+                self._finish(req, "length")
 
-    def _read(self, reads) -> list[_Request]:
-        """Every step's small outputs to the host in one copy, then their bookkeeping. Returns
-        the requests whose block finished and that go on (their block to commit)."""
-        self._blocks_to_commit = []
-        if reads:
-            values = torch.cat([t.to(torch.long) for t, _ in reads]).tolist()
-            start = 0
-            for tensor, callback in reads:
-                callback(values[start : start + tensor.numel()])
-                start += tensor.numel()
-        return self._blocks_to_commit
-
-    def _block_done(self, req: _Request) -> None:
-        ids = req.block.tolist()
-        req.output.extend(ids)
-        n_blocks = req.params.max_new_tokens // req.params.block_size
-        if any(t in req.params.eos_ids for t in ids):
-            self._finish(req, "eos")
-        elif len(req.commits) == n_blocks:
-            self._finish(req, "length")
-        else:
-            self._blocks_to_commit.append(req)
+    def _process_blocks(self, reqs, blocks, masked, committed, to_commit) -> None:
+        size = len(blocks) // len(reqs)
+        for i, req in enumerate(reqs):
+            if req.finish_reason is not None or masked[i] == 0:
+                continue  # finished, or a step on a block already complete: dropped
+            p = req.params
+            req.nfe += 1
+            req.commits[-1].append(committed[i])
+            if committed[i] < masked[i]:
+                continue
+            ids = blocks[i * size : (i + 1) * size]
+            req.output.extend(ids)
+            req.block_step = None
+            if any(t in p.eos_ids for t in ids):
+                self._finish(req, "eos")
+            elif len(req.commits) == p.max_new_tokens // p.block_size:
+                self._finish(req, "length")
+            else:
+                to_commit.append(req)
 
     def _commit_blocks(self, reqs) -> None:
         """The context pass over every finished block of a request that goes on (eager: its
-        attention is causal inside the block)."""
+        attention is causal inside the block), then a fresh block."""
         groups = {}
         for req in reqs:
             groups.setdefault(req.params.block_size, []).append(req)
-        for group in groups.values():
-            ids = torch.stack([r.block for r in group])
-            batch = self.pool.cache.select(self._tensor([r.slot for r in group]))
+        for size, group in groups.items():
+            slots = self._tensor([r.slot for r in group])
+            ids = self.pool.blocks(size).index_select(0, slots)
+            batch = self.pool.cache.select(slots, max_length=max(r.length for r in group))
             self.lm.context_forward(ids, batch)
             self.pool.cache.store(batch)
             for req in group:
+                req.length += size
                 self._new_block(req)
 
     def _new_block(self, req: _Request) -> None:
         p = req.params
-        req.block = torch.full((p.block_size,), p.mask_token_id, dtype=torch.long,
-                               device=self.lm.device)  # fmt: skip
+        self.pool.blocks(p.block_size)[req.slot].fill_(p.mask_token_id)
         req.block_step = 0
         req.commits.append([])
 
     def _finish(self, req: _Request, reason: str) -> None:
         req.finish_reason = reason
-        req.pending = req.block = None
         if req in self._running:
             self._running.remove(req)
         if req.slot is not None:

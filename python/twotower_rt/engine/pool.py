@@ -109,9 +109,16 @@ def plan_pool(
 
 
 class SlotPool:
-    """The allocated pool: ``cache`` (a ContextCache of ``plan.slots`` + 1 rows), ``before``
-    (mock-AR's Mamba states), the free slots, and ``spare``: the last row, which no request owns
-    and the padded rows of a bucketed step point at."""
+    """The allocated pool, one row per slot plus ``spare`` (the last row, which no request owns
+    and the padded rows of a bucketed step point at):
+
+    - ``cache``: a ContextCache (K/V, Mamba states, lengths); ``before``: mock-AR's Mamba states;
+    - ``tokens``: each slot's pending token (AR, mock-AR: the next one to feed, drawn by the last
+      step on the device); ``seeds`` and ``offsets``: its Philox key and counter, advanced on the
+      device by the draws it takes part in; ``blocks(size)``: its current diffusion block.
+
+    What a step needs of a sequence lives here, on the device, so the steps run back to back
+    without the host reading anything in between."""
 
     def __init__(self, cfg: TwoTowerConfig, plan: PoolPlan, dtype: torch.dtype, device):
         self.plan = plan
@@ -119,20 +126,32 @@ class SlotPool:
         self.spare = plan.slots
         self.cache = ContextCache.allocate(cfg, rows, plan.context, dtype, device)
         self.before = {i: MambaState.zeros(cfg, rows, dtype, device) for i in self.cache.mamba}
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(rows, dtype=torch.long, device=device)
+        self.offsets = torch.zeros(rows, dtype=torch.long, device=device)
+        self._blocks: dict[int, torch.Tensor] = {}
         self._free = list(range(plan.slots - 1, -1, -1))  # pop() hands out slot 0 first
 
     @property
     def free(self) -> int:
         return len(self._free)
 
-    def acquire(self) -> int:
-        """A free slot, reset: length 0 and zero Mamba states (K/V past the length are never
-        read)."""
+    def blocks(self, size: int) -> torch.Tensor:
+        """(rows, size) int64: each slot's current block of ``size`` tokens (made on first use)."""
+        if size not in self._blocks:
+            self._blocks[size] = self.tokens.new_zeros((self.spare + 1, size))
+        return self._blocks[size]
+
+    def acquire(self, seed: int = 0) -> int:
+        """A free slot, reset: length 0, zero Mamba states (K/V past the length are never read),
+        its Philox seed set and counter at 0."""
         slot = self._free.pop()
         self.cache.lengths[slot] = 0
         for state in self.cache.mamba.values():
             state.conv[slot].zero_()
             state.ssm[slot].zero_()
+        self.seeds[slot] = seed
+        self.offsets[slot] = 0
         return slot
 
     def release(self, slot: int) -> None:

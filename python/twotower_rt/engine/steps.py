@@ -1,21 +1,26 @@
 """The engine's fixed-shape step functions and the runner that plays them eagerly or as CUDA graphs.
 
-Every step the engine repeats is one function of a batch of slots, with fixed shapes:
+Every step the engine repeats is one function of a batch of slots (and, for ``denoise``, each
+row's step within its block), with fixed shapes. Everything else a step reads or writes lives in
+the :class:`SlotPool` on the device, so steps run back to back with nothing read by the host:
 
-- ``ar``:      feed each row's pending token to the context tower, draw the next token from the
-               context head (temperature, top-k, top-p fixed per function);
+- ``ar``:      feed each slot's pending token to the context tower, draw the next token from the
+               context head (temperature, top-k, top-p fixed per function) into the pending token;
 - ``mock``:    the same for mock-AR: keep the Mamba state before the token, feed it, and draw the
                next token from the denoiser reading that token against the context before it;
-- ``denoise``: one denoiser forward over each row's block (t per row) and the mask-sampling
-               decision (block size, mask id, steps, threshold and temperature fixed per function);
-- ``feed``:    one token per row into the context tower (a diffusion request's last prompt token).
+- ``denoise``: one denoiser forward over each slot's block (t per row) and the mask-sampling
+               decision (block size, mask id, steps, threshold, temperature fixed per function),
+               written back into the block;
+- ``feed``:    each slot's pending token into the context tower (a diffusion request's last
+               prompt token).
 
-:class:`StepRunner` runs one at a batch size rounded up to a bucket: rows past the real ones point
-at the pool's spare slot (a row no request owns, its length reset by every appending step, so it
-never runs past its capacity). With ``graphs`` (CUDA only) each (function, bucket) is captured
-into a CUDA graph the first time it runs and replayed after: inputs are copied into the graph's
-static tensors, outputs read from its static outputs. The variable-shape work (the chunked
-prefill, committing finished blocks) stays eager.
+Draws advance each slot's Philox counter on the device (a denoise step only where the block still
+had masks), exactly as a request alone advances it. :class:`StepRunner` runs a step at a batch size
+rounded up to a bucket: rows past the real ones point at the pool's spare slot (a row no request
+owns, its length reset by every appending step, so it never runs past its capacity). With
+``graphs`` (CUDA only) each (function, bucket) is captured into a CUDA graph the first time it
+runs and replayed after. The variable-shape work (the chunked prefill, committing finished blocks)
+stays eager.
 """
 
 from __future__ import annotations
@@ -53,59 +58,65 @@ def make_step(lm: TwoTowerLM, pool: SlotPool, key: StepKey) -> Callable[..., dic
     """The step function for ``key``: keyword tensors of one batch in, a dict of tensors out."""
     cache, spare = pool.cache, pool.spare
 
-    def reset_spare():
-        cache.lengths[spare] = 0  # padded rows append here: keep them inside its capacity
+    def rng(slots, sampled):
+        if not sampled:
+            return None, None
+        return pool.seeds.index_select(0, slots), pool.offsets.index_select(0, slots)
 
-    if key.kind in ("ar", "feed"):
-        temperature, top_k, top_p = key.params if key.kind == "ar" else (0.0, None, None)
+    if key.kind in ("ar", "mock", "feed"):
+        temperature, top_k, top_p = key.params if key.kind != "feed" else (0.0, None, None)
+        sampled = temperature > 0
 
-        def step(tokens, slots, seed=None, offset=None):
-            reset_spare()
+        def step(slots):
+            cache.lengths[spare] = 0  # padded rows append here: keep them inside its capacity
+            tokens = pool.tokens.index_select(0, slots)
+            if key.kind == "mock":
+                pool.save_before(slots)
             batch = cache.select(slots)
             hidden = lm.context_forward(tokens[:, None], batch)
             cache.store(batch)
             if key.kind == "feed":
                 return {}
-            logits = lm.context_logits(hidden[:, -1])
-            return {"next": sample_tokens(logits, temperature, top_k, top_p, seed, offset)}
-
-        return step
-
-    if key.kind == "mock":
-        temperature, top_k, top_p = key.params
-
-        def step(tokens, slots, seed=None, offset=None):
-            reset_spare()
-            pool.save_before(slots)
-            batch = cache.select(slots)
-            lm.context_forward(tokens[:, None], batch)
-            cache.store(batch)
-            logits = lm.denoiser_logits(
-                tokens[:, None], batch, prefix_len=batch.lengths - 1,
-                mamba_states=pool.before_states(slots), t=None,
-            )[:, -1]  # fmt: skip
-            return {"next": sample_tokens(logits, temperature, top_k, top_p, seed, offset)}
+            if key.kind == "ar":
+                logits = lm.context_logits(hidden[:, -1])
+            else:
+                logits = lm.denoiser_logits(
+                    tokens[:, None], batch, prefix_len=batch.lengths - 1,
+                    mamba_states=pool.before_states(slots), t=None,
+                )[:, -1]  # fmt: skip
+            seed, offset = rng(slots, sampled)
+            drawn = sample_tokens(logits, temperature, top_k, top_p, seed, offset)
+            pool.tokens.index_copy_(0, slots, drawn)
+            if sampled:
+                pool.offsets.index_add_(0, slots, torch.ones_like(slots))
+            return {"next": drawn}
 
         return step
 
     if key.kind == "denoise":
         size, mask_id, steps, threshold, temperature = key.params
+        blocks = pool.blocks(size)
 
-        def step(block, slots, step, seed=None, offset=None):
-            batch = cache.select(slots)
+        def step(slots, step):
+            block = blocks.index_select(0, slots)
             n_masked = (block == mask_id).sum(dim=-1)
+            batch = cache.select(slots)
             logits = lm.denoiser_logits(
                 block, batch, prefix_len=batch.lengths, mamba_states=batch.mamba,
                 t=n_masked.to(torch.float32) / size,
             )  # fmt: skip
+            seed, offset = rng(slots, temperature > 0)
             out = mask_sampling(
                 logits, block, mask_token_id=mask_id, step=step, steps_per_block=steps,
                 confidence_threshold=threshold, temperature=temperature, seed=seed, offset=offset,
             )  # fmt: skip
+            blocks.index_copy_(0, slots, out.block)
+            if temperature > 0:  # only rows that still had masks drew noise
+                pool.offsets.index_add_(0, slots, (n_masked > 0).to(torch.long))
             return {
                 "block": out.block,
+                "masked": n_masked,
                 "committed": (out.block != block).sum(dim=-1),
-                "left": (out.block == mask_id).sum(dim=-1),
             }
 
         return step
@@ -115,11 +126,7 @@ def make_step(lm: TwoTowerLM, pool: SlotPool, key: StepKey) -> Callable[..., dic
 
 # Padding of each input for the rows past the real ones (slots: the spare slot).
 def _pad_value(name: str, pool: SlotPool, key: StepKey) -> int:
-    if name == "slots":
-        return pool.spare
-    if name == "block":
-        return key.params[1]  # a fully masked block
-    return 0
+    return pool.spare if name == "slots" else 0
 
 
 class StepRunner:
@@ -140,7 +147,7 @@ class StepRunner:
 
     def run(self, key: StepKey, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs for the len(slots) real rows of ``inputs`` (tensors whose first dim is the
-        batch; seed/offset may be absent at temperature 0)."""
+        batch)."""
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = make_step(self.lm, self.pool, key)
@@ -173,10 +180,14 @@ class StepRunner:
 
     def _capture(self, fn, inputs) -> _Captured:
         static = {k: v.clone() for k, v in inputs.items()}
+        # Warm up (allocator, workspaces) off the capturing stream, every row on the spare slot:
+        # the warm-up runs for real and must not step any request.
+        warm = {k: v.clone() for k, v in static.items()}
+        warm["slots"].fill_(self.pool.spare)
         stream = torch.cuda.Stream(self.lm.device)
         stream.wait_stream(torch.cuda.current_stream(self.lm.device))
-        with torch.cuda.stream(stream):  # warm up off the capturing stream (allocator, autotune)
-            fn(**static)
+        with torch.cuda.stream(stream):
+            fn(**warm)
         torch.cuda.current_stream(self.lm.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._mempool is None:

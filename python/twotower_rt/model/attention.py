@@ -39,11 +39,13 @@ class Attention(nn.Module):
         prefix_len: torch.Tensor,
         append: bool,
         slots: torch.Tensor | None = None,
+        max_prefix: int | None = None,
     ) -> torch.Tensor:
         """h (b, n, hidden); cache_k/v (rows, capacity, Hkv, D); prefix_len (b,) committed tokens
         per sequence; slots (b,) the cache row of each sequence, or None (row b). With ``append``
         the n new K/V are written at [prefix_len, prefix_len + n) (the caller advances the
-        lengths); without, the cache is only read."""
+        lengths); without, the cache is only read. max_prefix: a host-side bound on prefix_len
+        (saves reading its max back from the device for a multi-token append)."""
         cfg = self.cfg
         b, n, _ = h.shape
         q = self.q_proj(h).view(b, n, cfg.num_attention_heads, cfg.head_dim)
@@ -60,7 +62,7 @@ class Attention(nn.Module):
             if n == 1:  # AR decode: the one new token sees the whole prefix and itself
                 out = block_attention(q, cache_k, cache_v, prefix_len + 1, cache_slots=slots)
             else:
-                span = int(prefix_len.max()) + n
+                span = (int(prefix_len.max()) if max_prefix is None else max_prefix) + n
                 if slots is None:
                     keys, values = cache_k[:, :span], cache_v[:, :span]
                 else:

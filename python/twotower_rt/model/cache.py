@@ -30,6 +30,9 @@ class ContextCache:
         # (b,) int64: row i's K/V live in row slots[i] of keys/values (a batch over a pool's
         # slots); None: row i is row i.
         self.slots = slots
+        # A host-side bound on lengths, when the caller knows one: multi-token appends then size
+        # their causal attention from it instead of reading lengths.max() back from the device.
+        self.max_length: int | None = None
 
     @classmethod
     def allocate(
@@ -54,18 +57,21 @@ class ContextCache:
         """A copy of every Mamba state as it is now (mock-AR needs the state before a token)."""
         return {i: s.clone() for i, s in self.mamba.items()}
 
-    def select(self, slots: torch.Tensor) -> ContextCache:
+    def select(self, slots: torch.Tensor, max_length: int | None = None) -> ContextCache:
         """A batch over this pool's rows ``slots`` (b,): K/V shared (written through), lengths and
-        Mamba states gathered copies (:meth:`store` writes them back)."""
+        Mamba states gathered copies (:meth:`store` writes them back). ``max_length``: a bound
+        on those rows' lengths that the caller knows on the host (see ``self.max_length``)."""
         if self.slots is not None:
             raise ValueError("select() takes a pool, not a batch selected from one")
-        return ContextCache(
+        batch = ContextCache(
             self.lengths.index_select(0, slots),
             self.keys,
             self.values,
             {i: s.index_select(slots) for i, s in self.mamba.items()},
             slots=slots,
         )
+        batch.max_length = max_length
+        return batch
 
     def store(self, batch: ContextCache) -> None:
         """Write a :meth:`select`ed batch's lengths and Mamba states back into its pool rows."""

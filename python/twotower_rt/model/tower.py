@@ -81,7 +81,7 @@ class Tower(nn.Module):
                     new_states[i] = new_state
             elif block.kind == "attention":
                 k, v = cache.keys[i], cache.values[i]
-                out = block.mixer(h, k, v, prefix_len, append, cache.slots)
+                out = block.mixer(h, k, v, prefix_len, append, cache.slots, cache.max_length)
             else:
                 out = block.mixer(h)
             x = x + (out if modulation is None else gate * out)
@@ -164,6 +164,8 @@ class TwoTowerLM(nn.Module):
         )
         cache.mamba.update(states)
         cache.lengths = cache.lengths + n_valid
+        if cache.max_length is not None:
+            cache.max_length += ids.shape[1]
         return hidden
 
     def context_logits(self, hidden: torch.Tensor) -> torch.Tensor:
