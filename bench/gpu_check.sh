@@ -10,10 +10,12 @@
 #   2. builds and installs twotower_rt there without build isolation, with TWOTOWER_RT_BUILD_CUDA=ON
 #      (fails rather than installing without _C) and the ptxas resource report,
 #   3. prints the environment report, 4. runs the GPU tests and tests/test_ext.py,
-#   5. runs bench/run.py --check, then every family's full sweep (bench/run.py all).
-# Everything lands in $OUT (./gpu_out when OUT is unset), 7 files (the device tool returns 8 at
+#   5. runs bench/run.py --check, then every family's full sweep (bench/run.py all),
+#   6. runs the engine end to end (bench/run.py e2e: 13 of the 52 layers, FP8, batch 1/16/64, 1k
+#      context; TWOTOWER_RT_BENCH=check: 6 layers, batch 1/16), its log appended to bench.log.
+# Everything lands in $OUT (./gpu_out when OUT is unset), 8 files (the device tool returns 8 at
 # most): summary.txt (GPU, step results, env report, ptxas lines), build.log, env.json,
-# pytest.log, bench.log, check.json, results.json
+# pytest.log, bench.log, check.json, results.json, e2e.json
 # Each step runs even when an earlier one failed (except after a failed build); the exit code is 1
 # when any step failed.
 set -uo pipefail
@@ -90,6 +92,13 @@ full_sweep="'$PY' bench/run.py all --out '$OUT/results.json'"
 [ "${TWOTOWER_RT_BENCH:-all}" = check ] && full_sweep=true
 step bench "$OUT/bench.log" bash -c \
   "'$PY' bench/run.py --check --out '$OUT/check.json' && $full_sweep"
+
+# 6. The engine end to end.
+e2e_size="--layers 13 --batch 1 16 64"
+[ "${TWOTOWER_RT_BENCH:-all}" = check ] && e2e_size="--layers 6 --batch 1 16"
+step e2e "$OUT/e2e.log" bash -c "'$PY' bench/run.py e2e $e2e_size --weights fp8 --context 1024 \
+  --new-tokens 32 --out '$OUT/e2e.json'"
+cat "$OUT/e2e.log" >>"$OUT/bench.log" && rm -f "$OUT/e2e.log"
 
 echo "gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED)" | tee -a "$SUMMARY"
 exit $status

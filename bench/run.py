@@ -1064,7 +1064,11 @@ def main_e2e(argv: list[str]) -> int:
     sys.path.insert(0, str(REPO / "bench"))
     import e2e
 
-    parser = argparse.ArgumentParser(prog="bench/run.py e2e", description=e2e.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py e2e",
+        description=e2e.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     e2e.add_args(parser)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
