@@ -138,8 +138,9 @@ PYBIND11_MODULE(_C, m) {
         "ssm_scan.cuh.",
         py::arg("x"), py::arg("x_strides"), py::arg("dt"), py::arg("dt_strides"), py::arg("A"),
         py::arg("D"), py::arg("B"), py::arg("b_strides"), py::arg("C"), py::arg("c_strides"),
-        py::arg("n_valid"), py::arg("state"), py::arg("state_out"), py::arg("y"),
-        py::arg("batch"), py::arg("n"), py::arg("heads"), py::arg("groups"), py::arg("head_dim"),
+        py::arg("n_valid"), py::arg("state"), py::arg("state_out"), py::arg("state_rows"),
+        py::arg("y"), py::arg("batch"), py::arg("n"), py::arg("heads"), py::arg("groups"),
+        py::arg("head_dim"),
         py::arg("state_size"), py::arg("chunk"), py::arg("dtype"), py::arg("variant"),
         py::arg("device"), py::arg("stream"));
   m.def("ssm_chunk_combine", &twotower_rt::SsmChunkCombineOp,

@@ -41,9 +41,10 @@ void SsmScanOp(std::uintptr_t x, std::array<int64_t, 3> x_strides, std::uintptr_
                std::array<int64_t, 2> dt_strides, std::uintptr_t A, std::uintptr_t D,
                std::uintptr_t B, std::array<int64_t, 3> b_strides, std::uintptr_t C,
                std::array<int64_t, 3> c_strides, std::uintptr_t n_valid, std::uintptr_t state,
-               std::uintptr_t state_out, std::uintptr_t y, int64_t batch, int64_t n,
-               int64_t heads, int64_t groups, int64_t head_dim, int64_t state_size, int64_t chunk,
-               int dtype, int variant, int device, std::uintptr_t stream);
+               std::uintptr_t state_out, std::uintptr_t state_rows, std::uintptr_t y,
+               int64_t batch, int64_t n, int64_t heads, int64_t groups, int64_t head_dim,
+               int64_t state_size, int64_t chunk, int dtype, int variant, int device,
+               std::uintptr_t stream);
 void SsmChunkCombineOp(std::uintptr_t states, std::uintptr_t decay, std::uintptr_t initial,
                        std::uintptr_t final_state, int64_t batch, int64_t chunks, int64_t heads,
                        int64_t head_elems, int device, std::uintptr_t stream);

@@ -21,9 +21,10 @@ void SsmScanOp(std::uintptr_t x, std::array<int64_t, 3> x_strides, std::uintptr_
                std::array<int64_t, 2> dt_strides, std::uintptr_t A, std::uintptr_t D,
                std::uintptr_t B, std::array<int64_t, 3> b_strides, std::uintptr_t C,
                std::array<int64_t, 3> c_strides, std::uintptr_t n_valid, std::uintptr_t state,
-               std::uintptr_t state_out, std::uintptr_t y, int64_t batch, int64_t n,
-               int64_t heads, int64_t groups, int64_t head_dim, int64_t state_size, int64_t chunk,
-               int dtype, int variant, int device, std::uintptr_t stream) {
+               std::uintptr_t state_out, std::uintptr_t state_rows, std::uintptr_t y,
+               int64_t batch, int64_t n, int64_t heads, int64_t groups, int64_t head_dim,
+               int64_t state_size, int64_t chunk, int dtype, int variant, int device,
+               std::uintptr_t stream) {
   if (variant != 0 && variant != 1) ThrowInvalid(kOp, "variant must be 0 or 1");
   if (chunk < 0) ThrowInvalid(kOp, "chunk must be >= 0 (0: the whole run)");
   if (batch < 0 || n < 0 || heads < 0 || head_dim < 0) {
@@ -38,6 +39,9 @@ void SsmScanOp(std::uintptr_t x, std::array<int64_t, 3> x_strides, std::uintptr_
   if (!IsValidDType(dtype)) ThrowInvalid(kOp, "unknown dtype code " + std::to_string(dtype));
   if (chunk == 0 || chunk > n) chunk = n > 0 ? n : 1;
   const int64_t chunks = n > 0 ? (n + chunk - 1) / chunk : 1;
+  if (state_rows != 0 && chunks != 1) {
+    ThrowInvalid(kOp, "state_rows (states indexed by slot) takes the scan in one piece (chunk 0)");
+  }
   if (batch * chunks > 65535 || heads > 65535) {
     ThrowInvalid(kOp, "batch x chunks and heads must be <= 65535");
   }
@@ -84,6 +88,7 @@ void SsmScanOp(std::uintptr_t x, std::array<int64_t, 3> x_strides, std::uintptr_
   p.n_valid = reinterpret_cast<const int64_t*>(n_valid);
   p.state = reinterpret_cast<const float*>(state);
   p.state_out = reinterpret_cast<float*>(state_out);
+  p.state_rows = reinterpret_cast<const int64_t*>(state_rows);
   p.y = reinterpret_cast<float*>(y);
   p.batch = static_cast<int>(batch);
   p.n = static_cast<int>(n);

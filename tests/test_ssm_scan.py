@@ -107,14 +107,22 @@ class FakeExtension:
         n_valid = raw_view(a["n_valid"], (b,), (1,), torch.int64) if a["n_valid"] else None
         chunk = a["chunk"] if 0 < a["chunk"] < n else max(n, 1)
         runs = b * -(-n // chunk) if n else b
+        rows = raw_view(a["state_rows"], (b,), (1,), torch.int64) if a["state_rows"] else None
+        if rows is not None:  # the states are rows of a pool, read and written there
+            assert runs == b, "state_rows takes the scan in one piece"
+            runs = int(rows.max()) + 1
         shape, strides = (runs, H, P, N), (H * P * N, P * N, N, 1)
         state = raw_view(a["state"], shape, strides, torch.float32).clone() if a["state"] else None
+        if rows is not None:
+            pool, state = state, state[rows]
         if n == 0:
             y, final = torch.zeros(b, 0, H, P), state
         else:
             y, final = _scan_chunks_ref(x, dt, A, B, C, D, state, n_valid, chunk, True)
         if a["y"]:
             raw_view(a["y"], (b, n, H, P), (n * H * P, H * P, P, 1), torch.float32).copy_(y)
+        if rows is not None and a["state_out"]:
+            final = pool.index_copy(0, rows, final)
         if a["state_out"]:
             raw_view(a["state_out"], shape, strides, torch.float32).copy_(final)
 
@@ -166,6 +174,31 @@ def test_wrapper_plumbing_chunked(fake_extension, keep_state):
     assert combine["chunks"] == 5 and combine["head_elems"] == 8 * 32
     assert (combine["final_state"] != 0) == keep_state
     assert last["chunk"] == 5 and last["state"] and last["y"] and last["state_out"] == 0
+
+
+@pytest.mark.parametrize("keep_state", [True, False])
+@pytest.mark.parametrize("kernel", [False, True])
+def test_state_rows_of_a_pool(monkeypatch, keep_state, kernel):
+    """States given as rows of a pool: read there, and with keep_state overwritten there by the
+    final states (other rows untouched); the PyTorch path and the kernel path (a fake extension
+    reading the raw pointers) agree with the plain call on gathered states."""
+    if kernel:
+        install_fake_extension(monkeypatch, FakeExtension(), "twotower_rt.ops.ssm_scan")
+    x, dt, A, B, C, D, state = make_inputs(3, 5, 4, 8, 2, 32, seed=9)
+    pool = torch.randn(6, 4, 8, 32)
+    rows = torch.tensor([4, 0, 2])
+    pool[rows] = state
+    before = pool.clone()
+    n_valid = torch.tensor([5, 2, 0])
+    y, none = ssm_scan(x, dt, A, B, C, D, pool, n_valid, keep_state=keep_state, state_rows=rows)
+    y_ref, final_ref = ssm_scan_ref(x, dt, A, B, C, D, state, n_valid)
+    assert none is None
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    untouched = torch.tensor([1, 3, 5])
+    assert torch.equal(pool[untouched], before[untouched])
+    torch.testing.assert_close(pool[rows], final_ref if keep_state else state, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="state_rows must be int64"):
+        ssm_scan(x, dt, A, B, C, D, pool, state_rows=rows.int())
 
 
 # --- the chunked scan on the CPU -----------------------------------------------------------------
@@ -390,3 +423,25 @@ def test_chunked_prefill_in_the_model_matches_the_plain_scan():
         plain, chunked = prefill(False), prefill(True)
     for a, b in zip(plain, chunked, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("variant", ["lanes", "rows"])
+def test_kernel_state_rows_in_place(variant):
+    """The kernel reading and writing the states of a slot pool in place at the given rows."""
+    _require_kernel(torch.bfloat16)
+    x, dt, A, B, C, D, state = make_inputs(3, 16, 64, 64, 8, 128, device="cuda",
+                                           dtype=torch.bfloat16, seed=3)  # fmt: skip
+    pool = torch.randn(5, 64, 64, 128, device="cuda")
+    rows = torch.tensor([3, 0, 4], device="cuda")
+    pool[rows] = state
+    before = pool.clone()
+    y_ref, final_ref = ssm_scan_ref(x, dt, A, B, C, D, state)
+    y, _ = ssm_scan(x, dt, A, B, C, D, pool, keep_state=False, state_rows=rows, variant=variant)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(pool, before)
+    y, _ = ssm_scan(x, dt, A, B, C, D, pool, state_rows=rows, variant=variant)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pool[rows], final_ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(pool[[1, 2]], before[[1, 2]])

@@ -26,6 +26,10 @@
 // (variant 1, below) puts threads over rows of P instead, with N split over 1-4 threads; it has
 // not run on a GPU yet, so variant 0 stays the default.
 //
+// An engine keeps every sequence's state in a slot pool: with state_rows the kernel reads and
+// writes row state_rows[b] in place, so a step moves each state once (a gathered copy and its
+// scatter back would move it three more times: 8 MB per sequence and layer of the real model).
+//
 // The chunked prefill (ops/ssm_scan.py, not yet run on a GPU): a long run from a state is cut into
 // chunks scanned in parallel, in three launches: the chunk-local states from zero (y == null: no
 // C, no reductions), SsmChunkCombine (the state entering each chunk: a sequential pass over the
@@ -62,6 +66,9 @@ struct SsmScanParams {
   // twice around SsmChunkCombine: chunk-local states from zero, then y from the entering states.
   const float* state;  // [batch * chunks, heads, P, N] contiguous, read; null: zero
   float* state_out;    // same layout, or null; may be `state` (in place)
+  // [batch] or null: sequence b's state is row state_rows[b] of state / state_out (an engine's
+  // slot pool, read and written in place); only with chunks = 1.
+  const int64_t* state_rows;
   float* y;            // [batch, n, heads, P] contiguous, or null (not computed)
   int batch, n, heads, groups, head_dim, state_size;
   int chunk, chunks;
@@ -124,8 +131,8 @@ struct Sequence {
     y = p.y == nullptr ? nullptr
                        : p.y + (static_cast<int64_t>(b) * p.n + t0) * p.heads * p.head_dim +
                              static_cast<int64_t>(head) * p.head_dim;
-    const int64_t state_offset =
-        (static_cast<int64_t>(run) * p.heads + head) * p.head_dim * p.state_size;
+    const int64_t row = p.state_rows != nullptr ? p.state_rows[b] : run;
+    const int64_t state_offset = (row * p.heads + head) * p.head_dim * p.state_size;
     state = p.state == nullptr ? nullptr : p.state + state_offset;
     state_out = p.state_out == nullptr ? nullptr : p.state_out + state_offset;
     A = p.A[head];

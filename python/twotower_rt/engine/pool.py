@@ -164,4 +164,6 @@ class SlotPool:
             self.before[i].ssm.index_copy_(0, slots, state.ssm.index_select(0, slots))
 
     def before_states(self, slots: torch.Tensor) -> dict[int, MambaState]:
-        return {i: s.index_select(slots) for i, s in self.before.items()}
+        """Mock-AR's states of these slots, as rows of the pool (read in place)."""
+        return {i: MambaState(s.conv.index_select(0, slots), s.ssm, slots)
+                for i, s in self.before.items()}  # fmt: skip

@@ -58,16 +58,20 @@ class ContextCache:
         return {i: s.clone() for i, s in self.mamba.items()}
 
     def select(self, slots: torch.Tensor, max_length: int | None = None) -> ContextCache:
-        """A batch over this pool's rows ``slots`` (b,): K/V shared (written through), lengths and
-        Mamba states gathered copies (:meth:`store` writes them back). ``max_length``: a bound
-        on those rows' lengths that the caller knows on the host (see ``self.max_length``)."""
+        """A batch over this pool's rows ``slots`` (b,): K/V and SSM states shared (the kernels
+        read and write them at the slots), lengths and conv states gathered copies (:meth:`store`
+        writes them back, and the SSM states of the PyTorch path). ``max_length``: a bound on
+        those rows' lengths that the caller knows on the host (see ``self.max_length``)."""
         if self.slots is not None:
             raise ValueError("select() takes a pool, not a batch selected from one")
         batch = ContextCache(
             self.lengths.index_select(0, slots),
             self.keys,
             self.values,
-            {i: s.index_select(slots) for i, s in self.mamba.items()},
+            {
+                i: MambaState(s.conv.index_select(0, slots), s.ssm, slots)
+                for i, s in self.mamba.items()
+            },  # fmt: skip
             slots=slots,
         )
         batch.max_length = max_length
@@ -79,7 +83,8 @@ class ContextCache:
         self.lengths.index_copy_(0, rows, batch.lengths)
         for i, state in batch.mamba.items():
             self.mamba[i].conv.index_copy_(0, rows, state.conv)
-            self.mamba[i].ssm.index_copy_(0, rows, state.ssm)
+            if state.ssm is not self.mamba[i].ssm:  # else updated in place already
+                self.mamba[i].ssm.index_copy_(0, rows, state.gathered())
 
     def index_select(self, rows: torch.Tensor) -> ContextCache:
         """The cache of a subset of rows (a copy), e.g. when finished sequences leave a batch."""

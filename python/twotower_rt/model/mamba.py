@@ -30,13 +30,22 @@ __all__ = ["MambaState", "Mamba2Mixer", "selective_scan_chunked", "selective_sca
 
 class MambaState:
     """Per-layer recurrent state of a batch: ``conv`` (B, conv_dim, K) holds the last K raw
-    (pre-conv) xBC columns, oldest first, zero-padded on the left; ``ssm`` (B, H, P, N) fp32."""
+    (pre-conv) xBC columns, oldest first, zero-padded on the left; ``ssm`` (B, H, P, N) fp32.
 
-    __slots__ = ("conv", "ssm")
+    With ``rows`` (B,), ``ssm`` is a pool (R, H, P, N) and sequence b's state is its row rows[b]:
+    an engine's slot pool, which the scan kernel reads, and a context forward updates, in place
+    (:meth:`gathered` gives the plain (B, ...) tensor)."""
 
-    def __init__(self, conv: torch.Tensor, ssm: torch.Tensor):
+    __slots__ = ("conv", "ssm", "rows")
+
+    def __init__(self, conv: torch.Tensor, ssm: torch.Tensor, rows: torch.Tensor | None = None):
         self.conv = conv
         self.ssm = ssm
+        self.rows = rows
+
+    def gathered(self) -> torch.Tensor:
+        """The (B, H, P, N) SSM states (a copy when they are rows of a pool)."""
+        return self.ssm if self.rows is None else self.ssm.index_select(0, self.rows)
 
     @classmethod
     def zeros(cls, cfg: TwoTowerConfig, batch: int, dtype, device) -> MambaState:
@@ -48,10 +57,10 @@ class MambaState:
         return cls(conv, ssm)
 
     def clone(self) -> MambaState:
-        return MambaState(self.conv.clone(), self.ssm.clone())
+        return MambaState(self.conv.clone(), self.gathered().clone())
 
     def index_select(self, rows: torch.Tensor) -> MambaState:
-        return MambaState(self.conv.index_select(0, rows), self.ssm.index_select(0, rows))
+        return MambaState(self.conv.index_select(0, rows), self.gathered().index_select(0, rows))
 
 
 def selective_scan_chunked(
@@ -147,7 +156,8 @@ class Mamba2Mixer(nn.Module):
         n_valid: torch.Tensor | None = None,
         keep_state: bool = True,
     ) -> tuple[torch.Tensor, MambaState | None]:
-        """h (b, n, hidden); state: the layer's state before these tokens (not modified);
+        """h (b, n, hidden); state: the layer's state before these tokens (not modified, except
+        that a state given as rows of a pool is updated in place when ``keep_state``);
         n_valid (b,) or None: row r has n_valid[r] real tokens, then padding.
         Returns (out (b, n, hidden), state after each row's last real token, or None when not
         ``keep_state``: the denoiser reads its seed state and never needs another)."""
@@ -159,7 +169,7 @@ class Mamba2Mixer(nn.Module):
         if self.fused_decode and n == 1 and n_valid is None and keep_state and not self.scan_chunk:
             y, new_conv, new_ssm = mamba_decode_step(
                 zxbcdt[:, 0], state.conv, self.conv1d.weight, self.conv1d.bias, self.dt_bias,
-                self.A_log, self.D, state.ssm, self.norm.weight, cfg.layer_norm_epsilon, G,
+                self.A_log, self.D, state.gathered(), self.norm.weight, cfg.layer_norm_epsilon, G,
                 cfg.time_step_limit,
             )  # fmt: skip
             return self.out_proj(y[:, None]), MambaState(new_conv, new_ssm)
@@ -197,7 +207,15 @@ class Mamba2Mixer(nn.Module):
             Bm = Bm.repeat_interleave(H // G, dim=2)
             Cm = Cm.repeat_interleave(H // G, dim=2)
             y, new_ssm, ssm_chunks = selective_scan_chunked(
-                x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, valid, self.scan_chunk
+                x.reshape(b, n, H, P),
+                dt,
+                A,
+                Bm,
+                Cm,
+                self.D,
+                state.gathered(),
+                valid,
+                self.scan_chunk,
             )
             ends = torch.arange(1, ssm_chunks.shape[1] + 1, device=h.device) * self.scan_chunk
             cols = ends.clamp(max=n)[:, None] + torch.arange(K, device=h.device)  # (nc, K)
@@ -207,8 +225,14 @@ class Mamba2Mixer(nn.Module):
             y, new_ssm = ssm_scan(
                 x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, n_valid,
                 keep_state=keep_state, chunk=None if self.chunked_prefill else 0,
+                state_rows=state.rows,
             )  # fmt: skip
+            if state.rows is not None:  # the pool's rows now hold the new states
+                new_ssm = state.ssm
         y = y.reshape(b, n, cfg.mamba_d_inner).to(h.dtype)
         y = rms_norm(y, self.norm.weight, cfg.layer_norm_epsilon, gate=z,
                      group_size=cfg.mamba_d_inner // G)  # fmt: skip
-        return self.out_proj(y), MambaState(new_conv, new_ssm) if keep_state else None
+        if not keep_state:
+            return self.out_proj(y), None
+        rows = state.rows if new_ssm is state.ssm else None
+        return self.out_proj(y), MambaState(new_conv, new_ssm, rows)

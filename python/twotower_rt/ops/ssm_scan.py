@@ -88,6 +88,7 @@ def ssm_scan(
     keep_state: bool = True,
     variant: str = "lanes",
     chunk: int | None = 0,
+    state_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The selective scan of n tokens from ``state``.
 
@@ -107,7 +108,7 @@ def ssm_scan(
     CUDA tensors run the twotower_rt._C kernel when N is 16/32/64/128 and x, B, C share a kernel
     dtype; everything else runs :func:`ssm_scan_ref`.
     """
-    _check_args(x, dt, A, B, C, D, state, n_valid)
+    _check_args(x, dt, A, B, C, D, state, n_valid, state_rows)
     if variant not in VARIANTS:
         raise ValueError(f"ssm_scan: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
@@ -116,6 +117,18 @@ def ssm_scan(
     if chunk is None:
         chunk = 0 if reason is not None else _planned_chunk(x, B, variant)
     n = x.shape[1]
+    if state_rows is not None:
+        if reason is None and not (chunk and chunk < n) and state.is_contiguous():
+            code = VARIANTS[variant]
+            y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            _launch(x, dt, A, B, C, D, state, n_valid, y, state if keep_state else None, 0, code,
+                    state_rows=state_rows.to(torch.int64).contiguous())  # fmt: skip
+            return y, None
+        y, final = ssm_scan(x, dt, A, B, C, D, state.index_select(0, state_rows), n_valid,
+                            keep_state=keep_state, variant=variant, chunk=chunk)  # fmt: skip
+        if keep_state:
+            state.index_copy_(0, state_rows, final)
+        return y, None
     if reason is not None:
         if chunk and chunk < n:
             return _chunked_scan(x, dt, A, B, C, D, state, n_valid, keep_state, chunk,
@@ -230,7 +243,7 @@ def ssm_scan_backend(
     return backend, reason
 
 
-def _check_args(x, dt, A, B, C, D, state, n_valid) -> None:
+def _check_args(x, dt, A, B, C, D, state, n_valid, state_rows=None) -> None:
     if x.dim() != 4 or B.dim() != 4 or B.shape != C.shape:
         raise ValueError(f"ssm_scan: expected x (b, n, H, P) and B, C (b, n, G, N), got "
                          f"{tuple(x.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")  # fmt: skip
@@ -242,12 +255,16 @@ def _check_args(x, dt, A, B, C, D, state, n_valid) -> None:
     if dt.shape != (b, n, H) or A.shape != (H,) or D.shape != (H,):
         raise ValueError(f"ssm_scan: dt must be {(b, n, H)} and A, D ({H},), got "
                          f"{tuple(dt.shape)}, {tuple(A.shape)}, {tuple(D.shape)}")  # fmt: skip
-    if state.shape != (b, H, P, N) or state.dtype != torch.float32:
-        raise ValueError(f"ssm_scan: state must be {(b, H, P, N)} float32, got "
+    rows = b if state_rows is None else state.shape[0]
+    if state.shape != (rows, H, P, N) or state.dtype != torch.float32:
+        raise ValueError(f"ssm_scan: state must be {(rows, H, P, N)} float32, got "
                          f"{tuple(state.shape)} {state.dtype}")  # fmt: skip
+    if state_rows is not None and (state_rows.shape != (b,) or state_rows.dtype != torch.int64):
+        raise ValueError(f"ssm_scan: state_rows must be int64 ({b},), got {state_rows.dtype} "
+                         f"{tuple(state_rows.shape)}")  # fmt: skip
     if n_valid is not None and n_valid.shape != (b,):
         raise ValueError(f"ssm_scan: n_valid must be ({b},), got {tuple(n_valid.shape)}")
-    for t in (dt, A, B, C, D, state, n_valid):
+    for t in (dt, A, B, C, D, state, n_valid, state_rows):
         if t is not None and t.device != x.device:
             raise ValueError("ssm_scan: all tensors must be on x's device")
 
@@ -326,9 +343,11 @@ def _device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
-def _launch(x, dt, A, B, C, D, state, n_valid, y, state_out, chunk, variant):
+def _launch(x, dt, A, B, C, D, state, n_valid, y, state_out, chunk, variant, state_rows=None):
     """One ssm_scan kernel launch: state (runs, H, P, N) or None (zero), y (b, n, H, P) fp32 or
-    None, state_out (runs, H, P, N) or None, with runs = b * ceil(n / chunk) (b for chunk 0)."""
+    None, state_out (runs, H, P, N) or None, with runs = b * ceil(n / chunk) (b for chunk 0);
+    with state_rows (b,) (chunk 0), state and state_out are pools read and written at those rows
+    (state is then used as it is: contiguous, the caller's own tensor)."""
     C_ext = _ext.require_cuda_op("ssm_scan", x)
     b, n, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -338,7 +357,11 @@ def _launch(x, dt, A, B, C, D, state, n_valid, y, state_out, chunk, variant):
     dt = dt.float()
     dt = dt if dt.stride(2) == 1 else dt.contiguous()
     A, D = A.float().contiguous(), D.float().contiguous()
-    if state is not None and (not state.is_contiguous() or state.data_ptr() % 16):
+    if (
+        state_rows is None
+        and state is not None
+        and (not state.is_contiguous() or state.data_ptr() % 16)
+    ):
         state = state.clone(memory_format=torch.contiguous_format)
     lens = n_valid.to(torch.int64).contiguous() if n_valid is not None else None
     C_ext.ssm_scan(
@@ -355,6 +378,7 @@ def _launch(x, dt, A, B, C, D, state, n_valid, y, state_out, chunk, variant):
         n_valid=lens.data_ptr() if lens is not None else 0,
         state=state.data_ptr() if state is not None else 0,
         state_out=state_out.data_ptr() if state_out is not None else 0,
+        state_rows=state_rows.data_ptr() if state_rows is not None else 0,
         y=y.data_ptr() if y is not None else 0,
         batch=b,
         n=n,
