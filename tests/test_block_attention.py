@@ -78,3 +78,26 @@ def test_bad_arguments(change, message):
 def test_backend_is_reported_honestly():
     backend, reason = OP_BACKENDS["block_attention"]("cpu")
     assert backend == "torch" and "block_attention_ref" in reason
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefix_causal_attention_on_gpu_matches_ref(dtype):
+    """The context tower's multi-token append on a GPU (SDPA with the causal-prefix mask) against
+    the fp32 reference (bf16: P and the products in bf16 inside SDPA)."""
+    from twotower_rt.model.attention import prefix_causal_attention
+    from twotower_rt.ops.block_attention import attention_ref
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, n, hq, hkv, d, span = 3, 37, 32, 2, 128, 300
+    q = torch.randn(b, n, hq, d, device="cuda", generator=g).to(dtype)
+    k = torch.randn(b, span, hkv, d, device="cuda", generator=g).to(dtype)
+    v = torch.randn(b, span, hkv, d, device="cuda", generator=g).to(dtype)
+    prefix = torch.tensor([0, 100, span - n], device="cuda")
+    pos = prefix[:, None] + torch.arange(n, device="cuda")[None]
+    allowed = torch.arange(span, device="cuda")[None, None] <= pos[:, :, None]
+    out = prefix_causal_attention(q, k, v, allowed)
+    ref = attention_ref(q.float(), k.float(), v.float(), allowed)
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=atol)

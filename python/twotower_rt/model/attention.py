@@ -13,11 +13,25 @@ b's in row slots[b] (an engine's slot pool) or row b, valid in [0, lengths[b]).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import TwoTowerConfig
 from ..ops.block_attention import attention_ref, block_attention
 from .linear import make_linear
+
+
+def prefix_causal_attention(q, keys, values, allowed):
+    """The context tower's multi-token append (prefill chunks, block commits): the reference's
+    fp32 attention on the CPU; on a GPU torch's SDPA with the boolean mask (its memory-efficient
+    kernel: no (b, heads, n, keys) fp32 scores in memory, which at an 8k context would take GBs)."""
+    if not q.is_cuda:
+        return attention_ref(q, keys, values, allowed)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.to(q.dtype).transpose(1, 2), values.to(q.dtype).transpose(1, 2),
+        attn_mask=allowed[:, None], enable_gqa=True,
+    )  # fmt: skip
+    return out.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -69,5 +83,5 @@ class Attention(nn.Module):
                     keys, values = cache_k[slots, :span], cache_v[slots, :span]
                 key_pos = torch.arange(span, device=dev)[None, None, :]
                 allowed = key_pos <= pos[:, :, None]  # causal; padding rows only see real keys
-                out = attention_ref(q, keys, values, allowed)
+                out = prefix_causal_attention(q, keys, values, allowed)
         return self.o_proj(out.reshape(b, n, -1))
