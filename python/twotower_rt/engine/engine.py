@@ -342,8 +342,9 @@ class Engine:
             return None
         values = torch.cat([t.to(torch.long) for t in outputs])
         event = None
-        if values.is_cuda:
-            values = values.to("cpu", non_blocking=True)
+        if values.is_cuda:  # pinned (cached by torch's host allocator), so the copy is async
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            values = host.copy_(values, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         return _InFlight(done, values, event)
