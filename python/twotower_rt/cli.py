@@ -3,6 +3,8 @@
     twotower-rt generate --input-ids 1,2,3 --mode mask_diffusion --max-new-tokens 32 [--json]
     twotower-rt generate --model DIR --prompt "Hello" --prompt "Bye" --device cuda --dtype bf16
     twotower-rt quantize --out DIR [--model DIR] [--block ROWS COLS]   # FP8 weights
+    twotower-rt serve [--model DIR] [--port 8000] [--api-key KEY]      # OpenAI-compatible HTTP
+    twotower-rt batch IN.jsonl OUT.jsonl [--mode ar] [--max-new-tokens 64] # JSONL jobs, resumable
     twotower-rt env [--json]
 
 Decoding flags are the reference's parameter names; a flag left out is not passed, so the
@@ -124,6 +126,54 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--json", action="store_true", help="print the report as JSON")
     quant.set_defaults(run=cmd_quantize)
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible completions server (HTTP)",
+                         description="Serve /v1/completions, /v1/models, /health and /metrics "
+                                     "over the engine's continuous batching.")  # fmt: skip
+    srv.add_argument(
+        "--model",
+        metavar="DIR",
+        default=None,
+        help="checkpoint directory (default: the model shipped in the package)",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics"
+    )
+    srv.add_argument("--served-model-name", default=None, help="the model id clients see")
+    srv.add_argument(
+        "--default-mode",
+        choices=MODES,
+        default="mask_diffusion",
+        help="mode of requests that name none (default: mask_diffusion)",
+    )
+    srv.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="sequences waiting for a slot before requests get 429 (default: 256)",
+    )
+    srv.add_argument("--max-slots", type=int, default=None,
+                     help="sequences in flight at once (default: what the memory budget holds; "
+                          "8 on the CPU)")  # fmt: skip
+    srv.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="tokens per sequence, prompt + generated (default: 4096)",
+    )
+    srv.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="GPU: fraction of memory the cache pool may fill up to (default: 0.9)",
+    )
+    srv.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    srv.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: float32)")
+    srv.set_defaults(run=cmd_serve)
+
+    _add_batch_parser(sub)
+
     env = sub.add_parser("env", help="report what this installation can run (CPU, GPU, kernels)")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.set_defaults(run=cmd_env)
@@ -199,6 +249,106 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"{PROG}: wrote {args.out}: {report['tensors_quantized']} FP8 weights, "
               f"{report['bytes_before'] / mib:.1f} MiB -> {report['bytes_after'] / mib:.1f} MiB "
               f"({100 * report['saved_fraction']:.0f}% saved)")  # fmt: skip
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"twotower-rt serve needs starlette and uvicorn ({exc}): "
+                         "pip install 'twotower-rt[serve]'") from None  # fmt: skip
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    model = load(args.model if args.model is not None else default_model_path(),
+                 device=args.device, dtype=args.dtype)  # fmt: skip
+    serve(model, host=args.host, port=args.port, api_key=args.api_key,
+          max_queue=args.max_queue, model_name=args.served_model_name,
+          default_mode=args.default_mode, max_slots=args.max_slots, context=args.context,
+          gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
+    return 0
+
+
+def _add_batch_parser(sub) -> None:
+    batch = sub.add_parser(
+        "batch", help="run a JSONL file of requests (resumable)",
+        description="Run every request of IN.jsonl (one JSON object per line: id, prompt or "
+        "input_ids, optional mode and parameters) and append one JSON line per completed "
+        "request to OUT.jsonl. A re-run skips the ids already in OUT.jsonl.",
+    )  # fmt: skip
+    batch.add_argument("input", metavar="IN.jsonl", help="requests, one JSON object per line")
+    batch.add_argument("output", metavar="OUT.jsonl", help="results, appended as they complete")
+    batch.add_argument(
+        "--model",
+        metavar="DIR",
+        default=None,
+        help="checkpoint directory (default: the model shipped in the package)",
+    )
+    batch.add_argument(
+        "--mode",
+        choices=MODES,
+        default=argparse.SUPPRESS,
+        help=f"mode of lines that name none (default: {_default_mode()})",
+    )
+    for field in dataclasses.fields(SamplingParams):
+        kind, text = PARAM_FLAGS[field.name]
+        batch.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=f"default for every line: {text} (default: {field.default})",
+        )
+    batch.add_argument("--device", default=argparse.SUPPRESS, help="cpu or cuda[:N] (default: cpu)")
+    batch.add_argument(
+        "--dtype", default=argparse.SUPPRESS, help="float32 or bfloat16 (default: float32)"
+    )
+    batch.add_argument(
+        "--max-slots",
+        type=int,
+        default=None,
+        help="sequences in flight at once (default: what the memory budget holds; 8 on the CPU)",
+    )
+    batch.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="tokens per sequence, prompt + generated (default: 4096)",
+    )
+    batch.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="requests read ahead of completion (default: 4 per slot)",
+    )
+    batch.add_argument(
+        "--errors",
+        metavar="FILE",
+        default=None,
+        help="bad lines, one JSON object each (default: OUT.jsonl.errors.jsonl)",
+    )
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    batch.set_defaults(run=cmd_batch)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    names = ["mode", "device", "dtype", *(f.name for f in dataclasses.fields(SamplingParams))]
+    kwargs = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    path = args.model if args.model is not None else default_model_path()
+    try:
+        summary = run_batch(args.input, args.output, path, errors_path=args.errors,
+                            max_slots=args.max_slots, context=args.context,
+                            max_in_flight=args.max_in_flight, progress=not args.no_progress,
+                            **kwargs)  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"{PROG}: batch interrupted; {args.output} keeps every completed line: run the same "
+              "command again to resume", file=sys.stderr)  # fmt: skip
+        return 130
+    print(f"{PROG} batch: {summary.describe()}")
     return 0
 
 

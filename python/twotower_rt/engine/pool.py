@@ -48,11 +48,13 @@ class PoolPlan:
         return (self.slots + 1) * self.bytes_per_slot
 
     def describe(self) -> str:
-        budget = "" if self.budget_bytes is None else f" of a {self.budget_bytes / 2**30:.2f} GiB"
+        budget = (
+            "" if self.budget_bytes is None else f" of a {self.budget_bytes / 2**30:.2f} GiB budget"
+        )
         return (
             f"cache pool: {self.slots} sequences x {self.context} tokens "
-            f"({self.bytes_per_slot / 2**20:.2f} MiB each; {self.pool_bytes / 2**30:.3f} GiB with "
-            f"the spare{budget} budget)"
+            f"({self.bytes_per_slot / 2**20:.2f} MiB each; {self.pool_bytes / 2**30:.3f} GiB "
+            f"with the spare slot{budget})"
         )
 
 
