@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from twotower_rt.engine import Engine
@@ -263,3 +264,23 @@ def test_metrics(client):
     for name in ("twotower_rt_tokens_per_second", "twotower_rt_queue_depth",
                  "twotower_rt_running_sequences"):  # fmt: skip
         assert name in values
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_serves_on_a_gpu_unchanged(dtype):
+    """The same server with the default model on the GPU: plain and streaming completions in
+    every mode."""
+    import twotower_rt
+
+    model = twotower_rt.load(device="cuda", dtype=dtype)
+    with Server(make_app(model, slots=4)) as srv:
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            for mode in ("mask_diffusion", "ar", "mock_ar"):
+                out = complete(c, prompt="Once upon a time", max_tokens=16, mode=mode, seed=1)
+                assert out["choices"][0]["token_ids"], mode
+            body = {"prompt": "The king", "max_tokens": 32, "stream": True, "seed": 2}
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                chunks, done = read_stream(r)
+            assert done and chunks
