@@ -250,3 +250,44 @@ def test_a_step_launches_before_it_reads_the_previous_one(builtin_model, monkeyp
         if "read" in events and "run" in events:
             assert events.index("run") < events.index("read"), steps
     assert steps[-1] == ["read"]  # the last step only drains what the one before launched
+
+
+def _set_states_in_place(model, on: bool) -> None:
+    from twotower_rt.model.mamba import Mamba2Mixer
+
+    for m in model.lm.modules():
+        if isinstance(m, Mamba2Mixer):
+            m.states_in_place = on
+
+
+def test_mamba_states_in_place_give_the_golden_outputs(golden_model):
+    """Mamba2Mixer.states_in_place: the pool's SSM rows read and written where they are (here the
+    PyTorch path of ssm_scan(state_rows=)); the golden cases through the engine are unchanged."""
+    _set_states_in_place(golden_model, True)
+    try:
+        engine = Engine(golden_model, max_slots=3, context=256)
+        ids = {c["id"]: engine.add_request(c["input_ids"], c["mode"], **c["params"]) for c in CASES}
+        engine.run()
+        for c in CASES:
+            check_golden(engine.pop(ids[c["id"]]), c)
+    finally:
+        _set_states_in_place(golden_model, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mamba_states_in_place_on_gpu_match_gathered():
+    """The scan kernel reading and writing the slot pool's rows in place (states_in_place) gives
+    the tokens of the gathered path, every mode, bf16."""
+    from twotower_rt.api import load_builtin_model
+
+    model = load_builtin_model(device="cuda", dtype="bfloat16")
+    prompts = [[5, 9, 33, 70, 2], [7], [11, 12, 13], [40, 41, 42, 43, 44, 45, 46], [300], [8, 9]]
+    runs = []
+    for in_place in (False, True):
+        _set_states_in_place(model, in_place)
+        engine = Engine(model, max_slots=4, context=64)
+        ids = [engine.add_request(p, mode, **params) for (mode, params), p in zip(MIXED, prompts)]
+        engine.run()
+        runs.append([engine.pop(i).generated for i in ids])
+    assert runs[0] == runs[1]

@@ -148,6 +148,10 @@ class Mamba2Mixer(nn.Module):
         # chunk ops.ssm_scan.plan_scan_chunk picks on the GPU; off by default until its GPU tests
         # have run on a GPU (tests/test_ssm_scan.py). The CPU path never chunks.
         self.chunked_prefill = False
+        # Switch: a state given as rows of a slot pool (an engine batch) is read and written in
+        # place by the kernel (ssm_scan(state_rows=)); off: gathered, scanned, scattered back (4x
+        # the state bytes). Off by default until its GPU test has run (tests/test_ssm_scan.py).
+        self.states_in_place = False
 
     def forward(
         self,
@@ -222,12 +226,14 @@ class Mamba2Mixer(nn.Module):
             conv_chunks = history[:, :, cols].permute(0, 2, 1, 3)  # (b, nc, conv_dim, K)
             self.chunk_states = MambaState(conv_chunks.detach(), ssm_chunks.detach())
         else:
+            in_place = state.rows is not None and self.states_in_place
             y, new_ssm = ssm_scan(
-                x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D, state.ssm, n_valid,
-                keep_state=keep_state, chunk=None if self.chunked_prefill else 0,
-                state_rows=state.rows,
+                x.reshape(b, n, H, P), dt, A, Bm, Cm, self.D,
+                state.ssm if in_place else state.gathered(), n_valid, keep_state=keep_state,
+                chunk=None if self.chunked_prefill else 0,
+                state_rows=state.rows if in_place else None,
             )  # fmt: skip
-            if state.rows is not None:  # the pool's rows now hold the new states
+            if in_place:  # the pool's rows now hold the new states
                 new_ssm = state.ssm
         y = y.reshape(b, n, cfg.mamba_d_inner).to(h.dtype)
         y = rms_norm(y, self.norm.weight, cfg.layer_norm_epsilon, gate=z,

@@ -17,6 +17,9 @@ from twotower_rt.ops.philox import check_rng_args, gumbel_ref
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 MAX_VOCAB = 2**23
+# What splits=None means: 1 (one CTA per row, measured) until the split path's GPU test has run
+# (tests/test_mask_sampling.py); then 0, automatic.
+DEFAULT_SPLITS = 1
 
 
 def filter_top_k_top_p(
@@ -65,7 +68,7 @@ def sample_tokens(
     offset: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
-    splits: int = 0,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """One token per row.
 
@@ -77,11 +80,12 @@ def sample_tokens(
             counter offset; advance offset between draws)
         out: (B,) int64, allocated when None
         splits: the kernel's CTAs per row: 0 chooses (rows split only at small batch), 1 never
-            splits, k > 1 about k slices per row. The token is the same either way (the split
-            path's sums are exact integers); the split path has not yet run on a GPU.
+            splits, k > 1 about k slices per row, None: ``DEFAULT_SPLITS``. The token is the same
+            either way (the split path's sums are exact integers).
         returns ``out``.
     """
     _check_args(logits, temperature, top_k, top_p, seed, offset)
+    splits = DEFAULT_SPLITS if splits is None else splits
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 0:
         raise ValueError(f"sample_tokens: splits must be an int >= 0, got {splits!r}")
     if logits.device.type != "cuda" or _kernel_unsupported_reason(logits):
