@@ -175,11 +175,14 @@ def bench(args) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = real_config(args.layers, args.weights == "fp8", **args.overrides)
     lm = random_model(cfg, device, dtype)
+    from twotower_rt.model.mamba import Mamba2Mixer
     from twotower_rt.model.moe import MoE
 
     for module in lm.modules():
         if isinstance(module, MoE):
             module.grouped = args.grouped
+        if isinstance(module, Mamba2Mixer):
+            module.states_in_place = args.in_place
     copy_gbps = args.copy_gbps or measure_copy_gbps(device)
     steps = max(1, round(BLOCK / args.tokens_per_forward))
     context = max(args.context) + args.new_tokens + 1
@@ -228,6 +231,7 @@ def bench(args) -> dict:
         "timing": "wall clock per whole generation (prefill excluded), measured",
         "graphs": args.graphs,
         "moe_grouped": args.grouped,
+        "mamba_states_in_place": args.in_place,
         "rows": rows,
     }
 
@@ -247,4 +251,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graphs", action="store_true", help="the engine's CUDA graphs")
     parser.add_argument("--no-grouped", dest="grouped", action="store_false",
                         help="the MoE reference loop instead of the grouped GEMMs")  # fmt: skip
+    parser.add_argument("--no-in-place", dest="in_place", action="store_false",
+                        help="gather and scatter the Mamba states instead of the pool's rows")
     parser.set_defaults(overrides={})

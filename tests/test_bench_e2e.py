@@ -22,7 +22,7 @@ def test_e2e_runs_on_the_cpu(weights):
     args = argparse.Namespace(layers=6, weights=weights, batch=[1, 2], context=[8], new_tokens=16,
                               tokens_per_forward=1.78, copy_gbps=100.0, baseline=True,
                               device="cpu", overrides=TINY, graphs=False,
-                              grouped=weights == "bf16")  # fmt: skip
+                              grouped=weights == "bf16", in_place=True)  # fmt: skip
     record = e2e.bench(args)
     assert record["steps_per_block"] == 9 and record["tokens_per_forward"] == pytest.approx(1.778)
     assert [(r["batch"], r["context"]) for r in record["rows"]] == [(1, 8), (2, 8)]
