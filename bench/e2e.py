@@ -251,6 +251,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graphs", action="store_true", help="the engine's CUDA graphs")
     parser.add_argument("--no-grouped", dest="grouped", action="store_false",
                         help="the MoE reference loop instead of the grouped GEMMs")  # fmt: skip
-    parser.add_argument("--no-in-place", dest="in_place", action="store_false",
-                        help="gather and scatter the Mamba states instead of the pool's rows")
+    parser.add_argument(
+        "--no-in-place",
+        dest="in_place",
+        action="store_false",
+        help="gather and scatter the Mamba states instead of the pool's rows",
+    )
     parser.set_defaults(overrides={})
