@@ -1,0 +1,331 @@
+"""``twotower-rt batch IN.jsonl OUT.jsonl``: a JSONL file of requests through one engine, for
+synthetic-data jobs.
+
+Each input line is a JSON object: ``id`` (string or integer, unique), ``prompt`` (text) or
+``input_ids`` (token ids), and optionally ``mode`` and any :class:`SamplingParams` field
+(``max_tokens`` is an alias of ``max_new_tokens``, ``stop_token_ids`` of ``eos_token_id``). Each
+completed request is appended to OUT as one line and made durable (flushed and fsync'd) before the
+next engine step, in completion order. A re-run first reads OUT, cuts off a torn last line (a
+write killed half-way) and skips every id already there, so a job killed at any moment (even with
+``kill -9``) resumes without losing or repeating a line. Bad lines go to the errors file, one
+JSON object each (``line``, ``id``, ``error``), and the job goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from .api import TwoTowerModel, load
+from .engine import Engine
+from .generate import MODES, SamplingParams
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock against two runs writing the same OUT
+    fcntl = None
+
+PARAM_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+LINE_KEYS = frozenset(("id", "prompt", "input_ids", "mode", "max_tokens", "stop_token_ids",
+                       *PARAM_KEYS))  # fmt: skip
+IN_FLIGHT_PER_SLOT = 4  # requests handed to the engine per cache slot: enough to refill every slot
+
+
+@dataclass
+class BatchSummary:
+    """What one :func:`run_batch` did: requests completed now, lines skipped because OUT already
+    had their id, bad lines, and the tokens generated now in ``seconds``."""
+
+    done: int
+    skipped: int
+    errors: int
+    generated_tokens: int
+    seconds: float
+    output_path: str
+    errors_path: str
+
+    def describe(self) -> str:
+        rate = self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+        text = f"done {self.done}, skipped {self.skipped} (already in OUT), errors {self.errors}"
+        if self.errors:
+            text += f" (see {self.errors_path})"
+        return f"{text}; {self.generated_tokens} tokens in {self.seconds:.1f} s ({rate:.1f} tok/s)"
+
+
+class _LineError(Exception):
+    pass
+
+
+def _id_key(rid) -> str | None:
+    """The id as its JSON text (so 7 and "7" are different ids), or None if not a valid id."""
+    if isinstance(rid, bool) or not isinstance(rid, (int, str)) or rid == "":
+        return None
+    return json.dumps(rid)
+
+
+def _numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line) for each line of the file that is not blank, read lazily."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if raw.strip():
+                yield number, raw
+
+
+def _parse(raw: bytes):
+    try:
+        return json.loads(raw.decode("utf-8-sig"))  # a byte-order mark on line 1 is no error
+    except UnicodeDecodeError as e:
+        raise _LineError(f"not UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise _LineError(f"invalid JSON: {e}") from None
+
+
+def _as_list(ids) -> list:
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def _line_request(obj, default_mode: str, defaults: dict) -> tuple[object, str, dict]:
+    """A parsed line (its id already checked) -> (prompt text or ids, mode, SamplingParams fields).
+    The values themselves are checked by Engine.add_request."""
+    unknown = sorted(set(obj) - LINE_KEYS)
+    if unknown:
+        raise _LineError(f"unknown keys {unknown}; a line takes {sorted(LINE_KEYS)}")
+    if ("prompt" in obj) == ("input_ids" in obj):
+        raise _LineError("a line needs exactly one of 'prompt' (text) or 'input_ids' (token ids)")
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            raise _LineError(f"prompt must be a non-empty string, got {prompt!r}")
+    else:
+        prompt = obj["input_ids"]
+        if not isinstance(prompt, list):
+            raise _LineError(f"input_ids must be a list of token ids, got {prompt!r}")
+    if "max_tokens" in obj and "max_new_tokens" in obj:
+        raise _LineError("give max_new_tokens or its alias max_tokens, not both")
+    params = dict(defaults)
+    params.update((k, obj[k]) for k in PARAM_KEYS if k in obj)
+    if "max_tokens" in obj:
+        params["max_new_tokens"] = obj["max_tokens"]
+    if "stop_token_ids" in obj:  # an alias of eos_token_id; a line giving both stops at either
+        eos = _as_list(obj["eos_token_id"]) if "eos_token_id" in obj else []
+        params["eos_token_id"] = eos + _as_list(obj["stop_token_ids"])
+    return prompt, obj.get("mode", default_mode), params
+
+
+def _read_done(out_file, path: str) -> set[str]:
+    """The id keys already in OUT (opened for appending). A last line without its newline is a
+    write cut short: the file is truncated back to the end of the last complete line."""
+    done: set[str] = set()
+    end = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                break  # torn: its request is run again
+            if raw.strip():
+                try:
+                    key = _id_key(json.loads(raw.decode("utf-8")).get("id"))
+                except (ValueError, AttributeError):
+                    key = None
+                if key is None:
+                    raise ValueError(
+                        f"{path} line {number} is not a JSON object with an id; this file is not "
+                        "a batch output (or it was corrupted): move it away or fix that line"
+                    )
+                done.add(key)
+            end += len(raw)
+    if out_file.tell() != end:
+        out_file.truncate(end)
+        out_file.seek(end)
+        out_file.flush()
+        os.fsync(out_file.fileno())
+    return done
+
+
+def _count_to_do(input_path: str, done: set[str]) -> int:
+    """Lines the progress bar counts: every non-blank line but the first of each id in OUT."""
+    total, seen = 0, set()
+    for _, raw in _numbered_lines(input_path):
+        try:
+            key = _id_key(_parse(raw).get("id"))
+        except (_LineError, AttributeError):
+            key = None
+        if key in done and key not in seen:
+            seen.add(key)
+        else:
+            total += 1
+    return total
+
+
+def _check_defaults(mode: str, params: dict, vocab_size: int) -> None:
+    """The defaults every line starts from, checked once (mode-independent checks)."""
+    if isinstance(params.get("seed"), (list, tuple)):
+        raise ValueError("seed must be one integer for every line (a line may give its own)")
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    SamplingParams(**params).validate("ar", vocab_size, 1)  # ar: a multiple of a block or not
+
+
+def run_batch(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    model: TwoTowerModel | str | os.PathLike | None = None,
+    *,
+    mode: str = "mask_diffusion",
+    errors_path: str | os.PathLike | None = None,
+    max_slots: int | None = None,
+    context: int | None = None,
+    max_in_flight: int | None = None,
+    progress: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+    **params,
+) -> BatchSummary:
+    """Run every request of the JSONL file ``input_path`` and append one JSON line per completed
+    request to ``output_path``: ``id``, ``text`` (the generated text, None without a tokenizer),
+    ``token_ids``, ``prompt_tokens``, ``finish_reason``, ``nfe`` and ``seconds`` (submission to
+    completion), in completion order, each step's lines fsync'd before the next step.
+
+    ``model``: a loaded :class:`TwoTowerModel`, or a checkpoint directory (None: the default model)
+    loaded on ``device`` in ``dtype``. ``mode`` and ``params`` (:class:`SamplingParams` fields) are
+    the defaults a line's own keys override. The engine has ``max_slots`` slots of ``context``
+    tokens (its defaults when None); at most ``max_in_flight`` requests (default 4 per slot) are
+    read ahead of completion, so the input is streamed, never held. Ids already in OUT are skipped
+    (resume after a kill). Bad lines go to ``errors_path`` (default OUT + ".errors.jsonl",
+    rewritten each run) as ``{"line", "id", "error"}`` objects. ``progress``: a tqdm bar on stderr.
+    Raises ValueError/OSError for what stops the whole job (a bad default, an unreadable input,
+    an OUT that is not a batch output or that another run is writing)."""
+    input_path, output_path = os.fspath(input_path), os.fspath(output_path)
+    errors_path = output_path + ".errors.jsonl" if errors_path is None else os.fspath(errors_path)
+    paths = {os.path.realpath(p) for p in (input_path, output_path, errors_path)}
+    if len(paths) != 3:
+        raise ValueError("the input, output and errors files must be three different files")
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise ValueError(f"unknown parameters {unknown}; SamplingParams has {list(PARAM_KEYS)}")
+    if not os.path.isfile(input_path):
+        raise ValueError(f"input file {input_path} does not exist")
+    if not isinstance(model, TwoTowerModel):
+        model = load(model, device=device, dtype=dtype)
+    _check_defaults(mode, params, model.config.vocab_size)
+    engine = Engine(model, max_slots=max_slots, context=context)
+    if max_in_flight is None:
+        max_in_flight = IN_FLIGHT_PER_SLOT * engine.plan.slots
+    elif isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
+
+    with open(output_path, "ab") as out_file:
+        if fcntl is not None:
+            try:
+                fcntl.flock(out_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another batch run is writing {output_path}") from None
+        done = _read_done(out_file, output_path)
+        total = _count_to_do(input_path, done) if progress else None
+        with open(errors_path, "w", encoding="utf-8") as errors_file:
+            bar = tqdm(total=total, unit="req", dynamic_ncols=True, disable=not progress)
+            try:
+                job = _Job(engine, model, out_file, errors_file, bar, mode, params)
+                job.run(_numbered_lines(input_path), done, max_in_flight)
+            finally:
+                bar.close()
+    return BatchSummary(job.done, job.skipped, job.errors, job.tokens,
+                        time.perf_counter() - job.start, output_path, errors_path)  # fmt: skip
+
+
+class _Job:
+    """One pass over the input: submit lines, step the engine, write what finishes."""
+
+    def __init__(self, engine, model, out_file, errors_file, bar, mode, defaults):
+        self.engine, self.model = engine, model
+        self.out_file, self.errors_file, self.bar = out_file, errors_file, bar
+        self.mode, self.defaults = mode, defaults
+        self.pending: dict[str, tuple[object, float]] = {}  # engine id -> (line id, submitted)
+        self.first_line: dict[str, int] = {}  # id key -> the line that had it first
+        self.done = self.skipped = self.errors = self.tokens = 0
+        self._synced_at = out_file.tell()
+        self.start = time.perf_counter()
+
+    def run(self, lines: Iterator[tuple[int, bytes]], done: set[str], max_in_flight: int) -> None:
+        exhausted = False
+        while True:
+            while not exhausted and len(self.pending) < max_in_flight:
+                item = next(lines, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    self._submit(*item, done)
+            self._sync()  # lines finished at submission (max_new_tokens 0)
+            if not self.pending:
+                return
+            if not self.engine.has_unfinished():
+                raise RuntimeError(f"engine idle with {len(self.pending)} requests outstanding")
+            for out in self.engine.step():
+                self.tokens += len(out.new_tokens)
+                if out.finished:
+                    self._complete(out.request_id)
+            self._sync()
+
+    def _submit(self, number: int, raw: bytes, done: set[str]) -> None:
+        rid = None
+        try:
+            obj = _parse(raw)
+            if not isinstance(obj, dict):
+                raise _LineError(f"a line must be a JSON object, got {type(obj).__name__}")
+            if "id" not in obj:
+                raise _LineError("missing 'id' (a string or an integer, unique in the file)")
+            key = _id_key(obj["id"])
+            if key is None:
+                raise _LineError(f"id must be a non-empty string or an integer, got {obj['id']!r}")
+            rid = obj["id"]
+            if key in self.first_line:
+                raise _LineError(f"duplicate id {rid!r} (first on line {self.first_line[key]})")
+            self.first_line[key] = number
+            if key in done:
+                self.skipped += 1
+                return
+            prompt, mode, params = _line_request(obj, self.mode, self.defaults)
+            engine_id = str(number)
+            self.engine.add_request(prompt, mode, request_id=engine_id, **params)
+        except (_LineError, ValueError, TypeError) as e:
+            self._error(number, rid, str(e))
+            return
+        self.pending[engine_id] = (rid, time.perf_counter())
+        if self.engine.output(engine_id).finished:
+            self._complete(engine_id)
+
+    def _complete(self, engine_id: str) -> None:
+        out = self.engine.pop(engine_id)
+        rid, submitted = self.pending.pop(engine_id)
+        text = self.model.decode(out.generated) if self.model.tokenizer is not None else None
+        record = {"id": rid, "text": text, "token_ids": out.generated,
+                  "prompt_tokens": len(out.prompt), "finish_reason": out.finish_reason,
+                  "nfe": out.nfe, "seconds": round(time.perf_counter() - submitted, 4)}  # fmt: skip
+        self.out_file.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+        self.done += 1
+        self._advance()
+
+    def _error(self, number: int, rid, reason: str) -> None:
+        record = {"line": number, "id": rid, "error": " ".join(reason.split())}
+        self.errors_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.errors_file.flush()
+        self.errors += 1
+        self._advance()
+
+    def _advance(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.bar.set_postfix_str(f"{rate:.1f} tok/s, errors {self.errors}", refresh=False)
+        self.bar.update(1)
+
+    def _sync(self) -> None:
+        """Make the lines written since the last sync durable: a kill now loses none of them."""
+        if self.out_file.tell() != self._synced_at:
+            self.out_file.flush()
+            os.fsync(self.out_file.fileno())
+            self._synced_at = self.out_file.tell()
