@@ -35,6 +35,8 @@ def prefix_causal_attention(q, keys, values, allowed):
 
 
 class Attention(nn.Module):
+    tp = None  # tensor-parallel group (parallel/tp.py): o_proj's partial sum reduced
+
     def __init__(self, cfg: TwoTowerConfig):
         super().__init__()
         self.cfg = cfg
@@ -84,4 +86,5 @@ class Attention(nn.Module):
                 key_pos = torch.arange(span, device=dev)[None, None, :]
                 allowed = key_pos <= pos[:, :, None]  # causal; padding rows only see real keys
                 out = prefix_causal_attention(q, keys, values, allowed)
-        return self.o_proj(out.reshape(b, n, -1))
+        out = self.o_proj(out.reshape(b, n, -1))
+        return out if self.tp is None else self.tp.all_reduce(out)

@@ -123,6 +123,10 @@ def selective_scan_chunked(
 
 
 class Mamba2Mixer(nn.Module):
+    tp = None  # tensor-parallel group (parallel/tp.py): out_proj's partial sum reduced
+    # (global groups, this rank's group, channels per group) where a gated-norm group spans ranks
+    tp_norm: tuple[int, int, int] | None = None
+
     def __init__(self, cfg: TwoTowerConfig):
         super().__init__()
         self.cfg = cfg
@@ -236,9 +240,26 @@ class Mamba2Mixer(nn.Module):
             if in_place:  # the pool's rows now hold the new states
                 new_ssm = state.ssm
         y = y.reshape(b, n, cfg.mamba_d_inner).to(h.dtype)
-        y = rms_norm(y, self.norm.weight, cfg.layer_norm_epsilon, gate=z,
-                     group_size=cfg.mamba_d_inner // G)  # fmt: skip
+        if self.tp_norm is not None:
+            y = self._norm_across_ranks(y, z)
+        else:
+            y = rms_norm(y, self.norm.weight, cfg.layer_norm_epsilon, gate=z,
+                         group_size=cfg.mamba_d_inner // G)  # fmt: skip
+        out = self.out_proj(y)
+        if self.tp is not None:
+            out = self.tp.all_reduce(out)
         if not keep_state:
-            return self.out_proj(y), None
+            return out, None
         rows = state.rows if new_ssm is state.ssm else None
-        return self.out_proj(y), MambaState(new_conv, new_ssm, rows)
+        return out, MambaState(new_conv, new_ssm, rows)
+
+    def _norm_across_ranks(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The gated RMSNorm when this rank holds part of one norm group: the group's sum of
+        squares all-reduced (a (groups, ...) tensor, this rank's part in its group's row)."""
+        groups, mine, size = self.tp_norm
+        g = y.float() * F.silu(z.float())
+        sums = g.new_zeros((groups, *g.shape[:-1]))
+        sums[mine] = g.square().sum(dim=-1)
+        total = self.tp.all_reduce(sums)[mine]
+        scale = torch.rsqrt(total / size + self.cfg.layer_norm_epsilon)
+        return (g * scale[..., None] * self.norm.weight.float()).to(y.dtype)

@@ -23,13 +23,16 @@ from .linear import Fp8Linear, make_linear
 class Relu2MLP(nn.Module):
     """down(relu(up(x))^2): the routed experts, the shared expert and dense MLP layers."""
 
+    tp = None  # a dense layer's tensor-parallel group (parallel/tp.py): down's partial sum reduced
+
     def __init__(self, cfg: TwoTowerConfig, hidden: int, intermediate: int):
         super().__init__()
         self.up_proj = make_linear(cfg, hidden, intermediate, cfg.mlp_bias)
         self.down_proj = make_linear(cfg, intermediate, hidden, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.relu(self.up_proj(x)).square())
+        out = self.down_proj(F.relu(self.up_proj(x)).square())
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class Router(nn.Module):
@@ -119,6 +122,8 @@ class MoE(nn.Module):
             self.shared_fold_reason = str(err)
         return self._shared
 
+    tp = None  # tensor-parallel group (parallel/tp.py): each rank a slice of every expert
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
@@ -126,7 +131,7 @@ class MoE(nn.Module):
         # Routed outputs accumulate in fp32, expert by expert in id order, then are cast.
         stacked = self.stacked_weights() if self.grouped else None
         if stacked is not None and grouped_unsupported_reason(x, *stacked) is None:
-            shared = self.folded_shared_weights()
+            shared = self.folded_shared_weights() if self.tp is None else None
             if shared is not None:
                 reason = shared_unsupported_reason(x, *stacked, shared)
                 if reason is None:  # the shared expert inside the same two grouped GEMMs
@@ -136,9 +141,12 @@ class MoE(nn.Module):
             routed = moe_experts_grouped(x, expert_ids, weights, *stacked)
         else:
             routed = moe_experts_ref(x, expert_ids, weights, self.experts)
+        if self.tp is not None:  # every rank summed its slice of each expert
+            routed = self.tp.all_reduce(routed)
         out = routed.to(h.dtype)
         if self.cfg.n_shared_experts:
-            out = out + self.shared_experts(x)
+            shared_out = self.shared_experts(x)
+            out = out + (shared_out if self.tp is None else self.tp.all_reduce(shared_out))
         return out.reshape(shape)
 
 

@@ -168,8 +168,14 @@ class TwoTowerLM(nn.Module):
             cache.max_length += ids.shape[1]
         return hidden
 
+    tp = None  # tensor-parallel group (parallel/tp.py): vocabulary-parallel heads, gathered
+
+    def _head(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, weight).float()
+        return logits if self.tp is None else self.tp.all_gather_last(logits)
+
     def context_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.context_lm_head.weight).float()
+        return self._head(hidden, self.context_lm_head.weight)
 
     def denoiser_logits(
         self,
@@ -195,4 +201,4 @@ class TwoTowerLM(nn.Module):
             append=False,
             modulation=modulation,
         )
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self._head(hidden, self.lm_head.weight)
