@@ -184,6 +184,7 @@ def run_batch(
     progress: bool = False,
     device: str = "cpu",
     dtype: str = "float32",
+    engine: Engine | None = None,
     **params,
 ) -> BatchSummary:
     """Run every request of the JSONL file ``input_path`` and append one JSON line per completed
@@ -198,6 +199,7 @@ def run_batch(
     read ahead of completion, so the input is streamed, never held. Ids already in OUT are skipped
     (resume after a kill). Bad lines go to ``errors_path`` (default OUT + ".errors.jsonl",
     rewritten each run) as ``{"line", "id", "error"}`` objects. ``progress``: a tqdm bar on stderr.
+    ``engine``: run on this engine instead of a new one (max_slots and context then unused).
     Raises ValueError/OSError for what stops the whole job (a bad default, an unreadable input,
     an OUT that is not a batch output or that another run is writing)."""
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
@@ -213,7 +215,8 @@ def run_batch(
     if not isinstance(model, TwoTowerModel):
         model = load(model, device=device, dtype=dtype)
     _check_defaults(mode, params, model.config.vocab_size)
-    engine = Engine(model, max_slots=max_slots, context=context)
+    if engine is None:
+        engine = Engine(model, max_slots=max_slots, context=context)
     if max_in_flight is None:
         max_in_flight = IN_FLIGHT_PER_SLOT * engine.plan.slots
     elif isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:

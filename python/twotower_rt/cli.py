@@ -25,6 +25,8 @@ from .api import TwoTowerModel, load
 from .generate import MODES, SamplingParams
 
 PROG = "twotower-rt"
+TP_HELP = ("tensor parallelism over N processes (gloo on the CPU, NCCL with a GPU each); under "
+           "torchrun: its ranks (default: 1)")  # fmt: skip
 
 
 def default_model_path() -> str | None:
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     srv.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: float32)")
+    srv.add_argument("--tp", type=int, default=1, metavar="N", help=TP_HELP)
     srv.set_defaults(run=cmd_serve)
 
     _add_batch_parser(sub)
@@ -263,13 +266,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "pip install 'twotower-rt[serve]'") from None  # fmt: skip
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
-    model = load(args.model if args.model is not None else default_model_path(),
-                 device=args.device, dtype=args.dtype)  # fmt: skip
-    serve(model, host=args.host, port=args.port, api_key=args.api_key,
-          max_queue=args.max_queue, model_name=args.served_model_name,
-          default_mode=args.default_mode, max_slots=args.max_slots, context=args.context,
-          gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
+    path = args.model if args.model is not None else default_model_path()
+    engine_args = dict(max_slots=args.max_slots, context=args.context,
+                       gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
+    serve_args = dict(host=args.host, port=args.port, api_key=args.api_key,
+                      max_queue=args.max_queue, model_name=args.served_model_name,
+                      default_mode=args.default_mode)  # fmt: skip
+    if _tp_size(args) > 1:
+        from .parallel.lockstep import launch, serve_rank
+
+        launch(_tp_size(args), args.device, serve_rank, path, args.dtype, engine_args, serve_args)
+        return 0
+    model = load(path, device=args.device, dtype=args.dtype)
+    serve(model, **serve_args, **engine_args)
     return 0
+
+
+def _tp_size(args: argparse.Namespace) -> int:
+    import os
+
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # launched by torchrun: its ranks
+    if world > 1 and args.tp not in (1, world):
+        raise ValueError(f"--tp {args.tp} under torchrun with WORLD_SIZE={world}")
+    return max(world, args.tp)
 
 
 def _add_batch_parser(sub) -> None:
@@ -330,6 +351,7 @@ def _add_batch_parser(sub) -> None:
         help="bad lines, one JSON object each (default: OUT.jsonl.errors.jsonl)",
     )
     batch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    batch.add_argument("--tp", type=int, default=1, metavar="N", help=TP_HELP)
     batch.set_defaults(run=cmd_batch)
 
 
@@ -339,6 +361,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
     names = ["mode", "device", "dtype", *(f.name for f in dataclasses.fields(SamplingParams))]
     kwargs = {name: getattr(args, name) for name in names if hasattr(args, name)}
     path = args.model if args.model is not None else default_model_path()
+    if _tp_size(args) > 1:
+        from .parallel.lockstep import batch_rank
+
+        device, dtype = kwargs.pop("device", "cpu"), kwargs.pop("dtype", "float32")
+        engine_args = dict(max_slots=args.max_slots, context=args.context)
+        batch_args = dict(input_path=args.input, output_path=args.output,
+                          errors_path=args.errors, max_in_flight=args.max_in_flight,
+                          progress=not args.no_progress, **kwargs)  # fmt: skip
+        from .parallel.lockstep import launch
+
+        launch(_tp_size(args), device, batch_rank, path, dtype, engine_args, batch_args)
+        return 0
     try:
         summary = run_batch(args.input, args.output, path, errors_path=args.errors,
                             max_slots=args.max_slots, context=args.context,

@@ -569,12 +569,13 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
 
 def serve(model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 256, model_name: str | None = None, default_mode: str = "mask_diffusion",
-          **engine_args) -> None:  # fmt: skip
+          engine: Engine | None = None, **engine_args) -> None:  # fmt: skip
     """Run the server until interrupted: ``model`` a loaded TwoTowerModel, ``engine_args`` for
-    :class:`Engine` (max_slots, context, memory_budget, ...)."""
+    :class:`Engine` (max_slots, context, memory_budget, ...), or ``engine`` one already made (the
+    lockstep engine of rank 0 under tensor parallelism)."""
     import uvicorn
 
-    engine = Engine(model, **engine_args)
+    engine = engine if engine is not None else Engine(model, **engine_args)
     name = model_name or os.path.basename(os.path.normpath(getattr(model, "source", "twotower")))
     app = create_app(engine, model_name=name, tokenizer=getattr(model, "tokenizer", None),
                      api_key=api_key, max_queue=max_queue, default_mode=default_mode)  # fmt: skip

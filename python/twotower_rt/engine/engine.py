@@ -125,6 +125,7 @@ class Engine:
         pad_batches: bool = False,
     ):
         self.lm: TwoTowerLM = model.lm if hasattr(model, "lm") else model
+        self.model = model if hasattr(model, "lm") else None  # the TwoTowerModel, if given one
         self.tokenizer = getattr(model, "tokenizer", None)
         chunk = prefill_chunk
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
