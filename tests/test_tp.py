@@ -203,3 +203,17 @@ def test_serve_with_tp_2(default_model):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
+
+
+def test_tp_group_hands_cuda_tensors_to_the_custom_all_reduce():
+    """On GPUs the group's all-reduces go to the kernels' CustomAllReduce (which itself falls
+    back to torch.distributed for what it cannot take)."""
+    from types import SimpleNamespace
+
+    from twotower_rt.parallel import TPGroup
+
+    calls = []
+    custom = SimpleNamespace(all_reduce=lambda t, out: calls.append((t, out)) or out)
+    group = TPGroup(0, 2, custom=custom)
+    fake_cuda = SimpleNamespace(is_cuda=True)
+    assert group.all_reduce(fake_cuda) is fake_cuda and calls == [(fake_cuda, fake_cuda)]

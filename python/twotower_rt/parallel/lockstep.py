@@ -104,10 +104,19 @@ def _rank_main(rank: int, world: int, device: str, job: Callable, args) -> None:
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    tp = TPGroup(rank, world)
+    custom = None
+    if cuda:  # small all-reduces through the kernels where the GPUs allow it (a collective call)
+        from ..ops.all_reduce import CustomAllReduce
+
+        custom = CustomAllReduce(device=torch.device(device))
+        if not custom.enabled:
+            custom = None
+    tp = TPGroup(rank, world, custom=custom)
     try:
         job(rank, tp, device, *args)
     finally:
+        if custom is not None:
+            custom.close()
         dist.destroy_process_group()
 
 

@@ -16,6 +16,9 @@ unchanged on smaller shapes; a few hooks (``module.tp``) add the collectives:
   all-gathered for the samplers (which then decide identically on every rank);
 - embeddings, norms and the time conditioning replicated.
 
+On GPUs of one node the all-reduces go through the kernels' custom all-reduce where it is set up
+(``TPGroup.custom``; the lockstep launcher creates it), else NCCL.
+
 Every rank runs the same engine on the same requests and seeds, so they call the collectives in the
 same order and take the same decisions; rank 0 reports. Launch with ``torchrun`` (one process per
 GPU; multi-node through torchrun's rendezvous, nothing of ours underneath).
@@ -34,13 +37,19 @@ from ..config import TwoTowerConfig
 
 @dataclass(frozen=True)
 class TPGroup:
-    """This rank's place in a tensor-parallel group and its collectives."""
+    """This rank's place in a tensor-parallel group and its collectives. ``custom``: the kernels'
+    :class:`~twotower_rt.ops.all_reduce.CustomAllReduce` of the group (GPUs of one node): it takes
+    the small messages (one-shot / two-shot over CUDA IPC, bitwise the same sum on every rank) and
+    hands the rest to torch.distributed."""
 
     rank: int
     world: int
     group: object = None  # a torch.distributed process group (None: the default one)
+    custom: object = None
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.custom is not None and t.is_cuda:
+            return self.custom.all_reduce(t, out=t)
         dist.all_reduce(t, group=self.group)
         return t
 
