@@ -25,6 +25,7 @@ stays eager.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +58,12 @@ class StepKey:
 def make_step(lm: TwoTowerLM, pool: SlotPool, key: StepKey) -> Callable[..., dict]:
     """The step function for ``key``: keyword tensors of one batch in, a dict of tensors out."""
     cache, spare = pool.cache, pool.spare
+    draw, decide = sample_tokens, mask_sampling
+    if lm.tp is not None and not lm.gather_logits:  # vocabulary-parallel logits: the slices
+        from ..parallel.sampling import tp_mask_sampling, tp_sample_tokens
+
+        draw = functools.partial(tp_sample_tokens, tp=lm.tp, vocab_start=lm.vocab_start)
+        decide = functools.partial(tp_mask_sampling, tp=lm.tp, vocab_start=lm.vocab_start)
 
     def rng(slots, sampled):
         if not sampled:
@@ -85,7 +92,7 @@ def make_step(lm: TwoTowerLM, pool: SlotPool, key: StepKey) -> Callable[..., dic
                     mamba_states=pool.before_states(slots), t=None,
                 )[:, -1]  # fmt: skip
             seed, offset = rng(slots, sampled)
-            drawn = sample_tokens(logits, temperature, top_k, top_p, seed, offset)
+            drawn = draw(logits, temperature, top_k, top_p, seed, offset)
             pool.tokens.index_copy_(0, slots, drawn)
             if sampled:
                 pool.offsets.index_add_(0, slots, torch.ones_like(slots))
@@ -106,7 +113,7 @@ def make_step(lm: TwoTowerLM, pool: SlotPool, key: StepKey) -> Callable[..., dic
                 t=n_masked.to(torch.float32) / size,
             )  # fmt: skip
             seed, offset = rng(slots, temperature > 0)
-            out = mask_sampling(
+            out = decide(
                 logits, block, mask_token_id=mask_id, step=step, steps_per_block=steps,
                 confidence_threshold=threshold, temperature=temperature, seed=seed, offset=offset,
             )  # fmt: skip

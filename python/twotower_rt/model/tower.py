@@ -168,11 +168,19 @@ class TwoTowerLM(nn.Module):
             cache.max_length += ids.shape[1]
         return hidden
 
-    tp = None  # tensor-parallel group (parallel/tp.py): vocabulary-parallel heads, gathered
+    # Tensor parallelism (parallel/tp.py): the heads are vocabulary-parallel, this rank holding
+    # entries [vocab_start, vocab_start + V / world); with gather_logits the logits methods
+    # all-gather the whole vocabulary, else they return this rank's slice (the engine's samplers
+    # then work on the slices: parallel/sampling.py).
+    tp = None
+    vocab_start = 0
+    gather_logits = True
 
     def _head(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, weight).float()
-        return logits if self.tp is None else self.tp.all_gather_last(logits)
+        if self.tp is None or not self.gather_logits:
+            return logits
+        return self.tp.all_gather_last(logits)
 
     def context_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._head(hidden, self.context_lm_head.weight)

@@ -58,10 +58,11 @@ def _split64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def uniform_ref(
-    seed: torch.Tensor, offset: torch.Tensor, positions: int, vocab: int
+    seed: torch.Tensor, offset: torch.Tensor, positions: int, vocab: int, quad_start: int = 0
 ) -> torch.Tensor:
     """u in (0, 1), float32, shape (B, positions, vocab), for per-row seed (B,) and offset (B,)
-    int64 tensors; on their device."""
+    int64 tensors; on their device. ``quad_start``: begin at vocabulary entry 4 * quad_start (a
+    slice of the stream, for vocabulary-parallel samplers)."""
     device = seed.device
     quads = (vocab + 3) // 4
     seed_lo, seed_hi = _split64(seed)
@@ -69,7 +70,9 @@ def uniform_ref(
     B = seed.shape[0]
     counter = torch.stack(
         torch.broadcast_tensors(
-            torch.arange(quads, device=device, dtype=torch.int64)[None, None, :],
+            torch.arange(quad_start, quad_start + quads, device=device, dtype=torch.int64)[
+                None, None, :
+            ],  # fmt: skip
             torch.arange(positions, device=device, dtype=torch.int64)[None, :, None],
             off_lo[:, None, None],
             off_hi[:, None, None],
@@ -96,8 +99,8 @@ def check_rng_args(op: str, seed, offset, batch: int) -> None:
 
 
 def gumbel_ref(
-    seed: torch.Tensor, offset: torch.Tensor, positions: int, vocab: int
+    seed: torch.Tensor, offset: torch.Tensor, positions: int, vocab: int, quad_start: int = 0
 ) -> torch.Tensor:
     """Standard Gumbel noise (B, positions, vocab), float32: -log(-log(u)), u from
-    :func:`uniform_ref`."""
-    return -torch.log(-torch.log(uniform_ref(seed, offset, positions, vocab)))
+    :func:`uniform_ref` (``quad_start`` likewise)."""
+    return -torch.log(-torch.log(uniform_ref(seed, offset, positions, vocab, quad_start)))

@@ -12,8 +12,9 @@ unchanged on smaller shapes; a few hooks (``module.tp``) add the collectives:
 - MoE and dense MLPs: every expert's intermediate split (``up`` column-, ``down`` row-parallel);
   the router stays whole (its float64 choice is the same on every rank); the routed fp32 sum is
   all-reduced before its cast, the shared expert's output after;
-- the two LM heads vocabulary-parallel: each rank its slice of the vocabulary, the logits
-  all-gathered for the samplers (which then decide identically on every rank);
+- the two LM heads vocabulary-parallel: each rank its slice of the vocabulary; the engine's
+  samplers exchange a few numbers per position, not the logits (parallel/sampling.py), and decide
+  identically on every rank;
 - embeddings, norms and the time conditioning replicated.
 
 On GPUs of one node the all-reduces go through the kernels' custom all-reduce where it is set up
@@ -204,6 +205,8 @@ def load_sharded(model, tp: TPGroup):
     for name, rows in heads.items():
         getattr(local, name.split(".")[0]).weight = torch.nn.Parameter(rows, requires_grad=False)
     local.tp = tp
+    local.vocab_start = tp.rank * (cfg.vocab_size // tp.world)
+    local.gather_logits = False  # the engine samples on the slices (parallel/sampling.py)
     moe_mlps = set()
     for module in local.modules():
         if isinstance(module, MoE):
