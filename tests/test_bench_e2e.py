@@ -56,3 +56,23 @@ def test_roofline_of_a_real_layer_subset():
     kv = 2 * 2 * 128 * 2 * 1 * 1024  # one attention layer's K/V for 1024 tokens, bf16
     want = (base + 6 * per_expert * 2 + 2 * state + kv) / 1e12
     assert tok_s == pytest.approx(1 / want)
+
+
+def test_two_gpu_projection(tmp_path):
+    """bench/projection.py: labelled a projection, computed from a committed single-GPU result;
+    tower placement never slower than one GPU, AR unchanged by it, TP = 2 faster at batch 64."""
+    import json
+
+    import projection
+
+    out = tmp_path / "p.json"
+    assert projection.main(["--batch", "1", "64", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["kind"].startswith("PROJECTION")
+    assert record["from"]["copy_gbps"] > 0
+    for row in record["rows"]:
+        ar, md = row["ar_tok_s"], row["diffusion_tok_s"]
+        assert ar["tower_placement"] == ar["one_gpu"]
+        assert md["tower_placement"] >= md["one_gpu"]
+    big = record["rows"][1]
+    assert big["diffusion_tok_s"]["tp2"] > 1.5 * big["diffusion_tok_s"]["one_gpu"]
