@@ -135,7 +135,14 @@ class Engine:
             self.lm.cfg, self.lm.dtype, self.lm.device, max_slots=max_slots, context=context,
             memory_budget=memory_budget, gpu_memory_utilization=gpu_memory_utilization,
         )  # fmt: skip
-        self.pool = SlotPool(self.lm.cfg, self.plan, self.lm.dtype, self.lm.device)
+        self.pool = SlotPool(
+            self.lm.cfg,
+            self.plan,
+            self.lm.dtype,
+            self.lm.device,
+            context_device=self.lm.context_device,
+            mirror=self.lm.placed,
+        )
         self.runner = StepRunner(self.lm, self.pool, graphs=graphs, pad=pad_batches)
         log.info(self.plan.describe())
         self._waiting: deque[_Request] = deque()
@@ -284,7 +291,7 @@ class Engine:
         slots = self._tensor([r.slot for r, _ in chunk])
         batch = self.pool.cache.select(slots, max_length=max(r.length for r, _ in chunk))
         self.lm.context_forward(ids, batch, n_valid=n_valid)
-        self.pool.cache.store(batch)
+        self.pool.cache.store(batch, appended=width)
         for req, take in chunk:
             req.prefilled += take
             req.length += take
@@ -409,7 +416,7 @@ class Engine:
             ids = self.pool.blocks(size).index_select(0, slots)
             batch = self.pool.cache.select(slots, max_length=max(r.length for r in group))
             self.lm.context_forward(ids, batch)
-            self.pool.cache.store(batch)
+            self.pool.cache.store(batch, appended=size)
             for req in group:
                 req.length += size
                 self._new_block(req)

@@ -122,11 +122,18 @@ class SlotPool:
     What a step needs of a sequence lives here, on the device, so the steps run back to back
     without the host reading anything in between."""
 
-    def __init__(self, cfg: TwoTowerConfig, plan: PoolPlan, dtype: torch.dtype, device):
+    def __init__(self, cfg: TwoTowerConfig, plan: PoolPlan, dtype: torch.dtype, device,
+                 context_device=None, mirror: bool = False):  # fmt: skip
+        """``device``: the denoiser's (and the step state's); ``context_device``: the context
+        tower's, where ``cache`` lives (None: the same). With ``mirror`` (tower placement) the
+        cache has a copy on ``device`` that every context forward hands its new rows to."""
         self.plan = plan
         rows = plan.slots + 1
         self.spare = plan.slots
-        self.cache = ContextCache.allocate(cfg, rows, plan.context, dtype, device)
+        context_device = device if context_device is None else context_device
+        self.cache = ContextCache.allocate(cfg, rows, plan.context, dtype, context_device)
+        if mirror:
+            self.cache.mirror = ContextCache.allocate(cfg, rows, plan.context, dtype, device)
         self.before = {i: MambaState.zeros(cfg, rows, dtype, device) for i in self.cache.mamba}
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.seeds = torch.zeros(rows, dtype=torch.long, device=device)
@@ -148,10 +155,13 @@ class SlotPool:
         """A free slot, reset: length 0, zero Mamba states (K/V past the length are never read),
         its Philox seed set and counter at 0."""
         slot = self._free.pop()
-        self.cache.lengths[slot] = 0
-        for state in self.cache.mamba.values():
-            state.conv[slot].zero_()
-            state.ssm[slot].zero_()
+        for cache in (self.cache, self.cache.mirror):
+            if cache is None:
+                continue
+            cache.lengths[slot] = 0
+            for state in cache.mamba.values():
+                state.conv[slot].zero_()
+                state.ssm[slot].zero_()
         self.seeds[slot] = seed
         self.offsets[slot] = 0
         return slot
@@ -161,9 +171,11 @@ class SlotPool:
 
     def save_before(self, slots: torch.Tensor) -> None:
         """Mock-AR: keep these slots' current Mamba states as the state before their next token."""
+        here = slots.to(self.cache.lengths.device)
         for i, state in self.cache.mamba.items():
-            self.before[i].conv.index_copy_(0, slots, state.conv.index_select(0, slots))
-            self.before[i].ssm.index_copy_(0, slots, state.ssm.index_select(0, slots))
+            dev = self.before[i].ssm.device
+            self.before[i].conv.index_copy_(0, slots, state.conv.index_select(0, here).to(dev))
+            self.before[i].ssm.index_copy_(0, slots, state.ssm.index_select(0, here).to(dev))
 
     def before_states(self, slots: torch.Tensor) -> dict[int, MambaState]:
         """Mock-AR's states of these slots, as rows of the pool (read in place)."""

@@ -81,7 +81,7 @@ def make_step(lm: TwoTowerLM, pool: SlotPool, key: StepKey) -> Callable[..., dic
                 pool.save_before(slots)
             batch = cache.select(slots)
             hidden = lm.context_forward(tokens[:, None], batch)
-            cache.store(batch)
+            cache.store(batch, appended=1)
             if key.kind == "feed":
                 return {}
             if key.kind == "ar":

@@ -33,6 +33,9 @@ class ContextCache:
         # A host-side bound on lengths, when the caller knows one: multi-token appends then size
         # their causal attention from it instead of reading lengths.max() back from the device.
         self.max_length: int | None = None
+        # Tower placement (parallel/placement.py): a copy of the pool on the denoiser's device,
+        # which store() brings up to date after every context forward (a batch: the mirror's).
+        self.mirror: ContextCache | None = None
 
     @classmethod
     def allocate(
@@ -64,6 +67,7 @@ class ContextCache:
         those rows' lengths that the caller knows on the host (see ``self.max_length``)."""
         if self.slots is not None:
             raise ValueError("select() takes a pool, not a batch selected from one")
+        slots = slots.to(self.lengths.device)
         batch = ContextCache(
             self.lengths.index_select(0, slots),
             self.keys,
@@ -75,16 +79,41 @@ class ContextCache:
             slots=slots,
         )
         batch.max_length = max_length
+        if self.mirror is not None:
+            batch.mirror = self.mirror.select(slots, max_length)
         return batch
 
-    def store(self, batch: ContextCache) -> None:
-        """Write a :meth:`select`ed batch's lengths and Mamba states back into its pool rows."""
+    def store(self, batch: ContextCache, appended: int | None = None) -> None:
+        """Write a :meth:`select`ed batch's lengths and Mamba states back into its pool rows;
+        with a mirror, also hand the rows' new state to it: lengths, Mamba states and the K/V of
+        the ``appended`` positions a context forward just wrote (device to device)."""
         rows = batch.slots
+        before = self.lengths.index_select(0, rows) if self.mirror is not None else None
         self.lengths.index_copy_(0, rows, batch.lengths)
         for i, state in batch.mamba.items():
             self.mamba[i].conv.index_copy_(0, rows, state.conv)
             if state.ssm is not self.mamba[i].ssm:  # else updated in place already
                 self.mamba[i].ssm.index_copy_(0, rows, state.gathered())
+        if self.mirror is not None:
+            if appended is None:
+                raise ValueError("a cache with a mirror needs store(batch, appended=n)")
+            self._hand_off(rows, before, appended)
+
+    def _hand_off(self, rows: torch.Tensor, before: torch.Tensor, appended: int) -> None:
+        m = self.mirror
+        dev = m.lengths.device
+        to = rows.to(dev)
+        m.lengths.index_copy_(0, to, self.lengths.index_select(0, rows).to(dev))
+        for i, state in self.mamba.items():
+            m.mamba[i].conv.index_copy_(0, to, state.conv.index_select(0, rows).to(dev))
+            m.mamba[i].ssm.index_copy_(0, to, state.ssm.index_select(0, rows).to(dev))
+        if appended and self.keys:
+            steps = torch.arange(appended, device=rows.device)
+            pos = (before[:, None] + steps[None, :]).clamp_max(self.capacity - 1)  # (b, n)
+            pos_m = pos.to(dev)
+            for i in self.keys:
+                m.keys[i][to[:, None], pos_m] = self.keys[i][rows[:, None], pos].to(dev)
+                m.values[i][to[:, None], pos_m] = self.values[i][rows[:, None], pos].to(dev)
 
     def index_select(self, rows: torch.Tensor) -> ContextCache:
         """The cache of a subset of rows (a copy), e.g. when finished sequences leave a batch."""

@@ -136,7 +136,16 @@ class TwoTowerLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The denoiser's device (with tower placement the context tower may be elsewhere)."""
         return self.lm_head.weight.device
+
+    @property
+    def context_device(self) -> torch.device:
+        return self.context_lm_head.weight.device
+
+    # Tower placement (parallel/placement.py): the context tower on context_device, the denoiser on
+    # device; a cache then carries a mirror on the denoiser's device, which the denoiser reads.
+    placed = False
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """t (b,) masked fraction per sequence -> (b, 3, hidden) [shift, scale, gate]."""
@@ -149,6 +158,9 @@ class TwoTowerLM(nn.Module):
         """Feed ids (b, n) to the context tower: extends the cache (K/V, Mamba states, lengths)
         by each row's n_valid (default n) tokens. Returns the normed last hidden states
         (b, n, hidden); the caller applies ``context_lm_head`` where it needs logits."""
+        if self.placed:
+            ids = ids.to(self.context_device)
+            n_valid = None if n_valid is None else n_valid.to(self.context_device)
         ragged = n_valid  # None: every row takes all n tokens, with no check on the device
         if n_valid is None:
             n_valid = torch.full_like(cache.lengths, ids.shape[1])
@@ -177,7 +189,7 @@ class TwoTowerLM(nn.Module):
     gather_logits = True
 
     def _head(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight).float().to(self.device)  # placed: to the samplers
         if self.tp is None or not self.gather_logits:
             return logits
         return self.tp.all_gather_last(logits)
@@ -197,6 +209,13 @@ class TwoTowerLM(nn.Module):
         """Denoiser over a block ids (b, S), attending to the context K/V [0, prefix_len) and
         scanning from ``mamba_states``; nothing is written. t (b,) the masked fraction per row,
         or None for no time conditioning (mock-AR). Returns fp32 logits (b, S, vocab)."""
+        if self.placed and cache.mirror is not None:  # the copy on the denoiser's device
+            if mamba_states is cache.mamba:
+                mamba_states = cache.mirror.mamba
+            cache = cache.mirror
+            dev = self.device
+            ids, prefix_len = ids.to(dev), prefix_len.to(dev)
+            t = None if t is None else t.to(dev)
         modulation = None
         if t is not None:
             t_emb = self.time_embedding(t)
