@@ -102,9 +102,23 @@ def mask_sampling_ref(
     else:
         prediction = logp.argmax(dim=-1)
     confidence = logp.gather(-1, prediction[..., None]).squeeze(-1).exp()
+    return decide(
+        prediction,
+        confidence,
+        block,
+        mask_token_id=mask_token_id,
+        step=step,
+        steps_per_block=steps_per_block,
+        confidence_threshold=confidence_threshold,
+    )
 
+
+def decide(prediction, confidence, block, *, mask_token_id, step, steps_per_block,
+           confidence_threshold) -> MaskSamplingOutput:  # fmt: skip
+    """The commit rule and the remasking, from each position's prediction and confidence (B, S)
+    (the last part of :func:`mask_sampling_ref`; the vocabulary-parallel sampler's too)."""
     masked = block == mask_token_id
-    step = _per_row(step, B, block.device, "step")
+    step = _per_row(step, block.shape[0], block.device, "step")
     commit, k = commit_rule(confidence, masked, step, steps_per_block, confidence_threshold)
     prediction = torch.where(masked, prediction, block)
     confidence = torch.where(masked, confidence, torch.full_like(confidence, float("inf")))

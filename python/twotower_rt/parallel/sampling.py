@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.mask_sampling import MASKED_LOGIT, MaskSamplingOutput, _per_row, commit_rule
+from ..ops.mask_sampling import MASKED_LOGIT, MaskSamplingOutput, decide
 from ..ops.philox import gumbel_ref
 from ..ops.sample_tokens import sample_tokens
 
@@ -89,18 +89,14 @@ def tp_mask_sampling(
     if vocab_start + V > 2**24:
         raise ValueError("vocabulary indices past 2**24 do not survive the float32 exchange")
     prediction, best_logp = _best(_gather(tp, cand))
-    confidence = best_logp.exp()
-    masked = block == mask_token_id
-    step = _per_row(step, B, block.device, "step")
-    commit, k = commit_rule(confidence, masked, step, steps_per_block, confidence_threshold)
-    prediction = torch.where(masked, prediction, block)
-    confidence = torch.where(masked, confidence, torch.full_like(confidence, float("inf")))
-    return MaskSamplingOutput(
-        block=torch.where(commit, prediction, block),
-        masked=masked & ~commit,
-        num_committed=k,
-        prediction=prediction,
-        confidence=confidence,
+    return decide(
+        prediction,
+        best_logp.exp(),
+        block,
+        mask_token_id=mask_token_id,
+        step=step,
+        steps_per_block=steps_per_block,
+        confidence_threshold=confidence_threshold,
     )
 
 
