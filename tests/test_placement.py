@@ -68,3 +68,49 @@ def test_placed_on_two_gpus_matches_one():
         prompts, "mask_diffusion", max_new_tokens=32, seed=[1, 2]
     )
     assert [o.generated for o in got] == [o.generated for o in want]
+
+
+def test_serve_with_placed_towers(default_model):
+    """`twotower-rt serve --place-towers cpu cpu`: a completion equals the unplaced engine's."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
+    cmd = [sys.executable, "-m", "twotower_rt", "serve", "--place-towers", "cpu", "cpu",
+           "--port", str(port), "--max-slots", "2", "--context", "256"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the server did not come up in 60 s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        body = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.7, "seed": 4}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        (want,) = Engine(default_model, max_slots=1, context=256).generate(
+            [default_model.encode(body["prompt"])],
+            "mask_diffusion",
+            max_new_tokens=16,
+            temperature=0.7,
+            seed=4,
+            eos_token_id=[default_model.config.eos_token_id],
+        )
+        assert r.json()["choices"][0]["token_ids"] == want.generated
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)

@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     srv.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: float32)")
     srv.add_argument("--tp", type=int, default=1, metavar="N", help=TP_HELP)
+    srv.add_argument("--place-towers", nargs=2, metavar=("CONTEXT", "DENOISER"), default=None,
+                     help="tower placement: the context tower on device CONTEXT, the denoiser "
+                          "on DENOISER (e.g. cuda:0 cuda:1)")  # fmt: skip
     srv.set_defaults(run=cmd_serve)
 
     _add_batch_parser(sub)
@@ -273,11 +276,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_queue=args.max_queue, model_name=args.served_model_name,
                       default_mode=args.default_mode)  # fmt: skip
     if _tp_size(args) > 1:
+        if args.place_towers is not None:
+            raise ValueError("--place-towers and --tp do not combine yet")
         from .parallel.lockstep import launch, serve_rank
 
         launch(_tp_size(args), args.device, serve_rank, path, args.dtype, engine_args, serve_args)
         return 0
     model = load(path, device=args.device, dtype=args.dtype)
+    if args.place_towers is not None:
+        from .parallel import place_towers
+
+        place_towers(model, *args.place_towers)
     serve(model, **serve_args, **engine_args)
     return 0
 
