@@ -154,6 +154,8 @@ BAD = [
     (json.dumps({"prompt": "hi", "top_p": 0}).encode(), "top_p"),
     (json.dumps({"prompt": "hi", "seed": -3}).encode(), "seed"),
     (json.dumps({"prompt": "hi", "bogus": 1}).encode(), "unknown field"),
+    (json.dumps({"prompt": "hi", "logprobs": 3}).encode(), "'logprobs' is not supported"),
+    (json.dumps({"prompt": "hi", "echo": True}).encode(), "'echo' is not supported"),
 ]
 
 

@@ -47,6 +47,13 @@ KNOWN_FIELDS = {
     "frequency_penalty", "logit_bias", "suffix", "stream_options", *TWO_TOWER_FIELDS,
 }  # fmt: skip
 MAX_N = 16
+# OpenAI fields accepted only at their neutral values (a client asking for more gets a 400, not a
+# silent no).
+UNSUPPORTED = {
+    "echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}), "stream_options": (None, {}, {"include_usage": False}),
+}  # fmt: skip
 
 
 class BadRequest(ValueError):
@@ -255,6 +262,9 @@ def parse_completion(body, engine: Engine, tokenizer, default_mode: str) -> Comp
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(unknown)}", unknown[0])
+    for name, neutral in UNSUPPORTED.items():  # OpenAI fields this server cannot honour
+        if body.get(name) not in neutral:
+            raise BadRequest(f"'{name}' is not supported by this server", name)
     vocab = engine.lm.cfg.vocab_size
     prompts = _prompts(body.get("prompt"), tokenizer, vocab)
     mode = _expect(body, "mode", str, default_mode)
