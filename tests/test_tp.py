@@ -17,7 +17,7 @@ from twotower_rt.parallel import Shards, shard_state_dict
 CASES = load_cases("cases.jsonl")
 
 
-def _worker(rank, world, port, golden, results):
+def _worker(rank, world, port, golden, results, model_dir=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -26,7 +26,7 @@ def _worker(rank, world, port, golden, results):
         from twotower_rt.engine import Engine
         from twotower_rt.parallel import TPGroup, load_sharded
 
-        lm = load_sharded(twotower_rt.load(golden), TPGroup(rank, world))
+        lm = load_sharded(twotower_rt.load(model_dir or golden), TPGroup(rank, world))
         engine = Engine(lm, max_slots=4, context=256)
         cases = [json.loads(line) for line in open(os.path.join(golden, "cases.jsonl"))]
         ids = {c["id"]: engine.add_request(c["input_ids"], c["mode"], **c["params"])
@@ -50,13 +50,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_tp_reproduces_the_golden_cases(golden_dir, world):
+def _run_ranks(world, golden_dir, model_dir=None):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(golden_dir), results))
-             for r in range(world)]  # fmt: skip
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(golden_dir), results,
+                                               model_dir)) for r in range(world)]  # fmt: skip
     for p in procs:
         p.start()
     got = {}
@@ -71,6 +70,12 @@ def test_tp_reproduces_the_golden_cases(golden_dir, world):
                 p.kill()
     for rank in range(world):
         assert isinstance(got[rank], dict), f"rank {rank} failed: {got[rank]}"
+    return got
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_reproduces_the_golden_cases(golden_dir, world):
+    got = _run_ranks(world, golden_dir)
     for case in CASES:
         generated, nfe, commits, reason = got[0][case["id"]]
         assert case["input_ids"] + generated == case["output_ids"], case["id"]
@@ -80,6 +85,25 @@ def test_tp_reproduces_the_golden_cases(golden_dir, world):
             assert commits == case["commits_per_step"], case["id"]
         for rank in range(1, world):
             assert got[rank][case["id"]] == got[0][case["id"]], (rank, case["id"])
+
+
+def test_tp_runs_fp8_checkpoints(golden_dir, tmp_path):
+    """An FP8 copy of the golden model (one scale per output channel) over TP = 2 gives the
+    tokens the same FP8 model gives in one process."""
+    import twotower_rt
+    from twotower_rt.engine import Engine
+    from twotower_rt.quantize import quantize_checkpoint
+
+    fp8 = tmp_path / "fp8"
+    quantize_checkpoint(golden_dir, fp8, (1, 0))
+    got = _run_ranks(2, golden_dir, str(fp8))
+    engine = Engine(twotower_rt.load(fp8), max_slots=4, context=256)
+    ids = {c["id"]: engine.add_request(c["input_ids"], c["mode"], **c["params"]) for c in CASES}
+    engine.run()
+    for case in CASES:
+        out = engine.pop(ids[case["id"]])
+        assert got[0][case["id"]][0] == out.generated, case["id"]
+        assert got[1][case["id"]] == got[0][case["id"]]
 
 
 def test_shards_put_every_weight_somewhere(golden_model):

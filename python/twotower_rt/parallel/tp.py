@@ -95,8 +95,9 @@ class Shards:
                 raise ValueError(f"{name}: {whole} over {w} ranks: a rank's heads must share one")
         if cfg.use_bias or cfg.attention_bias or cfg.mlp_bias:
             raise ValueError("tensor parallelism does not take biased projections yet")
-        if cfg.fp8_weight_block is not None:
-            raise ValueError("tensor parallelism does not take FP8 checkpoints yet")
+        if cfg.fp8_weight_block not in (None, (1, 0)):
+            raise ValueError("tensor parallelism takes FP8 checkpoints with one scale per output "
+                             f"channel (block 1 0), not block {cfg.fp8_weight_block}")  # fmt: skip
 
     # Per rank: the query heads, KV heads, Mamba heads, Mamba groups, vocabulary range.
     def q_heads(self, r):
@@ -152,9 +153,15 @@ def shard_state_dict(state: dict[str, torch.Tensor], cfg: TwoTowerConfig, rank: 
     heads, groups = sh.m_heads(rank), sh.m_groups(rank)
     vocab = cfg.vocab_size // world
     out = {}
-    for name, t in state.items():
+    for key, t in state.items():
+        # An FP8 weight's per-channel scales (out, 1) follow its rows: sliced with a column-
+        # parallel weight, whole with a row-parallel one.
+        scale = key.endswith(".weight_scale")
+        name = key[: -len("_scale")] if scale else key
         leaf = name.rsplit(".", 1)[-1]
-        if name.endswith("q_proj.weight"):
+        if scale and name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+            pass
+        elif name.endswith("q_proj.weight"):
             t = _rows(t, [sh.q_heads(rank)], D)
         elif name.endswith(("k_proj.weight", "v_proj.weight")):
             t = _rows(t, [sh.kv_heads(rank)], D)
@@ -181,13 +188,14 @@ def shard_state_dict(state: dict[str, torch.Tensor], cfg: TwoTowerConfig, rank: 
             t = t[:, rank * n : (rank + 1) * n]
         elif name in ("lm_head.weight", "context_lm_head.weight"):
             t = t[rank * vocab : (rank + 1) * vocab]
-        out[name] = t.contiguous()
+        out[key] = t.contiguous()
     return out
 
 
 def load_sharded(model, tp: TPGroup):
-    """This rank's shard of a loaded model (a TwoTowerModel or TwoTowerLM, unquantized): a new
-    TwoTowerLM of the local config holding its slices, with the collectives hooked in."""
+    """This rank's shard of a loaded model (a TwoTowerModel or TwoTowerLM; FP8 with per-channel
+    scales too): a new TwoTowerLM of the local config holding its slices, with the collectives
+    hooked in."""
     from ..checkpoint import build_model
     from ..model.attention import Attention
     from ..model.mamba import Mamba2Mixer
