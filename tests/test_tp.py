@@ -37,6 +37,7 @@ def _worker(rank, world, port, golden, results, model_dir=None):
             o = engine.pop(ids[c["id"]])
             out[c["id"]] = (o.generated, o.nfe, o.commits_per_step, o.finish_reason)
         results.put((rank, out))
+        dist.barrier()  # no rank leaves while another is still in a collective
     except Exception as exc:  # reported to the test, not lost in a child's stderr
         results.put((rank, repr(exc)))
         raise

@@ -114,6 +114,9 @@ def _rank_main(rank: int, world: int, device: str, job: Callable, args) -> None:
     tp = TPGroup(rank, world, custom=custom)
     try:
         job(rank, tp, device, *args)
+        # Every rank past its last collective before any tears the group down: a rank that exits
+        # while another is still in gloo/NCCL would abort that one.
+        dist.barrier()
     finally:
         if custom is not None:
             custom.close()
