@@ -222,12 +222,15 @@ def test_serve_with_tp_2(default_model):
                                   eos_token_id=[default_model.config.eos_token_id])  # fmt: skip
         assert r.json()["choices"][0]["token_ids"] == want.generated[:16]
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: every process of the group gets it
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode == 0, stderr[-2000:]  # an orderly stop: rank 0 stopped its follower
+    assert "terminate called" not in stderr
 
 
 def test_tp_group_hands_cuda_tensors_to_the_custom_all_reduce():

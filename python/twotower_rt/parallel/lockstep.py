@@ -15,6 +15,7 @@ one GPU each).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Callable
 
@@ -87,8 +88,14 @@ def launch(tp: int, device: str, job: Callable, *args) -> None:
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    mp.start_processes(_spawned, args=(tp, device, job, args), nprocs=tp, join=True,
-                       start_method="spawn")  # fmt: skip
+    # Ctrl-C reaches every process of the terminal's group: rank 0 shuts down in order and stops
+    # the others; this launcher just waits for them.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        mp.start_processes(_spawned, args=(tp, device, job, args), nprocs=tp, join=True,
+                           start_method="spawn")  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _spawned(rank, world, device, job, args):
@@ -157,6 +164,9 @@ def run_ranks(rank: int, tp: TPGroup, engine_args: dict, lead: Callable[[Engine]
         finally:
             engine.stop_followers()
     else:
+        # Rank 0 decides when to stop (a Ctrl-C there ends its job, then it stops the others):
+        # interrupted in the middle of a collective, a follower would abort the group.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         follow(Engine(local, **engine_args), tp)
 
 
