@@ -2,7 +2,6 @@
 errors file; resume skips what OUT has; ``kill -9`` then resume loses and repeats nothing."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import subprocess_env
 
-import twotower_rt
 from twotower_rt.batch import run_batch
 from twotower_rt.cli import main
 
@@ -180,14 +179,6 @@ def test_progress_bar(tmp_path, capsys, default_model):
     assert "4/4" in err and "tok/s" in err and "errors 1" in err
 
 
-def _subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    package_root = str(Path(twotower_rt.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"  # two threads fighting the test process for 2 cores crawl
-    return env
-
-
 def test_kill_9_then_resume(tmp_path, default_model):
     """A run killed with SIGKILL after a few results, plus a torn line at OUT's end, resumes to
     every id exactly once."""
@@ -198,7 +189,7 @@ def test_kill_9_then_resume(tmp_path, default_model):
     cmd = [sys.executable, "-m", "twotower_rt", "batch", str(src), str(out_path), "--mode", "ar",
            "--max-new-tokens", "16", "--max-slots", "1", "--context", "64",
            "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=_subprocess_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)  # fmt: skip
     try:
         deadline = time.monotonic() + 60

@@ -2,15 +2,14 @@
 every mode, text prompts with a tokenizer, one-line errors with exit code 2, ``env``."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import load_cases
+from helpers import subprocess_env
 
 import twotower_rt
 from twotower_rt import MODES, SamplingParams
@@ -227,23 +226,9 @@ def test_env(capsys):
     assert isinstance(report, dict) and "torch" in report
 
 
-def _subprocess_env() -> dict[str, str]:
-    """The environment for ``python -m twotower_rt``: as is when the package this test imported
-    is the one a fresh interpreter finds (installed), else with its folder on PYTHONPATH."""
-    env = dict(os.environ)
-    probe = "import importlib.util as u; s = u.find_spec('twotower_rt'); print(s and s.origin)"
-    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                           env=env, check=True).stdout.strip()  # fmt: skip
-    here = Path(twotower_rt.__file__).resolve()
-    if found == "None" or Path(found).resolve() != here:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here.parents[1]),
-                                                          env.get("PYTHONPATH")]))  # fmt: skip
-    return env
-
-
 def test_python_dash_m(golden_dir):
     case = next(c for c in CASES if c["id"] == "md_p5_t09")
-    env = _subprocess_env()
+    env = subprocess_env(single_thread=False)
     cmd = [sys.executable, "-m", "twotower_rt", "generate", "--json", "--model", str(golden_dir),
            "--input-ids", ids_flag(case["input_ids"]), *param_flags(case["params"])]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

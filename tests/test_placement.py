@@ -5,6 +5,7 @@ outputs."""
 import pytest
 import torch
 from conftest import load_cases
+from helpers import free_port, subprocess_env, wait_for_health
 
 import twotower_rt
 from twotower_rt.engine import Engine
@@ -72,33 +73,19 @@ def test_placed_on_two_gpus_matches_one():
 
 def test_serve_with_placed_towers(default_model):
     """`twotower-rt serve --place-towers cpu cpu`: a completion equals the unplaced engine's."""
-    import os
     import signal
-    import socket
     import subprocess
     import sys
-    import time
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
+    port = free_port()
     cmd = [sys.executable, "-m", "twotower_rt", "serve", "--place-towers", "cpu", "cpu",
            "--port", str(port), "--max-slots", "2", "--context", "256"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the server did not come up in 60 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_for_health(proc, port, 60)
         body = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.7, "seed": 4}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text

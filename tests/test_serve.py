@@ -5,7 +5,6 @@ the metrics. Every wait is bounded."""
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
@@ -13,6 +12,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from helpers import free_port
 
 from twotower_rt.engine import Engine
 from twotower_rt.serve import create_app
@@ -24,9 +24,7 @@ class Server:
     """A uvicorn server for ``app`` on a free 127.0.0.1 port, in a thread."""
 
     def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

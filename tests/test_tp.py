@@ -4,13 +4,13 @@ and the sharding arithmetic on one process."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import load_cases
+from helpers import free_port, subprocess_env, wait_for_health
 
 from twotower_rt.parallel import Shards, shard_state_dict
 
@@ -45,16 +45,10 @@ def _worker(rank, world, port, golden, results, model_dir=None):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(world, golden_dir, model_dir=None):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, str(golden_dir), results,
                                                model_dir)) for r in range(world)]  # fmt: skip
     for p in procs:
@@ -139,14 +133,6 @@ def test_unsupported_splits_are_refused(golden_model):
         Shards(cfg, 8).check()
 
 
-def _env():
-    import sys
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
-    return env
-
-
 def test_batch_with_tp_2_matches_one_process(tmp_path):
     """`twotower-rt batch --tp 2` (two spawned gloo ranks in lockstep) writes the same tokens as
     one process, greedy and sampled, in every mode."""
@@ -179,7 +165,9 @@ def test_batch_with_tp_2_matches_one_process(tmp_path):
             "128",
             "--no-progress",
         ]
-        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         outs.append({json.loads(line)["id"]: json.loads(line)["token_ids"]
                      for line in out.read_text().splitlines()})  # fmt: skip
@@ -192,27 +180,18 @@ def test_serve_with_tp_2(default_model):
     import signal
     import subprocess
     import sys
-    import time
 
     import httpx
 
     from twotower_rt.engine import Engine
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "twotower_rt", "serve", "--tp", "2", "--port", str(port),
            "--max-slots", "4", "--context", "256"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the TP server did not come up in 120 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_for_health(proc, port, 120)
         body = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.7, "seed": 3}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
