@@ -84,6 +84,20 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _add_param_flags(parser: argparse.ArgumentParser, help_prefix: str) -> None:
+    """A flag per SamplingParams field, then --device and --dtype; left out, none is passed (the
+    API's defaults apply)."""
+    for field in dataclasses.fields(SamplingParams):
+        kind, text = PARAM_FLAGS[field.name]
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind,
+                            default=argparse.SUPPRESS,
+                            help=f"{help_prefix}{text} (default: {field.default})")  # fmt: skip
+    parser.add_argument("--device", default=argparse.SUPPRESS,
+                        help="cpu or cuda[:N] (default: cpu)")  # fmt: skip
+    parser.add_argument("--dtype", default=argparse.SUPPRESS,
+                        help="float32 or bfloat16 (default: float32)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Run two-tower mask-diffusion language models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -106,13 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt token ids (repeat for a batch)")  # fmt: skip
     gen.add_argument("--mode", choices=MODES, default=argparse.SUPPRESS,
                      help=f"decoding mode (default: {_default_mode()})")  # fmt: skip
-    for field in dataclasses.fields(SamplingParams):
-        kind, text = PARAM_FLAGS[field.name]
-        gen.add_argument("--" + field.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
-                         help=f"{text} (default: {field.default})")  # fmt: skip
-    gen.add_argument("--device", default=argparse.SUPPRESS, help="cpu or cuda[:N] (default: cpu)")
-    gen.add_argument("--dtype", default=argparse.SUPPRESS,
-                     help="float32 or bfloat16 (default: float32)")  # fmt: skip
+    _add_param_flags(gen, help_prefix="")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.set_defaults(run=cmd_generate)
 
@@ -323,18 +331,7 @@ def _add_batch_parser(sub) -> None:
         default=argparse.SUPPRESS,
         help=f"mode of lines that name none (default: {_default_mode()})",
     )
-    for field in dataclasses.fields(SamplingParams):
-        kind, text = PARAM_FLAGS[field.name]
-        batch.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=kind,
-            default=argparse.SUPPRESS,
-            help=f"default for every line: {text} (default: {field.default})",
-        )
-    batch.add_argument("--device", default=argparse.SUPPRESS, help="cpu or cuda[:N] (default: cpu)")
-    batch.add_argument(
-        "--dtype", default=argparse.SUPPRESS, help="float32 or bfloat16 (default: float32)"
-    )
+    _add_param_flags(batch, help_prefix="default for every line: ")
     batch.add_argument(
         "--max-slots",
         type=int,
