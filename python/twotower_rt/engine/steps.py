@@ -132,7 +132,7 @@ def make_step(lm: TwoTowerLM, pool: SlotPool, key: StepKey) -> Callable[..., dic
 
 
 # Padding of each input for the rows past the real ones (slots: the spare slot).
-def _pad_value(name: str, pool: SlotPool, key: StepKey) -> int:
+def _pad_value(name: str, pool: SlotPool) -> int:
     return pool.spare if name == "slots" else 0
 
 
@@ -163,24 +163,24 @@ class StepRunner:
             return fn(**inputs)
         size = bucket(n)
         if not self.graphs:
-            return {k: v[:n] for k, v in fn(**self._padded(key, inputs, size)).items()}
+            return {k: v[:n] for k, v in fn(**self._padded(inputs, size)).items()}
         captured = self._graphs.get((key, size))
         if captured is None:
-            captured = self._capture(fn, self._padded(key, inputs, size))
+            captured = self._capture(fn, self._padded(inputs, size))
             self._graphs[(key, size)] = captured
         for name, value in inputs.items():
             static = captured.inputs[name]
             static[:n].copy_(value)
-            static[n:].fill_(_pad_value(name, self.pool, key))
+            static[n:].fill_(_pad_value(name, self.pool))
         captured.graph.replay()
         return {k: v[:n] for k, v in captured.outputs.items()}
 
-    def _padded(self, key, inputs, size):
+    def _padded(self, inputs, size):
         padded = {}
         for name, value in inputs.items():
             extra = size - value.shape[0]
             if extra:
-                fill = value.new_full((extra, *value.shape[1:]), _pad_value(name, self.pool, key))
+                fill = value.new_full((extra, *value.shape[1:]), _pad_value(name, self.pool))
                 value = torch.cat([value, fill])
             padded[name] = value
         return padded
