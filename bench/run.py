@@ -9,6 +9,7 @@
     python bench/run.py all_reduce [--rows 16 256 1024 1536] [--world N]   # needs >= 2 GPUs
     python bench/run.py --check            # every family, few shapes, few repetitions
     python bench/run.py all                # every family's full sweep, one JSON
+    python bench/run.py cpu [--batch 1 16 64]  # CPU steps: fast paths vs the plain eager path
     python bench/run.py e2e [--layers N] [--weights fp8|bf16] [--batch ...] [--context ...]
                                            # the engine end to end (bench/e2e.py)
 
@@ -111,10 +112,53 @@ def main_e2e(argv: list[str]) -> int:
     return 0
 
 
+def main_cpu(argv: list[str]) -> int:
+    """``bench/run.py cpu``: per-step CPU cost, fast paths vs the plain eager path
+    (bench/cpu_steps.py); runs anywhere, writes bench/results/cpu_steps.json by default."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import platform
+
+    import cpu_steps
+
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py cpu",
+        description=cpu_steps.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cpu_steps.add_args(parser)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "cpu_steps.json")
+    args = parser.parse_args(argv)
+    record = cpu_steps.bench(args)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    machine = {"platform": platform.platform(), "processor": _cpu_model(),
+               "cpus": os.cpu_count(), "torch": torch.__version__}  # fmt: skip
+    record = {"date": now.isoformat(timespec="seconds"), "commit": git_commit(),
+              "machine": machine, **record}  # fmt: skip
+    cpu_steps.print_table(record)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["e2e"]:
         return main_e2e(argv[1:])
+    if argv[:1] == ["cpu"]:
+        return main_cpu(argv[1:])
 
     def add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
         # Accepted before and after the family name; SUPPRESS keeps a subparser from overwriting

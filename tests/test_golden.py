@@ -155,8 +155,11 @@ def test_two_pass_prefill_caches(golden_model, golden_tensors):
 def test_time_embedding(golden_model, golden_tensors):
     lm = golden_model.lm
     t = golden_tensors["temb.t"]
+    # cos / sin of arguments up to t * 1000 = 1000 rad, where fp32 values are 6.1e-5 apart: vector
+    # math libraries (SLEEF on AVX-512 here, libm elsewhere) differ by up to ~3e-5 there. The
+    # layers after it still agree to 1e-5 (the next two checks).
     torch.testing.assert_close(
-        lm.t_embedder.sinusoid(t), golden_tensors["temb.t_freq"], atol=ATOL, rtol=0
+        lm.t_embedder.sinusoid(t), golden_tensors["temb.t_freq"], atol=6.1e-5, rtol=0
     )
     torch.testing.assert_close(lm.t_embedder(t), golden_tensors["temb.t_repr"], atol=ATOL, rtol=0)
     torch.testing.assert_close(

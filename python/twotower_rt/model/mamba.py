@@ -23,6 +23,7 @@ from ..config import TwoTowerConfig
 from ..ops.mamba_decode import mamba_decode_step
 from ..ops.rmsnorm import rms_norm
 from ..ops.ssm_scan import selective_scan_ref, ssm_scan
+from . import cpu_fast
 from .linear import make_linear
 
 __all__ = ["MambaState", "Mamba2Mixer", "selective_scan_chunked", "selective_scan_ref"]
@@ -169,6 +170,8 @@ class Mamba2Mixer(nn.Module):
         n_valid (b,) or None: row r has n_valid[r] real tokens, then padding.
         Returns (out (b, n, hidden), state after each row's last real token, or None when not
         ``keep_state``: the denoiser reads its seed state and never needs another)."""
+        if not self.scan_chunk and self.tp_norm is None and cpu_fast.applies(self, h):
+            return cpu_fast.mamba_forward(self, h, state, n_valid, keep_state)
         cfg = self.cfg
         b, n, _ = h.shape
         H, P, N, G, K = (cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size,

@@ -15,8 +15,10 @@ from ..ops.moe import (
     grouped_unsupported_reason,
     moe_experts_grouped,
     moe_experts_ref,
+    moe_experts_sorted,
     shared_unsupported_reason,
 )
+from . import cpu_fast
 from .linear import Fp8Linear, make_linear
 
 
@@ -47,6 +49,8 @@ class Router(nn.Module):
 
         Logits and scores in float64 so that the choice is the reference's; the choice is by the
         biased score, the weights use the unbiased one."""
+        if cpu_fast.applies(self, x):
+            return cpu_fast.router_forward(self, x)
         cfg = self.cfg
         scores = torch.sigmoid(F.linear(x.double(), self.weight.double()))
         choice_scores = scores + self.e_score_correction_bias.double()
@@ -124,6 +128,11 @@ class MoE(nn.Module):
 
     tp = None  # tensor-parallel group (parallel/tp.py): each rank a slice of every expert
 
+    def _plain_experts(self) -> bool:
+        """Unbiased full-precision experts (what moe_experts_sorted takes)."""
+        first = self.experts[0].up_proj
+        return isinstance(first, nn.Linear) and first.bias is None
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
@@ -139,6 +148,8 @@ class MoE(nn.Module):
                     return out.reshape(shape)
                 self.shared_fold_reason = reason
             routed = moe_experts_grouped(x, expert_ids, weights, *stacked)
+        elif cpu_fast.applies(self, x) and self._plain_experts():
+            routed = moe_experts_sorted(x, expert_ids, weights, *self.stacked_weights())
         else:
             routed = moe_experts_ref(x, expert_ids, weights, self.experts)
         if self.tp is not None:  # every rank summed its slice of each expert

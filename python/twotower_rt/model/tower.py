@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import TIME_FREQ_DIM, TIME_MAX_PERIOD, TwoTowerConfig
 from ..ops.rmsnorm import rms_norm
+from . import cpu_fast
 from .attention import Attention
 from .cache import ContextCache
+from .linear import Linear
 from .mamba import Mamba2Mixer, MambaState
 from .moe import DenseMLP, MoE
 
@@ -64,6 +65,9 @@ class Tower(nn.Module):
         holds per layer the denoiser's (b, 3, hidden) (shift, scale, gate); None for no time
         conditioning. Returns the normed hidden states (b, n, hidden)
         and each Mamba layer's state after the tokens."""
+        if cpu_fast.applies(self, ids):
+            return cpu_fast.tower_forward(self, ids, cache, prefix_len, mamba_states, append,
+                                          n_valid, modulation)  # fmt: skip
         x = self.embeddings(ids)
         new_states: dict[int, MambaState] = {}
         for i, block in enumerate(self.layers):
@@ -121,9 +125,9 @@ class TwoTowerLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.context_tower = Tower(cfg)
-        self.context_lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.context_lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.denoiser_tower = Tower(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size))
         self.scale_shift_tables = nn.ParameterList(
@@ -188,14 +192,14 @@ class TwoTowerLM(nn.Module):
     vocab_start = 0
     gather_logits = True
 
-    def _head(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, weight).float().to(self.device)  # placed: to the samplers
+    def _head(self, hidden: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+        logits = head(hidden).float().to(self.device)  # placed: to the samplers
         if self.tp is None or not self.gather_logits:
             return logits
         return self.tp.all_gather_last(logits)
 
     def context_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._head(hidden, self.context_lm_head.weight)
+        return self._head(hidden, self.context_lm_head)
 
     def denoiser_logits(
         self,
@@ -219,7 +223,10 @@ class TwoTowerLM(nn.Module):
         modulation = None
         if t is not None:
             t_emb = self.time_embedding(t)
-            modulation = [table + t_emb for table in self.scale_shift_tables]
+            if cpu_fast.applies(self, t_emb):  # one op for every layer: (layers, b, 3, hidden)
+                modulation = cpu_fast.stacked_tables(self)[:, None] + t_emb
+            else:
+                modulation = [table + t_emb for table in self.scale_shift_tables]
         hidden, _ = self.denoiser_tower(
             ids,
             cache,
@@ -228,4 +235,4 @@ class TwoTowerLM(nn.Module):
             append=False,
             modulation=modulation,
         )
-        return self._head(hidden, self.lm_head.weight)
+        return self._head(hidden, self.lm_head)

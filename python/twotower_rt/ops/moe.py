@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .moe_gemm import (  # noqa: F401  (re-exported: the grouped path's GEMM backends)
     FP8_TILE_K,
@@ -58,6 +59,38 @@ def moe_experts_ref(
         out = experts[e](x[token_idx]).float() * weights[token_idx, slot, None]
         routed.index_add_(0, token_idx, out)
     return routed
+
+
+def moe_experts_sorted(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`moe_experts_ref` bitwise, for the CPU: the T*k assignments sorted by expert (stable:
+    token order inside an expert), each active expert's rows as one contiguous slice through the
+    same two matmuls and relu^2 as its module, the gate weights in one product, and one
+    ``index_add_`` in sorted order, which adds each token's outputs in expert-id order onto zeros
+    as the loop does. No per-expert masks or ``nonzero``; one host read of the counts (free on the
+    CPU). x (T, H); expert_ids, weights (T, k); up (E, I, H), down (E, H, I) unbiased, in x's
+    dtype (:meth:`MoE.stacked_weights`). Returns fp32 (T, H)."""
+    T, k = expert_ids.shape
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // k
+    rows = x.index_select(0, token)
+    out = x.new_empty((T * k, down.shape[1]))
+    start = 0
+    for e, count in enumerate(torch.bincount(flat, minlength=up.shape[0]).tolist()):
+        if count:
+            end = start + count
+            h = F.relu(torch.mm(rows[start:end], up[e].t())).square_()
+            torch.mm(h, down[e].t(), out=out[start:end])
+            start = end
+    out = out.float() * weights.reshape(-1)[order, None]
+    routed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return routed.index_add_(0, token, out)
 
 
 def moe_experts_grouped(

@@ -1,0 +1,166 @@
+"""The CPU fast paths of the model's layers: the same numbers as the plain eager code in fewer ops.
+
+On the small models the CPU runs (the default model has hidden 192), a step costs what its op
+launches cost, not what its arithmetic costs. So these functions compute exactly what the eager
+layers compute, bitwise (tests/test_fastpath.py), with fewer and cheaper ops:
+
+- :func:`mamba_forward`: the derived constants (``-exp(A_log)``, the conv taps time-major, fp32
+  casts) made once per weight version instead of every call; the depthwise conv as K fused
+  multiply-adds over contiguous time-major slices (bitwise oneDNN's depthwise kernel); the scan
+  straight to :func:`ops.ssm_scan.ssm_scan_ref` (whose fast form keeps the recurrence's numbers);
+- :func:`router_forward`: the float64 router weights converted once, not every call.
+
+They run when :mod:`twotower_rt.fastpath` is on, on CPU tensors, without autograd (the trainer
+keeps the plain code); everything else (CUDA, TP's cross-rank norm, the trainer's chunked scan)
+takes the layers' own code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import fastpath
+from ..ops.rmsnorm import rms_norm
+from ..ops.ssm_scan import ssm_scan_ref
+
+
+def applies(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module``'s CPU fast path may run on ``x``."""
+    return fastpath.enabled() and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def derived(module: nn.Module, params: tuple, make):
+    """``make(*params)`` cached on ``module`` until one of ``params`` changes (another tensor, or
+    an in-place write: its version counter moves; inference tensors have none, so an in-place
+    write to one made inside ``torch.inference_mode`` goes unseen)."""
+    versions = [None if p is None or p.is_inference() else p._version for p in params]
+    cached = module.__dict__.get("_cpu_derived")
+    if cached is not None and cached[2] == versions:
+        old = cached[0]
+        if all(a is b for a, b in zip(old, params)):
+            return cached[1]
+    value = make(*params)
+    module.__dict__["_cpu_derived"] = (params, value, versions)
+    return value
+
+
+def _mamba_constants(A_log, dt_bias, D, conv_weight, conv_bias):
+    taps = conv_weight.float()[:, 0].t().contiguous().unbind(0)  # K x (conv_dim,)
+    bias = None if conv_bias is None else conv_bias.float()
+    return -torch.exp(A_log.float()), dt_bias.float(), D.float(), taps, bias
+
+
+def conv_taps(window: torch.Tensor, taps, bias, n: int) -> torch.Tensor:
+    """The depthwise causal conv over time-major windows: window (b, K - 1 + n, C) fp32, taps K x
+    (C,), bias (C,) or None -> (b, n, C) fp32. Bias first, then each tap in order as one fused
+    multiply-add: bitwise what F.conv1d's oneDNN depthwise kernel computes on the CPU."""
+    out = window[:, :n] * taps[0] if bias is None else torch.addcmul(bias, window[:, :n], taps[0])
+    for k in range(1, len(taps)):
+        out = torch.addcmul(out, window[:, k : k + n], taps[k])
+    return out
+
+
+def mamba_forward(mixer, h: torch.Tensor, state, n_valid, keep_state: bool):
+    """:meth:`Mamba2Mixer.forward` on the CPU (same arguments and results, same numbers)."""
+    from .mamba import MambaState
+
+    cfg = mixer.cfg
+    b, n, _ = h.shape
+    H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
+    d_inner, conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
+    A, dt_bias, D, taps, conv_bias = derived(
+        mixer, (mixer.A_log, mixer.dt_bias, mixer.D, mixer.conv1d.weight, mixer.conv1d.bias),
+        _mamba_constants,
+    )  # fmt: skip
+    z, xBC, dt = torch.split(mixer.in_proj(h), [d_inner, conv_dim, H], dim=-1)
+    if n_valid is not None:
+        valid = torch.arange(n)[None, :] < n_valid[:, None]  # (b, n)
+        xBC = xBC.masked_fill(~valid[..., None], 0.0)  # padding: nothing for later convs
+    # (b, K + n, conv_dim): the state's K raw columns, then the new ones, time-major
+    conv_state = state.conv if state.conv.dtype == xBC.dtype else state.conv.to(xBC.dtype)
+    history = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)
+    fp32 = h.dtype == torch.float32
+    window = history[:, 1:] if fp32 else history[:, 1:].float()
+    xBC = F.silu(conv_taps(window, taps, conv_bias, n))
+    if not fp32:
+        xBC = xBC.to(h.dtype)
+    x, Bm, Cm = torch.split(xBC, [d_inner, G * N, G * N], dim=-1)
+    dt = F.softplus((dt if fp32 else dt.float()) + dt_bias)
+    lo, hi = cfg.time_step_limit
+    if lo > 0.0 or hi != float("inf"):
+        dt = dt.clamp(lo, hi)
+    if not fp32:
+        x, Bm, Cm = x.float(), Bm.float(), Cm.float()
+    x = x.reshape(b, n, H, P)
+    y, new_ssm = ssm_scan_ref(x, dt, A, Bm.reshape(b, n, G, N), Cm.reshape(b, n, G, N), D,
+                              state.gathered(), n_valid)  # fmt: skip
+    y = y.reshape(b, n, d_inner)
+    if not fp32:
+        y = y.to(h.dtype)
+    y = rms_norm(y, mixer.norm.weight, cfg.layer_norm_epsilon, gate=z, group_size=d_inner // G)
+    out = mixer.out_proj(y)
+    if mixer.tp is not None:
+        out = mixer.tp.all_reduce(out)
+    if not keep_state:
+        return out, None
+    if n_valid is None:
+        new_conv = history[:, n:].transpose(1, 2)
+    else:  # each row keeps the K columns that end at its last real token
+        K = len(taps)
+        rows = n_valid[:, None] + torch.arange(K)[None, :]  # (b, K)
+        new_conv = history.gather(1, rows[:, :, None].expand(b, K, conv_dim)).transpose(1, 2)
+    return out, MambaState(new_conv, new_ssm)
+
+
+def router_forward(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`Router.forward` with its float64 weight and bias converted once."""
+    cfg = router.cfg
+    weight, bias = derived(router, (router.weight, router.e_score_correction_bias),
+                           lambda w, e: (w.double(), e.double()))  # fmt: skip
+    scores = torch.sigmoid(F.linear(x.double(), weight))
+    expert_ids = torch.topk(scores + bias, cfg.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, expert_ids)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return expert_ids, (weights * cfg.routed_scaling_factor).float()
+
+
+def stacked_tables(lm) -> torch.Tensor:
+    """The denoiser's per-layer ``scale_shift_tables`` as one (layers, 3, hidden) tensor."""
+    tables = tuple(lm.scale_shift_tables)
+    return derived(lm, tables, lambda *t: torch.stack(t))
+
+
+def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, modulation):
+    """:meth:`Tower.forward` on the CPU (same arguments, results and numbers): the norms called
+    directly, and the denoiser's ``1 + scale`` made once for every layer (``modulation`` as a
+    (layers, b, 3, hidden) tensor or a list of (b, 3, hidden))."""
+    eps = tower.cfg.layer_norm_epsilon
+    x = tower.embeddings(ids)
+    new_states = {}
+    if modulation is not None:
+        if not isinstance(modulation, torch.Tensor):
+            modulation = torch.stack(modulation)
+        shifts, scales, gates = modulation[:, :, :, None].unbind(2)  # (layers, b, 1, hidden)
+        scales = 1 + scales
+    for i, block in enumerate(tower.layers):
+        kind = block.kind
+        if modulation is None:
+            h = rms_norm(x, block.norm.weight, eps)
+        elif kind == "moe" or kind == "mlp":
+            h = rms_norm(x, block.norm.weight, eps) * scales[i] + shifts[i]
+        else:
+            h = rms_norm(x * scales[i] + shifts[i], block.norm.weight, eps)
+        if kind == "mamba":
+            out, new_state = block.mixer(h, mamba_states[i], n_valid, keep_state=append)
+            if new_state is not None:
+                new_states[i] = new_state
+        elif kind == "attention":
+            out = block.mixer(h, cache.keys[i], cache.values[i], prefix_len, append, cache.slots,
+                              cache.max_length)  # fmt: skip
+        else:
+            out = block.mixer(h)
+        x = x + (out if modulation is None else gates[i] * out)
+    return rms_norm(x, tower.norm_f.weight, eps), new_states
