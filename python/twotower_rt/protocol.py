@@ -11,6 +11,7 @@ refused. A refusal is a :class:`BadRequest` carrying the HTTP status and the Ope
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -92,7 +93,8 @@ def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:
         where = "".join(f"[{p}]" for p in loc[1:] if p.isdigit())
         return f"'{field}'{where} must be {expected}, got {_json_type(err.get('input'))}", field
     where = "".join(f"[{p}]" for p in loc[1:] if p.isdigit())
-    message = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be", 1)
+    message = re.sub(r"^(Input|String|List|Value) should", "must", err["msg"])
+    message = message.removeprefix("Value error, ")
     got = f" (got {_short(err['input'])})" if err.get("input") is not None else ""
     if field is None:  # a rule over several fields
         return f"{message}{got if err['type'] != 'value_error' else ''}", None
