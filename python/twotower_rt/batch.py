@@ -98,7 +98,7 @@ def _parse(raw: bytes):
     try:
         return safejson.loads(raw, max_depth=MAX_LINE_DEPTH)
     except safejson.JSONInputError as e:
-        raise _LineError(f"invalid JSON: {e}" if "JSON" not in str(e) else str(e)) from None
+        raise _LineError(str(e)) from None
 
 
 def _line_request(obj, default_mode: str, defaults: dict) -> tuple[object, str, dict]:

@@ -62,8 +62,10 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean",
-              "string_type": "a string", "list_type": "a list", "dict_type": "an object"}  # fmt: skip
+TYPE_WORDS = {
+    "int_type": "an integer", "float_type": "a number", "bool_type": "a boolean",
+    "string_type": "a string", "list_type": "a list", "dict_type": "an object",
+}  # fmt: skip
 
 
 def _json_type(value) -> str:
@@ -351,4 +353,4 @@ async def read_json_body(request, *, max_bytes: int = MAX_BODY_BYTES, timeout: f
     try:
         return await asyncio.to_thread(safejson.loads, raw, max_depth=max_depth)
     except safejson.JSONInputError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        raise BadRequest(f"the request body is refused: {exc}") from None

@@ -53,8 +53,16 @@ def _constant(name: str):
     raise JSONInputError(f"{name} is not a JSON number (only finite numbers are accepted)")
 
 
-def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH):
-    """``raw`` parsed as strict JSON; JSONInputError (a ValueError) for anything refused."""
+def _infinity(name: str) -> float:
+    if name != "Infinity":
+        _constant(name)
+    return float("inf")
+
+
+def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH, allow_infinity: bool = False):
+    """``raw`` parsed as strict JSON; JSONInputError (a ValueError) for anything refused.
+    ``allow_infinity``: the token Infinity reads as float("inf") (Python's json writes it; the
+    caller's schema says where it may stand), never NaN or -Infinity."""
     if isinstance(raw, str):
         try:
             raw = raw.encode("utf-8")
@@ -70,9 +78,10 @@ def loads(raw: bytes | str, *, max_depth: int = MAX_DEPTH):
     if depth > max_depth:
         raise JSONInputError(f"nested {depth} deep (at most {max_depth})")
     try:
-        obj = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+        constant = _infinity if allow_infinity else _constant
+        obj = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=constant)
     except json.JSONDecodeError as e:
-        raise JSONInputError(f"invalid JSON: {e}") from None
+        raise JSONInputError(f"not valid JSON: {e}") from None
     try:  # a lone surrogate escape ("\ud800") decodes to a str that cannot be encoded
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -97,11 +106,13 @@ def read_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
     return data
 
 
-def load_file(path: str | os.PathLike, *, max_bytes: int, max_depth: int = MAX_DEPTH):
+def load_file(path: str | os.PathLike, *, max_bytes: int, max_depth: int = MAX_DEPTH,
+              allow_infinity: bool = False):  # fmt: skip
     """A JSON file read with :func:`read_bytes` and parsed with :func:`loads`; errors name the
     file."""
     path = os.fspath(path)
     try:
-        return loads(read_bytes(path, max_bytes), max_depth=max_depth)
+        return loads(read_bytes(path, max_bytes), max_depth=max_depth,
+                     allow_infinity=allow_infinity)  # fmt: skip
     except JSONInputError as e:
         raise JSONInputError(f"{path}: {e}") from None
