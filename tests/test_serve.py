@@ -21,11 +21,13 @@ CONTEXT = 256
 
 
 class Server:
-    """A uvicorn server for ``app`` on a free 127.0.0.1 port, in a thread."""
+    """A uvicorn server for ``app`` on a free 127.0.0.1 port, in a thread (``config``: more
+    uvicorn.Config settings)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                **config)  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
