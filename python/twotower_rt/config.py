@@ -293,7 +293,7 @@ class TwoTowerConfig:
         if n_layers is not None and isinstance(pattern, str) and n_layers != len(pattern):
             raise ConfigError(
                 f"{source}: num_hidden_layers is {n_layers} but hybrid_override_pattern "
-                f"{pattern!r} has {len(pattern)} layers"
+                f"{pattern[:64]!r}{'...' if len(pattern) > 64 else ''} has {len(pattern)} layers"
             )
         known = {f.name for f in dataclasses.fields(cls)} - {"source"}
         kwargs = {k: raw[k] for k in known if k in raw and raw[k] is not None}
@@ -304,9 +304,6 @@ class TwoTowerConfig:
             if not isinstance(lim, (list, tuple)) or len(lim) != 2:
                 raise ConfigError(f"{source}: time_step_limit: expected [low, high], got {lim!r}")
             kwargs["time_step_limit"] = tuple(lim)
-        ConfigSchema.check({k: v for k, v in kwargs.items() if k != "fp8_weight_block"}, source)
-        if "time_step_limit" in kwargs:
-            kwargs["time_step_limit"] = tuple(float(v) for v in kwargs["time_step_limit"])
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if isinstance(raw.get(key), list):  # some configs list several EOS ids
                 vocab = raw["vocab_size"] if type(raw["vocab_size"]) is int else MAX_VOCAB
@@ -315,6 +312,9 @@ class TwoTowerConfig:
                         raise ConfigError(f"{source}: {key}[{i}]: {value!r} is not a token id in "
                                           f"[0, vocab_size={vocab})")  # fmt: skip
                 kwargs[key] = raw[key][0] if raw[key] else None
+        ConfigSchema.check({k: v for k, v in kwargs.items() if k != "fp8_weight_block"}, source)
+        if "time_step_limit" in kwargs:
+            kwargs["time_step_limit"] = tuple(float(v) for v in kwargs["time_step_limit"])
         for act_key, expected in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
             if act_key in raw and raw[act_key] != expected:
                 raise ConfigError(
