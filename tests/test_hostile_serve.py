@@ -131,6 +131,36 @@ def test_hostile_requests_get_4xx_and_harm_nothing(default_model):
     wait_idle(engine, 2)
 
 
+def test_heavy_bodies_do_not_block_the_event_loop(default_model):
+    """Bodies near the size cap (parsed, checked and tokenized in worker threads) while /health
+    is polled: it keeps answering (the bug: 11.5 s while one 10 MB prompt was tokenized)."""
+    app = make_app(default_model, slots=1)
+    heavy = json.dumps({"prompt": [5] * 300_000}).encode()  # ~1 MB of token ids
+    text = json.dumps({"prompt": "ROMEO. " * 140_000}).encode()  # ~1 MB of text
+
+    async def run(url):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+
+            async def health():
+                worst = 0.0
+                while not posted.done():
+                    started = time.monotonic()
+                    assert (await c.get("/health")).status_code == 200
+                    worst = max(worst, time.monotonic() - started)
+                    await asyncio.sleep(0.02)
+                return worst
+
+            bodies = [heavy, text] * 4
+            posted = asyncio.gather(*(c.post("/v1/completions", content=b) for b in bodies))
+            worst = await health()
+            return worst, [r.status_code for r in await posted]
+
+    with Server(app) as srv:
+        worst, codes = asyncio.run(run(srv.url))
+    assert codes == [400] * 8
+    assert worst < 3.0, worst
+
+
 def test_poison_amid_16_streams(default_model):
     """16 streams run while ~1000 bad, poisoned and tiny good requests come and go: the streams
     finish with exactly their solo output, every poisoned request gets a 500 of its own, every
