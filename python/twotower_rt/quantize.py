@@ -56,7 +56,9 @@ def quantize_checkpoint(
             f"0 = whole row), got {tuple(block)}"
         )
     if os.path.lexists(dst) and not (os.path.isdir(dst) and not os.listdir(dst)):
-        raise ValueError(f"{dst}: exists and is not empty (or not a directory); choose a new directory")
+        raise ValueError(
+            f"{dst}: exists and is not empty (or not a directory); choose a new directory"
+        )
     cfg = TwoTowerConfig.from_json_file(os.path.join(src, "config.json"))
     if cfg.fp8_weight_block is not None:
         raise ValueError(f"{src}: already an FP8 checkpoint")
