@@ -84,22 +84,22 @@ def test_mixed_modes_and_prompts(tmp_path, default_model):
 
 
 BAD_LINES = [
-    ('{"id": "j", "prompt": "x"', "invalid JSON"),
+    ('{"id": "j", "prompt": "x"', "not valid JSON"),
     ('["a", "list"]', "must be a JSON object, got list"),
     ({"prompt": "no id"}, "missing 'id'"),
     ({"id": "ok1", "prompt": "a duplicate"}, "duplicate id 'ok1' (first on line 1)"),
     ({"id": True, "prompt": "x"}, "id must be a non-empty string or an integer"),
-    ({"id": "e", "prompt": ""}, "prompt must be a non-empty string"),
+    ({"id": "e", "prompt": ""}, "'prompt' must have at least 1 character"),
     ({"id": "n", "mode": "ar"}, "exactly one of 'prompt' (text) or 'input_ids'"),
     ({"id": "b2", "prompt": "x", "input_ids": [1]}, "exactly one of"),
-    ({"id": "m", "prompt": "x", "mode": "beam"}, "mode 'beam' is not one of"),
-    ({"id": "t", "prompt": "x", "temperature": -0.5}, "temperature must be a finite number >= 0"),
-    ({"id": "bs", "prompt": "x", "block_size": 0}, "block_size must be an integer >= 1"),
-    ({"id": "k", "prompt": "x", "top_k": "3"}, "top_k must be an integer >= 1"),
+    ({"id": "m", "prompt": "x", "mode": "beam"}, "'mode' must be 'ar', 'mock_ar' or 'mask_d"),
+    ({"id": "t", "prompt": "x", "temperature": -0.5}, "'temperature' must be greater than or"),
+    ({"id": "bs", "prompt": "x", "block_size": 0}, "'block_size' must be greater than or equal"),
+    ({"id": "k", "prompt": "x", "top_k": "3"}, "'top_k' must be an integer, got a string"),
     ({"id": "v", "input_ids": [1, 99999]}, "= 99999 is not a token id"),
     ({"id": "md", "prompt": "x", "max_tokens": 20}, "must be a multiple of block_size"),
     ({"id": "a", "prompt": "x", "max_tokens": 16, "max_new_tokens": 16}, "not both"),
-    ({"id": "u", "prompt": "x", "temprature": 1.0}, "unknown keys ['temprature']"),
+    ({"id": "u", "prompt": "x", "temprature": 1.0}, "unknown field 'temprature'"),
     ({"id": "long", "input_ids": [5] * 60}, "exceeds the engine's context of 64 tokens"),
 ]  # fmt: skip
 
@@ -234,3 +234,85 @@ def test_runs_on_a_gpu_unchanged(tmp_path):
     assert summary.done == 6 and summary.errors == 0
     assert sorted(str(r["id"]) for r in read_jsonl(out)) == sorted(
         str(line["id"]) for line in mixed_lines(6))  # fmt: skip
+
+
+def test_poison_lines_go_to_the_errors_file_and_the_job_goes_on(tmp_path, monkeypatch,
+                                                                default_model):  # fmt: skip
+    """Lines that used to kill the job (and every resume): deep JSON, huge numbers, a seed past
+    int64, a line longer than the cap, and a line whose step faults inside the engine."""
+    from test_hostile_serve import POISON_TEMPERATURE, poison
+
+    import twotower_rt.batch as batch
+    from twotower_rt.engine import Engine
+
+    monkeypatch.setattr(batch, "MAX_LINE_BYTES", 8192)
+    rows = [
+        {"id": "good1", "input_ids": [5, 6], "mode": "ar"},
+        '{"id": "deep", "input_ids": ' + "[" * 3000 + "]" * 3000 + "}",
+        {"id": "steps", "prompt": "x", "steps_per_block": 10**30},
+        '{"id": "digits", "input_ids": [5], "max_tokens": ' + "9" * 5000 + "}",
+        {"id": "seed", "prompt": "x", "temperature": 0.8, "seed": 2**64},
+        {"id": "long", "prompt": "x" * 10_000},
+        {"id": "fault", "input_ids": [5], "mode": "ar", "temperature": POISON_TEMPERATURE},
+        {"id": "good2", "prompt": "Now is", "mode": "ar"},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    engine = Engine(default_model, max_slots=4, context=64)
+    poison(engine)
+    out_path = tmp_path / "out.jsonl"
+    summary = run_batch(src, out_path, default_model, engine=engine, progress=True,
+                        max_new_tokens=16)  # fmt: skip
+    assert (summary.done, summary.errors) == (2, 6)
+    assert sorted(r["id"] for r in read_jsonl(out_path)) == ["good1", "good2"]
+    errors = {e["line"]: e for e in read_jsonl(tmp_path / "out.jsonl.errors.jsonl")}
+    expected = {
+        2: "nested 3001 deep", 3: "'steps_per_block' must be less than or equal",
+        4: "an integer of 5000 digits", 5: "'seed' must be less than 9223372036854775808",
+        6: "longer than 8192 bytes", 7: "engine error: RuntimeError: poisoned step",
+    }  # fmt: skip
+    for line, message in expected.items():
+        assert message in errors[line]["error"], (line, errors[line])
+    assert errors[7]["id"] == "fault" and engine.pool.free == 4
+    # and a resume is not stopped by them either
+    again = run_batch(src, out_path, default_model, engine=engine, max_new_tokens=16)
+    assert (again.done, again.skipped, again.errors) == (0, 2, 6)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"hello, a file of mine", b'{"id": 1, "text": "a record without its newline"}',
+     bytes(range(256)) * 16, b'{"id": 1}\n\x00\x01binary tail'],
+    ids=["text-no-newline", "record-no-newline", "binary", "record-then-binary"],
+)  # fmt: skip
+def test_resume_never_destroys_a_file_it_did_not_write(tmp_path, capsys, content):
+    src = write_jsonl(tmp_path / "in.jsonl", mixed_lines(1))
+    out_path = tmp_path / "out.jsonl"
+    out_path.write_bytes(content)
+    assert main(["batch", str(src), str(out_path), "--no-progress"]) == 2
+    assert "this file is not a batch output" in capsys.readouterr().err
+    assert out_path.read_bytes() == content
+
+
+def test_out_that_is_a_device_is_refused(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", mixed_lines(1))
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    assert main(["batch", str(src), "/dev/full", "--no-progress",
+                 "--errors", str(tmp_path / "e.jsonl")]) == 2  # fmt: skip
+    assert "must be a regular file" in capsys.readouterr().err
+
+
+def test_threads_flag_and_default(tmp_path, capsys):
+    from twotower_rt.threads import available_cpus, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "input_ids": [5], "mode": "ar"}])
+        argv = ["batch", str(src), str(tmp_path / "o.jsonl"), "--no-progress",
+                "--max-new-tokens", "2", "--threads", "1"]  # fmt: skip
+        assert main(argv) == 0 and torch.get_num_threads() == 1
+        assert set_threads(None) == available_cpus() == torch.get_num_threads()
+        assert main([*argv[:-1], "0"]) == 2
+        assert "threads must be an integer >= 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -244,3 +244,38 @@ def test_python_dash_m(golden_dir):
     proc = subprocess.run([sys.executable, "-m", "twotower_rt", "env"], capture_output=True,
                           text=True, env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0 and "torch" in proc.stdout
+
+
+def test_api_key_from_the_flag_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
+    from twotower_rt.cli import API_KEY_ENV, _api_key, build_parser
+
+    def key(*argv):
+        return _api_key(build_parser().parse_args(["serve", *argv]))
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert key() is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert key() == "from-env"
+    assert key("--api-key", "from-flag") == "from-flag"
+    (tmp_path / "key").write_text("from-file\n")
+    assert key("--api-key-file", str(tmp_path / "key")) == "from-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        key("--api-key-file", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="not a regular file"):
+        key("--api-key-file", str(tmp_path))
+    assert main(["serve", "--api-key", "a", "--api-key-file", str(tmp_path / "key")]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_threads_and_check_weights_flags(capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        argv = ["generate", "--input-ids", "5,6", "--mode", "ar", "--max-new-tokens", "2",
+                "--threads", "1", "--check-weights", "--json"]  # fmt: skip
+        assert main(argv) == 0 and torch.get_num_threads() == 1
+        assert json.loads(capsys.readouterr().out)["rows"][0]["generated"]
+    finally:
+        torch.set_num_threads(before)

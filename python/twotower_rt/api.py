@@ -16,6 +16,7 @@ TOKENIZER_FILE = "tokenizer.json"
 # bench/results/default_model.json): what load() and the CLI use when given no path.
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 BUILTIN_SOURCE = "<builtin tiny random>"
+MAX_TOKENIZER_BYTES = 256 << 20
 
 
 def resolve_device(device) -> torch.device:
@@ -91,23 +92,27 @@ def load(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
+    check_weights: bool = False,
 ) -> TwoTowerModel:
     """Load a checkpoint directory (config.json + safetensors [+ tokenizer.json]) onto ``device``
     in ``dtype`` (float32 or bfloat16). With no path, the default model shipped in the package
     (a tiny trained two-tower model with its tokenizer; :func:`load_builtin_model` gives the
-    seeded random one)."""
+    seeded random one). ``check_weights``: scan every tensor and refuse (CheckpointError naming
+    it) one holding a NaN or an infinity."""
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype)
     if path is None:
         path = DEFAULT_MODEL_DIR
-    _, lm = load_checkpoint(path, dev, dtype)
+    _, lm = load_checkpoint(path, dev, dtype, check_weights)
     tokenizer = None
     tok_path = os.path.join(os.fspath(path), TOKENIZER_FILE)
     if os.path.isfile(tok_path):
         from tokenizers import Tokenizer
 
+        from .safejson import read_bytes
+
         try:
-            tokenizer = Tokenizer.from_file(tok_path)
+            tokenizer = Tokenizer.from_str(read_bytes(tok_path, MAX_TOKENIZER_BYTES).decode())
         except Exception as e:  # tokenizers raises its own exception type
             raise ValueError(f"{tok_path}: cannot load tokenizer: {e}") from None
     return TwoTowerModel(lm, os.fspath(path), tokenizer)

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from . import safejson
 from .api import TwoTowerModel, load
 from .engine import Engine
 from .generate import MODES, SamplingParams
+from .protocol import BadRequest, BatchLine, validate
 
 try:
     import fcntl
@@ -32,8 +34,8 @@ except ImportError:  # not POSIX: no lock against two runs writing the same OUT
     fcntl = None
 
 PARAM_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-LINE_KEYS = frozenset(("id", "prompt", "input_ids", "mode", "max_tokens", "stop_token_ids",
-                       *PARAM_KEYS))  # fmt: skip
+MAX_LINE_BYTES = 16 << 20  # an input or output line longer than this is refused, never held
+MAX_LINE_DEPTH = 16  # JSON nesting of a line (a valid one nests 2)
 IN_FLIGHT_PER_SLOT = 4  # requests handed to the engine per cache slot: enough to refill every slot
 
 
@@ -69,74 +71,75 @@ def _id_key(rid) -> str | None:
     return json.dumps(rid)
 
 
+def _bounded_lines(f) -> Iterator[bytes]:
+    """The file's lines, each read with at most MAX_LINE_BYTES held: a longer one is yielded as
+    its first MAX_LINE_BYTES + 1 bytes (no newline), the rest skipped."""
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+        yield raw
+
+
 def _numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, line) for each line of the file that is not blank, read lazily."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        for number, raw in enumerate(_bounded_lines(f), 1):
             if raw.strip():
                 yield number, raw
 
 
 def _parse(raw: bytes):
+    if len(raw) > MAX_LINE_BYTES:
+        raise _LineError(f"longer than {MAX_LINE_BYTES} bytes")
     try:
-        return json.loads(raw.decode("utf-8-sig"))  # a byte-order mark on line 1 is no error
-    except UnicodeDecodeError as e:
-        raise _LineError(f"not UTF-8: {e}") from None
-    except json.JSONDecodeError as e:
-        raise _LineError(f"invalid JSON: {e}") from None
-
-
-def _as_list(ids) -> list:
-    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+        return safejson.loads(raw, max_depth=MAX_LINE_DEPTH)
+    except safejson.JSONInputError as e:
+        raise _LineError(str(e)) from None
 
 
 def _line_request(obj, default_mode: str, defaults: dict) -> tuple[object, str, dict]:
-    """A parsed line (its id already checked) -> (prompt text or ids, mode, SamplingParams fields).
-    The values themselves are checked by Engine.add_request."""
-    unknown = sorted(set(obj) - LINE_KEYS)
-    if unknown:
-        raise _LineError(f"unknown keys {unknown}; a line takes {sorted(LINE_KEYS)}")
-    if ("prompt" in obj) == ("input_ids" in obj):
-        raise _LineError("a line needs exactly one of 'prompt' (text) or 'input_ids' (token ids)")
-    if "prompt" in obj:
-        prompt = obj["prompt"]
-        if not isinstance(prompt, str) or not prompt:
-            raise _LineError(f"prompt must be a non-empty string, got {prompt!r}")
-    else:
-        prompt = obj["input_ids"]
-        if not isinstance(prompt, list):
-            raise _LineError(f"input_ids must be a list of token ids, got {prompt!r}")
-    if "max_tokens" in obj and "max_new_tokens" in obj:
-        raise _LineError("give max_new_tokens or its alias max_tokens, not both")
-    params = dict(defaults)
-    params.update((k, obj[k]) for k in PARAM_KEYS if k in obj)
-    if "max_tokens" in obj:
-        params["max_new_tokens"] = obj["max_tokens"]
-    if "stop_token_ids" in obj:  # an alias of eos_token_id; a line giving both stops at either
-        eos = _as_list(obj["eos_token_id"]) if "eos_token_id" in obj else []
-        params["eos_token_id"] = eos + _as_list(obj["stop_token_ids"])
-    return prompt, obj.get("mode", default_mode), params
+    """A parsed line (its id already checked) -> (prompt text or ids, mode, SamplingParams
+    fields): the line checked by :class:`BatchLine` (types and bounds), its values over the
+    defaults; what depends on the model is checked by Engine.add_request."""
+    try:
+        line = validate(BatchLine, obj)
+    except BadRequest as e:
+        raise _LineError(str(e)) from None
+    params = {**defaults, **line.sampling_params()}
+    prompt = line.prompt if line.prompt is not None else line.input_ids
+    return prompt, line.mode or default_mode, params
 
 
 def _read_done(out_file, path: str) -> set[str]:
     """The id keys already in OUT (opened for appending). A last line without its newline is a
-    write cut short: the file is truncated back to the end of the last complete line."""
+    write of ours cut short only if it is the start of a record (``{"id": ``, no more): the file
+    is truncated back to the end of the last complete line. Anything else that is not a batch
+    output (a line that is not a record, bytes that are not JSON) is refused, and OUT is left as
+    it was."""
     done: set[str] = set()
     end = 0
+
+    def refuse(number: int, what: str):
+        raise ValueError(
+            f"{path} line {number} {what}; this file is not a batch output (or it was "
+            "corrupted): move it away or fix that line"
+        )
+
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        for number, raw in enumerate(_bounded_lines(f), 1):
             if not raw.endswith(b"\n"):
+                torn = raw.startswith(b'{"id": ') and len(raw) <= MAX_LINE_BYTES
+                if not torn or _record_key(raw) is not None:  # complete without its newline
+                    refuse(number, "has no newline and is not a record cut short by a kill")
                 break  # torn: its request is run again
             if raw.strip():
-                try:
-                    key = _id_key(json.loads(raw.decode("utf-8")).get("id"))
-                except (ValueError, AttributeError):
-                    key = None
+                key = _record_key(raw)
                 if key is None:
-                    raise ValueError(
-                        f"{path} line {number} is not a JSON object with an id; this file is not "
-                        "a batch output (or it was corrupted): move it away or fix that line"
-                    )
+                    refuse(number, "is not a JSON object with an id")
                 done.add(key)
             end += len(raw)
     if out_file.tell() != end:
@@ -145,6 +148,15 @@ def _read_done(out_file, path: str) -> set[str]:
         out_file.flush()
         os.fsync(out_file.fileno())
     return done
+
+
+def _record_key(raw: bytes) -> str | None:
+    """The id key of an output line, or None if it is not a JSON object with an id."""
+    try:
+        obj = _parse(raw)
+    except _LineError:
+        return None
+    return _id_key(obj.get("id")) if isinstance(obj, dict) else None
 
 
 def _count_to_do(input_path: str, done: set[str]) -> int:
@@ -163,11 +175,16 @@ def _count_to_do(input_path: str, done: set[str]) -> int:
 
 
 def _check_defaults(mode: str, params: dict, vocab_size: int) -> None:
-    """The defaults every line starts from, checked once (mode-independent checks)."""
+    """The defaults every line starts from, checked once (mode-independent checks), by the same
+    rules as a line's own values."""
     if isinstance(params.get("seed"), (list, tuple)):
         raise ValueError("seed must be one integer for every line (a line may give its own)")
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    try:
+        validate(BatchLine, {"id": 0, "input_ids": [0], **params})
+    except BadRequest as e:
+        raise ValueError(f"the defaults (flags): {e}") from None
     SamplingParams(**params).validate("ar", vocab_size, 1)  # ar: a multiple of a block or not
 
 
@@ -222,6 +239,8 @@ def run_batch(
     elif isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
 
+    if os.path.exists(output_path) and not os.path.isfile(output_path):
+        raise ValueError(f"{output_path}: the output must be a regular file")
     with open(output_path, "ab") as out_file:
         if fcntl is not None:
             try:
@@ -295,8 +314,11 @@ class _Job:
             prompt, mode, params = _line_request(obj, self.mode, self.defaults)
             engine_id = str(number)
             self.engine.add_request(prompt, mode, request_id=engine_id, **params)
-        except (_LineError, ValueError, TypeError) as e:
+        except (_LineError, ValueError) as e:
             self._error(number, rid, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 -- one line's fault never stops the job
+            self._error(number, rid, f"{type(e).__name__}: {e}")
             return
         self.pending[engine_id] = (rid, time.perf_counter())
         if self.engine.output(engine_id).finished:
@@ -305,6 +327,9 @@ class _Job:
     def _complete(self, engine_id: str) -> None:
         out = self.engine.pop(engine_id)
         rid, submitted = self.pending.pop(engine_id)
+        if out.finish_reason == "error":  # the engine failed this request alone
+            self._error(int(engine_id), rid, f"engine error: {out.error}")
+            return
         text = self.model.decode(out.generated) if self.model.tokenizer is not None else None
         record = {"id": rid, "text": text, "token_ids": out.generated,
                   "prompt_tokens": len(out.prompt), "finish_reason": out.finish_reason,

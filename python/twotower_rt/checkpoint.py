@@ -6,20 +6,21 @@ anything is kept. Pickle checkpoints are refused: nothing in a checkpoint is eve
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError, safe_open
 
-from .config import TwoTowerConfig
+from .config import TwoTowerConfig, read_json, schema_problem
 from .model.linear import fixed_dtypes
 from .model.tower import TwoTowerLM
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_INDEX_BYTES = 64 << 20  # the real model's index is ~1 MB
 
 DTYPES = {
     "float32": torch.float32,
@@ -32,6 +33,27 @@ DTYPES = {
 
 class CheckpointError(ValueError):
     """The checkpoint on disk does not match what its config.json describes (or is unreadable)."""
+
+
+class IndexSchema(BaseModel):
+    """model.safetensors.index.json: ``weight_map`` tensor name -> shard file name (strings);
+    ``metadata`` and other keys are not read."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    weight_map: dict[str, str]
+
+
+def _read_index(index_path: str) -> dict[str, str]:
+    raw = read_json(index_path, MAX_INDEX_BYTES, CheckpointError, "the shards' index")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{index_path}: not a valid safetensors index (not a JSON object)")
+    try:
+        return IndexSchema.model_validate(raw).weight_map
+    except ValidationError as e:
+        raise CheckpointError(
+            f"{index_path}: not a valid safetensors index: {schema_problem(e)}"
+        ) from None
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -49,14 +71,8 @@ def _weight_files(directory: str) -> dict[str, list[str] | None]:
     (None when there is no index: a single file holds everything)."""
     index_path = os.path.join(directory, INDEX_FILE)
     single_path = os.path.join(directory, SINGLE_FILE)
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+    if os.path.lexists(index_path):
+        weight_map = _read_index(index_path)
         files: dict[str, list[str] | None] = {}
         for name, shard in weight_map.items():
             shard_path = os.path.join(directory, shard)
@@ -68,9 +84,13 @@ def _weight_files(directory: str) -> dict[str, list[str] | None]:
             files.setdefault(shard_path, []).append(name)
         for shard_path in files:
             if not os.path.isfile(shard_path):
-                raise CheckpointError(f"{index_path}: shard {shard_path} does not exist")
+                raise CheckpointError(
+                    f"{index_path}: shard {shard_path} does not exist (or is not a file)"
+                )
         return files
-    if os.path.isfile(single_path):
+    if os.path.lexists(single_path):
+        if not os.path.isfile(single_path):
+            raise CheckpointError(f"{single_path}: not a regular file")
         return {single_path: None}
     pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
     if pickles:
@@ -91,11 +111,13 @@ def iter_checkpoint(
     directory: str,
     expected: dict[str, torch.Size],
     fixed: dict[str, torch.dtype] | None = None,
+    check_finite: bool = False,
 ) -> Iterator[tuple[str, str, torch.Tensor]]:
     """``(file, name, tensor)`` for every tensor of the checkpoint, shard after shard, each as
     stored (CPU, the file's dtype), checked against ``expected`` (names, shapes, floating point)
-    and ``fixed`` (the dtypes an FP8 checkpoint must store); after the last, missing names raise.
-    Only one tensor is held at a time, so a caller can work shard by shard."""
+    and ``fixed`` (the dtypes an FP8 checkpoint must store), and with ``check_finite`` refused if
+    it holds a NaN or an infinity; after the last, missing names raise. Only one tensor is held
+    at a time, so a caller can work shard by shard."""
     fixed = fixed or {}
     where: dict[str, str] = {}
     for path, listed in _weight_files(directory).items():
@@ -137,6 +159,8 @@ def iter_checkpoint(
                             f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected {want} "
                             "(config.json's quantization_config says this weight is FP8)"
                         )
+                    if check_finite:
+                        _check_finite(path, name, tensor)
                     where[name] = path
                     yield path, name, tensor
         except SafetensorError as e:
@@ -149,20 +173,32 @@ def iter_checkpoint(
         )
 
 
+def _check_finite(path: str, name: str, tensor: torch.Tensor) -> None:
+    bad = 0
+    for chunk in tensor.reshape(-1).split(1 << 24):  # float32 copies of 64 MiB at most
+        bad += int((~torch.isfinite(chunk.float())).sum())
+    if bad:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}"
+        )
+
+
 def read_state_dict(
     directory: str,
     expected: dict[str, torch.Size],
     device,
     dtype: torch.dtype,
     fixed: dict[str, torch.dtype] | None = None,
+    check_weights: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint (checked by :func:`iter_checkpoint`) on ``device``: those
-    named in ``fixed`` (an FP8 checkpoint's weights and scales) keep that dtype, all others are
-    converted to ``dtype``."""
+    """Every tensor of the checkpoint (checked by :func:`iter_checkpoint`, with
+    ``check_weights`` also for NaN / infinite values) on ``device``: those named in ``fixed``
+    (an FP8 checkpoint's weights and scales) keep that dtype, all others are converted to
+    ``dtype``."""
     fixed = fixed or {}
     return {
         name: tensor.to(device=device, dtype=fixed.get(name) or dtype)
-        for _, name, tensor in iter_checkpoint(directory, expected, fixed)
+        for _, name, tensor in iter_checkpoint(directory, expected, fixed, check_weights)
     }
 
 
@@ -198,7 +234,10 @@ def expected_fixed_dtypes(cfg: TwoTowerConfig) -> dict[str, torch.dtype]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, device="cpu", dtype: torch.dtype | str = torch.float32
+    path: str | os.PathLike,
+    device="cpu",
+    dtype: torch.dtype | str = torch.float32,
+    check_weights: bool = False,
 ) -> tuple[TwoTowerConfig, TwoTowerLM]:
     directory = os.fspath(path)
     if not os.path.isdir(directory):
@@ -212,6 +251,6 @@ def load_checkpoint(
     # (building it costs seconds at the real model's 13k modules).
     model = _meta_model(cfg)
     state = read_state_dict(
-        directory, _shapes(model), torch.device(device), dtype, fixed_dtypes(model)
+        directory, _shapes(model), torch.device(device), dtype, fixed_dtypes(model), check_weights
     )
     return cfg, _take(model, state)

@@ -25,6 +25,7 @@ from .api import TwoTowerModel, load
 from .generate import MODES, SamplingParams
 
 PROG = "twotower-rt"
+API_KEY_ENV = "TWOTOWER_RT_API_KEY"
 TP_HELP = ("tensor parallelism over N processes (gloo on the CPU, NCCL with a GPU each); under "
            "torchrun: its ranks (default: 1)")  # fmt: skip
 
@@ -96,6 +97,25 @@ def _add_param_flags(parser: argparse.ArgumentParser, help_prefix: str) -> None:
                         help="cpu or cuda[:N] (default: cpu)")  # fmt: skip
     parser.add_argument("--dtype", default=argparse.SUPPRESS,
                         help="float32 or bfloat16 (default: float32)")  # fmt: skip
+    _add_run_flags(parser)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """--threads and --check-weights (generate, batch and serve)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: the CPUs this process may run "
+                             "on, its affinity)")  # fmt: skip
+    parser.add_argument("--check-weights", action="store_true",
+                        help="refuse a checkpoint with a NaN or infinite weight (scans every "
+                             "tensor at load)")  # fmt: skip
+
+
+def _load(path, args: argparse.Namespace, **load_kwargs) -> TwoTowerModel:
+    """--threads applied, then the model loaded (with --check-weights)."""
+    from .threads import set_threads
+
+    set_threads(args.threads)
+    return load(path, check_weights=args.check_weights, **load_kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,8 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    key = srv.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None,
+                     help=f"require 'Authorization: Bearer KEY' on /v1 and /metrics (visible in "
+                          f"ps: prefer --api-key-file or ${API_KEY_ENV})")  # fmt: skip
+    key.add_argument("--api-key-file", metavar="FILE", default=None,
+                     help="read the API key from FILE (its first line)")  # fmt: skip
     srv.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics"
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections at most; more are closed at once (default: 256)",
     )
     srv.add_argument("--served-model-name", default=None, help="the model id clients see")
     srv.add_argument(
@@ -180,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     srv.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: float32)")
+    _add_run_flags(srv)
     srv.add_argument("--tp", type=int, default=1, metavar="N", help=TP_HELP)
     srv.add_argument("--place-towers", nargs=2, metavar=("CONTEXT", "DENOISER"), default=None,
                      help="tower placement: the context tower on device CONTEXT, the denoiser "
@@ -203,7 +233,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     path = args.model if args.model is not None else default_model_path()
 
     start = time.perf_counter()
-    model = load(path, **load_kwargs)
+    model = _load(path, args, **load_kwargs)
     load_s = time.perf_counter() - start
     if args.prompt is not None:
         if model.tokenizer is None:
@@ -277,12 +307,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "pip install 'twotower-rt[serve]'") from None  # fmt: skip
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.max_connections < 1:
+        raise ValueError(f"--max-connections must be >= 1, got {args.max_connections}")
     path = args.model if args.model is not None else default_model_path()
     engine_args = dict(max_slots=args.max_slots, context=args.context,
                        gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
-    serve_args = dict(host=args.host, port=args.port, api_key=args.api_key,
+    serve_args = dict(host=args.host, port=args.port, api_key=_api_key(args),
                       max_queue=args.max_queue, model_name=args.served_model_name,
-                      default_mode=args.default_mode)  # fmt: skip
+                      default_mode=args.default_mode,
+                      max_connections=args.max_connections)  # fmt: skip
     if _tp_size(args) > 1:
         if args.place_towers is not None:
             raise ValueError("--place-towers and --tp do not combine yet")
@@ -290,13 +323,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         launch(_tp_size(args), args.device, serve_rank, path, args.dtype, engine_args, serve_args)
         return 0
-    model = load(path, device=args.device, dtype=args.dtype)
+    model = _load(path, args, device=args.device, dtype=args.dtype)
     if args.place_towers is not None:
         from .parallel import place_towers
 
         place_towers(model, *args.place_towers)
     serve(model, **serve_args, **engine_args)
     return 0
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $TWOTOWER_RT_API_KEY, else None."""
+    import os
+
+    if args.api_key_file is not None:
+        from .safejson import read_bytes
+
+        try:
+            lines = read_bytes(args.api_key_file, 4096).decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"{args.api_key_file}: the API key file is not UTF-8") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError(f"{args.api_key_file}: the API key file is empty")
+        return key
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 def _tp_size(args: argparse.Namespace) -> int:
@@ -379,8 +430,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         launch(_tp_size(args), device, batch_rank, path, dtype, engine_args, batch_args)
         return 0
+    device, dtype = kwargs.pop("device", "cpu"), kwargs.pop("dtype", "float32")
+    model = _load(path, args, device=device, dtype=dtype)
     try:
-        summary = run_batch(args.input, args.output, path, errors_path=args.errors,
+        summary = run_batch(args.input, args.output, model, errors_path=args.errors,
                             max_slots=args.max_slots, context=args.context,
                             max_in_flight=args.max_in_flight, progress=not args.no_progress,
                             **kwargs)  # fmt: skip

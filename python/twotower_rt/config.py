@@ -9,10 +9,14 @@ weight is read.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import safejson
 
 SUPPORTED_ARCHITECTURES = ("NemotronHTwoTowerForCausalLM",)
 
@@ -25,8 +29,84 @@ TIME_FREQ_DIM = 256
 TIME_MAX_PERIOD = 10000.0
 
 
+# Architecture limits: far past any released model, low enough that no size read from a file
+# overflows a product or makes building the model (on the meta device) take more than seconds.
+MAX_LAYERS = 1024
+MAX_DIM = 1 << 16  # hidden size, heads, head dims, state sizes
+MAX_INTERMEDIATE = 1 << 20
+MAX_VOCAB = 1 << 22
+MAX_EXPERTS = 4096
+MAX_EXPERT_MODULES = 1 << 16  # routed experts x MoE layers
+MAX_CONFIG_BYTES = 4 << 20
+MAX_FP8_BLOCK = 4096  # rows or columns of one FP8 scale block (DeepSeek's is 128)
+
+
 class ConfigError(ValueError):
     """config.json describes something twotower_rt cannot run (or is malformed)."""
+
+
+def _size(low: int, high: int):
+    return Annotated[int, Field(ge=low, le=high)]
+
+
+class ConfigSchema(BaseModel):
+    """The keys of config.json that TwoTowerConfig reads: exact JSON types (a bool is not an int,
+    "true" is not a bool), sizes within the architecture limits, finite floats; the keys present
+    are checked, the rest take TwoTowerConfig's defaults. Cross-field rules (divisibility, token
+    ids inside the vocabulary) are TwoTowerConfig's own."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    hidden_size: _size(1, MAX_DIM)
+    vocab_size: _size(1, MAX_VOCAB)
+    hybrid_override_pattern: Annotated[str, Field(min_length=1, max_length=MAX_LAYERS)]
+    layer_norm_epsilon: Annotated[float, Field(gt=0, le=1)] | None = None
+    mamba_num_heads: _size(1, MAX_DIM) | None = None
+    mamba_head_dim: _size(1, MAX_DIM) | None = None
+    n_groups: _size(1, MAX_DIM) | None = None
+    ssm_state_size: _size(1, MAX_DIM) | None = None
+    conv_kernel: _size(1, 64) | None = None
+    use_conv_bias: bool | None = None
+    use_bias: bool | None = None
+    time_step_limit: tuple[float, Annotated[float, Field(allow_inf_nan=True)]] | None = None
+    num_attention_heads: _size(1, MAX_DIM) | None = None
+    num_key_value_heads: _size(1, MAX_DIM) | None = None
+    head_dim: _size(1, MAX_DIM) | None = None
+    attention_bias: bool | None = None
+    n_routed_experts: _size(1, MAX_EXPERTS) | None = None
+    num_experts_per_tok: _size(1, MAX_EXPERTS) | None = None
+    n_shared_experts: _size(0, 1) | None = None
+    moe_intermediate_size: _size(0, MAX_INTERMEDIATE) | None = None
+    moe_shared_expert_intermediate_size: _size(0, MAX_INTERMEDIATE) | None = None
+    intermediate_size: _size(0, MAX_INTERMEDIATE) | None = None
+    routed_scaling_factor: Annotated[float, Field(gt=0)] | None = None
+    norm_topk_prob: bool | None = None
+    n_group: _size(1, MAX_EXPERTS) | None = None
+    topk_group: _size(1, MAX_EXPERTS) | None = None
+    mlp_bias: bool | None = None
+    bos_token_id: _size(0, MAX_VOCAB) | None = None
+    eos_token_id: _size(0, MAX_VOCAB) | None = None
+    pad_token_id: _size(0, MAX_VOCAB) | None = None
+    tie_word_embeddings: bool | None = None
+    residual_in_fp32: bool | None = None
+    architectures: list[str] | None = None
+
+    @classmethod
+    def check(cls, kwargs: dict, source: str) -> None:
+        """ConfigError naming the file and the key for the first value refused."""
+        try:
+            cls.model_validate(kwargs)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {schema_problem(e)}") from None
+
+
+def schema_problem(exc: ValidationError) -> str:
+    """'key: what is wrong (got value)' for the first value a file's schema refused."""
+    err = exc.errors(include_url=False)[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(the file)"
+    got = repr(err.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"{key}: {err['msg']} (got {got})"
 
 
 @dataclass
@@ -145,8 +225,17 @@ class TwoTowerConfig:
         lo, hi = self.time_step_limit
         if not lo <= hi:
             fail("time_step_limit", f"{self.time_step_limit} is not a (low, high) pair")
-        if not self.layer_norm_epsilon > 0:
-            fail("layer_norm_epsilon", f"must be positive, got {self.layer_norm_epsilon}")
+        if not 0 < self.layer_norm_epsilon < math.inf:
+            fail(
+                "layer_norm_epsilon", f"must be positive and finite, got {self.layer_norm_epsilon}"
+            )
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < self.vocab_size:
+                fail(key, f"{value} is not a token id in [0, vocab_size={self.vocab_size})")
+        if "E" in pattern and pattern.count("E") * self.n_routed_experts > MAX_EXPERT_MODULES:
+            fail("n_routed_experts", f"{self.n_routed_experts} experts x {pattern.count('E')} MoE "
+                 f"layers is more than {MAX_EXPERT_MODULES} expert modules")  # fmt: skip
         block = self.fp8_weight_block
         if block is not None and (
             len(block) != 2 or any(not isinstance(v, int) or v < 0 for v in block)
@@ -204,7 +293,7 @@ class TwoTowerConfig:
         if n_layers is not None and isinstance(pattern, str) and n_layers != len(pattern):
             raise ConfigError(
                 f"{source}: num_hidden_layers is {n_layers} but hybrid_override_pattern "
-                f"{pattern!r} has {len(pattern)} layers"
+                f"{pattern[:64]!r}{'...' if len(pattern) > 64 else ''} has {len(pattern)} layers"
             )
         known = {f.name for f in dataclasses.fields(cls)} - {"source"}
         kwargs = {k: raw[k] for k in known if k in raw and raw[k] is not None}
@@ -214,10 +303,18 @@ class TwoTowerConfig:
             lim = kwargs["time_step_limit"]
             if not isinstance(lim, (list, tuple)) or len(lim) != 2:
                 raise ConfigError(f"{source}: time_step_limit: expected [low, high], got {lim!r}")
-            kwargs["time_step_limit"] = (float(lim[0]), float(lim[1]))
+            kwargs["time_step_limit"] = tuple(lim)
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if isinstance(raw.get(key), list):  # some configs list several EOS ids
+                vocab = raw["vocab_size"] if type(raw["vocab_size"]) is int else MAX_VOCAB
+                for i, value in enumerate(raw[key]):
+                    if type(value) is not int or not 0 <= value < vocab:
+                        raise ConfigError(f"{source}: {key}[{i}]: {value!r} is not a token id in "
+                                          f"[0, vocab_size={vocab})")  # fmt: skip
                 kwargs[key] = raw[key][0] if raw[key] else None
+        ConfigSchema.check({k: v for k, v in kwargs.items() if k != "fp8_weight_block"}, source)
+        if "time_step_limit" in kwargs:
+            kwargs["time_step_limit"] = tuple(float(v) for v in kwargs["time_step_limit"])
         for act_key, expected in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
             if act_key in raw and raw[act_key] != expected:
                 raise ConfigError(
@@ -235,15 +332,24 @@ class TwoTowerConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> TwoTowerConfig:
+        """config.json read through :mod:`safejson` (a size cap, a regular file, a depth
+        bound; Infinity only where a key allows it) and checked by :class:`ConfigSchema`."""
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file (a checkpoint needs config.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+        raw = read_json(path, MAX_CONFIG_BYTES, ConfigError, "a checkpoint needs config.json")
         return cls.from_dict(raw, source=path)
+
+
+def read_json(path: str, max_bytes: int, error: type[ValueError], needed_for: str):
+    """A JSON file of a checkpoint, or ``error`` naming the file for anything refused: missing
+    (saying what it is ``needed_for``), not a regular file, too large, unreadable, not JSON."""
+    try:
+        return safejson.load_file(path, max_bytes=max_bytes, allow_infinity=True)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file ({needed_for})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # safejson: its message names the file
+        raise error(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
 
 
 def _parse_quantization(q, source: str) -> tuple[int, int]:
@@ -267,7 +373,7 @@ def _parse_quantization(q, source: str) -> tuple[int, int]:
     if (
         not isinstance(block, list)
         or len(block) != 2
-        or not all(isinstance(v, int) and v >= 0 for v in block)
+        or not all(type(v) is int and 0 <= v <= MAX_FP8_BLOCK for v in block)
     ):
-        fail(f"weight_block_size {block!r}: expected [rows, cols]")
+        fail(f"weight_block_size {block!r}: expected [rows, cols], each in [0, {MAX_FP8_BLOCK}]")
     return (block[0], block[1])

@@ -26,7 +26,6 @@ import hmac
 import itertools
 import json
 import logging
-import math
 import os
 import queue
 import threading
@@ -35,37 +34,22 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .engine import Engine, RequestOutput
-from .generate import MODES, SamplingParams
+from .protocol import (
+    MAX_BODY_BYTES,
+    BadRequest,
+    ServedModel,
+    error_body,
+    parse_completion,
+    read_json_body,
+)
 
 log = logging.getLogger("twotower_rt.serve")
 
-DEFAULT_MAX_TOKENS = 16
-TWO_TOWER_FIELDS = ("mode", "block_size", "steps_per_block", "confidence_threshold")
-KNOWN_FIELDS = {
-    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
-    "seed", "n", "stream", "user", "echo", "logprobs", "best_of", "presence_penalty",
-    "frequency_penalty", "logit_bias", "suffix", "stream_options", *TWO_TOWER_FIELDS,
-}  # fmt: skip
-MAX_N = 16
-# OpenAI fields accepted only at their neutral values (a client asking for more gets a 400, not a
-# silent no).
-UNSUPPORTED = {
-    "echo": (None, False), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}), "stream_options": (None, {}, {"include_usage": False}),
-}  # fmt: skip
+STALL_SECONDS = 300.0  # /health answers 503 while one engine step has run this long
 
 
-class BadRequest(ValueError):
-    """An invalid request: answered 400 with the OpenAI error body."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None):
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+class EngineFailure(RuntimeError):
+    """The engine failed a sequence while stepping it (that sequence alone)."""
 
 
 # --- the engine thread ----------------------------------------------------------------------------
@@ -116,6 +100,7 @@ class EngineWorker:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._stop = False
+        self.step_started: float | None = None  # monotonic time the running step began
         self._thread = threading.Thread(target=self._run, name="twotower-rt-engine", daemon=True)
         self._thread.start()
 
@@ -158,14 +143,24 @@ class EngineWorker:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue
+            self.step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # an engine fault must not leave clients waiting forever
+            except Exception as exc:  # the engine fails a request's own faults alone (its
+                # "error" outputs); what escapes a step is the engine's, and no one's output
+                # can be trusted: every client is answered rather than left waiting
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {exc}")
                 continue
+            finally:
+                self.step_started = None
             for out in outputs:
                 self._deliver(out)
+
+    def stalled_for(self) -> float:
+        """Seconds the step now running has taken (0 when none runs)."""
+        started = self.step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def _drain(self) -> None:
         while True:
@@ -178,11 +173,14 @@ class EngineWorker:
                     self._pending -= 1
                 try:
                     self.engine.add_request(seq.ids, seq.mode, request_id=seq.rid, **seq.params)
-                except ValueError as exc:  # validated before, so unexpected: still answered
+                except Exception as exc:  # validated before, so unexpected: still answered
                     self._send(seq, exc)
                     continue
                 self._sequences[seq.rid] = seq
                 self.metrics.prompt_tokens += len(seq.ids)
+                out = self.engine.output(seq.rid)
+                if out.finished:  # nothing to generate: it never reaches a step
+                    self._deliver(out)
             elif seq.rid in self._sequences:  # cancel
                 self.engine.abort(seq.rid)
                 self.engine.pop(seq.rid)
@@ -198,6 +196,10 @@ class EngineWorker:
         if out.finished:
             del self._sequences[out.request_id]
             self.engine.pop(out.request_id)
+            if out.finish_reason == "error":
+                self.metrics.failed += 1
+                self._send(seq, EngineFailure(out.error or "engine error"))
+                return
             if seq.mode == "mask_diffusion":
                 self.metrics.diffusion_tokens += len(out.generated)
                 self.metrics.denoiser_forwards += out.nfe
@@ -217,145 +219,6 @@ class EngineWorker:
             seq.loop.call_soon_threadsafe(seq.sink.put_nowait, item)
         except RuntimeError:  # the client's event loop is gone
             pass
-
-
-# --- requests -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Completion:
-    """A validated /v1/completions request: the prompts (token ids), the engine parameters, and
-    what the response needs."""
-
-    prompts: list[list[int]]
-    mode: str
-    params: list[dict]  # one per choice of each prompt: prompts x n
-    n: int
-    max_tokens: int
-    stop: list[str]
-    stream: bool
-
-
-def _expect(body: dict, name: str, kinds, default=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise BadRequest(f"'{name}' must be of type {_kind_names(kinds)}, got a boolean", name)
-    if not isinstance(value, kinds):
-        raise BadRequest(
-            f"'{name}' must be of type {_kind_names(kinds)}, got {type(value).__name__}", name
-        )
-    return value
-
-
-def _kind_names(kinds) -> str:
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    return " or ".join(k.__name__ for k in kinds)
-
-
-def parse_completion(body, engine: Engine, tokenizer, default_mode: str) -> Completion:
-    """Validate a /v1/completions body against the model and the engine; BadRequest says what is
-    wrong."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    unknown = sorted(set(body) - KNOWN_FIELDS)
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(unknown)}", unknown[0])
-    for name, neutral in UNSUPPORTED.items():  # OpenAI fields this server cannot honour
-        if body.get(name) not in neutral:
-            raise BadRequest(f"'{name}' is not supported by this server", name)
-    vocab = engine.lm.cfg.vocab_size
-    prompts = _prompts(body.get("prompt"), tokenizer, vocab)
-    mode = _expect(body, "mode", str, default_mode)
-    if mode not in MODES:
-        raise BadRequest(f"'mode' must be one of {', '.join(MODES)}, got {mode!r}", "mode")
-    max_tokens = _expect(body, "max_tokens", int, DEFAULT_MAX_TOKENS)
-    if max_tokens < 1:
-        raise BadRequest(f"'max_tokens' must be >= 1, got {max_tokens}", "max_tokens")
-    n = _expect(body, "n", int, 1)
-    if not 1 <= n <= MAX_N:
-        raise BadRequest(f"'n' must be in [1, {MAX_N}], got {n}", "n")
-    stream = _expect(body, "stream", bool, False)
-    stop = _expect(body, "stop", (str, list), [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise BadRequest("'stop' must be a non-empty string or a list of at most 4 of them", "stop")
-    if stop and tokenizer is None:
-        raise BadRequest("'stop' strings need a model with a tokenizer; use stop_token_ids", "stop")
-    params: dict = {}
-    for name, kinds in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int),
-                        ("block_size", int), ("steps_per_block", int),
-                        ("confidence_threshold", (int, float))):  # fmt: skip
-        value = _expect(body, name, kinds)
-        if value is not None:
-            params[name] = value
-    params.setdefault("temperature", 1.0)  # the OpenAI default
-    if params.get("top_p") == 1:
-        del params["top_p"]
-    stop_ids = _expect(body, "stop_token_ids", list, [])
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-        raise BadRequest("'stop_token_ids' must be a list of token ids", "stop_token_ids")
-    eos = getattr(engine.lm.cfg, "eos_token_id", None)
-    params["eos_token_id"] = stop_ids + ([eos] if eos is not None else [])
-    # Mask diffusion runs whole blocks: generate enough of them, return the first max_tokens.
-    block = params.get("block_size", SamplingParams.block_size)
-    new = max_tokens
-    if mode == "mask_diffusion" and isinstance(block, int) and block > 0:
-        new = math.ceil(max_tokens / block) * block
-    params["max_new_tokens"] = new
-    seed = _expect(body, "seed", int)
-    if seed is not None and seed < 0:
-        raise BadRequest(f"'seed' must be >= 0, got {seed}", "seed")
-    try:
-        p = SamplingParams(**params)
-        p.validate(mode, vocab, 1)
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
-    longest = max(len(x) for x in prompts)
-    if longest + new > engine.plan.context:
-        raise BadRequest(
-            f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}"
-            f"{f', {new} in whole blocks' if new != max_tokens else ''}) exceeds this server's "
-            f"context of {engine.plan.context} tokens",
-            "max_tokens",
-        )
-    choices = []
-    for _ in prompts:
-        for i in range(n):
-            choices.append({**params, "seed": None if seed is None else seed + i})
-    return Completion(prompts, mode, choices, n, max_tokens, stop, stream)
-
-
-def _prompts(prompt, tokenizer, vocab) -> list[list[int]]:
-    if prompt is None:
-        raise BadRequest("'prompt' is required", "prompt")
-    if isinstance(prompt, str) or (
-        isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
-    ):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either",
-                         "prompt")  # fmt: skip
-    out = []
-    for item in prompt:
-        if isinstance(item, str):
-            if tokenizer is None:
-                raise BadRequest("text prompts need a model with a tokenizer; send token ids",
-                                 "prompt")  # fmt: skip
-            ids = tokenizer.encode(item).ids
-        elif isinstance(item, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in item
-        ):
-            ids = item
-        else:
-            raise BadRequest("each prompt must be a string or a list of token ids", "prompt")
-        if not ids:
-            raise BadRequest("a prompt is empty", "prompt")
-        if any(not 0 <= t < vocab for t in ids):
-            raise BadRequest(f"a prompt token id is outside the vocabulary [0, {vocab})", "prompt")
-        out.append(list(ids))
-    return out
 
 
 # --- the ASGI app ---------------------------------------------------------------------------------
@@ -396,14 +259,21 @@ class _Choice:
 
 
 def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str | None = None,
-               max_queue: int = 256, default_mode: str = "mask_diffusion"):  # fmt: skip
-    """The Starlette app serving ``engine`` (its worker thread starts now, stops at shutdown)."""
+               max_queue: int = 256, default_mode: str = "mask_diffusion",
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = 30.0,
+               stall_seconds: float = STALL_SECONDS):  # fmt: skip
+    """The Starlette app serving ``engine`` (its worker thread starts now, stops at shutdown).
+    Bodies past ``max_body_bytes`` get 413, bodies not all sent in ``body_timeout`` s 408;
+    /health says 503 once one engine step has run ``stall_seconds``."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
     worker = EngineWorker(engine, max_queue)
+    cfg = engine.lm.cfg
+    served = ServedModel(cfg.vocab_size, engine.plan.context, tokenizer,
+                         getattr(cfg, "eos_token_id", None), default_mode, max_queue)  # fmt: skip
     created = int(time.time())
     completion_ids = itertools.count()
 
@@ -424,17 +294,11 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
     async def completions(request: Request):
         if not authorized(request):
             return unauthorized()
-        raw = await request.body()
         try:
-            body = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            return fail(400, "the request body is not UTF-8", "invalid_request_error")
-        except json.JSONDecodeError as exc:
-            return fail(400, f"the request body is not valid JSON: {exc}", "invalid_request_error")
-        try:
-            req = parse_completion(body, engine, tokenizer, default_mode)
+            body = await read_json_body(request, max_bytes=max_body_bytes, timeout=body_timeout)
+            req = await asyncio.to_thread(parse_completion, body, served)  # tokenizes
         except BadRequest as exc:
-            return fail(400, str(exc), "invalid_request_error", exc.param)
+            return JSONResponse(exc.body(), status_code=exc.status)
         loop = asyncio.get_running_loop()
         seqs = [
             _Sequence(ids, req.mode, params, loop, asyncio.Queue())
@@ -522,6 +386,9 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
     async def health(request: Request):
         if not worker.alive:
             return fail(503, "the engine thread has stopped", "server_error")
+        stalled = worker.stalled_for()
+        if stalled > stall_seconds:
+            return fail(503, f"one engine step has run for {stalled:.0f} s", "server_error")
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request):
@@ -563,6 +430,10 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
         return fail(405, f"{request.method} is not allowed on {request.url.path}",
                     "invalid_request_error")  # fmt: skip
 
+    async def internal_error(request: Request, exc):  # a bug of ours: still an OpenAI body
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return fail(500, f"internal error: {type(exc).__name__}", "server_error")
+
     app = Starlette(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
@@ -570,24 +441,79 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
-        exception_handlers={404: not_found, 405: not_allowed},
+        exception_handlers={404: not_found, 405: not_allowed, Exception: internal_error},
         lifespan=lifespan,
     )
     app.state.worker = worker
     return app
 
 
+def guarded_h11(header_timeout: float, max_connections: int):
+    """uvicorn's h11 protocol with what uvicorn lacks: a connection past ``max_connections`` is
+    closed at once, and one that has not sent a whole request head ``header_timeout`` seconds
+    after it connected (or after its last response) is closed, so silent and half-sent
+    connections cannot pile up. (Idle keep-alive is uvicorn's ``timeout_keep_alive``; bodies
+    are timed by the app.)"""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer = None
+        _head_cycle = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.close()
+                return
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_timer is None and self._between_requests():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._head_cycle = self.cycle
+            self._head_timer = self.loop.call_later(header_timeout, self._head_expired)
+
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if self.cycle is self._head_cycle and self._between_requests():
+                if not self.transport.is_closing():
+                    self.transport.close()
+
+    return GuardedH11Protocol
+
+
 def serve(model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 256, model_name: str | None = None, default_mode: str = "mask_diffusion",
-          engine: Engine | None = None, **engine_args) -> None:  # fmt: skip
+          engine: Engine | None = None, max_connections: int = 256, header_timeout: float = 10.0,
+          keep_alive_timeout: float = 5.0, max_body_bytes: int = MAX_BODY_BYTES,
+          **engine_args) -> None:  # fmt: skip
     """Run the server until interrupted: ``model`` a loaded TwoTowerModel, ``engine_args`` for
     :class:`Engine` (max_slots, context, memory_budget, ...), or ``engine`` one already made (the
-    lockstep engine of rank 0 under tensor parallelism)."""
+    lockstep engine of rank 0 under tensor parallelism). At most ``max_connections`` connections
+    (more are closed; past it in flight, uvicorn answers 503); a request head must arrive within
+    ``header_timeout`` s, and an idle keep-alive connection is closed after
+    ``keep_alive_timeout`` s."""
     import uvicorn
 
     engine = engine if engine is not None else Engine(model, **engine_args)
     name = model_name or os.path.basename(os.path.normpath(getattr(model, "source", "twotower")))
     app = create_app(engine, model_name=name, tokenizer=getattr(model, "tokenizer", None),
-                     api_key=api_key, max_queue=max_queue, default_mode=default_mode)  # fmt: skip
+                     api_key=api_key, max_queue=max_queue, default_mode=default_mode,
+                     max_body_bytes=max_body_bytes)  # fmt: skip
     print(f"{engine.plan.describe()}\nserving {name} on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning",
+                http=guarded_h11(header_timeout, max_connections),
+                limit_concurrency=max_connections, timeout_keep_alive=keep_alive_timeout,
+                h11_max_incomplete_event_size=16 * 1024)  # fmt: skip

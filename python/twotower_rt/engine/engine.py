@@ -27,6 +27,7 @@ GPU with ``graphs``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections import deque
@@ -43,6 +44,8 @@ from .steps import StepKey, StepRunner
 log = logging.getLogger("twotower_rt.engine")
 
 DEFAULT_PREFILL_CHUNK = 2048
+SEED_LIMIT = 2**63  # seeds live in int64 tensors (the Philox key)
+MAX_STEPS_PER_BLOCK = 2**16  # past block_size every step commits one token anyway
 
 
 @dataclass
@@ -59,6 +62,7 @@ class RequestOutput:
     finish_reason: str | None
     nfe: int
     commits_per_step: list[list[int]] | None
+    error: str | None = None  # finish_reason "error": what failed while stepping this request
 
 
 @dataclass
@@ -79,6 +83,7 @@ class _Request:
     nfe: int = 0
     commits: list[list[int]] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None
 
     def snapshot(self) -> RequestOutput:
         new = self.output[self.reported :]
@@ -87,6 +92,7 @@ class _Request:
             self.id, self.prompt, list(self.output), new, self.finish_reason is not None,
             self.finish_reason, self.nfe,
             [list(c) for c in self.commits] if self.mode == "mask_diffusion" else None,
+            self.error,
         )  # fmt: skip
 
 
@@ -169,6 +175,12 @@ class Engine:
         if isinstance(p.seed, (list, tuple)):
             raise ValueError("seed must be one integer (or None) per request")
         p.validate(mode, vocab, 1)
+        if p.seed is not None and p.seed >= SEED_LIMIT:
+            raise ValueError(f"seed must be < 2**63, got {p.seed}")
+        if p.steps_per_block > MAX_STEPS_PER_BLOCK:  # (block_size is bounded by the context:
+            # max_new_tokens is a multiple of it, or 0 and no block is ever made)
+            raise ValueError(f"steps_per_block must be <= {MAX_STEPS_PER_BLOCK}, got "
+                             f"{p.steps_per_block}")  # fmt: skip
         need = len(ids) + p.max_new_tokens
         if need > self.plan.context:
             raise ValueError(
@@ -270,8 +282,22 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and self.pool.free:
             req = self._waiting.popleft()
-            req.slot = self.pool.acquire(req.seed)
             self._running.append(req)
+            with self._isolated([req]):
+                req.slot = self.pool.acquire(req.seed)
+
+    @contextlib.contextmanager
+    def _isolated(self, reqs: list[_Request]):
+        """Work on behalf of ``reqs`` alone: an exception fails those requests (finish_reason
+        "error", slots freed) and no other; the step goes on."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 -- any fault of this work is these requests'
+            log.exception("engine: failing %d request(s)", len(reqs))
+            for req in reqs:
+                if req.finish_reason is None:
+                    req.error = f"{type(exc).__name__}: {exc}"
+                    self._finish(req, "error")
 
     def _prefill(self) -> None:
         budget, chunk = self.prefill_chunk, []
@@ -289,12 +315,13 @@ class Engine:
         full = all(take == width for _, take in chunk)
         n_valid = None if full else self._tensor([t for _, t in chunk])
         slots = self._tensor([r.slot for r, _ in chunk])
-        batch = self.pool.cache.select(slots, max_length=max(r.length for r, _ in chunk))
-        self.lm.context_forward(ids, batch, n_valid=n_valid)
-        self.pool.cache.store(batch, appended=width)
-        for req, take in chunk:
-            req.prefilled += take
-            req.length += take
+        with self._isolated([r for r, _ in chunk]):
+            batch = self.pool.cache.select(slots, max_length=max(r.length for r, _ in chunk))
+            self.lm.context_forward(ids, batch, n_valid=n_valid)
+            self.pool.cache.store(batch, appended=width)
+            for req, take in chunk:
+                req.prefilled += take
+                req.length += take
 
     def _launch(self) -> _InFlight | None:
         """Every fixed-shape step this step runs; their small outputs start on their way to the
@@ -337,15 +364,17 @@ class Engine:
                 for req in reqs:
                     req.launched += 1
                     req.length += 1  # the pending token it feeds
-            out = self.runner.run(key, inputs)
-            names = ("block", "masked", "committed") if key.kind == "denoise" else ("next",)
-            tensors = [out[n].reshape(-1) for n in names]
-            outputs += tensors
-            done.append((key.kind, reqs, [t.numel() for t in tensors]))
+            with self._isolated(reqs):
+                out = self.runner.run(key, inputs)
+                names = ("block", "masked", "committed") if key.kind == "denoise" else ("next",)
+                tensors = [out[n].reshape(-1) for n in names]
+                outputs += tensors
+                done.append((key.kind, reqs, [t.numel() for t in tensors]))
         if feed:
-            self.runner.run(StepKey("feed"), {"slots": self._tensor([r.slot for r in feed])})
-            for req in feed:
-                self._new_block(req)
+            with self._isolated(feed):
+                self.runner.run(StepKey("feed"), {"slots": self._tensor([r.slot for r in feed])})
+                for req in feed:
+                    self._new_block(req)
         if not outputs:
             return None
         values = torch.cat([t.to(torch.long) for t in outputs])
@@ -412,14 +441,15 @@ class Engine:
         for req in reqs:
             groups.setdefault(req.params.block_size, []).append(req)
         for size, group in groups.items():
-            slots = self._tensor([r.slot for r in group])
-            ids = self.pool.blocks(size).index_select(0, slots)
-            batch = self.pool.cache.select(slots, max_length=max(r.length for r in group))
-            self.lm.context_forward(ids, batch)
-            self.pool.cache.store(batch, appended=size)
-            for req in group:
-                req.length += size
-                self._new_block(req)
+            with self._isolated(group):
+                slots = self._tensor([r.slot for r in group])
+                ids = self.pool.blocks(size).index_select(0, slots)
+                batch = self.pool.cache.select(slots, max_length=max(r.length for r in group))
+                self.lm.context_forward(ids, batch)
+                self.pool.cache.store(batch, appended=size)
+                for req in group:
+                    req.length += size
+                    self._new_block(req)
 
     def _new_block(self, req: _Request) -> None:
         p = req.params

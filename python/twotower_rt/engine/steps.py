@@ -26,6 +26,7 @@ stays eager.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,9 @@ from ..ops.mask_sampling import mask_sampling
 from ..ops.sample_tokens import sample_tokens
 from .pool import SlotPool
 
+# Step functions (and their CUDA graphs) kept at once: one per distinct parameter set, so a stream
+# of requests with ever new temperatures must not grow them without bound (least recently used go).
+MAX_STEP_FUNCTIONS = 64
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -148,7 +152,7 @@ class StepRunner:
         self.lm, self.pool = lm, pool
         self.graphs = graphs
         self.pad = pad or graphs
-        self._fns: dict[StepKey, Callable[..., dict]] = {}
+        self._fns: OrderedDict[StepKey, Callable[..., dict]] = OrderedDict()
         self._graphs: dict[tuple[StepKey, int], _Captured] = {}
         self._mempool = None
 
@@ -158,6 +162,12 @@ class StepRunner:
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = make_step(self.lm, self.pool, key)
+            if len(self._fns) > MAX_STEP_FUNCTIONS:
+                old, _ = self._fns.popitem(last=False)
+                for graph_key in [k for k in self._graphs if k[0] == old]:
+                    del self._graphs[graph_key]
+        else:
+            self._fns.move_to_end(key)
         n = inputs["slots"].shape[0]
         if not self.pad:
             return fn(**inputs)
