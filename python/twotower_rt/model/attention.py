@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TwoTowerConfig
-from ..ops.block_attention import attention_ref, block_attention
+from ..ops.block_attention import attention_ref, block_attention, block_attention_ref
+from . import cpu_fast
 from .linear import make_linear
 
 
@@ -47,6 +48,11 @@ class Attention(nn.Module):
         self.v_proj = make_linear(cfg, cfg.hidden_size, hkv * d, bias)
         self.o_proj = make_linear(cfg, hq * d, cfg.hidden_size, bias)
 
+    def _plain_projections(self) -> bool:
+        """Full-precision, unbiased q/k/v projections (what cpu_fast.qkv fuses)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        return all(isinstance(p, nn.Linear) and p.bias is None for p in projections)
+
     def forward(
         self,
         h: torch.Tensor,
@@ -64,11 +70,17 @@ class Attention(nn.Module):
         (saves reading its max back from the device for a multi-token append)."""
         cfg = self.cfg
         b, n, _ = h.shape
-        q = self.q_proj(h).view(b, n, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(h).view(b, n, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(h).view(b, n, cfg.num_key_value_heads, cfg.head_dim)
+        fast = cpu_fast.applies(self, h) and self._plain_projections()
+        if fast:  # q, k and v in one matmul
+            q, k, v = cpu_fast.qkv(self, h)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = q.view(b, n, cfg.num_attention_heads, cfg.head_dim)
+        k = k.view(b, n, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.view(b, n, cfg.num_key_value_heads, cfg.head_dim)
         if not append:
-            out = block_attention(q, cache_k, cache_v, prefix_len, k, v, cache_slots=slots)
+            attend = block_attention_ref if fast else block_attention  # the CPU path, unchecked
+            out = attend(q, cache_k, cache_v, prefix_len, k, v, cache_slots=slots)
         else:
             dev = h.device
             pos = prefix_len[:, None] + torch.arange(n, device=dev)[None, :]  # (b, n)
@@ -76,7 +88,8 @@ class Attention(nn.Module):
             cache_k[rows, pos] = k.to(cache_k.dtype)
             cache_v[rows, pos] = v.to(cache_v.dtype)
             if n == 1:  # AR decode: the one new token sees the whole prefix and itself
-                out = block_attention(q, cache_k, cache_v, prefix_len + 1, cache_slots=slots)
+                attend = block_attention_ref if fast else block_attention
+                out = attend(q, cache_k, cache_v, prefix_len + 1, cache_slots=slots)
             else:
                 span = (int(prefix_len.max()) if max_prefix is None else max_prefix) + n
                 if slots is None:

@@ -164,3 +164,13 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
             out = block.mixer(h)
         x = x + (out if modulation is None else gates[i] * out)
     return rms_norm(x, tower.norm_f.weight, eps), new_states
+
+
+def qkv(attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k and v projections of ``h`` (b, n, hidden) as one matmul by their K-major weights
+    side by side (made once per weight version); unbiased full-precision projections only."""
+    projections = (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight)
+    weight = derived(attention, projections, lambda *w: torch.cat(w).t().contiguous())
+    sizes = [p.shape[0] for p in projections]
+    out = torch.mm(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], -1)
+    return torch.split(out, sizes, dim=-1)

@@ -67,7 +67,7 @@ def selective_scan_ref(
 # selective_scan_fast keeps every state of a run at once while that is at most this many bytes;
 # past it (large batches) the per-op overhead it saves is small and the reference's loop, which
 # reuses one state in cache, is faster.
-FAST_SCAN_MAX_BYTES = 16 << 20
+FAST_SCAN_MAX_BYTES = 8 << 20
 
 
 def selective_scan_fast(
