@@ -155,15 +155,27 @@ def read_state_dict(
     device,
     dtype: torch.dtype,
     fixed: dict[str, torch.dtype] | None = None,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint (checked by :func:`iter_checkpoint`) on ``device``: those
     named in ``fixed`` (an FP8 checkpoint's weights and scales) keep that dtype, all others are
-    converted to ``dtype``."""
+    converted to ``dtype``. ``progress``: a tqdm bar over the shards on stderr (None: when there
+    is more than one)."""
+    from tqdm import tqdm
+
     fixed = fixed or {}
-    return {
-        name: tensor.to(device=device, dtype=fixed.get(name) or dtype)
-        for _, name, tensor in iter_checkpoint(directory, expected, fixed)
-    }
+    shards = len(_weight_files(directory))
+    show = shards > 1 if progress is None else progress
+    state, current = {}, None
+    with tqdm(total=shards, desc="Loading safetensors shards", unit="shard",
+              disable=not show) as bar:  # fmt: skip
+        for path, name, tensor in iter_checkpoint(directory, expected, fixed):
+            if path != current:
+                bar.update(current is not None)
+                current = path
+            state[name] = tensor.to(device=device, dtype=fixed.get(name) or dtype)
+        bar.update(current is not None)
+    return state
 
 
 def _meta_model(cfg: TwoTowerConfig) -> TwoTowerLM:
@@ -198,7 +210,10 @@ def expected_fixed_dtypes(cfg: TwoTowerConfig) -> dict[str, torch.dtype]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, device="cpu", dtype: torch.dtype | str = torch.float32
+    path: str | os.PathLike,
+    device="cpu",
+    dtype: torch.dtype | str = torch.float32,
+    progress: bool | None = None,
 ) -> tuple[TwoTowerConfig, TwoTowerLM]:
     directory = os.fspath(path)
     if not os.path.isdir(directory):
@@ -212,6 +227,6 @@ def load_checkpoint(
     # (building it costs seconds at the real model's 13k modules).
     model = _meta_model(cfg)
     state = read_state_dict(
-        directory, _shapes(model), torch.device(device), dtype, fixed_dtypes(model)
+        directory, _shapes(model), torch.device(device), dtype, fixed_dtypes(model), progress
     )
     return cfg, _take(model, state)

@@ -396,14 +396,21 @@ class _Choice:
 
 
 def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str | None = None,
-               max_queue: int = 256, default_mode: str = "mask_diffusion"):  # fmt: skip
-    """The Starlette app serving ``engine`` (its worker thread starts now, stops at shutdown)."""
+               max_queue: int = 256, default_mode: str = "mask_diffusion", chat_template=None,
+               generation=None):  # fmt: skip
+    """The Starlette app serving ``engine`` (its worker thread starts now, stops at shutdown).
+    ``chat_template``: a :class:`~twotower_rt.chat.ChatTemplate` for /v1/chat/completions (None:
+    that route answers 400); ``generation``: the checkpoint's
+    :class:`~twotower_rt.generation_config.GenerationDefaults`, under every request's own fields."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
+    from .chat import ChatEndpoint
+
     worker = EngineWorker(engine, max_queue)
+    chat = ChatEndpoint(chat_template, tokenizer)
     created = int(time.time())
     completion_ids = itertools.count()
 
@@ -421,7 +428,7 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
         return fail(401, "invalid or missing API key (Authorization: Bearer KEY)",
                     "authentication_error", code="invalid_api_key")  # fmt: skip
 
-    async def completions(request: Request):
+    async def completions(request: Request, chat_endpoint=None):
         if not authorized(request):
             return unauthorized()
         raw = await request.body()
@@ -431,7 +438,12 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
             return fail(400, "the request body is not UTF-8", "invalid_request_error")
         except json.JSONDecodeError as exc:
             return fail(400, f"the request body is not valid JSON: {exc}", "invalid_request_error")
+        shape = None  # /v1/chat/completions: turns completion responses into chat ones
         try:
+            if chat_endpoint is not None:
+                body, shape = chat_endpoint.prepare(body)
+            if generation is not None:
+                body = generation.apply_to_request(body)
             req = parse_completion(body, engine, tokenizer, default_mode)
         except BadRequest as exc:
             return fail(400, str(exc), "invalid_request_error", exc.param)
@@ -447,9 +459,12 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
         cid = f"cmpl-{created:x}{next(completion_ids):06x}"
         choices = [_Choice(tokenizer, req.max_tokens, req.stop) for _ in seqs]
         if req.stream:
-            return StreamingResponse(_stream(request, cid, seqs, choices),
+            return StreamingResponse(_stream(request, cid, seqs, choices, shape),
                                      media_type="text/event-stream")  # fmt: skip
-        return await _complete(request, cid, req, seqs, choices)
+        return await _complete(request, cid, req, seqs, choices, shape)
+
+    async def chat_completions(request: Request):
+        return await completions(request, chat)
 
     async def _next(request, seq, watch_disconnect: bool):
         while True:
@@ -459,7 +474,7 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
                 if watch_disconnect and await request.is_disconnected():
                     raise ConnectionAbortedError from None
 
-    async def _complete(request, cid, req, seqs, choices):
+    async def _complete(request, cid, req, seqs, choices, shape):
         try:
             for seq, choice in zip(seqs, choices):
                 while not choice.done:
@@ -472,7 +487,7 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
             worker.cancel([s for s, c in zip(seqs, choices) if not c.engine_done])
         completion = sum(len(c.tokens) for c in choices)
         prompt_tokens = sum(len(p) for p in req.prompts)
-        return JSONResponse({
+        result = {
             "id": cid, "object": "text_completion", "created": int(time.time()),
             "model": model_name,
             "choices": [{"index": i, "text": c.text, "logprobs": None,
@@ -480,14 +495,15 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
                         for i, c in enumerate(choices)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion},
-        })  # fmt: skip
+        }  # fmt: skip
+        return JSONResponse(result if shape is None else shape.response(result))
 
-    async def _stream(request, cid, seqs, choices):
+    async def _stream(request, cid, seqs, choices, shape):
         def event(index, text, finish_reason):
             chunk = {"id": cid, "object": "text_completion", "created": int(time.time()),
                      "model": model_name, "choices": [{"index": index, "text": text,
                      "logprobs": None, "finish_reason": finish_reason}]}  # fmt: skip
-            return f"data: {json.dumps(chunk)}\n\n"
+            return f"data: {json.dumps(chunk if shape is None else shape.chunk(chunk))}\n\n"
 
         pending = {i: asyncio.ensure_future(seq.sink.get()) for i, seq in enumerate(seqs)}
         try:
@@ -566,6 +582,7 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
     app = Starlette(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
@@ -579,15 +596,23 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
 
 def serve(model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 256, model_name: str | None = None, default_mode: str = "mask_diffusion",
-          engine: Engine | None = None, **engine_args) -> None:  # fmt: skip
+          engine: Engine | None = None, log_level: str = "warning",
+          **engine_args) -> None:  # fmt: skip
     """Run the server until interrupted: ``model`` a loaded TwoTowerModel, ``engine_args`` for
     :class:`Engine` (max_slots, context, memory_budget, ...), or ``engine`` one already made (the
-    lockstep engine of rank 0 under tensor parallelism)."""
+    lockstep engine of rank 0 under tensor parallelism). ``log_level``: uvicorn's and this
+    package's loggers (debug, info, warning, error)."""
     import uvicorn
+
+    from .api import startup_summary
 
     engine = engine if engine is not None else Engine(model, **engine_args)
     name = model_name or os.path.basename(os.path.normpath(getattr(model, "source", "twotower")))
     app = create_app(engine, model_name=name, tokenizer=getattr(model, "tokenizer", None),
-                     api_key=api_key, max_queue=max_queue, default_mode=default_mode)  # fmt: skip
-    print(f"{engine.plan.describe()}\nserving {name} on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+                     api_key=api_key, max_queue=max_queue, default_mode=default_mode,
+                     chat_template=getattr(model, "chat_template", None),
+                     generation=getattr(model, "generation", None))  # fmt: skip
+    chat = "with" if getattr(model, "chat_template", None) is not None else "without"
+    print(f"{startup_summary(model, engine)}\nserving {name} on http://{host}:{port}/v1 ({chat} "
+          "a chat template)", flush=True)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
