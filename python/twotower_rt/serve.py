@@ -34,6 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .detok import IncrementalDetokenizer
 from .engine import Engine, RequestOutput
 from .generate import MODES, SamplingParams
 
@@ -368,6 +369,8 @@ class _Choice:
         self.tokenizer, self.max_tokens, self.stop = tokenizer, max_tokens, stop
         self.tokens: list[int] = []
         self.text = ""
+        self.sent = 0  # characters of text returned so far
+        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.finish_reason: str | None = None
         self.engine_done = False  # its engine request finished (else: cancel it when done here)
 
@@ -376,18 +379,25 @@ class _Choice:
         if isinstance(out, Exception):
             raise out
         self.engine_done = out.finished
+        new_tokens = out.generated[len(self.tokens) : self.max_tokens]
         self.tokens = out.generated[: self.max_tokens]
-        text = self.tokenizer.decode(self.tokens) if self.tokenizer is not None else ""
-        for s in self.stop:
-            at = text.find(s)
+        before, text = len(self.text), self.text
+        last = out.finished or len(out.generated) >= self.max_tokens
+        if self.detok is not None:
+            text += self.detok.push(new_tokens) + (self.detok.flush() if last else "")
+        for s in self.stop:  # only where the new text can complete a stop string
+            at = text.find(s, max(0, before - len(s) + 1))
             if at >= 0:
                 text, self.finish_reason = text[:at], "stop"
-        if self.finish_reason is None and (out.finished or len(out.generated) >= self.max_tokens):
+        if self.finish_reason is None and last:
             truncated = len(out.generated) > self.max_tokens
             reason = out.finish_reason
             self.finish_reason = "length" if truncated or reason == "length" else "stop"
-        new = text[len(self.text) :] if text.startswith(self.text) else ""
         self.text = text
+        # Until done, hold back what could be the start of a stop string still to come.
+        hold = 0 if self.done or not self.stop else max(map(len, self.stop)) - 1
+        upto = max(self.sent, len(text) - hold)
+        new, self.sent = text[self.sent : upto], upto
         return new
 
     @property
