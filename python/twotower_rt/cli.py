@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="report what this installation can run (CPU, GPU, kernels)")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.add_argument("--check", action="store_true",
+                     help="exit 1 unless twotower_rt._C is there with every kernel (for CI and "
+                          "installs)")  # fmt: skip
     env.set_defaults(run=cmd_env)
     return parser
 
@@ -460,7 +463,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     from . import env
 
     print(json.dumps(env.report()) if args.json else env.format_report())
-    return 0
+    return env.check_exit_code(args.check)
 
 
 def main(argv: list[str] | None = None) -> int:
