@@ -202,3 +202,23 @@ def test_progress_bar_over_shards(tmp_path, capsys):
     assert "Loading safetensors shards" not in capsys.readouterr().err
     twotower_rt.load(DEFAULT_MODEL_DIR, progress=True)
     assert "1/1" in capsys.readouterr().err
+
+
+def test_log_level_and_the_start_up_line(tmp_path, caplog):
+    """batch and serve take --log-level; batch logs one start-up line (model, device, dtype and
+    why, the pool plan) at INFO, printed on stderr by the command."""
+    args = build_parser().parse_args(["batch", "in", "out", "--log-level", "debug"])
+    assert args.log_level == "debug"
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": 1, "input_ids": [5, 6], "mode": "ar"}) + "\n")
+    cmd = [sys.executable, "-m", "twotower_rt", "batch", str(src), str(out), "--max-new-tokens",
+           "2", "--no-progress", "--max-slots", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "twotower_rt.batch" in x]
+    assert line.startswith(f"INFO twotower_rt.batch: model {DEFAULT_MODEL_DIR}, device cpu, ")
+    assert "dtype float32 (auto: float32 on the CPU; checkpoint: bfloat16)" in line
+    assert "cache pool: 1 sequences" in line
+    proc = subprocess.run(cmd + ["--log-level", "warning"], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "twotower_rt.batch" not in proc.stderr

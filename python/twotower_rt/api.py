@@ -195,5 +195,4 @@ def startup_summary(model: TwoTowerModel, engine=None) -> str:
     why = f" ({model.dtype_reason})" if getattr(model, "dtype_reason", "") else ""
     where = f" [{model.path}]" if getattr(model, "path", model.source) != model.source else ""
     pool = f"; {engine.plan.describe()}" if engine is not None else ""
-    return (f"twotower-rt: model {model.source}{where}, device {model.device}, "
-            f"dtype {dtype}{why}{pool}")  # fmt: skip
+    return f"model {model.source}{where}, device {model.device}, dtype {dtype}{why}{pool}"

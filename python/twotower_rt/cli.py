@@ -131,7 +131,8 @@ def _model_arg(args: argparse.Namespace) -> str | None:
 
 
 def _set_log_level(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     logging.getLogger("twotower_rt").setLevel(level.upper())
 
 

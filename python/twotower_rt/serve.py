@@ -623,6 +623,6 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
                      chat_template=getattr(model, "chat_template", None),
                      generation=getattr(model, "generation", None))  # fmt: skip
     chat = "with" if getattr(model, "chat_template", None) is not None else "without"
-    print(f"{startup_summary(model, engine)}\nserving {name} on http://{host}:{port}/v1 ({chat} "
-          "a chat template)", flush=True)  # fmt: skip
+    print(f"twotower-rt: {startup_summary(model, engine)}\nserving {name} on "
+          f"http://{host}:{port}/v1 ({chat} a chat template)", flush=True)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
