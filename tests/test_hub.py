@@ -222,3 +222,41 @@ def test_log_level_and_the_start_up_line(tmp_path, caplog):
     proc = subprocess.run(cmd + ["--log-level", "warning"], capture_output=True, text=True,
                           env=subprocess_env(), timeout=300)  # fmt: skip
     assert proc.returncode == 0 and "twotower_rt.batch" not in proc.stderr
+
+
+def test_serve_a_hub_id_for_the_openai_client(hub_cache):
+    """`twotower-rt serve ORG/NAME` from the offline cache (a snapshot with a chat template): the
+    model is listed under its hub id, the start-up line says device and dtype, and the openai
+    client's completions and chat calls are answered."""
+    import signal
+
+    import openai
+    from helpers import free_port, wait_for_health
+
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    config = json.dumps({"chat_template": template, "eos_token": "</s>"}).encode()
+    add_snapshot(hub_cache, REPO_ID, default_files(**{"tokenizer_config.json": config}))
+    env = {**subprocess_env(), "HF_HOME": str(hub_cache.parent), "HF_HUB_OFFLINE": "1"}
+    port = free_port()
+    cmd = [sys.executable, "-m", "twotower_rt", "serve", REPO_ID, "--port", str(port),
+           "--max-slots", "2", "--context", "128"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_health(proc, port, 120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", timeout=60)
+        assert [m.id for m in client.models.list()] == [REPO_ID]
+        out = client.completions.create(model=REPO_ID, prompt="ROMEO.", max_tokens=4,
+                                        extra_body={"mode": "ar"})  # fmt: skip
+        assert len(out.choices[0].model_extra["token_ids"]) <= 4
+        chat = client.chat.completions.create(model=REPO_ID, max_tokens=4, extra_body={
+            "mode": "ar"}, messages=[{"role": "user", "content": "Speak."}])  # fmt: skip
+        assert chat.choices[0].message.role == "assistant"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=30)
+    first = stdout.decode().splitlines()[0]
+    assert (
+        first.startswith(f"twotower-rt: model {REPO_ID} [")
+        and ", device cpu, dtype float32" in first
+    )
+    assert "cache pool: 2 sequences x 128 tokens" in first
