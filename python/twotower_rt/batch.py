@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from . import safejson
-from .api import TwoTowerModel, load
+from .api import TwoTowerModel, load, startup_summary
 from .engine import Engine
 from .generate import MODES, SamplingParams
 from .protocol import BadRequest, BatchLine, validate
@@ -36,6 +37,7 @@ except ImportError:  # not POSIX: no lock against two runs writing the same OUT
 PARAM_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 MAX_LINE_BYTES = 16 << 20  # an input or output line longer than this is refused, never held
 MAX_LINE_DEPTH = 16  # JSON nesting of a line (a valid one nests 2)
+log = logging.getLogger("twotower_rt.batch")
 IN_FLIGHT_PER_SLOT = 4  # requests handed to the engine per cache slot: enough to refill every slot
 
 
@@ -199,8 +201,8 @@ def run_batch(
     context: int | None = None,
     max_in_flight: int | None = None,
     progress: bool = False,
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: str = "auto",
+    dtype: str = "auto",
     engine: Engine | None = None,
     **params,
 ) -> BatchSummary:
@@ -210,7 +212,8 @@ def run_batch(
     completion), in completion order, each step's lines fsync'd before the next step.
 
     ``model``: a loaded :class:`TwoTowerModel`, or a checkpoint directory (None: the default model)
-    loaded on ``device`` in ``dtype``. ``mode`` and ``params`` (:class:`SamplingParams` fields) are
+    or hub id loaded on ``device`` in ``dtype`` (see :func:`twotower_rt.load`). ``mode`` and
+    ``params`` (:class:`SamplingParams` fields, over the checkpoint's generation_config.json) are
     the defaults a line's own keys override. The engine has ``max_slots`` slots of ``context``
     tokens (its defaults when None); at most ``max_in_flight`` requests (default 4 per slot) are
     read ahead of completion, so the input is streamed, never held. Ids already in OUT are skipped
@@ -234,6 +237,8 @@ def run_batch(
     _check_defaults(mode, params, model.config.vocab_size)
     if engine is None:
         engine = Engine(model, max_slots=max_slots, context=context)
+    log.info(startup_summary(model, engine))
+    params = model.generation.apply(params) if hasattr(model, "generation") else params
     if max_in_flight is None:
         max_in_flight = IN_FLIGHT_PER_SLOT * engine.plan.slots
     elif isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:

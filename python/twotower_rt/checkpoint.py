@@ -190,16 +190,28 @@ def read_state_dict(
     dtype: torch.dtype,
     fixed: dict[str, torch.dtype] | None = None,
     check_weights: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint (checked by :func:`iter_checkpoint`, with
     ``check_weights`` also for NaN / infinite values) on ``device``: those named in ``fixed``
     (an FP8 checkpoint's weights and scales) keep that dtype, all others are converted to
-    ``dtype``."""
+    ``dtype``. ``progress``: a tqdm bar over the shards on stderr (None: when there is more
+    than one)."""
+    from tqdm import tqdm
+
     fixed = fixed or {}
-    return {
-        name: tensor.to(device=device, dtype=fixed.get(name) or dtype)
-        for _, name, tensor in iter_checkpoint(directory, expected, fixed, check_weights)
-    }
+    shards = len(_weight_files(directory))
+    show = shards > 1 if progress is None else progress
+    state, current = {}, None
+    with tqdm(total=shards, desc="Loading safetensors shards", unit="shard",
+              disable=not show) as bar:  # fmt: skip
+        for path, name, tensor in iter_checkpoint(directory, expected, fixed, check_weights):
+            if path != current:
+                bar.update(current is not None)
+                current = path
+            state[name] = tensor.to(device=device, dtype=fixed.get(name) or dtype)
+        bar.update(current is not None)
+    return state
 
 
 def _meta_model(cfg: TwoTowerConfig) -> TwoTowerLM:
@@ -238,6 +250,7 @@ def load_checkpoint(
     device="cpu",
     dtype: torch.dtype | str = torch.float32,
     check_weights: bool = False,
+    progress: bool | None = None,
 ) -> tuple[TwoTowerConfig, TwoTowerLM]:
     directory = os.fspath(path)
     if not os.path.isdir(directory):
@@ -250,7 +263,6 @@ def load_checkpoint(
     # One meta model gives the expected names, shapes and fixed dtypes and then takes the tensors
     # (building it costs seconds at the real model's 13k modules).
     model = _meta_model(cfg)
-    state = read_state_dict(
-        directory, _shapes(model), torch.device(device), dtype, fixed_dtypes(model), check_weights
-    )
+    state = read_state_dict(directory, _shapes(model), torch.device(device), dtype,
+                            fixed_dtypes(model), check_weights, progress)  # fmt: skip
     return cfg, _take(model, state)

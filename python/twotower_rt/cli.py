@@ -1,14 +1,17 @@
 """The ``twotower-rt`` command (also ``python -m twotower_rt``).
 
     twotower-rt generate --input-ids 1,2,3 --mode mask_diffusion --max-new-tokens 32 [--json]
-    twotower-rt generate --model DIR --prompt "Hello" --prompt "Bye" --device cuda --dtype bf16
+    twotower-rt generate --model ORG/NAME --prompt "Hello" --prompt "Bye" --device cuda --dtype bf16
     twotower-rt quantize --out DIR [--model DIR] [--block ROWS COLS]   # FP8 weights
-    twotower-rt serve [--model DIR] [--port 8000] [--api-key KEY]      # OpenAI-compatible HTTP
+    twotower-rt serve [MODEL] [--port 8000] [--api-key KEY]            # OpenAI-compatible HTTP
     twotower-rt batch IN.jsonl OUT.jsonl [--mode ar] [--max-new-tokens 64] # JSONL jobs, resumable
     twotower-rt env [--json]
 
-Decoding flags are the reference's parameter names; a flag left out is not passed, so the
-defaults are the API's (``SamplingParams``), never the CLI's.
+A model is a checkpoint directory or a Hugging Face hub id (``--revision``; the hub cache,
+HF_HUB_OFFLINE). ``--device auto`` (CUDA when there is a GPU) and ``--dtype auto`` (see
+``api.choose_dtype``) are the defaults. Decoding flags are the reference's parameter names; a
+flag left out is not passed, so the defaults are the checkpoint's generation_config.json and then
+the API's (``SamplingParams``), never the CLI's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import logging
 import sys
 import time
 
@@ -28,6 +32,10 @@ PROG = "twotower-rt"
 API_KEY_ENV = "TWOTOWER_RT_API_KEY"
 TP_HELP = ("tensor parallelism over N processes (gloo on the CPU, NCCL with a GPU each); under "
            "torchrun: its ranks (default: 1)")  # fmt: skip
+MODEL_HELP = ("checkpoint directory (config.json + safetensors [+ tokenizer.json]) or Hugging Face "
+              "hub id ORG/NAME (from the hub cache, downloaded into it unless HF_HUB_OFFLINE=1); "
+              "default: the model shipped in the package")  # fmt: skip
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def default_model_path() -> str | None:
@@ -93,10 +101,7 @@ def _add_param_flags(parser: argparse.ArgumentParser, help_prefix: str) -> None:
         parser.add_argument("--" + field.name.replace("_", "-"), type=kind,
                             default=argparse.SUPPRESS,
                             help=f"{help_prefix}{text} (default: {field.default})")  # fmt: skip
-    parser.add_argument("--device", default=argparse.SUPPRESS,
-                        help="cpu or cuda[:N] (default: cpu)")  # fmt: skip
-    parser.add_argument("--dtype", default=argparse.SUPPRESS,
-                        help="float32 or bfloat16 (default: float32)")  # fmt: skip
+    _add_device_flags(parser, default=argparse.SUPPRESS)
     _add_run_flags(parser)
 
 
@@ -118,6 +123,39 @@ def _load(path, args: argparse.Namespace, **load_kwargs) -> TwoTowerModel:
     return load(path, check_weights=args.check_weights, **load_kwargs)
 
 
+def _add_device_flags(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--device", default=default,
+                        help="auto, cpu or cuda[:N] (default: auto: CUDA when torch sees a "
+                             "GPU)")  # fmt: skip
+    parser.add_argument("--dtype", default=default,
+                        help="auto, float32 or bfloat16 (default: auto: on a GPU the "
+                             "checkpoint's torch_dtype, bfloat16 for a float32 checkpoint; "
+                             "float32 on the CPU)")  # fmt: skip
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    """--model (a directory or hub id), --revision; ``positional``: MODEL may also come first, as
+    in ``vllm serve ORG/NAME``."""
+    if positional:
+        parser.add_argument("model_arg", nargs="?", metavar="MODEL", default=None, help=MODEL_HELP)
+    parser.add_argument("--model", metavar="MODEL", default=None, help=MODEL_HELP)
+    parser.add_argument("--revision", default=None,
+                        help="hub id only: branch, tag or commit (default: main)")  # fmt: skip
+
+
+def _model_arg(args: argparse.Namespace) -> str | None:
+    given = getattr(args, "model_arg", None)
+    if given is not None and args.model is not None and given != args.model:
+        raise _UsageError(f"two models named: {given!r} and --model {args.model!r}")
+    return given if given is not None else args.model
+
+
+def _set_log_level(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.getLogger("twotower_rt").setLevel(level.upper())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Run two-tower mask-diffusion language models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -126,9 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate tokens from prompts",
                          description="Generate from one prompt or a batch of prompts.")  # fmt: skip
-    gen.add_argument("--model", metavar="DIR",
-                     help="checkpoint directory (config.json + safetensors [+ tokenizer.json]); "
-                          "default: the model shipped in the package")  # fmt: skip
+    _add_model_flags(gen)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--prompt",
@@ -145,8 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=cmd_generate)
 
     quant = sub.add_parser("quantize", help="write an FP8 (e4m3) copy of a checkpoint")
-    quant.add_argument("--model", metavar="DIR", default=None,
-                       help="source checkpoint (default: the shipped default model)")  # fmt: skip
+    _add_model_flags(quant)
     quant.add_argument("--out", metavar="DIR", required=True, help="new directory to write")
     quant.add_argument(
         "--block", type=int, nargs=2, metavar=("ROWS", "COLS"), default=[1, 0],
@@ -157,14 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.set_defaults(run=cmd_quantize)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible completions server (HTTP)",
-                         description="Serve /v1/completions, /v1/models, /health and /metrics "
-                                     "over the engine's continuous batching.")  # fmt: skip
-    srv.add_argument(
-        "--model",
-        metavar="DIR",
-        default=None,
-        help="checkpoint directory (default: the model shipped in the package)",
-    )
+                         description="Serve /v1/completions, /v1/chat/completions (with a chat "
+                                     "template), /v1/models, /health and /metrics over the "
+                                     "engine's continuous batching.")  # fmt: skip
+    _add_model_flags(srv, positional=True)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     key = srv.add_mutually_exclusive_group()
@@ -207,9 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.9,
         help="GPU: fraction of memory the cache pool may fill up to (default: 0.9)",
     )
-    srv.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    srv.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: float32)")
+    _add_device_flags(srv, default="auto")
     _add_run_flags(srv)
+    srv.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                     help="logging of this package and uvicorn (default: info; debug adds the "
+                          "access log)")  # fmt: skip
     srv.add_argument("--tp", type=int, default=1, metavar="N", help=TP_HELP)
     srv.add_argument("--place-towers", nargs=2, metavar=("CONTEXT", "DENOISER"), default=None,
                      help="tower placement: the context tower on device CONTEXT, the denoiser "
@@ -220,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="report what this installation can run (CPU, GPU, kernels)")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
+    env.add_argument("--check", action="store_true",
+                     help="exit 1 unless twotower_rt._C is there with every kernel (for CI and "
+                          "installs)")  # fmt: skip
     env.set_defaults(run=cmd_env)
     return parser
 
@@ -233,7 +269,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     path = args.model if args.model is not None else default_model_path()
 
     start = time.perf_counter()
-    model = _load(path, args, **load_kwargs)
+    model = _load(path, args, revision=args.revision, **load_kwargs)
     load_s = time.perf_counter() - start
     if args.prompt is not None:
         if model.tokenizer is None:
@@ -282,9 +318,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import DEFAULT_MODEL_DIR
+    from .hub import resolve_model_dir
     from .quantize import quantize_checkpoint
 
-    src = args.model if args.model is not None else DEFAULT_MODEL_DIR
+    src = resolve_model_dir(args.model if args.model is not None else DEFAULT_MODEL_DIR,
+                            args.revision)  # fmt: skip
     report = quantize_checkpoint(src, args.out, tuple(args.block))
     if args.json:
         print(json.dumps(report))
@@ -309,21 +347,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     if args.max_connections < 1:
         raise ValueError(f"--max-connections must be >= 1, got {args.max_connections}")
-    path = args.model if args.model is not None else default_model_path()
+    _set_log_level(args.log_level)
+    path = _model_arg(args)
+    if path is None:
+        path = default_model_path()
     engine_args = dict(max_slots=args.max_slots, context=args.context,
                        gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
+    served = args.served_model_name
+    if served is None and path is not None and _is_hub_id(path):
+        served = path  # clients name the model as vLLM's do: ORG/NAME
     serve_args = dict(host=args.host, port=args.port, api_key=_api_key(args),
-                      max_queue=args.max_queue, model_name=args.served_model_name,
-                      default_mode=args.default_mode,
-                      max_connections=args.max_connections)  # fmt: skip
+                      max_queue=args.max_queue, model_name=served,
+                      default_mode=args.default_mode, max_connections=args.max_connections,
+                      log_level=args.log_level)  # fmt: skip
     if _tp_size(args) > 1:
         if args.place_towers is not None:
             raise ValueError("--place-towers and --tp do not combine yet")
         from .parallel.lockstep import launch, serve_rank
 
-        launch(_tp_size(args), args.device, serve_rank, path, args.dtype, engine_args, serve_args)
+        path, device = _for_ranks(path, args.revision, args.device)
+        launch(_tp_size(args), device, serve_rank, path, args.dtype, engine_args, serve_args)
         return 0
-    model = _load(path, args, device=args.device, dtype=args.dtype)
+    model = _load(path, args, device=args.device, dtype=args.dtype, revision=args.revision)
     if args.place_towers is not None:
         from .parallel import place_towers
 
@@ -350,6 +395,26 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get(API_KEY_ENV) or None
 
 
+def _is_hub_id(path) -> bool:
+    from .hub import is_hub_id
+
+    return is_hub_id(path)
+
+
+def _for_ranks(path, revision, device) -> tuple[str | None, str]:
+    """Before spawning ranks: the hub snapshot fetched once (the ranks read its directory), and
+    device "auto" made concrete."""
+    from .hub import resolve_model_dir
+
+    if path is not None:
+        path = resolve_model_dir(path, revision)
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return path, device
+
+
 def _tp_size(args: argparse.Namespace) -> int:
     import os
 
@@ -370,12 +435,9 @@ def _add_batch_parser(sub) -> None:
     )  # fmt: skip
     batch.add_argument("input", metavar="IN.jsonl", help="requests, one JSON object per line")
     batch.add_argument("output", metavar="OUT.jsonl", help="results, appended as they complete")
-    batch.add_argument(
-        "--model",
-        metavar="DIR",
-        default=None,
-        help="checkpoint directory (default: the model shipped in the package)",
-    )
+    _add_model_flags(batch)
+    batch.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                       help="logging of this package (default: info)")  # fmt: skip
     batch.add_argument(
         "--mode",
         choices=MODES,
@@ -417,11 +479,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     names = ["mode", "device", "dtype", *(f.name for f in dataclasses.fields(SamplingParams))]
     kwargs = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    _set_log_level(args.log_level)
     path = args.model if args.model is not None else default_model_path()
     if _tp_size(args) > 1:
         from .parallel.lockstep import batch_rank
 
-        device, dtype = kwargs.pop("device", "cpu"), kwargs.pop("dtype", "float32")
+        device, dtype = kwargs.pop("device", "auto"), kwargs.pop("dtype", "auto")
+        path, device = _for_ranks(path, args.revision, device)
         engine_args = dict(max_slots=args.max_slots, context=args.context)
         batch_args = dict(input_path=args.input, output_path=args.output,
                           errors_path=args.errors, max_in_flight=args.max_in_flight,
@@ -430,8 +494,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         launch(_tp_size(args), device, batch_rank, path, dtype, engine_args, batch_args)
         return 0
-    device, dtype = kwargs.pop("device", "cpu"), kwargs.pop("dtype", "float32")
-    model = _load(path, args, device=device, dtype=dtype)
+    device, dtype = kwargs.pop("device", "auto"), kwargs.pop("dtype", "auto")
+    model = _load(path, args, device=device, dtype=dtype, revision=args.revision)
     try:
         summary = run_batch(args.input, args.output, model, errors_path=args.errors,
                             max_slots=args.max_slots, context=args.context,
@@ -449,7 +513,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     from . import env
 
     print(json.dumps(env.report()) if args.json else env.format_report())
-    return 0
+    return env.check_exit_code(args.check)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """What this installation can run: versions, the CUDA extension, the GPU, and each op's backend.
 
 ``report()`` returns a JSON-serialisable dict, ``format_report()`` the same as text.
-``python -m twotower_rt.env [--json]`` prints either.
+``python -m twotower_rt.env [--json] [--check]`` prints either; ``--check`` exits 1 unless the
+extension is there with every kernel (:data:`KERNELS`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,32 @@ from typing import Any
 import torch
 
 from twotower_rt import _ext
+
+# Every kernel of a full twotower_rt._C (its build_info()["ops"]); block_attention and the MoE
+# grouped GEMMs are compiled only with the CUTLASS headers.
+KERNELS = ("rms_norm", "mask_sampling", "sample_tokens", "all_reduce", "ssm_scan",
+           "mamba_decode_step", "block_attention", "moe_grouped_gemm",
+           "moe_grouped_gemm_fp8")  # fmt: skip
+
+
+def missing_kernels(extension: dict[str, Any] | None = None) -> list[str]:
+    """The kernels of :data:`KERNELS` that this build of the extension lacks (all of them when
+    there is no extension)."""
+    extension = _ext.extension_info() if extension is None else extension
+    built = set(extension.get("ops", [])) if extension.get("available") else set()
+    return [k for k in KERNELS if k not in built]
+
+
+def check(extension: dict[str, Any] | None = None) -> str | None:
+    """None when the extension is there with every kernel, else what is wrong (one line)."""
+    extension = _ext.extension_info() if extension is None else extension
+    if not extension.get("available"):
+        return f"no CUDA extension: {extension.get('error')}"
+    missing = missing_kernels(extension)
+    if missing:
+        return (f"twotower_rt._C lacks {', '.join(missing)} (built without CUTLASS "
+                f"{extension.get('cutlass_version') or 'headers'})")  # fmt: skip
+    return None
 
 
 def _package_version() -> str:
@@ -102,6 +129,9 @@ def format_report(info: dict[str, Any] | None = None) -> str:
             f"{ext['build_type']}, CUTLASS {cutlass}; driver supports CUDA "
             f"{_format_cuda_version(ext['cuda_driver_version'])}"
         )
+        missing = missing_kernels(ext)
+        lines.append(f"kernels      {len(KERNELS) - len(missing)} of {len(KERNELS)} built"
+                     + (f"; missing: {', '.join(missing)}" if missing else ""))  # fmt: skip
     else:
         lines.append(f"extension    unavailable: {ext['error']}")
     gpu = info["gpu"]
@@ -125,12 +155,22 @@ def format_report(info: dict[str, Any] | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m twotower_rt.env", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print report() as JSON")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 unless twotower_rt._C is there with every kernel")  # fmt: skip
     args = parser.parse_args(argv)
     if args.json:
         json.dump(report(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(format_report())
+    return check_exit_code(args.check)
+
+
+def check_exit_code(wanted: bool) -> int:
+    problem = check() if wanted else None
+    if problem is not None:
+        print(f"twotower-rt env --check: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -125,6 +125,7 @@ class GenerationOutput:
     finish_reason: list[str]
     commits_per_step: list[list[list[int]]] | None = None
     generated: list[list[int]] = field(init=False)
+    texts: list[str] | None = None  # the generated text per row (TwoTowerModel with a tokenizer)
 
     def __post_init__(self) -> None:
         self.generated = [s[n:] for s, n in zip(self.sequences, self.prompt_lengths)]

@@ -33,6 +33,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .detok import IncrementalDetokenizer
 from .engine import Engine, RequestOutput
 from .protocol import (
     MAX_BODY_BYTES,
@@ -231,6 +232,8 @@ class _Choice:
         self.tokenizer, self.max_tokens, self.stop = tokenizer, max_tokens, stop
         self.tokens: list[int] = []
         self.text = ""
+        self.sent = 0  # characters of text returned so far
+        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.finish_reason: str | None = None
         self.engine_done = False  # its engine request finished (else: cancel it when done here)
 
@@ -239,18 +242,25 @@ class _Choice:
         if isinstance(out, Exception):
             raise out
         self.engine_done = out.finished
+        new_tokens = out.generated[len(self.tokens) : self.max_tokens]
         self.tokens = out.generated[: self.max_tokens]
-        text = self.tokenizer.decode(self.tokens) if self.tokenizer is not None else ""
-        for s in self.stop:
-            at = text.find(s)
+        before, text = len(self.text), self.text
+        last = out.finished or len(out.generated) >= self.max_tokens
+        if self.detok is not None:
+            text += self.detok.push(new_tokens) + (self.detok.flush() if last else "")
+        for s in self.stop:  # only where the new text can complete a stop string
+            at = text.find(s, max(0, before - len(s) + 1))
             if at >= 0:
                 text, self.finish_reason = text[:at], "stop"
-        if self.finish_reason is None and (out.finished or len(out.generated) >= self.max_tokens):
+        if self.finish_reason is None and last:
             truncated = len(out.generated) > self.max_tokens
             reason = out.finish_reason
             self.finish_reason = "length" if truncated or reason == "length" else "stop"
-        new = text[len(self.text) :] if text.startswith(self.text) else ""
         self.text = text
+        # Until done, hold back what could be the start of a stop string still to come.
+        hold = 0 if self.done or not self.stop else max(map(len, self.stop)) - 1
+        upto = max(self.sent, len(text) - hold)
+        new, self.sent = text[self.sent : upto], upto
         return new
 
     @property
@@ -259,21 +269,38 @@ class _Choice:
 
 
 def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str | None = None,
-               max_queue: int = 256, default_mode: str = "mask_diffusion",
-               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = 30.0,
+               max_queue: int = 256, default_mode: str = "mask_diffusion", chat_template=None,
+               generation=None, max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = 30.0,
                stall_seconds: float = STALL_SECONDS):  # fmt: skip
     """The Starlette app serving ``engine`` (its worker thread starts now, stops at shutdown).
     Bodies past ``max_body_bytes`` get 413, bodies not all sent in ``body_timeout`` s 408;
-    /health says 503 once one engine step has run ``stall_seconds``."""
+    /health says 503 once one engine step has run ``stall_seconds``. ``chat_template``: a
+    :class:`~twotower_rt.chat.ChatTemplate` for /v1/chat/completions (None: that route answers
+    400); ``generation``: the checkpoint's
+    :class:`~twotower_rt.generation_config.GenerationDefaults`, under every request's own fields.
+    Chat bodies are read, limited and validated as completion bodies are."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
+    from .chat import ChatEndpoint
+
     worker = EngineWorker(engine, max_queue)
     cfg = engine.lm.cfg
     served = ServedModel(cfg.vocab_size, engine.plan.context, tokenizer,
                          getattr(cfg, "eos_token_id", None), default_mode, max_queue)  # fmt: skip
+    chat = ChatEndpoint(chat_template, tokenizer)
+
+    def parse(body, chat_endpoint) -> tuple:
+        """A body -> (Completion, the chat shape or None); renders and tokenizes (a thread)."""
+        shape = None  # /v1/chat/completions: turns completion responses into chat ones
+        if chat_endpoint is not None:
+            body, shape = chat_endpoint.prepare(body)
+        if generation is not None:
+            body = generation.apply_to_request(body)
+        return parse_completion(body, served), shape
+
     created = int(time.time())
     completion_ids = itertools.count()
 
@@ -291,12 +318,12 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
         return fail(401, "invalid or missing API key (Authorization: Bearer KEY)",
                     "authentication_error", code="invalid_api_key")  # fmt: skip
 
-    async def completions(request: Request):
+    async def completions(request: Request, chat_endpoint=None):
         if not authorized(request):
             return unauthorized()
         try:
             body = await read_json_body(request, max_bytes=max_body_bytes, timeout=body_timeout)
-            req = await asyncio.to_thread(parse_completion, body, served)  # tokenizes
+            req, shape = await asyncio.to_thread(parse, body, chat_endpoint)
         except BadRequest as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
         loop = asyncio.get_running_loop()
@@ -311,9 +338,12 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
         cid = f"cmpl-{created:x}{next(completion_ids):06x}"
         choices = [_Choice(tokenizer, req.max_tokens, req.stop) for _ in seqs]
         if req.stream:
-            return StreamingResponse(_stream(request, cid, seqs, choices),
+            return StreamingResponse(_stream(request, cid, seqs, choices, shape),
                                      media_type="text/event-stream")  # fmt: skip
-        return await _complete(request, cid, req, seqs, choices)
+        return await _complete(request, cid, req, seqs, choices, shape)
+
+    async def chat_completions(request: Request):
+        return await completions(request, chat)
 
     async def _next(request, seq, watch_disconnect: bool):
         while True:
@@ -323,7 +353,7 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
                 if watch_disconnect and await request.is_disconnected():
                     raise ConnectionAbortedError from None
 
-    async def _complete(request, cid, req, seqs, choices):
+    async def _complete(request, cid, req, seqs, choices, shape):
         try:
             for seq, choice in zip(seqs, choices):
                 while not choice.done:
@@ -336,7 +366,7 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
             worker.cancel([s for s, c in zip(seqs, choices) if not c.engine_done])
         completion = sum(len(c.tokens) for c in choices)
         prompt_tokens = sum(len(p) for p in req.prompts)
-        return JSONResponse({
+        result = {
             "id": cid, "object": "text_completion", "created": int(time.time()),
             "model": model_name,
             "choices": [{"index": i, "text": c.text, "logprobs": None,
@@ -344,14 +374,15 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
                         for i, c in enumerate(choices)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion},
-        })  # fmt: skip
+        }  # fmt: skip
+        return JSONResponse(result if shape is None else shape.response(result))
 
-    async def _stream(request, cid, seqs, choices):
+    async def _stream(request, cid, seqs, choices, shape):
         def event(index, text, finish_reason):
             chunk = {"id": cid, "object": "text_completion", "created": int(time.time()),
                      "model": model_name, "choices": [{"index": index, "text": text,
                      "logprobs": None, "finish_reason": finish_reason}]}  # fmt: skip
-            return f"data: {json.dumps(chunk)}\n\n"
+            return f"data: {json.dumps(chunk if shape is None else shape.chunk(chunk))}\n\n"
 
         pending = {i: asyncio.ensure_future(seq.sink.get()) for i, seq in enumerate(seqs)}
         try:
@@ -437,6 +468,7 @@ def create_app(engine: Engine, *, model_name: str, tokenizer=None, api_key: str 
     app = Starlette(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
@@ -498,22 +530,29 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
           max_queue: int = 256, model_name: str | None = None, default_mode: str = "mask_diffusion",
           engine: Engine | None = None, max_connections: int = 256, header_timeout: float = 10.0,
           keep_alive_timeout: float = 5.0, max_body_bytes: int = MAX_BODY_BYTES,
-          **engine_args) -> None:  # fmt: skip
+          log_level: str = "warning", **engine_args) -> None:  # fmt: skip
     """Run the server until interrupted: ``model`` a loaded TwoTowerModel, ``engine_args`` for
     :class:`Engine` (max_slots, context, memory_budget, ...), or ``engine`` one already made (the
     lockstep engine of rank 0 under tensor parallelism). At most ``max_connections`` connections
     (more are closed; past it in flight, uvicorn answers 503); a request head must arrive within
     ``header_timeout`` s, and an idle keep-alive connection is closed after
-    ``keep_alive_timeout`` s."""
+    ``keep_alive_timeout`` s. ``log_level``: uvicorn's and this package's loggers (debug, info,
+    warning, error)."""
     import uvicorn
+
+    from .api import startup_summary
 
     engine = engine if engine is not None else Engine(model, **engine_args)
     name = model_name or os.path.basename(os.path.normpath(getattr(model, "source", "twotower")))
     app = create_app(engine, model_name=name, tokenizer=getattr(model, "tokenizer", None),
                      api_key=api_key, max_queue=max_queue, default_mode=default_mode,
+                     chat_template=getattr(model, "chat_template", None),
+                     generation=getattr(model, "generation", None),
                      max_body_bytes=max_body_bytes)  # fmt: skip
-    print(f"{engine.plan.describe()}\nserving {name} on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning",
+    chat = "with" if getattr(model, "chat_template", None) is not None else "without"
+    print(f"twotower-rt: {startup_summary(model, engine)}\nserving {name} on "
+          f"http://{host}:{port}/v1 ({chat} a chat template)", flush=True)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                 http=guarded_h11(header_timeout, max_connections),
                 limit_concurrency=max_connections, timeout_keep_alive=keep_alive_timeout,
                 h11_max_incomplete_event_size=16 * 1024)  # fmt: skip

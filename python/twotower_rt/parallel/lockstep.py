@@ -132,9 +132,7 @@ def _rank_main(rank: int, world: int, device: str, job: Callable, args) -> None:
 
 def sharded(model, tp: TPGroup):
     """This rank's shard of a loaded TwoTowerModel, as a TwoTowerModel (tokenizer kept)."""
-    from ..api import TwoTowerModel
-
-    return TwoTowerModel(load_sharded(model, tp), model.source, model.tokenizer)
+    return model.with_lm(load_sharded(model, tp))
 
 
 def run_ranks(rank: int, tp: TPGroup, engine_args: dict, lead: Callable[[Engine], None],
