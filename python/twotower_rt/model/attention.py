@@ -70,7 +70,7 @@ class Attention(nn.Module):
         (saves reading its max back from the device for a multi-token append)."""
         cfg = self.cfg
         b, n, _ = h.shape
-        fast = cpu_fast.applies(self, h) and self._plain_projections()
+        fast = cpu_fast.applies(h) and self._plain_projections()
         if fast:  # q, k and v in one matmul
             q, k, v = cpu_fast.qkv(self, h)
         else:

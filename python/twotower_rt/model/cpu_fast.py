@@ -26,8 +26,8 @@ from ..ops.rmsnorm import rms_norm
 from ..ops.ssm_scan import ssm_scan_ref
 
 
-def applies(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module``'s CPU fast path may run on ``x``."""
+def applies(x: torch.Tensor) -> bool:
+    """Whether a layer's CPU fast path may run on ``x``."""
     return fastpath.enabled() and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 

@@ -100,7 +100,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (
-            not cpu_fast.applies(self, x)
+            not cpu_fast.applies(x)
             or x.dtype != weight.dtype
             or weight.numel() * weight.element_size() > FAST_LINEAR_MAX_BYTES
         ):

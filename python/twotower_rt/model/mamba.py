@@ -170,7 +170,7 @@ class Mamba2Mixer(nn.Module):
         n_valid (b,) or None: row r has n_valid[r] real tokens, then padding.
         Returns (out (b, n, hidden), state after each row's last real token, or None when not
         ``keep_state``: the denoiser reads its seed state and never needs another)."""
-        if not self.scan_chunk and self.tp_norm is None and cpu_fast.applies(self, h):
+        if not self.scan_chunk and self.tp_norm is None and cpu_fast.applies(h):
             return cpu_fast.mamba_forward(self, h, state, n_valid, keep_state)
         cfg = self.cfg
         b, n, _ = h.shape

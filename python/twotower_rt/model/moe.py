@@ -49,7 +49,7 @@ class Router(nn.Module):
 
         Logits and scores in float64 so that the choice is the reference's; the choice is by the
         biased score, the weights use the unbiased one."""
-        if cpu_fast.applies(self, x):
+        if cpu_fast.applies(x):
             return cpu_fast.router_forward(self, x)
         cfg = self.cfg
         scores = torch.sigmoid(F.linear(x.double(), self.weight.double()))
@@ -148,7 +148,7 @@ class MoE(nn.Module):
                     return out.reshape(shape)
                 self.shared_fold_reason = reason
             routed = moe_experts_grouped(x, expert_ids, weights, *stacked)
-        elif cpu_fast.applies(self, x) and self._plain_experts():
+        elif cpu_fast.applies(x) and self._plain_experts():
             routed = moe_experts_sorted(x, expert_ids, weights, *self.stacked_weights())
         else:
             routed = moe_experts_ref(x, expert_ids, weights, self.experts)

@@ -65,7 +65,7 @@ class Tower(nn.Module):
         holds per layer the denoiser's (b, 3, hidden) (shift, scale, gate); None for no time
         conditioning. Returns the normed hidden states (b, n, hidden)
         and each Mamba layer's state after the tokens."""
-        if cpu_fast.applies(self, ids):
+        if cpu_fast.applies(ids):
             return cpu_fast.tower_forward(self, ids, cache, prefix_len, mamba_states, append,
                                           n_valid, modulation)  # fmt: skip
         x = self.embeddings(ids)
@@ -223,7 +223,7 @@ class TwoTowerLM(nn.Module):
         modulation = None
         if t is not None:
             t_emb = self.time_embedding(t)
-            if cpu_fast.applies(self, t_emb):  # one op for every layer: (layers, b, 3, hidden)
+            if cpu_fast.applies(t_emb):  # one op for every layer: (layers, b, 3, hidden)
                 modulation = cpu_fast.stacked_tables(self)[:, None] + t_emb
             else:
                 modulation = [table + t_emb for table in self.scale_shift_tables]
