@@ -40,7 +40,7 @@ from .generate import MODES, SamplingParams
 log = logging.getLogger("twotower_rt.serve")
 
 DEFAULT_MAX_TOKENS = 16
-TWO_TOWER_FIELDS = ("mode", "block_size", "steps_per_block", "confidence_threshold")
+TWO_TOWER_FIELDS = ("mode", "block_size", "steps_per_block", "confidence_threshold", "draft_steps")
 KNOWN_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
     "seed", "n", "stream", "user", "echo", "logprobs", "best_of", "presence_penalty",
@@ -285,7 +285,7 @@ def parse_completion(body, engine: Engine, tokenizer, default_mode: str) -> Comp
         raise BadRequest("'stop' strings need a model with a tokenizer; use stop_token_ids", "stop")
     params: dict = {}
     for name, kinds in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int),
-                        ("block_size", int), ("steps_per_block", int),
+                        ("block_size", int), ("steps_per_block", int), ("draft_steps", int),
                         ("confidence_threshold", (int, float))):  # fmt: skip
         value = _expect(body, name, kinds)
         if value is not None:
