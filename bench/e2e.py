@@ -19,6 +19,16 @@ tokens. The Mamba state (read and written per AR step, read per denoiser forward
 K/V are added. Each mode is reported as a fraction of its roofline, with the diffusion / AR ratio
 and the speedup over the plain PyTorch path (``_ext.set_kernels_enabled(False)``).
 Timings: wall clock over whole generations with torch.cuda.synchronize; measured, not projected.
+
+Verified mode (``verified`` rows): random weights make the draft agree with the context tower
+almost never, so its measured tokens/s is that of near-zero acceptance. What a real checkpoint
+would give is PROJECTED from the measured time per round (``draft_steps`` denoiser forwards + one
+context pass of 16 B tokens + rollback) and an assumed number of accepted drafts per round
+(``--accepted-per-round``, default the default model's measured figure, bench/results/
+verified_cpu.json): ``projected_tok_s = B (accepted + 1) / seconds per round``; its roofline
+likewise. ``--project-only`` (no GPU needed) builds the model on the meta device and gives the
+rooflines of all three modes at ``--copy-gbps`` (default: the H200's measured 4224 GB/s), every
+number a projection, labelled so.
 """
 
 from __future__ import annotations
@@ -106,8 +116,11 @@ def touched_experts(cfg, tokens: int) -> float:
     return E * (1 - (1 - k / E) ** tokens)
 
 
-def roofline_tok_s(lm, mode: str, batch: int, context: int, steps: int, copy_gbps: float) -> float:
-    """Tokens per second if every forward moved only its floor bytes at the copy bandwidth."""
+def roofline_tok_s(lm, mode: str, batch: int, context: int, steps: int, copy_gbps: float,
+                   draft_steps: int = 1, accepted: float = 0.0) -> float:  # fmt: skip
+    """Tokens per second if every forward moved only its floor bytes at the copy bandwidth
+    (verified: ``draft_steps`` denoiser forwards and one context pass per round of 16 B tokens,
+    ``accepted + 1`` tokens emitted per row and round)."""
     cfg = lm.cfg
     kinds = cfg.layer_kinds
     state = (cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4
@@ -123,16 +136,23 @@ def roofline_tok_s(lm, mode: str, batch: int, context: int, steps: int, copy_gbp
         seconds = forward("context", batch, 2, batch) / (copy_gbps * 1e9)
         return batch / seconds
     n = BLOCK * batch
+    if mode == "verified":
+        per_round = draft_steps * forward("denoiser", n, 1, batch) + forward("context", n, 2, batch)
+        return batch * (accepted + 1) / (per_round / (copy_gbps * 1e9))
     per_block = steps * forward("denoiser", n, 1, batch) + forward("context", n, 2, batch)
     return n / (per_block / (copy_gbps * 1e9))
 
 
-def run_mode(engine, mode, batch, context, new_tokens, steps, vocab, seed) -> float:
-    """Seconds to generate new_tokens for `batch` prompts of `context` tokens, prefill excluded."""
+def run_mode(engine, mode, batch, context, new_tokens, steps, vocab, seed, outs=None) -> float:
+    """Seconds to generate new_tokens for `batch` prompts of `context` tokens, prefill excluded
+    (``outs``: a list that receives the requests' outputs)."""
     gen = torch.Generator().manual_seed(seed)
     params = dict(max_new_tokens=new_tokens)
     if mode == "mask_diffusion":
         params.update(block_size=BLOCK, steps_per_block=steps, confidence_threshold=2.0)
+    if isinstance(mode, tuple):  # ("verified", draft_steps)
+        mode, draft_steps = mode
+        params.update(block_size=BLOCK, draft_steps=draft_steps, confidence_threshold=2.0)
     ids = [engine.add_request(torch.randint(4, vocab, (context,), generator=gen).tolist(), mode,
                               **params) for _ in range(batch)]  # fmt: skip
     reqs = [engine._requests[i] for i in ids]
@@ -144,7 +164,9 @@ def run_mode(engine, mode, batch, context, new_tokens, steps, vocab, seed) -> fl
     sync()
     seconds = time.perf_counter() - start
     for i in ids:
-        engine.pop(i)
+        out = engine.pop(i)
+        if outs is not None:
+            outs.append(out)
     return seconds
 
 
@@ -170,6 +192,7 @@ def measure_copy_gbps(device) -> float:
 def bench(args) -> dict:
     from twotower_rt import _ext
     from twotower_rt.engine import Engine
+    from twotower_rt.generate import VERIFIED_SPARE_BLOCKS
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -185,7 +208,7 @@ def bench(args) -> dict:
             module.states_in_place = args.in_place
     copy_gbps = args.copy_gbps or measure_copy_gbps(device)
     steps = max(1, round(BLOCK / args.tokens_per_forward))
-    context = max(args.context) + args.new_tokens + 1
+    context = max(args.context) + args.new_tokens + 1 + VERIFIED_SPARE_BLOCKS * BLOCK
     engine = Engine(lm, max_slots=max(args.batch), context=context, prefill_chunk=8192,
                     graphs=args.graphs)  # fmt: skip
     rows = []
@@ -208,6 +231,7 @@ def bench(args) -> dict:
                         _ext.set_kernels_enabled(True)
                     row[mode]["pytorch_tok_s"] = round(batch * args.new_tokens / base, 2)
                     row[mode]["speedup_over_pytorch"] = round(base / seconds, 3)
+            row["verified"] = verified_row(engine, lm, args, batch, ctx, steps, copy_gbps)
             ar, md = row["ar"], row["mask_diffusion"]
             row["diffusion_over_ar"] = round(md["tok_s"] / ar["tok_s"], 3)
             row["roofline_diffusion_over_ar"] = round(
@@ -236,6 +260,69 @@ def bench(args) -> dict:
     }
 
 
+def verified_row(engine, lm, args, batch, ctx, steps, copy_gbps) -> dict:
+    """The verified mode measured (random weights: near-zero acceptance) and PROJECTED at
+    ``args.accepted_per_round`` from the measured time per round."""
+    outs = []
+    seconds = run_mode(engine, ("verified", args.draft_steps), batch, ctx, args.new_tokens, steps,
+                       lm.cfg.vocab_size, batch + ctx, outs)  # fmt: skip
+    rounds = [a for o in outs for a in o.accepted_per_round]
+    per_round = seconds / (len(rounds) / batch)  # the rows run their rounds side by side
+    a = args.accepted_per_round
+    return {
+        "draft_steps": args.draft_steps,
+        "measured_tok_s": round(batch * args.new_tokens / seconds, 2),
+        "measured_accepted_per_round": round(sum(rounds) / len(rounds), 3),
+        "seconds_per_round": round(per_round, 6),
+        "assumed_accepted_per_round": a,
+        "projected_tok_s": round(batch * (a + 1) / per_round, 2),
+        "roofline_tok_s": round(
+            roofline_tok_s(lm, "verified", batch, ctx, steps, copy_gbps, args.draft_steps, a), 2
+        ),  # fmt: skip
+        "label": "PROJECTED: measured time per round x assumed accepted drafts per round",
+    }
+
+
+def project_only(args) -> dict:
+    """Rooflines of ar, mask_diffusion and verified on the meta device: no GPU, all PROJECTED."""
+    from twotower_rt.model.tower import TwoTowerLM
+
+    cfg = real_config(args.layers, args.weights == "fp8", **args.overrides)
+    with torch.device("meta"):
+        lm = cast(TwoTowerLM(cfg), torch.bfloat16)
+    gbps = args.copy_gbps or H200_COPY_GBPS
+    steps = max(1, round(BLOCK / args.tokens_per_forward))
+    rows = []
+    for ctx in args.context:
+        for batch in args.batch:
+            ar = roofline_tok_s(lm, "ar", batch, ctx, steps, gbps)
+            md = roofline_tok_s(lm, "mask_diffusion", batch, ctx, steps, gbps)
+            ver = roofline_tok_s(lm, "verified", batch, ctx, steps, gbps, args.draft_steps,
+                                 args.accepted_per_round)  # fmt: skip
+            rows.append({"batch": batch, "context": ctx, "ar_tok_s": round(ar, 1),
+                         "mask_diffusion_tok_s": round(md, 1), "verified_tok_s": round(ver, 1),
+                         "verified_over_ar": round(ver / ar, 3)})  # fmt: skip
+            print(f"B={batch:4d} ctx={ctx:6d}  roofline AR {ar:9.1f}  diffusion {md:9.1f}  "
+                  f"verified {ver:9.1f} tok/s ({ver / ar:.2f}x AR)  [PROJECTED]")  # fmt: skip
+    return {
+        "benchmark": "e2e",
+        "kind": "PROJECTION: rooflines at the copy bandwidth, nothing measured",
+        "layers": args.layers,
+        "weights": args.weights,
+        "copy_gbps": gbps,
+        "tokens_per_forward": round(BLOCK / steps, 3),
+        "draft_steps": args.draft_steps,
+        "accepted_per_round": args.accepted_per_round,
+        "rows": rows,
+    }
+
+
+H200_COPY_GBPS = 4224.0  # bench/results/2026-11-27-nvidia-h200.json
+# Accepted drafts per round of the default model on the CPU (greedy, draft_steps 1, batch 1; see
+# bench/results/verified_cpu.json); the real model's is not measured yet.
+DEFAULT_ACCEPTED = 1.3
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=len(REAL_PATTERN),
                         help="first N layers of the real 52-layer pattern")  # fmt: skip
@@ -256,5 +343,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         dest="in_place",
         action="store_false",
         help="gather and scatter the Mamba states instead of the pool's rows",
+    )
+    parser.add_argument("--draft-steps", type=int, default=1, help="verified: draft forwards")
+    parser.add_argument(
+        "--accepted-per-round",
+        type=float,
+        default=DEFAULT_ACCEPTED,
+        help="verified: accepted drafts per round assumed by the projection",
+    )
+    parser.add_argument(
+        "--project-only",
+        action="store_true",
+        help="no GPU: the three modes' rooflines on the meta device (PROJECTED)",
     )
     parser.set_defaults(overrides={})

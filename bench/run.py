@@ -95,13 +95,17 @@ def main_e2e(argv: list[str]) -> int:
     e2e.add_args(parser)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.project_only:
+        args.device = "meta"
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench/run.py e2e: no CUDA GPU visible; use --device cpu for a smoke run",
               file=sys.stderr)  # fmt: skip
         return 2
-    record = e2e.bench(args)
+    record = e2e.project_only(args) if args.project_only else e2e.bench(args)
     now = datetime.datetime.now(datetime.timezone.utc)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    if args.project_only:
+        device = "projection"
     record = {"device": device, "date": now.isoformat(timespec="seconds"),
               "commit": git_commit(), "torch": torch.__version__, **record}  # fmt: skip
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")

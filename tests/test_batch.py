@@ -92,7 +92,7 @@ BAD_LINES = [
     ({"id": "e", "prompt": ""}, "'prompt' must have at least 1 character"),
     ({"id": "n", "mode": "ar"}, "exactly one of 'prompt' (text) or 'input_ids'"),
     ({"id": "b2", "prompt": "x", "input_ids": [1]}, "exactly one of"),
-    ({"id": "m", "prompt": "x", "mode": "beam"}, "'mode' must be 'ar', 'mock_ar' or 'mask_d"),
+    ({"id": "m", "prompt": "x", "mode": "beam"}, "'mode' must be 'ar', 'mock_ar', 'mask_diffusion' or 'verified'"),
     ({"id": "t", "prompt": "x", "temperature": -0.5}, "'temperature' must be greater than or"),
     ({"id": "bs", "prompt": "x", "block_size": 0}, "'block_size' must be greater than or equal"),
     ({"id": "k", "prompt": "x", "top_k": "3"}, "'top_k' must be an integer, got a string"),

@@ -22,7 +22,8 @@ def test_e2e_runs_on_the_cpu(weights):
     args = argparse.Namespace(layers=6, weights=weights, batch=[1, 2], context=[8], new_tokens=16,
                               tokens_per_forward=1.78, copy_gbps=100.0, baseline=True,
                               device="cpu", overrides=TINY, graphs=False,
-                              grouped=weights == "bf16", in_place=True)  # fmt: skip
+                              grouped=weights == "bf16", in_place=True, draft_steps=1,
+                              accepted_per_round=1.3)  # fmt: skip
     record = e2e.bench(args)
     assert record["steps_per_block"] == 9 and record["tokens_per_forward"] == pytest.approx(1.778)
     assert [(r["batch"], r["context"]) for r in record["rows"]] == [(1, 8), (2, 8)]
@@ -30,6 +31,33 @@ def test_e2e_runs_on_the_cpu(weights):
         for mode in ("ar", "mask_diffusion"):
             assert row[mode]["tok_s"] > 0 and row[mode]["pytorch_tok_s"] > 0
             assert row[mode]["roofline_tok_s"] > 0
+        verified = row["verified"]
+        assert verified["label"].startswith("PROJECTED") and verified["projected_tok_s"] > 0
+        assert verified["assumed_accepted_per_round"] == 1.3 and verified["seconds_per_round"] > 0
+
+
+def test_e2e_project_only_needs_no_gpu(tmp_path):
+    """--project-only: the three modes' rooflines on the meta device, labelled a projection;
+    verified at 0 accepted drafts is slower than AR, and its roofline grows with acceptance."""
+    import run
+
+    out = tmp_path / "p.json"
+    argv = ["e2e", "--project-only", "--layers", "6", "--batch", "1", "64", "--context", "1024",
+            "--accepted-per-round", "0", "--out", str(out)]  # fmt: skip
+    assert run.main(argv) == 0
+    import json
+
+    record = json.loads(out.read_text())
+    assert record["kind"].startswith("PROJECTION") and record["device"] == "projection"
+    for row in record["rows"]:
+        assert row["verified_over_ar"] < 1
+    cfg = e2e.real_config(6, fp8=True)
+    with torch.device("meta"):
+        from twotower_rt.model.tower import TwoTowerLM
+
+        lm = e2e.cast(TwoTowerLM(cfg), torch.bfloat16)
+    low, high = (e2e.roofline_tok_s(lm, "verified", 1, 1024, 9, 1000.0, 1, a) for a in (0, 3))
+    assert high == pytest.approx(4 * low)
 
 
 def test_touched_experts_is_the_spec_table():

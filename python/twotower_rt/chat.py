@@ -33,7 +33,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 PASSED = (
     "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream", "user",
     "stop_token_ids", "mode", "block_size", "steps_per_block", "confidence_threshold",
-    "presence_penalty", "frequency_penalty", "logit_bias", "stream_options",
+    "draft_steps", "presence_penalty", "frequency_penalty", "logit_bias", "stream_options",
 )  # fmt: skip
 # Chat fields accepted only at their neutral values.
 NEUTRAL = {

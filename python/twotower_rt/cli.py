@@ -71,6 +71,7 @@ PARAM_FLAGS = {
     "top_p": (float, "ar/mock_ar sampling: nucleus probability mass in (0, 1]"),
     "confidence_threshold": (float, "mask_diffusion: commit every masked position whose "
                                     "confidence is above this"),
+    "draft_steps": (int, "verified: denoiser forwards that draft each block"),
     "eos_token_id": (_int_or_ints, "stop a row after this token (ID or ID,ID,...)"),
     "seed": (_int_or_ints, "random seed for every row, or one per row (S,S,...)"),
 }  # fmt: skip

@@ -5,6 +5,10 @@
   that token and the Mamba state from before it; the context tower then takes the chosen token.
 - ``mask_diffusion``: blocks of ``block_size`` mask tokens filled in at most ``steps_per_block``
   denoiser forwards each, then committed to the context tower in one pass.
+- ``verified``: lossless speculative decoding with the two towers: the denoiser drafts a block in
+  ``draft_steps`` forwards (the mask-diffusion rule), the context tower reads it in one pass and
+  keeps the longest prefix AR would have produced plus one AR token (``engine/verify.py``). Greedy
+  output is ``ar``'s; sampled output is distributed as ``ar``'s.
 
 Every mode starts with the reference's two-pass prefill (prompt[:-1] as a prefill, then the last
 token through the one-token path). Each row has its own t, its own random stream (a Philox seed and
@@ -24,7 +28,11 @@ import torch
 from .model.cache import ContextCache
 from .model.tower import TwoTowerLM
 
-MODES = ("ar", "mock_ar", "mask_diffusion")
+MODES = ("ar", "mock_ar", "mask_diffusion", "verified")
+# A verified round's context pass writes K/V for a whole block before rolling back, and one more
+# round may be launched before the host reads the last one: the context a request needs past
+# prompt + max_new_tokens, in blocks.
+VERIFIED_SPARE_BLOCKS = 2
 
 
 @dataclass
@@ -39,6 +47,7 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     confidence_threshold: float = 0.9
+    draft_steps: int = 1
     eos_token_id: int | list[int] | None = None
     seed: int | list[int] | None = None
 
@@ -56,6 +65,12 @@ class SamplingParams:
         integer("block_size", 1)
         integer("steps_per_block", 1)
         integer("mask_token_id", 0)
+        integer("draft_steps", 1)
+        if mode == "verified" and self.block_size < 2:
+            raise ValueError(
+                f"block_size must be >= 2 in verified mode (the pending token and at least one "
+                f"draft), got {self.block_size}"
+            )
         if self.mask_token_id >= vocab_size:
             raise ValueError(
                 f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {vocab_size})"
@@ -117,13 +132,15 @@ class GenerationOutput:
     """Per row: ``sequences`` prompt + generated ids (like the reference's output), ``nfe`` the
     denoiser forwards it took part in (0 in ``ar``), ``finish_reason`` "eos" or "length", and in
     mask_diffusion ``commits_per_step``: per block, how many positions each executed step
-    committed."""
+    committed; in verified ``accepted_per_round``: per round, how many drafts were accepted (the
+    round emitted one more)."""
 
     sequences: list[list[int]]
     nfe: list[int]
     prompt_lengths: list[int]
     finish_reason: list[str]
     commits_per_step: list[list[list[int]]] | None = None
+    accepted_per_round: list[list[int]] | None = None
     generated: list[list[int]] = field(init=False)
     texts: list[str] | None = None  # the generated text per row (TwoTowerModel with a tokenizer)
 
@@ -192,6 +209,8 @@ def generate(lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params) 
     lengths = [len(x) for x in prompts]
     seeds = p.row_seeds(len(prompts)) if p.temperature > 0 else [0] * len(prompts)
     context = max(lengths) + p.max_new_tokens
+    if mode == "verified":
+        context += VERIFIED_SPARE_BLOCKS * p.block_size
     engine = Engine(lm, max_slots=len(prompts), context=max(context, 2))
     params = {**params, "seed": seeds}
     outs = engine.generate(prompts, mode, **params)
@@ -201,4 +220,5 @@ def generate(lm: TwoTowerLM, input_ids, mode: str = "mask_diffusion", **params) 
         lengths,
         [o.finish_reason for o in outs],
         [o.commits_per_step for o in outs] if mode == "mask_diffusion" else None,
+        [o.accepted_per_round for o in outs] if mode == "verified" else None,
     )

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import safejson
 from .engine.engine import MAX_STEPS_PER_BLOCK, SEED_LIMIT
-from .generate import MODES
+from .generate import MODES, VERIFIED_SPARE_BLOCKS
 
 DEFAULT_MAX_TOKENS = 16
 MAX_N = 16
@@ -130,6 +130,7 @@ class DecodingFields(_Strict):
     block_size: int | None = Field(None, ge=1, le=INT32_LIMIT)
     steps_per_block: int | None = Field(None, ge=1, le=MAX_STEPS_PER_BLOCK)
     confidence_threshold: float | None = None
+    draft_steps: int | None = Field(None, ge=1, le=MAX_STEPS_PER_BLOCK)
     temperature: float | None = Field(None, ge=0)
     top_k: int | None = Field(None, ge=1, lt=INT32_LIMIT)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -137,8 +138,8 @@ class DecodingFields(_Strict):
 
     def sampling_params(self) -> dict:
         """The SamplingParams fields given (mode and seed left to the caller)."""
-        names = ("block_size", "steps_per_block", "confidence_threshold", "temperature", "top_k",
-                 "top_p")  # fmt: skip
+        names = ("block_size", "steps_per_block", "confidence_threshold", "draft_steps",
+                 "temperature", "top_k", "top_p")  # fmt: skip
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
@@ -287,10 +288,13 @@ def parse_completion(body, served: ServedModel) -> Completion:
     params["max_new_tokens"] = new
     prompts = [_token_ids(p, served) for p in req.prompt]
     longest = max(len(x) for x in prompts)
-    if longest + new > served.context:
+    # A verified round writes a whole block before it rolls back (generate.VERIFIED_SPARE_BLOCKS).
+    spare = VERIFIED_SPARE_BLOCKS * block if mode == "verified" else 0
+    if longest + new + spare > served.context:
         raise BadRequest(
             f"the prompt ({longest} tokens) plus max_tokens ({req.max_tokens}"
-            f"{f', {new} in whole blocks' if new != req.max_tokens else ''}) exceeds this "
+            f"{f', {new} in whole blocks' if new != req.max_tokens else ''}"
+            f"{f', and {spare} for verified drafts' if spare else ''}) exceeds this "
             f"server's context of {served.context} tokens",
             "max_tokens",
         )

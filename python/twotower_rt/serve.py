@@ -3,7 +3,8 @@ uvicorn).
 
     POST /v1/completions   prompt (text, token ids, or a list of either), max_tokens, temperature,
                            top_p, stop, seed, n, stream; the two-tower fields mode, block_size,
-                           steps_per_block, confidence_threshold (and top_k, stop_token_ids)
+                           steps_per_block, confidence_threshold, draft_steps (and top_k,
+                           stop_token_ids)
     GET  /v1/models        the one model served
     GET  /health           200 while the engine thread is alive
     GET  /metrics          Prometheus text: requests, tokens, tokens/s, queue depth, tokens per

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import MODES, SamplingParams, check_input_ids
+from ..generate import MODES, VERIFIED_SPARE_BLOCKS, SamplingParams, check_input_ids
 from ..model.tower import TwoTowerLM
 from .pool import PoolPlan, SlotPool, plan_pool
 from .steps import StepKey, StepRunner
@@ -63,6 +63,7 @@ class RequestOutput:
     nfe: int
     commits_per_step: list[list[int]] | None
     error: str | None = None  # finish_reason "error": what failed while stepping this request
+    accepted_per_round: list[int] | None = None  # verified: drafts accepted per round
 
 
 @dataclass
@@ -82,6 +83,7 @@ class _Request:
     reported: int = 0  # len(output) at the last report
     nfe: int = 0
     commits: list[list[int]] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)  # verified: drafts accepted per round read
     finish_reason: str | None = None
     error: str | None = None
 
@@ -93,6 +95,7 @@ class _Request:
             self.finish_reason, self.nfe,
             [list(c) for c in self.commits] if self.mode == "mask_diffusion" else None,
             self.error,
+            list(self.rounds) if self.mode == "verified" else None,
         )  # fmt: skip
 
 
@@ -181,7 +184,11 @@ class Engine:
             # max_new_tokens is a multiple of it, or 0 and no block is ever made)
             raise ValueError(f"steps_per_block must be <= {MAX_STEPS_PER_BLOCK}, got "
                              f"{p.steps_per_block}")  # fmt: skip
+        if p.draft_steps > MAX_STEPS_PER_BLOCK:
+            raise ValueError(f"draft_steps must be <= {MAX_STEPS_PER_BLOCK}, got {p.draft_steps}")
         need = len(ids) + p.max_new_tokens
+        if mode == "verified":
+            need += VERIFIED_SPARE_BLOCKS * p.block_size
         if need > self.plan.context:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) = {need} "
@@ -340,11 +347,17 @@ class Engine:
                     req.length += 1
                     feed.append(req)
                     continue
+                if req.mode == "verified":
+                    self._new_round(req, req.prompt[-1])
             if req.mode == "mask_diffusion":
                 if req.block_step is None or req.block_step >= p.steps_per_block:
                     continue  # no block yet, or its last step is launched: wait for its read
                 key = StepKey("denoise", (p.block_size, p.mask_token_id, p.steps_per_block,
                                           p.confidence_threshold, p.temperature))  # fmt: skip
+            elif req.mode == "verified":
+                key = self._round_key(req)
+                if key is None:
+                    continue  # rounds enough for max_new_tokens launched: wait for their reads
             else:
                 if req.launched >= p.max_new_tokens:
                     continue  # every draw is launched: wait for the last one's read
@@ -356,17 +369,24 @@ class Engine:
         outputs: list[torch.Tensor] = []
         for key, reqs in groups.items():
             inputs = {"slots": self._tensor([r.slot for r in reqs])}
-            if key.kind == "denoise":
+            if key.kind in ("denoise", "draft"):
                 inputs["step"] = self._tensor([r.block_step for r in reqs])
                 for req in reqs:
                     req.block_step += 1
+            elif key.kind == "verify":
+                for req in reqs:
+                    req.block_step = 0  # the step writes the next round's block
+                    req.launched += 1
+                    req.length += req.params.block_size  # a bound until the read rolls it back
             else:
                 for req in reqs:
                     req.launched += 1
                     req.length += 1  # the pending token it feeds
             with self._isolated(reqs):
                 out = self.runner.run(key, inputs)
-                names = ("block", "masked", "committed") if key.kind == "denoise" else ("next",)
+                if key.kind == "draft":
+                    continue
+                names = _OUTPUTS.get(key.kind, ("next",))
                 tensors = [out[n].reshape(-1) for n in names]
                 outputs += tensors
                 done.append((key.kind, reqs, [t.numel() for t in tensors]))
@@ -399,6 +419,8 @@ class Engine:
                 start += size
             if kind == "denoise":
                 self._process_blocks(reqs, *parts, to_commit)
+            elif kind == "verify":
+                self._process_rounds(reqs, *parts)
             else:
                 self._process_draws(reqs, parts[0])
         self._commit_blocks(to_commit)
@@ -434,6 +456,46 @@ class Engine:
             else:
                 to_commit.append(req)
 
+    def _process_rounds(self, reqs, tokens, counts) -> None:
+        """Verified rounds read back: each row's emitted tokens (accepted drafts + the next
+        pending token), cut at EOS and max_new_tokens."""
+        size = len(tokens) // len(reqs)
+        for i, req in enumerate(reqs):
+            if req.finish_reason is not None:
+                continue  # launched before its end was known: dropped
+            p, n = req.params, counts[i]
+            req.rounds.append(n - 1)
+            req.nfe += p.draft_steps
+            req.length -= size - n  # the rollback kept the pending token and n - 1 drafts
+            for tok in tokens[i * size : i * size + n]:
+                req.output.append(tok)
+                if tok in p.eos_ids:
+                    self._finish(req, "eos")
+                    break
+                if len(req.output) == p.max_new_tokens:
+                    self._finish(req, "length")
+                    break
+
+    def _round_key(self, req: _Request) -> StepKey | None:
+        """A verified request's next step: a draft step, or the round's verify step; None while
+        the rounds launched and not yet read could already finish it (each emits >= 1 token)."""
+        p = req.params
+        if len(req.output) + req.launched - len(req.rounds) >= p.max_new_tokens:
+            return None
+        common = (p.block_size, p.mask_token_id, p.draft_steps, p.confidence_threshold,
+                  p.temperature)  # fmt: skip
+        if req.block_step < p.draft_steps - 1:
+            return StepKey("draft", common)
+        return StepKey("verify", (*common, p.top_k, p.top_p))
+
+    def _new_round(self, req: _Request, pending: int) -> None:
+        """A verified request's first block: its pending token, then masks."""
+        p = req.params
+        block = self.pool.blocks(p.block_size)[req.slot]
+        block.fill_(p.mask_token_id)
+        block[0] = pending
+        req.block_step = 0
+
     def _commit_blocks(self, reqs) -> None:
         """The context pass over every finished block of a request that goes on (eager: its
         attention is causal inside the block), then a fresh block."""
@@ -466,5 +528,8 @@ class Engine:
             req.slot = None
         self._finished_now.append(req)
 
+
+# What each step kind hands back to the host, in order (ar and mock: "next").
+_OUTPUTS = {"denoise": ("block", "masked", "committed"), "verify": ("tokens", "count")}
 
 __all__ = ["Engine", "RequestOutput", "MODES"]

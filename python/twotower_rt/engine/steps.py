@@ -12,7 +12,10 @@ the :class:`SlotPool` on the device, so steps run back to back with nothing read
                decision (block size, mask id, steps, threshold, temperature fixed per function),
                written back into the block;
 - ``feed``:    each slot's pending token into the context tower (a diffusion request's last
-               prompt token).
+               prompt token);
+- ``draft``:   ``denoise`` for a verified round's draft (its outputs are not read back);
+- ``verify``:  a verified round's last draft forward, the context pass over the drafted block,
+               acceptance and rollback (:mod:`.verify`).
 
 Draws advance each slot's Philox counter on the device (a denoise step only where the block still
 had masks), exactly as a request alone advances it. :class:`StepRunner` runs a step at a batch size
@@ -36,6 +39,7 @@ from ..model.tower import TwoTowerLM
 from ..ops.mask_sampling import mask_sampling
 from ..ops.sample_tokens import sample_tokens
 from .pool import SlotPool
+from .verify import make_verify_step
 
 # Step functions (and their CUDA graphs) kept at once: one per distinct parameter set, so a stream
 # of requests with ever new temperatures must not grow them without bound (least recently used go).
@@ -55,7 +59,7 @@ def bucket(n: int) -> int:
 class StepKey:
     """Which step function, with the parameters baked into it."""
 
-    kind: str  # "ar", "mock", "denoise", "feed"
+    kind: str  # "ar", "mock", "denoise", "feed", "draft", "verify"
     params: tuple = ()
 
 
@@ -104,7 +108,10 @@ def make_step(lm: TwoTowerLM, pool: SlotPool, key: StepKey) -> Callable[..., dic
 
         return step
 
-    if key.kind == "denoise":
+    if key.kind == "verify":
+        return make_verify_step(lm, pool, key, draw, decide)
+
+    if key.kind in ("denoise", "draft"):  # draft: a verified round's denoise step (no outputs read)
         size, mask_id, steps, threshold, temperature = key.params
         blocks = pool.blocks(size)
 

@@ -1,0 +1,145 @@
+"""The verified mode against ar and mask_diffusion on the default model, on this CPU.
+
+    python bench/verified_cpu.py [--batch 1 4 64] [--new-tokens 64] [--repeats 5]
+                                 [--draft-steps 1 2 4] [--block-size 16]
+                                 [--out bench/results/verified_cpu.json]
+
+Every configuration generates ``new-tokens`` greedy tokens for ``batch`` distinct prompts (text of
+the model's training style) through ``generate`` (the engine; prefill included: it is the same
+for every mode). One thread (torch.set_num_threads(1)), one warm-up run per configuration, then
+``repeats`` rounds in which the modes alternate; reported: the median wall-clock tokens/s and the
+median process-CPU tokens/s (the machine is shared, so CPU time is the steadier figure), and the
+per-mode work: for verified the accepted drafts per round, tokens per round and tokens per
+forward (denoiser forwards + context passes), for mask_diffusion tokens per denoiser forward and
+per forward (denoiser + block commits), for ar 1 token per context forward. Greedy verified
+output is checked against ar's on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+TEXTS = [
+    "ROMEO. But soft, what light", "And God said, Let there be", "JULIET.", "In the beginning",
+    "KING HENRY. Once more unto the breach, dear friends", "The LORD is my shepherd",
+    "HAMLET. To be, or not to be, that is the question:", "MACBETH. Is this a dagger",
+]  # fmt: skip
+
+
+def modes(draft_steps, block_size):
+    yield "ar", {}
+    yield "mask_diffusion", {"confidence_threshold": 0.8}
+    for d in draft_steps:
+        yield f"verified_d{d}", {"draft_steps": d, "block_size": block_size}
+
+
+def work(name, out, new_tokens, batch) -> dict:
+    tokens = new_tokens * batch
+    if name == "ar":
+        return {"tokens_per_forward": 1.0}
+    if name == "mask_diffusion":
+        nfe = sum(out.nfe)
+        blocks = sum(len(c) for c in out.commits_per_step)
+        return {"tokens_per_denoiser_forward": round(tokens / nfe, 3),
+                "tokens_per_forward": round(tokens / (nfe + blocks), 3)}  # fmt: skip
+    rounds = [a for row in out.accepted_per_round for a in row]
+    forwards = sum(out.nfe) + len(rounds)  # draft forwards + one context pass per round
+    return {
+        "rounds": len(rounds),
+        "accepted_per_round": round(statistics.mean(rounds), 3),
+        "tokens_per_round": round(tokens / len(rounds), 3),
+        "tokens_per_forward": round(tokens / forwards, 3),
+    }
+
+
+def run(model, prompts, name, params, new_tokens):
+    mode = "verified" if name.startswith("verified") else name
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = model.generate(prompts, mode=mode, max_new_tokens=new_tokens, **params)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 64])
+    parser.add_argument("--new-tokens", type=int, default=64, help="a multiple of 16")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--draft-steps", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--block-size", type=int, default=16, help="verified rows' block size")
+    parser.add_argument("--out", default="bench/results/verified_cpu.json")
+    args = parser.parse_args()
+    import twotower_rt
+
+    torch.set_num_threads(1)
+    model = twotower_rt.load()
+    rows = []
+    for batch in args.batch:
+        prompts = [model.encode(TEXTS[i % len(TEXTS)]) for i in range(batch)]
+        configs = list(modes(args.draft_steps, args.block_size))
+        times = {name: ([], []) for name, _ in configs}
+        outs = {}
+        for name, params in configs:  # warm-up
+            outs[name] = run(model, prompts, name, params, args.new_tokens)[0]
+        for _ in range(args.repeats):
+            for name, params in configs:  # the modes alternate within each repeat
+                out, wall, cpu = run(model, prompts, name, params, args.new_tokens)
+                times[name][0].append(wall)
+                times[name][1].append(cpu)
+                if name.startswith("verified") and out.sequences != outs["ar"].sequences:
+                    raise SystemExit(f"{name} at batch {batch}: greedy output differs from ar")
+        row = {"batch": batch}
+        tokens = batch * args.new_tokens
+        for name, _ in configs:
+            wall, cpu = statistics.median(times[name][0]), statistics.median(times[name][1])
+            row[name] = {"tok_s": round(tokens / wall, 2), "cpu_tok_s": round(tokens / cpu, 2),
+                         **work(name, outs[name], args.new_tokens, batch)}  # fmt: skip
+        for name, _ in configs:
+            if name.startswith("verified"):
+                row[name]["over_ar"] = round(row[name]["tok_s"] / row["ar"]["tok_s"], 3)
+                row[name]["cpu_over_ar"] = round(row[name]["cpu_tok_s"] / row["ar"]["cpu_tok_s"], 3)
+                row[name]["over_mask_diffusion"] = round(
+                    row[name]["tok_s"] / row["mask_diffusion"]["tok_s"], 3
+                )
+        rows.append(row)
+        line = "  ".join(f"{n} {row[n]['tok_s']:7.1f} ({row[n]['cpu_tok_s']:7.1f} cpu)"
+                         for n, _ in configs)  # fmt: skip
+        print(f"B={batch:3d} tok/s  {line}", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    commit = commit.strip() + ("+uncommitted-changes" if dirty else "")
+    result = {
+        "benchmark": "verified_cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": 1,
+        },  # fmt: skip
+        "model": "default (python/twotower_rt/default_model)",
+        "new_tokens": args.new_tokens,
+        "verified_block_size": args.block_size,
+        "repeats": args.repeats,
+        "timing": "median over repeats of whole generate() calls (prefill included), modes "
+        "alternating; wall clock and process CPU time; greedy; measured",
+        "rows": rows,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
