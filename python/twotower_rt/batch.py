@@ -86,6 +86,20 @@ def _parse(raw: bytes):
         raise _LineError(f"invalid JSON: {e}") from None
 
 
+def _keyed_line(raw: bytes) -> tuple[dict, str]:
+    """A line -> (its JSON object, its id key); _LineError if it is not an object with a valid
+    id."""
+    obj = _parse(raw)
+    if not isinstance(obj, dict):
+        raise _LineError(f"a line must be a JSON object, got {type(obj).__name__}")
+    if "id" not in obj:
+        raise _LineError("missing 'id' (a string or an integer, unique in the file)")
+    key = _id_key(obj["id"])
+    if key is None:
+        raise _LineError(f"id must be a non-empty string or an integer, got {obj['id']!r}")
+    return obj, key
+
+
 def _as_list(ids) -> list:
     return list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
@@ -116,6 +130,15 @@ def _line_request(obj, default_mode: str, defaults: dict) -> tuple[object, str, 
         eos = _as_list(obj["eos_token_id"]) if "eos_token_id" in obj else []
         params["eos_token_id"] = eos + _as_list(obj["stop_token_ids"])
     return prompt, obj.get("mode", default_mode), params
+
+
+def result_record(model: TwoTowerModel, rid, out, seconds: float) -> dict:
+    """The output line of a finished request: its line's ``id`` and the engine's output ``out``
+    (a RequestOutput), ``seconds`` from submission to completion."""
+    text = model.decode(out.generated) if model.tokenizer is not None else None
+    return {"id": rid, "text": text, "token_ids": out.generated,
+            "prompt_tokens": len(out.prompt), "finish_reason": out.finish_reason,
+            "nfe": out.nfe, "seconds": round(seconds, 4)}  # fmt: skip
 
 
 def _read_done(out_file, path: str) -> set[str]:
@@ -277,14 +300,7 @@ class _Job:
     def _submit(self, number: int, raw: bytes, done: set[str]) -> None:
         rid = None
         try:
-            obj = _parse(raw)
-            if not isinstance(obj, dict):
-                raise _LineError(f"a line must be a JSON object, got {type(obj).__name__}")
-            if "id" not in obj:
-                raise _LineError("missing 'id' (a string or an integer, unique in the file)")
-            key = _id_key(obj["id"])
-            if key is None:
-                raise _LineError(f"id must be a non-empty string or an integer, got {obj['id']!r}")
+            obj, key = _keyed_line(raw)
             rid = obj["id"]
             if key in self.first_line:
                 raise _LineError(f"duplicate id {rid!r} (first on line {self.first_line[key]})")
@@ -305,10 +321,7 @@ class _Job:
     def _complete(self, engine_id: str) -> None:
         out = self.engine.pop(engine_id)
         rid, submitted = self.pending.pop(engine_id)
-        text = self.model.decode(out.generated) if self.model.tokenizer is not None else None
-        record = {"id": rid, "text": text, "token_ids": out.generated,
-                  "prompt_tokens": len(out.prompt), "finish_reason": out.finish_reason,
-                  "nfe": out.nfe, "seconds": round(time.perf_counter() - submitted, 4)}  # fmt: skip
+        record = result_record(self.model, rid, out, time.perf_counter() - submitted)
         self.out_file.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
         self.done += 1
         self._advance()
