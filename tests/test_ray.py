@@ -1,7 +1,7 @@
 """``twotower_rt.ray`` and ``batch --ray`` on a local Ray cluster of 2 CPUs, the default model:
-results equal the one-process ``batch`` for the same ids and seeds; an actor process killed
-mid-job is restarted and every id is written once; a driver killed with SIGKILL resumes to every
-id once."""
+results equal the one-process ``batch`` for the same ids and seeds (also through a replica that is
+a TP group of 2); an actor process killed mid-job is restarted and every id is written once; a
+driver killed with SIGKILL resumes to every id once."""
 
 import json
 import os
@@ -17,11 +17,13 @@ from helpers import subprocess_env
 from test_batch import mixed_lines, read_jsonl, write_jsonl
 
 from twotower_rt.batch import run_batch
+from twotower_rt.cli import main
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from twotower_rt.ray import generate_stage, run_ray_batch  # noqa: E402
+from twotower_rt.ray import generate_stage  # noqa: E402
+from twotower_rt.ray_batch import run_ray_batch  # noqa: E402
 
 N_LINES = 16
 DEFAULTS = {"max_new_tokens": 16, "seed": 5}  # the job's defaults (flags): a seed for every line
@@ -93,6 +95,23 @@ def sharded_input(folder: Path, lines: list) -> Path:
     return folder
 
 
+def test_cli_refuses_bad_jobs_before_starting_ray(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    src = write_jsonl(tmp_path / "in.jsonl", job_lines())
+    (tmp_path / "file").write_text("")
+    cases = [
+        ([str(src), str(tmp_path / "file"), "--ray"], "OUT is a directory of result shards"),
+        ([str(tmp_path / "none"), str(tmp_path / "out"), "--ray"], "does not exist"),
+        ([str(src), str(tmp_path / "out"), "--ray", "--max-in-flight", "3"], "--batch-size"),
+        ([str(src), str(tmp_path / "out"), "--ray", "--replicas", "0"], "--replicas must be"),
+        ([str(src), str(tmp_path / "out"), "--ray", "--temperature", "-1"], "temperature"),
+        ([str(src), str(tmp_path / "out"), "--replicas", "2"], "go with --ray"),
+    ]
+    for argv, message in cases:
+        assert main(["batch", *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
 def test_job_equals_one_process_batch_then_resume_skips_all(tmp_path, cluster, reference):
     want, want_errors = reference
     src = sharded_input(tmp_path / "in", job_lines() + BAD_LINES)
@@ -115,11 +134,13 @@ def test_job_equals_one_process_batch_then_resume_skips_all(tmp_path, cluster, r
     assert len(results(out)) == N_LINES
 
 
-def test_stage_on_a_user_dataset(cluster, reference):
-    """generate_stage on rows given as columns (string ids, missing fields as nulls)."""
+@pytest.mark.parametrize("tp", [1, 2])
+def test_stage_on_a_user_dataset(cluster, reference, tp):
+    """generate_stage on rows given as columns (string ids, missing fields as nulls); tp=2: the
+    replica is a tensor-parallel group (the actor and a follower process, gloo)."""
     want, _ = reference
     lines = [line for line in job_lines() if isinstance(line["id"], str)]
-    ds = generate_stage(ray.data.from_items(lines), replicas=1, batch_size=4, **DEFAULTS)
+    ds = generate_stage(ray.data.from_items(lines), replicas=1, tp=tp, batch_size=4, **DEFAULTS)
     rows = ds.take_all()
     assert sorted(r["id"] for r in rows) == sorted(line["id"] for line in lines)
     for row in rows:

@@ -378,7 +378,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     path = args.model if args.model is not None else default_model_path()
     if args.ray is not None:
         try:
-            from .ray import cmd_batch_ray
+            from .ray_batch import cmd_batch_ray
         except ModuleNotFoundError as exc:
             raise ValueError(f"batch --ray needs Ray Data ({exc}): pip install "
                              "'twotower-rt[ray]'") from None  # fmt: skip
