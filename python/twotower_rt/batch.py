@@ -103,6 +103,20 @@ def _parse(raw: bytes):
         raise _LineError(str(e)) from None
 
 
+def _keyed_line(raw: bytes) -> tuple[dict, str]:
+    """A line -> (its JSON object, its id key); _LineError if it is not an object with a valid
+    id."""
+    obj = _parse(raw)
+    if not isinstance(obj, dict):
+        raise _LineError(f"a line must be a JSON object, got {type(obj).__name__}")
+    if "id" not in obj:
+        raise _LineError("missing 'id' (a string or an integer, unique in the file)")
+    key = _id_key(obj["id"])
+    if key is None:
+        raise _LineError(f"id must be a non-empty string or an integer, got {obj['id']!r}")
+    return obj, key
+
+
 def _line_request(obj, default_mode: str, defaults: dict) -> tuple[object, str, dict]:
     """A parsed line (its id already checked) -> (prompt text or ids, mode, SamplingParams
     fields): the line checked by :class:`BatchLine` (types and bounds), its values over the
@@ -114,6 +128,15 @@ def _line_request(obj, default_mode: str, defaults: dict) -> tuple[object, str, 
     params = {**defaults, **line.sampling_params()}
     prompt = line.prompt if line.prompt is not None else line.input_ids
     return prompt, line.mode or default_mode, params
+
+
+def result_record(model: TwoTowerModel, rid, out, seconds: float) -> dict:
+    """The output line of a finished request: its line's ``id`` and the engine's output ``out``
+    (a RequestOutput), ``seconds`` from submission to completion."""
+    text = model.decode(out.generated) if model.tokenizer is not None else None
+    return {"id": rid, "text": text, "token_ids": out.generated,
+            "prompt_tokens": len(out.prompt), "finish_reason": out.finish_reason,
+            "nfe": out.nfe, "seconds": round(seconds, 4)}  # fmt: skip
 
 
 def _read_done(out_file, path: str) -> set[str]:
@@ -301,14 +324,7 @@ class _Job:
     def _submit(self, number: int, raw: bytes, done: set[str]) -> None:
         rid = None
         try:
-            obj = _parse(raw)
-            if not isinstance(obj, dict):
-                raise _LineError(f"a line must be a JSON object, got {type(obj).__name__}")
-            if "id" not in obj:
-                raise _LineError("missing 'id' (a string or an integer, unique in the file)")
-            key = _id_key(obj["id"])
-            if key is None:
-                raise _LineError(f"id must be a non-empty string or an integer, got {obj['id']!r}")
+            obj, key = _keyed_line(raw)
             rid = obj["id"]
             if key in self.first_line:
                 raise _LineError(f"duplicate id {rid!r} (first on line {self.first_line[key]})")
@@ -335,10 +351,7 @@ class _Job:
         if out.finish_reason == "error":  # the engine failed this request alone
             self._error(int(engine_id), rid, f"engine error: {out.error}")
             return
-        text = self.model.decode(out.generated) if self.model.tokenizer is not None else None
-        record = {"id": rid, "text": text, "token_ids": out.generated,
-                  "prompt_tokens": len(out.prompt), "finish_reason": out.finish_reason,
-                  "nfe": out.nfe, "seconds": round(time.perf_counter() - submitted, 4)}  # fmt: skip
+        record = result_record(self.model, rid, out, time.perf_counter() - submitted)
         self.out_file.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
         self.done += 1
         self._advance()

@@ -472,6 +472,15 @@ def _add_batch_parser(sub) -> None:
     )
     batch.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     batch.add_argument("--tp", type=int, default=1, metavar="N", help=TP_HELP)
+    batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on a Ray cluster (ADDRESS: auto, HOST:PORT or ray://...; none: "
+                            "a local one) with engine replicas; IN may be a directory of JSONL "
+                            "shards and OUT is a directory of result shards")  # fmt: skip
+    batch.add_argument("--replicas", type=int, default=None,
+                       help="--ray: engine replicas (default: the cluster's GPUs / --tp with "
+                            "--device cuda, its CPUs otherwise)")  # fmt: skip
+    batch.add_argument("--batch-size", type=int, default=None,
+                       help="--ray: rows handed to a replica at a time (default: 64)")  # fmt: skip
     batch.set_defaults(run=cmd_batch)
 
 
@@ -482,6 +491,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
     kwargs = {name: getattr(args, name) for name in names if hasattr(args, name)}
     _set_log_level(args.log_level)
     path = args.model if args.model is not None else default_model_path()
+    if args.ray is not None:
+        try:
+            from .ray_batch import cmd_batch_ray
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"batch --ray needs Ray Data ({exc}): pip install "
+                             "'twotower-rt[ray]'") from None  # fmt: skip
+        return cmd_batch_ray(args, path, kwargs)
+    if args.replicas is not None or args.batch_size is not None:
+        raise ValueError("--replicas and --batch-size go with --ray")
     if _tp_size(args) > 1:
         from .parallel.lockstep import batch_rank
 
