@@ -192,7 +192,7 @@ def measure_copy_gbps(device) -> float:
 def bench(args) -> dict:
     from twotower_rt import _ext
     from twotower_rt.engine import Engine
-    from twotower_rt.generate import VERIFIED_SPARE_BLOCKS
+    from twotower_rt.params import VERIFIED_SPARE_BLOCKS
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

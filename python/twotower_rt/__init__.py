@@ -11,8 +11,9 @@ from .api import TwoTowerModel, load
 from .checkpoint import CheckpointError
 from .config import ConfigError, TwoTowerConfig
 from .engine import Engine
-from .generate import MODES, GenerationOutput, SamplingParams
+from .generate import GenerationOutput
 from .hub import ModelNotFoundError
+from .params import MODES, SamplingParams
 
 __version__ = "0.1.0"
 

@@ -26,7 +26,7 @@ import time
 
 from . import __version__
 from .api import TwoTowerModel, load
-from .generate import MODES, SamplingParams
+from .params import MODES, SamplingParams
 
 PROG = "twotower-rt"
 API_KEY_ENV = "TWOTOWER_RT_API_KEY"

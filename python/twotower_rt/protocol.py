@@ -18,8 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import safejson
-from .engine.engine import MAX_STEPS_PER_BLOCK, SEED_LIMIT
-from .generate import MODES, VERIFIED_SPARE_BLOCKS
+from .params import MAX_STEPS_PER_BLOCK, MODES, SEED_LIMIT, VERIFIED_SPARE_BLOCKS
 
 DEFAULT_MAX_TOKENS = 16
 MAX_N = 16

@@ -36,16 +36,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import MODES, VERIFIED_SPARE_BLOCKS, SamplingParams, check_input_ids
 from ..model.tower import TwoTowerLM
+from ..params import MODES, VERIFIED_SPARE_BLOCKS, SamplingParams, check_input_ids
 from .pool import PoolPlan, SlotPool, plan_pool
 from .steps import StepKey, StepRunner
 
 log = logging.getLogger("twotower_rt.engine")
 
 DEFAULT_PREFILL_CHUNK = 2048
-SEED_LIMIT = 2**63  # seeds live in int64 tensors (the Philox key)
-MAX_STEPS_PER_BLOCK = 2**16  # past block_size every step commits one token anyway
 
 
 @dataclass
@@ -178,14 +176,6 @@ class Engine:
         if isinstance(p.seed, (list, tuple)):
             raise ValueError("seed must be one integer (or None) per request")
         p.validate(mode, vocab, 1)
-        if p.seed is not None and p.seed >= SEED_LIMIT:
-            raise ValueError(f"seed must be < 2**63, got {p.seed}")
-        if p.steps_per_block > MAX_STEPS_PER_BLOCK:  # (block_size is bounded by the context:
-            # max_new_tokens is a multiple of it, or 0 and no block is ever made)
-            raise ValueError(f"steps_per_block must be <= {MAX_STEPS_PER_BLOCK}, got "
-                             f"{p.steps_per_block}")  # fmt: skip
-        if p.draft_steps > MAX_STEPS_PER_BLOCK:
-            raise ValueError(f"draft_steps must be <= {MAX_STEPS_PER_BLOCK}, got {p.draft_steps}")
         need = len(ids) + p.max_new_tokens
         if mode == "verified":
             need += VERIFIED_SPARE_BLOCKS * p.block_size
