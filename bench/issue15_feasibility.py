@@ -146,8 +146,10 @@ def denoiser_forwards(model, prompts, new_tokens, gamma):
     first = [r for r in records if r["masked"] == BLOCK]
     summary["first_forward_of_block"] = {
         "forwards": len(first),
-        **{f"share_above_{g}": sum(r[f"above_{g}"] for r in first) / (BLOCK * len(first))
-           for g in GAMMAS},  # fmt: skip
+        **{
+            f"share_above_{g}": sum(r[f"above_{g}"] for r in first) / (BLOCK * len(first))
+            for g in GAMMAS
+        },  # fmt: skip
     }
     return summary, gen
 
@@ -212,25 +214,34 @@ def main() -> None:
         "commit": git("rev-parse", "HEAD"),
         "worktree_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},  # fmt: skip
-        "setup": {"model": "twotower_rt.load() (shipped default model), float32, CPU",
-                  "prompts": len(prompts), "prompt_tokens": args.prompt_len,
-                  "new_tokens": args.new_tokens, "block_size": BLOCK, "steps_per_block": STEPS,
-                  "seeds": f"seed + row, seed = {args.seed}",
-                  "prompt_source": "train.evaluate.heldout_windows on .data (held-out tail of "
-                                   "every document, never trained on)",
-                  "sample_prompt": model.tokenizer.decode(prompts[0])},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },  # fmt: skip
+        "setup": {
+            "model": "twotower_rt.load() (shipped default model), float32, CPU",
+            "prompts": len(prompts),
+            "prompt_tokens": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "block_size": BLOCK,
+            "steps_per_block": STEPS,
+            "seeds": f"seed + row, seed = {args.seed}",
+            "prompt_source": "train.evaluate.heldout_windows on .data (held-out tail of "
+            "every document, never trained on)",
+            "sample_prompt": model.tokenizer.decode(prompts[0]),
+        },  # fmt: skip
         "definitions": {
             "p_above_g": "share of generated positions where the AR tower's top-token "
-                         "probability given the prefix (teacher-forced) is > g",
+            "probability given the prefix (teacher-forced) is > g",
             "acc_above_g": "among those, share whose top token is the token in the text",
             "issue_rule_tokens_per_forward_g": "1 / (1 - p_above_g), issue 15's rule of thumb",
             "run_proxy_tokens_per_forward_g": "16 / (1 + positions 1..15 of each block of 16 "
-                                              "with AR confidence <= g), averaged over blocks",
+            "with AR confidence <= g), averaged over blocks",
             "share_masked_above_g_pooled": "sum over denoiser forwards of masked positions with "
-                                           "confidence > g / sum of masked positions",
+            "confidence > g / sum of masked positions",
             "share_masked_above_g_mean_per_forward": "the same ratio averaged per forward",
             "tokens_per_forward": "sum of commits_per_step / denoiser forwards",
         },  # fmt: skip

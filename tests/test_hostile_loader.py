@@ -155,3 +155,29 @@ def test_quantize_on_a_full_disk_leaves_nothing(ckpt, tmp_path, monkeypatch):  #
     with pytest.raises(OSError, match="fp8: cannot write the FP8 checkpoint.*No space left"):
         quantize_checkpoint(ckpt, out)
     assert not out.exists() and sorted(os.listdir(tmp_path)) == [ckpt.name]
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"eos_token_id": 512}, "eos_token_id 512 is not a token id in [0, 512)"),
+        ({"eos_token_id": [2, 10**30]}, "eos_token_id 1000000000000000000000000000000 is not"),
+        ({"temperature": "hot"}, "'temperature' must be a number"),
+        ({"temperature": -1}, "'temperature' must be greater than or equal to 0"),
+        ({"top_p": 1.5}, "'top_p' must be less than or equal to 1"),
+        ({"steps_per_block": 10**30}, "'steps_per_block' must be less than or equal"),
+        ({"block_size": 0}, "'block_size' must be greater than or equal to 1"),
+        ({"max_new_tokens": 10**30}, "max_new_tokens must be < 2147483648"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0"),
+        ({"mask_token_id": 512}, "mask_token_id 512 is outside the vocabulary"),
+        ({"confidence_threshold": "high"}, "'confidence_threshold' must be a number"),
+    ],
+)  # fmt: skip
+def test_bad_generation_config_refused_at_load(ckpt, config, message):  # noqa: F811
+    """A generation_config.json every request would take its defaults from is checked at load
+    (the golden model's vocabulary is 512): refused there, naming the file and the field, instead
+    of failing every request."""
+    (ckpt / "generation_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as info:
+        twotower_rt.load(ckpt)
+    assert "generation_config.json" in str(info.value) and message in str(info.value), info.value

@@ -63,7 +63,9 @@ BAD_LINES = [
     # issue 19's poison lines: each one refused alone, the job carries on
     json.dumps({"id": "big-seed", "input_ids": [1, 2], "temperature": 0.5, "seed": 2**64}),
     json.dumps({"id": "big-steps", "input_ids": [1, 2], "steps_per_block": 10**30}),
-    json.dumps({"id": "big-drafts", "input_ids": [1, 2], "mode": "verified", "draft_steps": 10**30}),
+    json.dumps(
+        {"id": "big-drafts", "input_ids": [1, 2], "mode": "verified", "draft_steps": 10**30}
+    ),
     "[" * 3000 + "]" * 3000,
 ]
 

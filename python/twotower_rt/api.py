@@ -9,9 +9,10 @@ import torch
 
 from .checkpoint import load_checkpoint, resolve_dtype
 from .config import TwoTowerConfig
-from .generate import MODES, GenerationOutput, generate
+from .generate import GenerationOutput, generate
 from .generation_config import GenerationDefaults, read_generation_config
 from .model.tower import TwoTowerLM
+from .params import MODES
 
 TOKENIZER_FILE = "tokenizer.json"
 # The tiny trained model shipped inside the package (python -m twotower_rt.train made it; see
@@ -183,7 +184,8 @@ def load(
             tokenizer = Tokenizer.from_str(read_bytes(tok_path, MAX_TOKENIZER_BYTES).decode())
         except Exception as e:  # tokenizers raises its own exception type
             raise ValueError(f"{tok_path}: cannot load tokenizer: {e}") from None
-    return TwoTowerModel(lm, source, tokenizer, path=path, generation=read_generation_config(path),
+    generation = read_generation_config(path, lm.cfg.vocab_size)
+    return TwoTowerModel(lm, source, tokenizer, path=path, generation=generation,
                          chat_template=load_chat_template(path),
                          dtype_reason=dtype_reason)  # fmt: skip
 

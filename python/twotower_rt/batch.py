@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import safejson
 from .api import TwoTowerModel, load, startup_summary
 from .engine import Engine
-from .generate import MODES, SamplingParams
+from .params import MODES, SamplingParams
 from .protocol import BadRequest, BatchLine, validate
 
 try:
@@ -209,7 +209,7 @@ def _check_defaults(mode: str, params: dict, vocab_size: int) -> None:
     try:
         validate(BatchLine, {"id": 0, "input_ids": [0], **params})
     except BadRequest as e:
-        raise ValueError(f"the defaults (flags): {e}") from None
+        raise ValueError(f"the defaults (flags over generation_config.json): {e}") from None
     SamplingParams(**params).validate("ar", vocab_size, 1)  # ar: a multiple of a block or not
 
 
@@ -257,11 +257,13 @@ def run_batch(
         raise ValueError(f"input file {input_path} does not exist")
     if not isinstance(model, TwoTowerModel):
         model = load(model, device=device, dtype=dtype)
+    # The flags over the checkpoint's generation_config.json: the defaults every line starts from,
+    # checked before any line is read.
+    params = model.generation.apply(params) if hasattr(model, "generation") else params
     _check_defaults(mode, params, model.config.vocab_size)
     if engine is None:
         engine = Engine(model, max_slots=max_slots, context=context)
     log.info(startup_summary(model, engine))
-    params = model.generation.apply(params) if hasattr(model, "generation") else params
     if max_in_flight is None:
         max_in_flight = IN_FLIGHT_PER_SLOT * engine.plan.slots
     elif isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:

@@ -64,8 +64,13 @@ class GenerationDefaults:
         return body
 
 
-def read_generation_config(directory: str | os.PathLike) -> GenerationDefaults:
-    """The defaults of ``directory``/generation_config.json (empty when there is none)."""
+def read_generation_config(
+    directory: str | os.PathLike, vocab_size: int | None = None
+) -> GenerationDefaults:
+    """The defaults of ``directory``/generation_config.json (empty when there is none), checked
+    here, once, by the rules a request's own values meet (types, bounds, finite numbers; with
+    ``vocab_size``, token ids inside the vocabulary): a bad file is refused at load, naming the
+    file and the field, rather than failing every request that would take its defaults."""
     path = os.path.join(os.fspath(directory), GENERATION_CONFIG_FILE)
     if not os.path.isfile(path):
         return GenerationDefaults()
@@ -86,4 +91,22 @@ def read_generation_config(directory: str | os.PathLike) -> GenerationDefaults:
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos):
         raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    _check(params, eos, vocab_size, path)
     return GenerationDefaults(params, eos, path)
+
+
+def _check(params: dict, eos: list[int], vocab_size: int | None, path: str) -> None:
+    from .params import SamplingParams
+    from .protocol import INT32_LIMIT, DecodingFields, validate
+
+    fields = {k: v for k, v in params.items() if k in DecodingFields.model_fields}
+    try:
+        validate(DecodingFields, fields)
+        new = params.get("max_new_tokens", 0)
+        if isinstance(new, int) and not isinstance(new, bool) and new >= INT32_LIMIT:
+            raise ValueError(f"max_new_tokens must be < {INT32_LIMIT}, got {new}")
+        SamplingParams(**params, eos_token_id=eos or None).validate(
+            "ar", INT32_LIMIT if vocab_size is None else vocab_size, 1
+        )
+    except ValueError as exc:  # protocol.BadRequest is one
+        raise ValueError(f"{path}: {exc}") from None

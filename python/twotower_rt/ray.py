@@ -36,6 +36,8 @@ from .batch import (
 )
 from .config import TwoTowerConfig
 from .engine import Engine
+from .generation_config import read_generation_config
+from .hub import resolve_model_dir
 
 DEFAULT_BATCH_SIZE = 64
 RESULT_KEYS = ("id", "text", "token_ids", "prompt_tokens", "finish_reason", "nfe", "seconds")
@@ -64,8 +66,7 @@ class TwoTowerPredictor:
         unknown = sorted(set(params) - set(PARAM_KEYS))
         if unknown:
             raise ValueError(f"unknown parameters {unknown}; SamplingParams has {list(PARAM_KEYS)}")
-        _check_defaults(mode, params, _vocab_size(model))
-        self.mode, self.defaults = mode, params
+        self.mode, self.defaults = mode, job_defaults(model, mode, params)
         self._batches = 0
         engine_args = {"max_slots": max_slots, "context": context}
         if tp > 1:
@@ -256,10 +257,15 @@ def generate_stage(ds, model: str | None = None, *, replicas: int = 1, tp: int =
     )
 
 
-def _vocab_size(model: str | None) -> int:
-    """From config.json alone: the driver never loads the weights."""
-    path = os.path.join(os.fspath(model or DEFAULT_MODEL_DIR), "config.json")
-    return TwoTowerConfig.from_json_file(path).vocab_size
+def job_defaults(model: str | None, mode: str, params: dict) -> dict:
+    """The defaults every row starts from: ``params`` over the checkpoint's
+    generation_config.json, checked as ``batch`` checks them (ValueError), from the checkpoint's
+    JSON files alone: the driver never loads the weights."""
+    directory = resolve_model_dir(os.fspath(model or DEFAULT_MODEL_DIR))
+    vocab = TwoTowerConfig.from_json_file(os.path.join(directory, "config.json")).vocab_size
+    params = read_generation_config(directory, vocab).apply(params)
+    _check_defaults(mode, params, vocab)
+    return params
 
 
 def _raw_id(raw: bytes):

@@ -23,13 +23,12 @@ import ray
 from .batch import (
     PARAM_KEYS,
     BatchSummary,
-    _check_defaults,
     _keyed_line,
     _LineError,
     _numbered_lines,
     _read_done,
 )
-from .ray import DEFAULT_BATCH_SIZE, _raw_id, _vocab_size, generate_stage
+from .ray import DEFAULT_BATCH_SIZE, _raw_id, generate_stage, job_defaults
 
 try:
     import fcntl
@@ -116,7 +115,7 @@ def check_job(input_path, output_path, errors_path, model, mode: str,
     if unknown:
         raise ValueError(f"unknown parameters {unknown}; SamplingParams has {list(PARAM_KEYS)}")
     params = {k: v for k, v in engine_and_params.items() if k in PARAM_KEYS}
-    _check_defaults(mode, params, _vocab_size(None if model is None else os.fspath(model)))
+    job_defaults(None if model is None else os.fspath(model), mode, params)
     return files, output_path, errors_path
 
 
