@@ -2,7 +2,7 @@
 
     python bench/verified_cpu.py [--batch 1 4 64] [--new-tokens 64] [--repeats 5]
                                  [--draft-steps 1 2 4] [--block-size 16]
-                                 [--out bench/results/verified_cpu.json]
+                                 [--out bench/results/verified_cpu.json] [--model DIR]
 
 Every configuration generates ``new-tokens`` greedy tokens for ``batch`` distinct prompts (text of
 the model's training style) through ``generate`` (the engine; prefill included: it is the same
@@ -76,11 +76,12 @@ def main() -> None:
     parser.add_argument("--draft-steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--block-size", type=int, default=16, help="verified rows' block size")
     parser.add_argument("--out", default="bench/results/verified_cpu.json")
+    parser.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     args = parser.parse_args()
     import twotower_rt
 
     torch.set_num_threads(1)
-    model = twotower_rt.load()
+    model = twotower_rt.load(args.model, device="cpu", dtype="float32")
     rows = []
     for batch in args.batch:
         prompts = [model.encode(TEXTS[i % len(TEXTS)]) for i in range(batch)]
@@ -128,7 +129,7 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": 1,
         },  # fmt: skip
-        "model": "default (python/twotower_rt/default_model)",
+        "model": args.model or "default (python/twotower_rt/default_model)",
         "new_tokens": args.new_tokens,
         "verified_block_size": args.block_size,
         "repeats": args.repeats,
