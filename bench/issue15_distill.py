@@ -245,7 +245,7 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, args, log) -> dict:
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], sc.grad_clip)
         opt.step()
         balancer.update()
-        rec = {"step": step, "time_s": round(time.time() - t0, 1), "loss": float(loss),
+        rec = {"step": step, "time_s": round(time.time() - t0, 1), "loss": loss.item(),
                "lr": lr, "grad_norm": float(gnorm), "cf_weight": cf, **stats}  # fmt: skip
         log(rec)
         if step % 10 == 0:
@@ -268,9 +268,9 @@ def distinct_n(seqs, n: int) -> float:
     return len(set(grams)) / max(1, len(grams))
 
 
-def evaluate(model, prompts, truths, new_tokens: int) -> list[dict]:
+def evaluate(model, prompts, truths, new_tokens: int, gammas=GAMMAS) -> list[dict]:
     rows = []
-    for mode, gamma in [("ar", None)] + [("mask_diffusion", g) for g in GAMMAS]:
+    for mode, gamma in [("ar", None)] + [("mask_diffusion", g) for g in gammas]:
         params = dict(max_new_tokens=new_tokens, temperature=0.0)
         if mode == "mask_diffusion":
             params.update(block_size=BLOCK, steps_per_block=STEPS, confidence_threshold=gamma)
@@ -311,6 +311,35 @@ def _git(*cmd) -> str:
         return "unknown"
 
 
+def eval_only(args) -> int:
+    torch.set_num_threads(args.threads)
+    with open(args.json_out, encoding="utf-8") as f:
+        report = json.load(f)
+    extra = report.setdefault("extra_eval", {})
+    for path in args.eval_only:
+        model = twotower_rt.load(path)
+        windows = heldout_windows(model.tokenizer, args.data_dir, args.eval_prompts,
+                                  args.prompt_len + args.eval_new_tokens)  # fmt: skip
+        prompts = [w[: args.prompt_len] for w in windows]
+        truths = [w[args.prompt_len :] for w in windows]
+        rows = evaluate(model, prompts, truths, args.eval_new_tokens, args.gammas)
+        samples = {"prompt": model.decode(prompts[0])}
+        for mode, gamma in [("ar", None)] + [("mask_diffusion", g) for g in args.gammas]:
+            params = dict(max_new_tokens=args.eval_new_tokens, temperature=0.0)
+            if gamma is not None:
+                params.update(block_size=BLOCK, steps_per_block=STEPS, confidence_threshold=gamma)
+            out = model.generate([prompts[0]], mode=mode, **params)
+            samples[f"{mode}@{gamma}" if gamma else mode] = model.decode(out.generated[0])
+        extra[os.path.relpath(os.path.abspath(path), REPO)] = {
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+            "commit": _git("rev-parse", "HEAD"), "results": rows, "samples": samples}
+    with open(args.json_out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    print(f"report -> {args.json_out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,7 +365,13 @@ def main() -> int:
     ap.add_argument("--cf-weight", type=float, default=0.5)
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--eval-new-tokens", type=int, default=64)
+    ap.add_argument("--eval-only", nargs="+", metavar="MODEL_DIR", default=None,
+                    help="no training: evaluate these checkpoint dirs at --gammas and add the "
+                    "rows to JSON_OUT's extra_eval (plus a decoded sample per gamma)")
+    ap.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     args = ap.parse_args()
+    if args.eval_only:
+        return eval_only(args)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
