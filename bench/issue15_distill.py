@@ -1,6 +1,6 @@
 """Issue 15: fine-tune the shipped default model's denoiser on the AR tower's own greedy text.
 
-    nice -n 19 python bench/issue15_distill.py [--minutes 40] [--distill-prompts 4096]
+    nice -n 19 python bench/issue15_distill.py [--minutes 50] [--distill-prompts 8192]
         [--out-dir .data/issue15] [--json-out bench/results/issue15_distill.json]
 
 One command, end to end, CPU, one thread by default:
@@ -348,11 +348,11 @@ def main() -> int:
     ap.add_argument("--json-out", default=str(REPO / "bench" / "results" / "issue15_distill.json"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--distill-prompts", type=int, default=4096)
+    ap.add_argument("--distill-prompts", type=int, default=8192)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-tokens", type=int, default=96)
     ap.add_argument("--gen-batch", type=int, default=256)
-    ap.add_argument("--minutes", type=float, default=40.0)
+    ap.add_argument("--minutes", type=float, default=50.0)
     ap.add_argument("--batch", type=int, default=16, help="sequences per step")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=20)
