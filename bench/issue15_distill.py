@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import shlex
@@ -193,7 +192,9 @@ def step_loss(lm, targets, cache, args, g, cf_weight: float):
 # 3. training --------------------------------------------------------------------------------------
 def save_candidate(lm, out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in sorted(lm.state_dict().items())}
+    state = {
+        k: v.detach().to(torch.bfloat16).contiguous() for k, v in sorted(lm.state_dict().items())
+    }
     save_file(state, os.path.join(out, "model.safetensors"),
               metadata={"format": "pt", "source": "bench/issue15_distill.py"})  # fmt: skip
     save_file({k: v.detach().contiguous() for k, v in lm.state_dict().items()},
@@ -256,10 +257,14 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, args, log) -> dict:
     lm.requires_grad_(False)
     set_scan_chunk(lm, 0)
     save_candidate(lm, os.path.join(args.out_dir, "candidate"))
-    return {"steps": step, "minutes": round((time.time() - t0) / 60, 1),
-            "cf_start_step": cf_start_step, "rows_per_step_distill":
-            (args.batch - n_real) * ((args.prompt_len + args.gen_tokens) // BLOCK - first_block),
-            "rows_per_step_real": n_real * ((args.prompt_len + args.gen_tokens) // BLOCK - 1)}
+    return {
+        "steps": step,
+        "minutes": round((time.time() - t0) / 60, 1),
+        "cf_start_step": cf_start_step,
+        "rows_per_step_distill": (args.batch - n_real)
+        * ((args.prompt_len + args.gen_tokens) // BLOCK - first_block),
+        "rows_per_step_real": n_real * ((args.prompt_len + args.gen_tokens) // BLOCK - 1),
+    }
 
 
 # 4. evaluation ------------------------------------------------------------------------------------
@@ -332,7 +337,10 @@ def eval_only(args) -> int:
             samples[f"{mode}@{gamma}" if gamma else mode] = model.decode(out.generated[0])
         extra[os.path.relpath(os.path.abspath(path), REPO)] = {
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-            "commit": _git("rev-parse", "HEAD"), "results": rows, "samples": samples}
+            "commit": _git("rev-parse", "HEAD"),
+            "results": rows,
+            "samples": samples,
+        }
     with open(args.json_out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
@@ -341,12 +349,20 @@ def eval_only(args) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data-dir", default=str(REPO / ".data"))
     ap.add_argument("--out-dir", default=str(REPO / ".data" / "issue15"))
     ap.add_argument("--json-out", default=str(REPO / "bench" / "results" / "issue15_distill.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--base",
+        default=DEFAULT_MODEL_DIR,
+        help="the model to fine-tune (default: the shipped one). The shipped model "
+        "is this script's run on the stage-2 model of python -m twotower_rt.train, "
+        "which commit 0b9823a shipped: see the README to reproduce it",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distill-prompts", type=int, default=8192)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -357,17 +373,26 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--bias-rate", type=float, default=1e-3)
-    ap.add_argument("--real-frac", type=float, default=0.0,
-                    help="share of each step's sequences that are real training text")
+    ap.add_argument(
+        "--real-frac",
+        type=float,
+        default=0.0,
+        help="share of each step's sequences that are real training text",
+    )
     ap.add_argument("--p-full", type=float, default=0.25)
     ap.add_argument("--p-suffix", type=float, default=0.5)
     ap.add_argument("--cf-start", type=float, default=0.6)
     ap.add_argument("--cf-weight", type=float, default=0.5)
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--eval-new-tokens", type=int, default=64)
-    ap.add_argument("--eval-only", nargs="+", metavar="MODEL_DIR", default=None,
-                    help="no training: evaluate these checkpoint dirs at --gammas and add the "
-                    "rows to JSON_OUT's extra_eval (plus a decoded sample per gamma)")
+    ap.add_argument(
+        "--eval-only",
+        nargs="+",
+        metavar="MODEL_DIR",
+        default=None,
+        help="no training: evaluate these checkpoint dirs at --gammas and add the "
+        "rows to JSON_OUT's extra_eval (plus a decoded sample per gamma)",
+    )
     ap.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     args = ap.parse_args()
     if args.eval_only:
@@ -376,7 +401,7 @@ def main() -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
 
-    shipped = twotower_rt.load()  # float32
+    shipped = twotower_rt.load(args.base, device="cpu", dtype="float32")
     tok = shipped.tokenizer
     windows = heldout_windows(tok, args.data_dir, args.eval_prompts,
                               args.prompt_len + args.eval_new_tokens)  # fmt: skip
@@ -393,7 +418,7 @@ def main() -> int:
     print(f"[distill] {tuple(seqs.shape)} ({distill_minutes:.1f} min)", flush=True)
 
     # The shipped weights in float32, as ordinary (trainable) tensors.
-    state = load_file(os.path.join(DEFAULT_MODEL_DIR, "model.safetensors"))
+    state = load_file(os.path.join(args.base, "model.safetensors"))
     lm = build_model(shipped.config, {k: v.float() for k, v in state.items()})
     del shipped
     with open(os.path.join(args.out_dir, "train_log.jsonl"), "w", encoding="utf-8") as f:
@@ -418,23 +443,44 @@ def main() -> int:
         "commit": _git("rev-parse", "HEAD"),
         "worktree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "recipe": {k: v for k, v in vars(args).items()
-                   if k not in ("data_dir", "out_dir", "json_out")},  # fmt: skip
-        "distill_set": {"sequences": int(seqs.shape[0]), "length": int(seqs.shape[1]),
-                        "minutes_to_generate": round(distill_minutes, 1)},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "recipe": {
+            k: v for k, v in vars(args).items() if k not in ("data_dir", "out_dir", "json_out")
+        },  # fmt: skip
+        "distill_set": {
+            "sequences": int(seqs.shape[0]),
+            "length": int(seqs.shape[1]),
+            "minutes_to_generate": round(distill_minutes, 1),
+        },
         "training": training,
-        "eval": {"prompts": args.eval_prompts, "prompt_tokens": args.prompt_len,
-                 "new_tokens": args.eval_new_tokens, "block_size": BLOCK,
-                 "steps_per_block": STEPS, "temperature": 0.0, "dtype": "float32 compute, "
-                 "weights rounded to bfloat16 as shipped",
-                 "source": "train.evaluate.heldout_windows (held-out tail of every document)"},
-        "before": {"model": "shipped default model", "results": before,
-                   "target_met": target_met(before)},
-        "after": {name: {"model": os.path.relpath(os.path.join(args.out_dir, name), REPO),
-                         "results": rows, "target_met": target_met(rows)}
-                  for name, rows in after.items()},  # fmt: skip
+        "eval": {
+            "prompts": args.eval_prompts,
+            "prompt_tokens": args.prompt_len,
+            "new_tokens": args.eval_new_tokens,
+            "block_size": BLOCK,
+            "steps_per_block": STEPS,
+            "temperature": 0.0,
+            "dtype": "float32 compute, weights rounded to bfloat16 as shipped",
+            "source": "train.evaluate.heldout_windows (held-out tail of every document)",
+        },
+        "before": {
+            "model": "shipped default model",
+            "results": before,
+            "target_met": target_met(before),
+        },
+        "after": {
+            name: {
+                "model": os.path.relpath(os.path.join(args.out_dir, name), REPO),
+                "results": rows,
+                "target_met": target_met(rows),
+            }
+            for name, rows in after.items()
+        },  # fmt: skip
         "total_minutes": round((time.time() - t_start) / 60, 1),
     }
     os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)

@@ -11,8 +11,10 @@ block 16, 16 steps per block) on held-out prompts:
 - ``next_block_accuracy``: the fraction of the first 16 generated tokens equal, position by
   position, to the true held-out continuation; ``quality_accuracy_ratio`` = mode / AR.
 - ``tokens_per_forward``: generated tokens / denoiser forwards (16 * blocks / nfe).
-- ``tokens_per_s``: CPU throughput, whole batch of prompts at once (``batch``) and one prompt at a
-  time (``single``), this machine's threads.
+- ``distinct_2`` / ``distinct_3``: distinct n-grams / all n-grams of the continuations (diversity).
+- ``speed``: CPU tokens/s at batch 1 (each of the first 4 prompts alone), 4 and 64, torch on one
+  thread, the modes alternating within each of ``--repeats`` rounds after a warm-up; medians of
+  wall-clock and of process CPU time (the steadier figure on a shared machine).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from ..model.cache import ContextCache
 from . import data
 from .tokenizer import EOS_ID, encode_documents
 
-MODES = [("ar", None), ("mask_diffusion", 0.5), ("mask_diffusion", 0.8), ("mask_diffusion", 0.9)]
+MODES = [("ar", None), ("mask_diffusion", 0.5), ("mask_diffusion", 0.7), ("mask_diffusion", 0.8),
+         ("mask_diffusion", 0.9)]  # fmt: skip
+SPEED_BATCHES = (1, 4, 64)
 BLOCK = 16
 
 
@@ -74,24 +78,30 @@ def run_mode(model, prompts, mode, gamma, new_tokens):
     return out, time.perf_counter() - t0
 
 
-def evaluate(model, prompts, truths, new_tokens: int, single_prompts: int) -> list[dict]:
+def distinct_n(seqs: list[list[int]], n: int) -> float:
+    grams = [tuple(s[i : i + n]) for s in seqs for i in range(len(s) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def _key(mode: str, gamma) -> str:
+    return f"{mode}@{gamma}" if gamma is not None else mode
+
+
+def evaluate(model, prompts, truths, new_tokens: int) -> list[dict]:
+    """Quality and work per mode on all prompts at once (one batch)."""
     rows = []
     for mode, gamma in MODES:
-        out, seconds = run_mode(model, prompts, mode, gamma, new_tokens)
+        out, _ = run_mode(model, prompts, mode, gamma, new_tokens)
         gen = out.generated
         n_tokens = sum(len(g) for g in gen)
         correct = sum(a == b for g, t in zip(gen, truths) for a, b in zip(g[:BLOCK], t[:BLOCK]))
-        single_s = 0.0
-        for p in prompts[:single_prompts]:
-            single_s += run_mode(model, [p], mode, gamma, new_tokens)[1]
         row = {
             "mode": mode, "confidence_threshold": gamma,
             "ar_nll": ar_nll(model.lm, prompts, gen),
             "next_block_accuracy": correct / (BLOCK * len(prompts)),
+            "distinct_2": distinct_n(gen, 2), "distinct_3": distinct_n(gen, 3),
             "tokens_per_forward": n_tokens / sum(out.nfe) if sum(out.nfe) else 1.0,
             "denoiser_forwards": sum(out.nfe),
-            "tokens_per_s_batch": n_tokens / seconds,
-            "tokens_per_s_single": single_prompts * new_tokens / single_s,
         }  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -100,8 +110,84 @@ def evaluate(model, prompts, truths, new_tokens: int, single_prompts: int) -> li
         row["quality_nll_ratio"] = base["ar_nll"] / row["ar_nll"]
         row["quality_accuracy_ratio"] = (row["next_block_accuracy"] / base["next_block_accuracy"]
                                          if base["next_block_accuracy"] else None)  # fmt: skip
-        row["speed_vs_ar_single"] = row["tokens_per_s_single"] / base["tokens_per_s_single"]
+        row["distinct_2_ratio"] = row["distinct_2"] / base["distinct_2"]
     return rows
+
+
+def measure_speed(model, prompts, new_tokens: int, repeats: int) -> dict:
+    """CPU tokens/s per mode at each of SPEED_BATCHES, side by side: one thread, a warm-up of
+    every configuration, then ``repeats`` rounds in which the modes alternate; medians."""
+    import statistics
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        speed = {}
+        for batch in SPEED_BATCHES:
+            groups = [[p] for p in prompts[:4]] if batch == 1 else [prompts[:batch]]
+            tokens = sum(len(g) for g in groups) * new_tokens
+
+            def once(mode, gamma, groups=groups):
+                wall, cpu = time.perf_counter(), time.process_time()
+                for group in groups:
+                    run_mode(model, group, mode, gamma, new_tokens)
+                return time.perf_counter() - wall, time.process_time() - cpu
+
+            for mode, gamma in MODES:  # warm-up
+                once(mode, gamma)
+            times = {_key(m, g): [] for m, g in MODES}
+            for _ in range(repeats):
+                for mode, gamma in MODES:
+                    times[_key(mode, gamma)].append(once(mode, gamma))
+            row = {}
+            for key, runs in times.items():
+                wall = statistics.median(w for w, _ in runs)
+                cpu = statistics.median(c for _, c in runs)
+                row[key] = {"tok_s": tokens / wall, "cpu_tok_s": tokens / cpu}
+            for key in row:
+                row[key]["cpu_vs_ar"] = row[key]["cpu_tok_s"] / row["ar"]["cpu_tok_s"]
+                row[key]["wall_vs_ar"] = row[key]["tok_s"] / row["ar"]["tok_s"]
+            speed[f"batch_{batch}"] = row
+            print(f"speed batch {batch}: " + "  ".join(
+                f"{k} {v['cpu_tok_s']:.0f} ({v['cpu_vs_ar']:.2f}x)" for k, v in row.items()
+            ), flush=True)  # fmt: skip
+        return speed
+    finally:
+        torch.set_num_threads(threads)
+
+
+def plot_tradeoff(rows: list[dict], speed: dict, path: str) -> None:
+    """Quality (AR-NLL ratio) against CPU tokens/s at batch 1, one point per gamma, AR marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, batch in zip(axes, ("batch_1", "batch_64")):
+        xs, ys = [], []
+        for row in rows:
+            key = _key(row["mode"], row["confidence_threshold"])
+            x, y = speed[batch][key]["cpu_tok_s"], row["quality_nll_ratio"]
+            if row["mode"] == "ar":
+                ax.scatter([x], [y], marker="*", s=180, color="black", zorder=3, label="AR")
+            else:
+                xs.append(x)
+                ys.append(y)
+                ax.annotate(f"gamma {row['confidence_threshold']}\n"
+                            f"{row['tokens_per_forward']:.1f} tok/fwd", (x, y),
+                            textcoords="offset points", xytext=(6, -4), fontsize=8)  # fmt: skip
+        ax.plot(xs, ys, "o-", color="tab:blue", label="mask diffusion")
+        ax.axhline(0.95, color="gray", lw=0.8, ls="--", label="95% of AR quality")
+        ax.set_xlabel(f"CPU tokens/s, {batch.replace('_', ' ')} (one thread)")
+        ax.set_ylabel("quality: AR-NLL(ar) / AR-NLL(mode)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle("default model, held-out prompts, greedy, block 16: quality vs speed", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot -> {path}")
 
 
 def read_stage_log(run_dir: str, stage: str) -> list[dict] | None:
@@ -175,6 +261,17 @@ def plot(run_dir: str, path: str) -> None:
     print(f"plot -> {path}")
 
 
+def _distillation_summary(path: str = os.path.join("bench", "results", "issue15_distill.json")):
+    """Stage 3 of the shipped model (bench/issue15_distill.py): its recipe and training, from its
+    own report."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    return {"report": path, "command": report.get("command"), "recipe": report.get("recipe"),
+            "training": report.get("training")}  # fmt: skip
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -189,7 +286,8 @@ def main(args) -> None:
     windows = heldout_windows(tok, args.data_dir, args.prompts, args.prompt_len + args.new_tokens)
     prompts = [w[: args.prompt_len] for w in windows]
     truths = [w[args.prompt_len :] for w in windows]
-    rows = evaluate(model, prompts, truths, args.new_tokens, single_prompts=4)
+    rows = evaluate(model, prompts, truths, args.new_tokens)
+    speed = measure_speed(model, prompts, args.new_tokens, args.repeats)
     run_dir = os.path.join(args.data_dir, "runs", args.run)
     model_dir = model.source
     files = {f: os.path.getsize(os.path.join(model_dir, f)) for f in sorted(os.listdir(model_dir))
@@ -235,25 +333,40 @@ def main(args) -> None:
             "held-out continuation, position by position",
             "quality_accuracy_ratio": "next_block_accuracy(mode) / next_block_accuracy(ar)",
             "tokens_per_forward": "generated tokens / denoiser forwards (16 * blocks / nfe)",
-            "tokens_per_s_batch": f"all {args.prompts} prompts in one batch, CPU",
-            "tokens_per_s_single": "one prompt at a time (4 prompts), CPU",
+            "distinct_n": "distinct n-grams / all n-grams over the continuations",
+            "speed": "CPU tokens/s, one thread, per batch size (batch 1: each of 4 prompts "
+            "alone), modes alternating over repeats after a warm-up, medians; cpu_tok_s from "
+            "process CPU time, tok_s from wall-clock",
         },  # fmt: skip
         "results": rows,
+        "speed": speed,
         # For scale: the same NLL of the true held-out continuations (human text is not the
         # AR tower's argmax, so it scores worse than any greedy decoding).
         "heldout_text_ar_nll": ar_nll(model.lm, prompts, truths),
-        "targets": {"gamma_0.8_quality_ratio_min": 0.95, "gamma_0.8_tokens_per_forward_min": 1.5},
+        "targets": {
+            "gamma_0.8_quality_ratio_min": 0.95,
+            "gamma_0.8_tokens_per_forward_min": 1.5,
+            "gamma_0.8_distinct_2_within": 0.10,
+            "gamma_0.8_batch_1_speed_vs_ar_min": 1.3,
+        },  # fmt: skip
         "training": training_summary(run_dir),
+        "distillation": _distillation_summary(),
         "samples": {"prompt": tok.decode(sample_prompt), **samples},
     }
     g08 = next(r for r in rows if r["confidence_threshold"] == 0.8)
-    report["targets"]["met"] = bool(g08["quality_nll_ratio"] >= 0.95
-                                    and (g08["quality_accuracy_ratio"] or 0) >= 0.95
-                                    and g08["tokens_per_forward"] >= 1.5)  # fmt: skip
+    g08_speed = speed["batch_1"]["mask_diffusion@0.8"]["cpu_vs_ar"]
+    report["targets"]["met"] = {
+        "quality_nll": g08["quality_nll_ratio"] >= 0.95,
+        "quality_accuracy": (g08["quality_accuracy_ratio"] or 0) >= 0.95,
+        "tokens_per_forward": g08["tokens_per_forward"] >= 1.5,
+        "distinct_2": abs(g08["distinct_2_ratio"] - 1) <= 0.10,
+        "batch_1_speed": g08_speed >= 1.3,
+    }
     os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
     with open(args.json_out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
     print(f"report -> {args.json_out}")
+    plot_tradeoff(rows, speed, args.tradeoff_out)
     if os.path.isdir(run_dir):
         plot(run_dir, args.plot_out)
