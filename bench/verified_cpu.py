@@ -61,11 +61,23 @@ def work(name, out, new_tokens, batch) -> dict:
     }
 
 
-def run(model, prompts, name, params, new_tokens):
+def run(model, prompts, name, params, new_tokens, alone: bool = False):
+    """One configuration over ``prompts`` (each alone when ``alone``): the outputs merged into
+    one GenerationOutput-like record, wall and CPU seconds."""
     mode = "verified" if name.startswith("verified") else name
     wall, cpu = time.perf_counter(), time.process_time()
-    out = model.generate(prompts, mode=mode, max_new_tokens=new_tokens, **params)
-    return out, time.perf_counter() - wall, time.process_time() - cpu
+    groups = [[p] for p in prompts] if alone else [prompts]
+    outs = [model.generate(g, mode=mode, max_new_tokens=new_tokens, **params) for g in groups]
+    seconds = time.perf_counter() - wall, time.process_time() - cpu
+    out = outs[0]
+    for extra in outs[1:]:
+        out.sequences += extra.sequences
+        out.nfe += extra.nfe
+        if out.commits_per_step is not None:
+            out.commits_per_step += extra.commits_per_step
+        if out.accepted_per_round is not None:
+            out.accepted_per_round += extra.accepted_per_round
+    return out, *seconds
 
 
 def main() -> None:
@@ -77,6 +89,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16, help="verified rows' block size")
     parser.add_argument("--out", default="bench/results/verified_cpu.json")
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    parser.add_argument("--single", type=int, default=1,
+                        help="batch 1: this many distinct prompts, each alone")  # fmt: skip
     args = parser.parse_args()
     import twotower_rt
 
@@ -84,25 +98,27 @@ def main() -> None:
     model = twotower_rt.load(args.model, device="cpu", dtype="float32")
     rows = []
     for batch in args.batch:
-        prompts = [model.encode(TEXTS[i % len(TEXTS)]) for i in range(batch)]
+        alone = batch == 1 and args.single > 1
+        count = args.single if alone else batch
+        prompts = [model.encode(TEXTS[i % len(TEXTS)]) for i in range(count)]
         configs = list(modes(args.draft_steps, args.block_size))
         times = {name: ([], []) for name, _ in configs}
         outs = {}
         for name, params in configs:  # warm-up
-            outs[name] = run(model, prompts, name, params, args.new_tokens)[0]
+            outs[name] = run(model, prompts, name, params, args.new_tokens, alone)[0]
         for _ in range(args.repeats):
             for name, params in configs:  # the modes alternate within each repeat
-                out, wall, cpu = run(model, prompts, name, params, args.new_tokens)
+                out, wall, cpu = run(model, prompts, name, params, args.new_tokens, alone)
                 times[name][0].append(wall)
                 times[name][1].append(cpu)
                 if name.startswith("verified") and out.sequences != outs["ar"].sequences:
                     raise SystemExit(f"{name} at batch {batch}: greedy output differs from ar")
-        row = {"batch": batch}
-        tokens = batch * args.new_tokens
+        row = {"batch": batch, "prompts": count, "each_alone": alone}
+        tokens = count * args.new_tokens
         for name, _ in configs:
             wall, cpu = statistics.median(times[name][0]), statistics.median(times[name][1])
             row[name] = {"tok_s": round(tokens / wall, 2), "cpu_tok_s": round(tokens / cpu, 2),
-                         **work(name, outs[name], args.new_tokens, batch)}  # fmt: skip
+                         **work(name, outs[name], args.new_tokens, count)}  # fmt: skip
         for name, _ in configs:
             if name.startswith("verified"):
                 row[name]["over_ar"] = round(row[name]["tok_s"] / row["ar"]["tok_s"], 3)
