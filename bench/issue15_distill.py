@@ -61,7 +61,8 @@ import twotower_rt  # noqa: E402
 from twotower_rt.api import DEFAULT_MODEL_DIR  # noqa: E402
 from twotower_rt.checkpoint import build_model  # noqa: E402
 from twotower_rt.train import data  # noqa: E402
-from twotower_rt.train.evaluate import ar_nll, heldout_windows  # noqa: E402
+from twotower_rt.train.evaluate import evaluate as evaluate_modes  # noqa: E402
+from twotower_rt.train.evaluate import heldout_windows  # noqa: E402
 from twotower_rt.train.model_init import set_scan_chunk  # noqa: E402
 from twotower_rt.train.tokenizer import EOS_ID, MASK_ID, encode_documents  # noqa: E402
 from twotower_rt.train.train import (  # noqa: E402
@@ -268,38 +269,10 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, args, log) -> dict:
 
 
 # 4. evaluation ------------------------------------------------------------------------------------
-def distinct_n(seqs, n: int) -> float:
-    grams = [tuple(s[i : i + n]) for s in seqs for i in range(len(s) - n + 1)]
-    return len(set(grams)) / max(1, len(grams))
-
-
 def evaluate(model, prompts, truths, new_tokens: int, gammas=GAMMAS) -> list[dict]:
-    rows = []
-    for mode, gamma in [("ar", None)] + [("mask_diffusion", g) for g in gammas]:
-        params = dict(max_new_tokens=new_tokens, temperature=0.0)
-        if mode == "mask_diffusion":
-            params.update(block_size=BLOCK, steps_per_block=STEPS, confidence_threshold=gamma)
-        t0 = time.perf_counter()
-        out = model.generate(prompts, mode=mode, **params)
-        seconds = time.perf_counter() - t0
-        gen = out.generated
-        n_tokens = sum(len(x) for x in gen)
-        correct = sum(a == b for x, t in zip(gen, truths) for a, b in zip(x[:BLOCK], t[:BLOCK]))
-        row = {"mode": mode, "confidence_threshold": gamma,
-               "ar_nll": ar_nll(model.lm, prompts, gen),
-               "next_block_accuracy": correct / (BLOCK * len(prompts)),
-               "tokens_per_forward": n_tokens / sum(out.nfe) if sum(out.nfe) else 1.0,
-               "denoiser_forwards": sum(out.nfe), "distinct_2": distinct_n(gen, 2),
-               "seconds": round(seconds, 2)}  # fmt: skip
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    base = rows[0]
-    for row in rows:
-        row["quality_nll_ratio"] = base["ar_nll"] / row["ar_nll"]
-        row["quality_accuracy_ratio"] = (row["next_block_accuracy"] / base["next_block_accuracy"]
-                                         if base["next_block_accuracy"] else None)  # fmt: skip
-        row["distinct_2_ratio"] = row["distinct_2"] / base["distinct_2"]
-    return rows
+    """``train.evaluate``'s quality rows: ``ar``, then mask diffusion at each gamma."""
+    modes = [("ar", None)] + [("mask_diffusion", g) for g in gammas]
+    return evaluate_modes(model, prompts, truths, new_tokens, modes)
 
 
 def target_met(rows) -> bool:

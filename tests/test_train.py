@@ -37,3 +37,31 @@ def test_context_rows_match_inference_prefill():
                 mamba_states=ref_cache.mamba, t=t[r : r + 1],
             )  # fmt: skip
             torch.testing.assert_close(rows[r], ref[0], rtol=1e-4, atol=1e-4)
+
+
+def test_distinct_n_counts_distinct_grams():
+    from twotower_rt.train.evaluate import distinct_n
+
+    assert distinct_n([[1, 2, 1, 2]], 2) == 2 / 3  # (1,2) (2,1) (1,2)
+    assert distinct_n([[1, 2, 3], [1, 2]], 2) == 2 / 3  # (1,2) (2,3) (1,2)
+    assert distinct_n([[7]], 2) == 0.0
+
+
+def test_evaluate_rows_against_a_direct_generation(default_model):
+    """train.evaluate's rows (shared by bench/issue15_distill.py): AR first as the ratios' base,
+    the work counted from the same generation run directly."""
+    from twotower_rt.train.evaluate import evaluate
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]]
+    truths = [[9] * 16, [10] * 16]
+    modes = [("ar", None), ("mask_diffusion", 0.8)]
+    ar, md = evaluate(default_model, prompts, truths, 16, modes)
+    assert (ar["mode"], md["confidence_threshold"]) == ("ar", 0.8)
+    assert ar["quality_nll_ratio"] == 1.0 and ar["distinct_2_ratio"] == 1.0
+    params = {"block_size": 16, "steps_per_block": 16, "confidence_threshold": 0.8}
+    out = default_model.generate(prompts, mode="mask_diffusion", max_new_tokens=16, **params)
+    assert md["denoiser_forwards"] == sum(out.nfe)
+    assert md["tokens_per_forward"] == 32 / sum(out.nfe)
+    hits = sum(a == b for g, t in zip(out.generated, truths) for a, b in zip(g, t))
+    assert md["next_block_accuracy"] == hits / 32
+    assert md["quality_nll_ratio"] == ar["ar_nll"] / md["ar_nll"]

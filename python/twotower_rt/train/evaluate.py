@@ -87,11 +87,12 @@ def _key(mode: str, gamma) -> str:
     return f"{mode}@{gamma}" if gamma is not None else mode
 
 
-def evaluate(model, prompts, truths, new_tokens: int) -> list[dict]:
-    """Quality and work per mode on all prompts at once (one batch)."""
+def evaluate(model, prompts, truths, new_tokens: int, modes=MODES) -> list[dict]:
+    """Quality and work per mode (``ar`` first: the ratios' base) on all prompts at once (one
+    batch); ``seconds`` is that batch's wall-clock time."""
     rows = []
-    for mode, gamma in MODES:
-        out, _ = run_mode(model, prompts, mode, gamma, new_tokens)
+    for mode, gamma in modes:
+        out, seconds = run_mode(model, prompts, mode, gamma, new_tokens)
         gen = out.generated
         n_tokens = sum(len(g) for g in gen)
         correct = sum(a == b for g, t in zip(gen, truths) for a, b in zip(g[:BLOCK], t[:BLOCK]))
@@ -101,7 +102,7 @@ def evaluate(model, prompts, truths, new_tokens: int) -> list[dict]:
             "next_block_accuracy": correct / (BLOCK * len(prompts)),
             "distinct_2": distinct_n(gen, 2), "distinct_3": distinct_n(gen, 3),
             "tokens_per_forward": n_tokens / sum(out.nfe) if sum(out.nfe) else 1.0,
-            "denoiser_forwards": sum(out.nfe),
+            "denoiser_forwards": sum(out.nfe), "seconds": round(seconds, 2),
         }  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -296,7 +297,7 @@ def main(args) -> None:
     samples = {}
     for mode, gamma in MODES:
         out, _ = run_mode(model, [sample_prompt], mode, gamma, 32)
-        samples[f"{mode}@{gamma}" if gamma else mode] = tok.decode(out.generated[0])
+        samples[_key(mode, gamma)] = tok.decode(out.generated[0])
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),
