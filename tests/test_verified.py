@@ -1,12 +1,14 @@
 """The verified mode: greedy output equals ``ar`` token for token, sampled output is distributed as
 AR sampling, and the rollback leaves the context a pass over the kept tokens would."""
 
+import contextlib
 import math
 
 import pytest
 import torch
 from conftest import load_cases
 
+from twotower_rt import fastpath
 from twotower_rt.engine import Engine
 from twotower_rt.generate import _prefill
 from twotower_rt.model.mamba import MambaState
@@ -124,25 +126,33 @@ def test_padded_buckets_change_nothing(default_model, default_prompts):
         ]
 
 
-def test_replay_is_the_mixer_with_n_valid(default_model):
+@pytest.mark.parametrize("keep", [[1, 16, 7, 3], [5], [16]])
+@pytest.mark.parametrize("fast", [True, False], ids=["cpu_fast", "eager"])
+def test_replay_is_the_mixer_with_n_valid(default_model, keep, fast):
     """Per Mamba layer, the replay from the recorded in_proj output is bitwise the mixer's own
-    forward over the block with n_valid = keep (conv and SSM state)."""
+    forward over the block with n_valid = keep (conv and SSM state), through the CPU fast path's
+    state-only replay and through the plain one (ssm_scan), and leaves ``before`` as it was."""
     lm = default_model.lm
     cfg = lm.cfg
-    keep = torch.tensor([1, 16, 7, 3])
+    keep = torch.tensor(keep)
+    b = len(keep)
     for i, block in enumerate(lm.context_tower.layers):
         if block.kind != "mamba":
             continue
         mixer = block.mixer
-        h = torch.randn(4, 16, cfg.hidden_size)
-        state = MambaState(torch.randn(4, cfg.mamba_conv_dim, cfg.conv_kernel),
-                           torch.randn(4, cfg.mamba_num_heads, cfg.mamba_head_dim,
+        h = torch.randn(b, 16, cfg.hidden_size)
+        state = MambaState(torch.randn(b, cfg.mamba_conv_dim, cfg.conv_kernel),
+                           torch.randn(b, cfg.mamba_num_heads, cfg.mamba_head_dim,
                                        cfg.ssm_state_size))  # fmt: skip
-        with torch.inference_mode():
+        saved = MambaState(state.conv.clone(), state.ssm.clone())
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if not fast:
+                stack.enter_context(fastpath.disabled())
             _, want = mixer(h, state, n_valid=keep)
             got = _replay(mixer, state, mixer.in_proj(h), keep)
         assert torch.equal(got.conv, want.conv), i
         assert torch.equal(got.ssm, want.ssm), i
+        assert torch.equal(state.conv, saved.conv) and torch.equal(state.ssm, saved.ssm)
 
 
 def test_rollback_equals_a_pass_over_the_kept_tokens(default_model, default_prompts):

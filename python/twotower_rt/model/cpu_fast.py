@@ -62,6 +62,33 @@ def conv_taps(window: torch.Tensor, taps, bias, n: int) -> torch.Tensor:
     return out
 
 
+def _constants(mixer):
+    return derived(
+        mixer, (mixer.A_log, mixer.dt_bias, mixer.D, mixer.conv1d.weight, mixer.conv1d.bias),
+        _mamba_constants,
+    )  # fmt: skip
+
+
+def _conv_and_dt(mixer, conv_state, xBC, dt):
+    """The mixer's steps between in_proj and the scan over n tokens: (history (b, K + n,
+    conv_dim): the state's K raw columns then the new ones, time-major; silu(conv) (b, n,
+    conv_dim) in xBC's dtype; dt (b, n, H) fp32, softplus'ed and clamped)."""
+    _, dt_bias, _, taps, conv_bias = _constants(mixer)
+    n = xBC.shape[1]
+    conv_state = conv_state if conv_state.dtype == xBC.dtype else conv_state.to(xBC.dtype)
+    history = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)
+    fp32 = xBC.dtype == torch.float32
+    window = history[:, 1:] if fp32 else history[:, 1:].float()
+    out = F.silu(conv_taps(window, taps, conv_bias, n))
+    if not fp32:
+        out = out.to(xBC.dtype)
+    dt = F.softplus((dt if fp32 else dt.float()) + dt_bias)
+    lo, hi = mixer.cfg.time_step_limit
+    if lo > 0.0 or hi != float("inf"):
+        dt = dt.clamp(lo, hi)
+    return history, out, dt
+
+
 def mamba_forward(mixer, h: torch.Tensor, state, n_valid, keep_state: bool):
     """:meth:`Mamba2Mixer.forward` on the CPU (same arguments and results, same numbers)."""
     from .mamba import MambaState
@@ -70,27 +97,14 @@ def mamba_forward(mixer, h: torch.Tensor, state, n_valid, keep_state: bool):
     b, n, _ = h.shape
     H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
     d_inner, conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
-    A, dt_bias, D, taps, conv_bias = derived(
-        mixer, (mixer.A_log, mixer.dt_bias, mixer.D, mixer.conv1d.weight, mixer.conv1d.bias),
-        _mamba_constants,
-    )  # fmt: skip
+    A, _, D, taps, _ = _constants(mixer)
     z, xBC, dt = torch.split(mixer.in_proj(h), [d_inner, conv_dim, H], dim=-1)
     if n_valid is not None:
         valid = torch.arange(n)[None, :] < n_valid[:, None]  # (b, n)
         xBC = xBC.masked_fill(~valid[..., None], 0.0)  # padding: nothing for later convs
-    # (b, K + n, conv_dim): the state's K raw columns, then the new ones, time-major
-    conv_state = state.conv if state.conv.dtype == xBC.dtype else state.conv.to(xBC.dtype)
-    history = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)
+    history, xBC, dt = _conv_and_dt(mixer, state.conv, xBC, dt)
     fp32 = h.dtype == torch.float32
-    window = history[:, 1:] if fp32 else history[:, 1:].float()
-    xBC = F.silu(conv_taps(window, taps, conv_bias, n))
-    if not fp32:
-        xBC = xBC.to(h.dtype)
     x, Bm, Cm = torch.split(xBC, [d_inner, G * N, G * N], dim=-1)
-    dt = F.softplus((dt if fp32 else dt.float()) + dt_bias)
-    lo, hi = cfg.time_step_limit
-    if lo > 0.0 or hi != float("inf"):
-        dt = dt.clamp(lo, hi)
     if not fp32:
         x, Bm, Cm = x.float(), Bm.float(), Cm.float()
     x = x.reshape(b, n, H, P)
@@ -112,6 +126,44 @@ def mamba_forward(mixer, h: torch.Tensor, state, n_valid, keep_state: bool):
         rows = n_valid[:, None] + torch.arange(K)[None, :]  # (b, K)
         new_conv = history.gather(1, rows[:, :, None].expand(b, K, conv_dim)).transpose(1, 2)
     return out, MambaState(new_conv, new_ssm)
+
+
+def mamba_replay(mixer, before, zxbcdt: torch.Tensor, keep: torch.Tensor):
+    """The verified mode's rollback of one Mamba layer on the CPU (``model.rollback._replay``):
+    the state :func:`mamba_forward` leaves over the block whose in_proj output is ``zxbcdt`` (b,
+    S, in_proj_dim) with ``n_valid = keep`` (b,), bitwise, from ``before``. The conv and the
+    elementwise maps run over the whole block as in the forward (a vectorised kernel rounds its
+    last partial vector differently, so a shorter run would change bits); the recurrence runs only
+    up to the longest kept run, as the fast scan does it (``state * decay`` then ``+ input``, each
+    rounded once), and nothing of the output (C, y, the gate, the norm) is computed."""
+    from .mamba import MambaState
+
+    cfg = mixer.cfg
+    H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
+    d_inner, conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
+    A, _, _, taps, _ = _constants(mixer)
+    b, S, _ = zxbcdt.shape
+    _, xBC, dt = torch.split(zxbcdt, [d_inner, conv_dim, H], dim=-1)
+    history, xBC, dt = _conv_and_dt(mixer, before.conv, xBC, dt)
+    fp32 = zxbcdt.dtype == torch.float32
+    dt = dt.masked_fill(~(torch.arange(S)[None, :] < keep[:, None])[..., None], 0.0)
+    decay = torch.exp(dt * A)
+    n = int(keep.max())  # past it every row carries its state unchanged: stop there
+    x, Bm = xBC[:, :n, :d_inner], xBC[:, :n, d_inner : d_inner + G * N]
+    if not fp32:
+        x, Bm = x.float(), Bm.float()
+    dtx = dt[:, :n, :, None] * x.reshape(b, n, H, P)
+    Bh = Bm.reshape(b, n, G, N).repeat_interleave(H // G, dim=2)
+    inputs = (dtx[..., None] * Bh[:, :, :, None, :]).transpose(0, 1)  # (n, b, H, P, N)
+    decay = decay[:, :n].transpose(0, 1)[..., None, None]  # (n, b, H, 1, 1)
+    state = before.ssm.clone() if n == 0 else before.ssm
+    for i in range(n):
+        state = state * decay[i]
+        state.add_(inputs[i])
+    K = len(taps)
+    rows = keep[:, None] + torch.arange(K)[None, :]  # (b, K): the K columns ending at keep
+    new_conv = history.gather(1, rows[:, :, None].expand(b, K, conv_dim)).transpose(1, 2)
+    return MambaState(new_conv, state)
 
 
 def router_forward(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

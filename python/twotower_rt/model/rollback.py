@@ -13,8 +13,9 @@ Per layer, the replay is bitwise the state the mixer itself leaves over the same
 ``n_valid = keep`` (same shapes, same ops; tests/test_verified.py). Over the whole tower it equals a
 pass over the kept tokens alone up to float32 rounding: the kept tokens' hidden states are computed
 along with the rejected ones (matmuls of another shape, MoE experts over other token groups).
-On the CPU only the longest kept run is re-scanned (reading ``keep`` on the host is free there);
-on the GPU the whole block is, with ``n_valid`` (no host synchronisation).
+On the CPU fast path (``cpu_fast.mamba_replay``) only the state is computed, and the recurrence
+runs only up to the longest kept run (reading ``keep`` on the host is free there); elsewhere the
+whole block is replayed with ``n_valid`` (on the GPU: no host synchronisation).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.ssm_scan import ssm_scan
+from . import cpu_fast
 from .cache import ContextCache
 from .mamba import Mamba2Mixer, MambaState
 from .tower import TwoTowerLM
@@ -84,9 +86,9 @@ def _replay(mixer: Mamba2Mixer, before: MambaState, zxbcdt: torch.Tensor, keep) 
     """The layer's state after the first ``keep`` tokens of the block whose in_proj output is
     ``zxbcdt`` (b, S, in_proj_dim), from ``before``: Mamba2Mixer.forward's conv and scan, the
     states only."""
+    if cpu_fast.applies(zxbcdt):  # the state only, up to the longest kept run
+        return cpu_fast.mamba_replay(mixer, before, zxbcdt, keep)
     cfg = mixer.cfg
-    if not zxbcdt.is_cuda:  # the host may read keep for free: replay only the longest kept run
-        zxbcdt = zxbcdt[:, : int(keep.max())]
     b, n, _ = zxbcdt.shape
     H, P, N, G, K = (cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size,
                      cfg.n_groups, cfg.conv_kernel)  # fmt: skip
