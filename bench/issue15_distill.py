@@ -136,23 +136,28 @@ def inference_masks(R: int, S: int, p_full: float, p_suffix: float, g: torch.Gen
     return rank < n[:, None], n.float() / S
 
 
-def rows_of(lm, windows: torch.Tensor, first_block: int):
-    """context_rows for windows, keeping only the rows of blocks >= first_block."""
-    targets, cache = context_rows(lm, windows, BLOCK)
+def rows_of(lm, windows: torch.Tensor, first_block: int, teacher: bool = False):
+    """context_rows for windows, keeping only the rows of blocks >= first_block: (targets,
+    cache, teacher log-probs or None)."""
+    targets, cache, *logp = context_rows(lm, windows, BLOCK, teacher=teacher)
+    logp = logp[0] if logp else None
     nb = windows.shape[1] // BLOCK
     blk = torch.arange(1, nb).repeat(windows.shape[0])
     if first_block > 1:
         keep = torch.nonzero(blk >= first_block).squeeze(-1)
         targets, cache = targets[keep], cache.index_select(keep)
-    return targets, cache
+        logp = None if logp is None else logp[keep]
+    return targets, cache, logp
 
 
 def concat_rows(parts):
-    """Join (targets, cache) row sets: the caches are padded to the longest prefix."""
+    """Join (targets, cache, teacher) row sets: the caches are padded to the longest prefix."""
     if len(parts) == 1:
         return parts[0]
     from twotower_rt.model.cache import ContextCache
 
+    teacher = None if any(p[2] is None for p in parts) else torch.cat([p[2] for p in parts])
+    parts = [p[:2] for p in parts]
     targets = torch.cat([t for t, _ in parts])
     L = max(c.keys[next(iter(c.keys))].shape[1] for _, c in parts)
 
@@ -166,10 +171,21 @@ def concat_rows(parts):
                                      torch.cat([c.mamba[i].ssm for _, c in parts]))
              for i in first.mamba}  # fmt: skip
     lengths = torch.cat([c.lengths for _, c in parts])
-    return targets, ContextCache(lengths, keys, values, mamba)
+    return targets, ContextCache(lengths, keys, values, mamba), teacher
 
 
-def step_loss(lm, targets, cache, args, g, cf_weight: float):
+def kl_positions(masked: torch.Tensor, scope: str) -> torch.Tensor:
+    """Where the soft AR target applies: ``first``, each row's first masked position (every
+    position before it is known, so the AR tower's distribution there is exactly the one the
+    denoiser should give); ``all``, every masked position (an approximation wherever a masked
+    position precedes it)."""
+    if scope == "all":
+        return masked
+    first = masked & (masked.cumsum(-1) == 1)
+    return first
+
+
+def step_loss(lm, targets, cache, args, g, cf_weight: float, teacher=None):
     masked, t = inference_masks(targets.shape[0], BLOCK, args.p_full, args.p_suffix, g)
     noisy = torch.where(masked, torch.full_like(targets, MASK_ID), targets)
     logits = lm.denoiser_logits(noisy, cache, prefix_len=cache.lengths, mamba_states=cache.mamba,
@@ -187,6 +203,15 @@ def step_loss(lm, targets, cache, args, g, cf_weight: float):
         loss = ce + cf_weight * entropy[right].mean()
     stats = {"ce": ce.item(), "acc": float(right.float().mean()),
              "conf_gt_0.8": float((conf > 0.8).float().mean())}  # fmt: skip
+    if teacher is not None and args.kl_weight > 0:
+        # KL(AR || denoiser) at the chosen positions, indexed among the masked ones.
+        sel = kl_positions(masked, args.kl_scope)[masked]
+        teacher = teacher.clone()
+        teacher[..., MASK_ID] = -1e12  # renormalised without the mask token, as the student
+        p_ar = torch.log_softmax(teacher[masked][sel], dim=-1)
+        kl = F.kl_div(logp[sel], p_ar, log_target=True, reduction="batchmean")
+        loss = loss + args.kl_weight * kl
+        stats["kl"] = kl.item()
     return loss, stats
 
 
@@ -237,11 +262,12 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, args, log) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         pick = torch.randint(0, len(seqs), (args.batch - n_real,), generator=g)
-        parts = [rows_of(lm, seqs[pick], first_block)]
+        kl = args.kl_weight > 0
+        parts = [rows_of(lm, seqs[pick], first_block, teacher=kl)]
         if n_real:
-            parts.append(rows_of(lm, random_windows(real, n_real, seqs.shape[1], g), 1))
-        targets, cache = concat_rows(parts)
-        loss, stats = step_loss(lm, targets, cache, args, g, cf)
+            parts.append(rows_of(lm, random_windows(real, n_real, seqs.shape[1], g), 1, kl))
+        targets, cache, teacher = concat_rows(parts)
+        loss, stats = step_loss(lm, targets, cache, args, g, cf, teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], sc.grad_clip)
@@ -252,7 +278,8 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, args, log) -> dict:
         log(rec)
         if step % 10 == 0:
             print(f"[train] step {step} loss {float(loss):.3f} ce {stats['ce']:.3f} "
-                  f"acc {stats['acc']:.3f} conf>0.8 {stats['conf_gt_0.8']:.3f} lr {lr:.1e} "
+                  f"acc {stats['acc']:.3f} conf>0.8 {stats['conf_gt_0.8']:.3f} "
+                  f"kl {stats.get('kl', float('nan')):.3f} lr {lr:.1e} "
                   f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
         step += 1
     lm.requires_grad_(False)
@@ -356,6 +383,13 @@ def main() -> int:
     ap.add_argument("--p-suffix", type=float, default=0.5)
     ap.add_argument("--cf-start", type=float, default=0.6)
     ap.add_argument("--cf-weight", type=float, default=0.5)
+    ap.add_argument(
+        "--kl-weight",
+        type=float,
+        default=0.0,
+        help="weight of a soft-target term: KL(AR tower || denoiser) at --kl-scope positions",
+    )
+    ap.add_argument("--kl-scope", choices=("first", "all"), default="first")
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--eval-new-tokens", type=int, default=64)
     ap.add_argument(

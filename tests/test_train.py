@@ -65,3 +65,27 @@ def test_evaluate_rows_against_a_direct_generation(default_model):
     hits = sum(a == b for g, t in zip(out.generated, truths) for a, b in zip(g, t))
     assert md["next_block_accuracy"] == hits / 32
     assert md["quality_nll_ratio"] == ar["ar_nll"] / md["ar_nll"]
+
+
+def test_context_rows_teacher_is_the_ar_next_token_distribution():
+    """The teacher row for position i of block j is the AR tower's distribution after the
+    window's first 16 j + i tokens, as a prefill of just those tokens gives it."""
+    lm = load_builtin_model().lm
+    g = torch.Generator().manual_seed(5)
+    windows = torch.randint(4, lm.cfg.vocab_size, (2, 48), generator=g)
+    set_scan_chunk(lm, 16)
+    try:
+        with torch.no_grad():
+            targets, _, logp = context_rows(lm, windows, 16, teacher=True)
+    finally:
+        set_scan_chunk(lm, 0)
+    assert logp.shape == (2 * 2, 16, lm.cfg.vocab_size)
+    with torch.no_grad():
+        for r, i in [(0, 0), (1, 7), (2, 15), (3, 3)]:
+            seq, j = divmod(r, 2)
+            n = 16 * (j + 1) + i
+            cache = ContextCache.allocate(lm.cfg, 1, 48, lm.dtype, lm.device)
+            hidden = lm.context_forward(windows[seq : seq + 1, :n], cache)
+            ref = torch.log_softmax(lm.context_logits(hidden[:, -1]), dim=-1)[0]
+            torch.testing.assert_close(logp[r, i], ref, rtol=1e-4, atol=1e-4)
+            assert int(targets[r, i]) == int(windows[seq, n])

@@ -145,14 +145,17 @@ def ar_loss(lm: TwoTowerLM, windows: torch.Tensor) -> torch.Tensor:
 
 # Stage 2 -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def context_rows(lm: TwoTowerLM, windows: torch.Tensor, S: int):
+def context_rows(lm: TwoTowerLM, windows: torch.Tensor, S: int, teacher: bool = False):
     """Run the frozen context tower over windows (b, L) once; return, for every block j >= 1 of
     every window as one row: the block's true tokens (R, S), a ContextCache whose K/V hold the
-    window with prefix length S j, and the Mamba states at S j."""
+    window with prefix length S j, and the Mamba states at S j. With ``teacher``, also the AR
+    tower's log-probabilities for every position of every row (R, S, vocab): position i of
+    block j as predicted from the window's tokens before it (the hidden state at S j + i - 1),
+    the exact AR distribution a denoiser sees when the block's positions before i are known."""
     b, L = windows.shape
     nb = L // S
     cache = ContextCache.allocate(lm.cfg, b, L, lm.dtype, lm.device)
-    lm.context_forward(windows, cache)
+    hidden = lm.context_forward(windows, cache)
     seq = torch.arange(b, device=windows.device).repeat_interleave(nb - 1)  # row -> window
     blk = torch.arange(1, nb, device=windows.device).repeat(b)  # row -> block index j
     keys = {i: k[seq, : L - S] for i, k in cache.keys.items()}
@@ -165,7 +168,12 @@ def context_rows(lm: TwoTowerLM, windows: torch.Tensor, S: int):
     prefix = blk * S
     rows_cache = ContextCache(prefix, keys, values, mamba)
     targets = windows.reshape(b, nb, S)[seq, blk]
-    return targets, rows_cache
+    if not teacher:
+        return targets, rows_cache
+    pos = (blk * S - 1)[:, None] + torch.arange(S, device=windows.device)  # (R, S)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.context_logits(hidden[seq[:, None], pos]), dim=-1)
+    return targets, rows_cache, logp
 
 
 def mask_blocks(targets: torch.Tensor, g: torch.Generator):
