@@ -1,37 +1,19 @@
-"""Issue 15: fine-tune the shipped default model's denoiser on the AR tower's own greedy text.
+"""Issue 15: the distillation experiment around ``twotower_rt.train.distill`` (stage 3).
 
-    nice -n 19 python bench/issue15_distill.py [--minutes 50] [--distill-prompts 8192]
+    nice -n 19 python bench/issue15_distill.py [--base DIR] [--minutes 50] [--kl-weight 1] ...
         [--out-dir .data/issue15] [--json-out bench/results/issue15_distill.json]
 
-One command, end to end, CPU, one thread by default:
-
-1. Token stream: the training split (``.data/corpus/train.txt``; ``train.data.prepare`` fetches
-   it if missing) encoded with the *shipped* tokenizer, so token ids are the default model's.
-2. Distillation set (sequence-level distillation): ``--distill-prompts`` windows of
-   ``--prompt-len`` tokens from the training stream (no document end inside), each continued by
-   the AR (context) tower, ``mode="ar"``, greedy, ``--gen-tokens`` new tokens, batched. Greedy
-   continuations are a deterministic function of the context, so a denoiser can in principle be
-   confident on them. Cached under OUT_DIR.
-3. Fine-tune from the shipped weights (float32): the context tower frozen, the denoiser tower +
-   ``lm_head`` + time conditioning trained (as ``train.train.run_stage("diffusion")``). Each step
-   takes ``--batch`` distillation sequences, runs the frozen context tower over them once
-   (``train.train.context_rows``) and trains on every block made of generated tokens (blocks at
-   or after the prompt), plus optionally ``--real-frac`` of rows from real training text.
-   Masks match inference: a block at inference is denoised with exactly 16, 15, ..., 1 masked
-   positions (fewer forwards when several commit at once), t = masked fraction. So: with
-   probability ``--p-full`` a fully masked block, else an exact count drawn uniformly from
-   1..S; the masked positions are, with probability ``--p-suffix``, the last ones of the block
-   (the left-to-right order a distilled denoiser tends to commit in), else random.
-   Loss: cross-entropy on masked positions. From progress ``--cf-start`` on (time-based, like
-   the LR schedule) a certainty-forcing term (dParallel): ``--cf-weight`` x the mean entropy of
-   the predicted distribution at masked positions whose argmax is already the target.
-   The weights just before certainty forcing starts are kept too (``candidate_nocf``).
-4. Evaluation (``train.evaluate``'s held-out prompts, 64 x 32 tokens -> 64 new, greedy,
-   block 16, 16 steps): ``ar`` and ``mask_diffusion`` at gamma 0.5 / 0.7 / 0.8 / 0.9 for the
-   shipped model and every candidate: tokens per denoiser forward, next-block accuracy, AR-NLL,
-   distinct-2 and the ratios to AR. No wall-clock throughput.
-5. Candidates saved (bf16 like the shipped model, plus the shipped config and tokenizer) under
-   OUT_DIR/candidate*/ (git-ignored); the report to ``--json-out``.
+One command, end to end, CPU, one thread by default: the base model (default: the shipped one)
+evaluated; the distillation set (``distill.distill_set``, the training split encoded with the
+shipped tokenizer, cached under OUT_DIR); the fine-tune (``distill.train``: every option below
+is a field of ``distill.DistillConfig``, whose defaults are the shipped recipe); the weights
+just before certainty forcing (``candidate_nocf``) and at the end (``candidate``) saved under
+OUT_DIR (bf16 like the shipped model, plus float32) and evaluated like the base
+(``train.evaluate``'s held-out prompts, 64 x 32 tokens -> 64 new, greedy, block 16, 16 steps:
+``ar`` and ``mask_diffusion`` at gamma 0.5 / 0.7 / 0.8 / 0.9; tokens per denoiser forward,
+next-block accuracy, AR-NLL, distinct-2/3 and the ratios to AR; no wall-clock throughput); the
+report to ``--json-out``. ``python -m twotower_rt.train distill`` runs the same fine-tune as a
+stage of the trainer, without the evaluations.
 """
 
 from __future__ import annotations
@@ -54,26 +36,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import twotower_rt  # noqa: E402
 from twotower_rt.api import DEFAULT_MODEL_DIR  # noqa: E402
 from twotower_rt.checkpoint import build_model  # noqa: E402
-from twotower_rt.train import data  # noqa: E402
+from twotower_rt.train import data, distill  # noqa: E402
+from twotower_rt.train.distill import DistillConfig  # noqa: E402
 from twotower_rt.train.evaluate import evaluate as evaluate_modes  # noqa: E402
 from twotower_rt.train.evaluate import heldout_windows  # noqa: E402
-from twotower_rt.train.model_init import set_scan_chunk  # noqa: E402
-from twotower_rt.train.tokenizer import EOS_ID, MASK_ID, encode_documents  # noqa: E402
-from twotower_rt.train.train import (  # noqa: E402
-    RouterBalancer,
-    Schedule,
-    StageConfig,
-    context_rows,
-    make_optimizer,
-    random_windows,
-    routers_of,
-)
+from twotower_rt.train.tokenizer import encode_documents  # noqa: E402
 
 GAMMAS = (0.5, 0.7, 0.8, 0.9)
 BLOCK, STEPS = 16, 16
@@ -91,130 +63,6 @@ def train_stream(tok, data_dir: str, out_dir: str) -> torch.Tensor:
     return torch.from_numpy(np.load(path).astype(np.int64))
 
 
-def prompt_windows(stream: torch.Tensor, count: int, length: int, seed: int) -> torch.Tensor:
-    """``count`` random training windows of ``length`` tokens with no EOS inside."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    while len(out) < count:
-        for w in random_windows(stream, 4 * count, length, g):
-            if EOS_ID not in w:
-                out.append(w)
-                if len(out) == count:
-                    break
-    return torch.stack(out)
-
-
-def distill_set(model, stream, args) -> torch.Tensor:
-    """(N, prompt_len + gen_tokens): training prompts + the AR tower's greedy continuations."""
-    path = os.path.join(args.out_dir, f"distill_{args.distill_prompts}x{args.prompt_len}"
-                        f"+{args.gen_tokens}_seed{args.seed}.npy")  # fmt: skip
-    if os.path.isfile(path):
-        return torch.from_numpy(np.load(path).astype(np.int64))
-    prompts = prompt_windows(stream, args.distill_prompts, args.prompt_len, args.seed)
-    t0, seqs = time.time(), []
-    for i in range(0, len(prompts), args.gen_batch):
-        out = model.generate(prompts[i : i + args.gen_batch].tolist(), mode="ar",
-                             max_new_tokens=args.gen_tokens, temperature=0.0)  # fmt: skip
-        seqs += out.sequences
-        print(f"[distill] {len(seqs)}/{len(prompts)} sequences ({time.time() - t0:.0f}s)",
-              flush=True)  # fmt: skip
-    arr = np.asarray(seqs, dtype=np.uint16)
-    np.save(path, arr)
-    return torch.from_numpy(arr.astype(np.int64))
-
-
-# 2. masks and loss --------------------------------------------------------------------------------
-def inference_masks(R: int, S: int, p_full: float, p_suffix: float, g: torch.Generator):
-    """(masked (R, S) bool, t (R,)): an exact count per row (S with probability p_full, else
-    uniform in 1..S); the last n positions with probability p_suffix, else n random ones."""
-    n = torch.randint(1, S + 1, (R,), generator=g)
-    n = torch.where(torch.rand(R, generator=g) < p_full, torch.full_like(n, S), n)
-    rank = torch.rand(R, S, generator=g).argsort(dim=-1).argsort(dim=-1)  # random order
-    suffix_rank = torch.arange(S - 1, -1, -1).expand(R, S)  # last position first
-    use_suffix = (torch.rand(R, generator=g) < p_suffix)[:, None]
-    rank = torch.where(use_suffix, suffix_rank, rank)
-    return rank < n[:, None], n.float() / S
-
-
-def rows_of(lm, windows: torch.Tensor, first_block: int, teacher: bool = False):
-    """context_rows for windows, keeping only the rows of blocks >= first_block: (targets,
-    cache, teacher log-probs or None)."""
-    targets, cache, *logp = context_rows(lm, windows, BLOCK, teacher=teacher)
-    logp = logp[0] if logp else None
-    nb = windows.shape[1] // BLOCK
-    blk = torch.arange(1, nb).repeat(windows.shape[0])
-    if first_block > 1:
-        keep = torch.nonzero(blk >= first_block).squeeze(-1)
-        targets, cache = targets[keep], cache.index_select(keep)
-        logp = None if logp is None else logp[keep]
-    return targets, cache, logp
-
-
-def concat_rows(parts):
-    """Join (targets, cache, teacher) row sets: the caches are padded to the longest prefix."""
-    if len(parts) == 1:
-        return parts[0]
-    from twotower_rt.model.cache import ContextCache
-
-    teacher = None if any(p[2] is None for p in parts) else torch.cat([p[2] for p in parts])
-    parts = [p[:2] for p in parts]
-    targets = torch.cat([t for t, _ in parts])
-    L = max(c.keys[next(iter(c.keys))].shape[1] for _, c in parts)
-
-    def pad(x):  # (R, l, ...) -> (R, L, ...)
-        return F.pad(x, (0, 0) * (x.dim() - 2) + (0, L - x.shape[1]))
-
-    first = parts[0][1]
-    keys = {i: torch.cat([pad(c.keys[i]) for _, c in parts]) for i in first.keys}
-    values = {i: torch.cat([pad(c.values[i]) for _, c in parts]) for i in first.values}
-    mamba = {i: type(first.mamba[i])(torch.cat([c.mamba[i].conv for _, c in parts]),
-                                     torch.cat([c.mamba[i].ssm for _, c in parts]))
-             for i in first.mamba}  # fmt: skip
-    lengths = torch.cat([c.lengths for _, c in parts])
-    return targets, ContextCache(lengths, keys, values, mamba), teacher
-
-
-def kl_positions(masked: torch.Tensor, scope: str) -> torch.Tensor:
-    """Where the soft AR target applies: ``first``, each row's first masked position (every
-    position before it is known, so the AR tower's distribution there is exactly the one the
-    denoiser should give); ``all``, every masked position (an approximation wherever a masked
-    position precedes it)."""
-    if scope == "all":
-        return masked
-    first = masked & (masked.cumsum(-1) == 1)
-    return first
-
-
-def step_loss(lm, targets, cache, args, g, cf_weight: float, teacher=None):
-    masked, t = inference_masks(targets.shape[0], BLOCK, args.p_full, args.p_suffix, g)
-    noisy = torch.where(masked, torch.full_like(targets, MASK_ID), targets)
-    logits = lm.denoiser_logits(noisy, cache, prefix_len=cache.lengths, mamba_states=cache.mamba,
-                                t=t)[masked]  # fmt: skip
-    logits[:, MASK_ID] = -1e12  # as at inference: the mask token is never predicted
-    tgt = targets[masked]
-    ce = F.cross_entropy(logits, tgt)
-    logp = torch.log_softmax(logits, dim=-1)
-    with torch.no_grad():
-        right = logits.argmax(-1) == tgt
-        conf = logp.max(-1).values.exp()
-    loss = ce
-    if cf_weight > 0 and right.any():
-        entropy = -(logp.exp() * logp).sum(-1)
-        loss = ce + cf_weight * entropy[right].mean()
-    stats = {"ce": ce.item(), "acc": float(right.float().mean()),
-             "conf_gt_0.8": float((conf > 0.8).float().mean())}  # fmt: skip
-    if teacher is not None and args.kl_weight > 0:
-        # KL(AR || denoiser) at the chosen positions, indexed among the masked ones.
-        sel = kl_positions(masked, args.kl_scope)[masked]
-        teacher = teacher.clone()
-        teacher[..., MASK_ID] = -1e12  # renormalised without the mask token, as the student
-        p_ar = torch.log_softmax(teacher[masked][sel], dim=-1)
-        kl = F.kl_div(logp[sel], p_ar, log_target=True, reduction="batchmean")
-        loss = loss + args.kl_weight * kl
-        stats["kl"] = kl.item()
-    return loss, stats
-
-
 # 3. training --------------------------------------------------------------------------------------
 def save_candidate(lm, out: str) -> None:
     os.makedirs(out, exist_ok=True)
@@ -229,70 +77,25 @@ def save_candidate(lm, out: str) -> None:
         shutil.copyfile(os.path.join(DEFAULT_MODEL_DIR, f), os.path.join(out, f))
 
 
+def recipe(args) -> DistillConfig:
+    return DistillConfig(
+        minutes=args.minutes, batch=args.batch, lr=args.lr, warmup=args.warmup,
+        bias_rate=args.bias_rate, seed=args.seed, prompts=args.distill_prompts,
+        prompt_len=args.prompt_len, gen_tokens=args.gen_tokens, gen_batch=args.gen_batch,
+        real_frac=args.real_frac, p_full=args.p_full, p_suffix=args.p_suffix,
+        cf_start=args.cf_start, cf_weight=args.cf_weight, kl_weight=args.kl_weight,
+        kl_scope=args.kl_scope,
+    )  # fmt: skip
+
+
 def train(lm, seqs: torch.Tensor, real: torch.Tensor, args, log) -> dict:
-    sc = StageConfig(steps=10**9, minutes=args.minutes, batch_size=args.batch, lr=args.lr,
-                     warmup=args.warmup, bias_rate=args.bias_rate, seed=args.seed)  # fmt: skip
-    torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    lm.requires_grad_(False)
-    modules = {"denoiser_tower": lm.denoiser_tower, "lm_head": lm.lm_head,
-               "t_embedder": lm.t_embedder, "t_block": lm.t_block,
-               "scale_shift_tables": lm.scale_shift_tables}  # fmt: skip
-    params = []
-    for prefix, module in modules.items():
-        for name, p in module.named_parameters():
-            if not name.endswith("e_score_correction_bias"):  # moved by the balancer
-                p.requires_grad_(True)
-                params.append((f"{prefix}.{name}", p))
-    opt = make_optimizer(params, sc)
-    balancer = RouterBalancer(routers_of(lm.denoiser_tower), sc.bias_rate)
-    sched = Schedule(sc)
-    set_scan_chunk(lm, BLOCK)
-    first_block = args.prompt_len // BLOCK
-    n_real = round(args.real_frac * args.batch)
-    step, t0, nocf_saved, cf_start_step = 0, time.time(), False, None
-    while sched.progress(step) < 1.0:
-        progress = sched.progress(step)
-        cf = args.cf_weight if (args.cf_weight > 0 and progress >= args.cf_start) else 0.0
-        if cf and not nocf_saved:
-            save_candidate(lm, os.path.join(args.out_dir, "candidate_nocf"))
-            nocf_saved, cf_start_step = True, step
-            print(f"[train] step {step}: certainty forcing on (weight {cf})", flush=True)
-        lr = sched.lr(step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        pick = torch.randint(0, len(seqs), (args.batch - n_real,), generator=g)
-        kl = args.kl_weight > 0
-        parts = [rows_of(lm, seqs[pick], first_block, teacher=kl)]
-        if n_real:
-            parts.append(rows_of(lm, random_windows(real, n_real, seqs.shape[1], g), 1, kl))
-        targets, cache, teacher = concat_rows(parts)
-        loss, stats = step_loss(lm, targets, cache, args, g, cf, teacher)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], sc.grad_clip)
-        opt.step()
-        balancer.update()
-        rec = {"step": step, "time_s": round(time.time() - t0, 1), "loss": loss.item(),
-               "lr": lr, "grad_norm": float(gnorm), "cf_weight": cf, **stats}  # fmt: skip
-        log(rec)
-        if step % 10 == 0:
-            print(f"[train] step {step} loss {float(loss):.3f} ce {stats['ce']:.3f} "
-                  f"acc {stats['acc']:.3f} conf>0.8 {stats['conf_gt_0.8']:.3f} "
-                  f"kl {stats.get('kl', float('nan')):.3f} lr {lr:.1e} "
-                  f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
-        step += 1
-    lm.requires_grad_(False)
-    set_scan_chunk(lm, 0)
+    """``train.distill.train``, keeping the weights just before certainty forcing starts
+    (``candidate_nocf``) and at the end (``candidate``)."""
+    nocf = os.path.join(args.out_dir, "candidate_nocf")
+    training = distill.train(lm, seqs, real, recipe(args), log,
+                             on_cf_start=lambda: save_candidate(lm, nocf))  # fmt: skip
     save_candidate(lm, os.path.join(args.out_dir, "candidate"))
-    return {
-        "steps": step,
-        "minutes": round((time.time() - t0) / 60, 1),
-        "cf_start_step": cf_start_step,
-        "rows_per_step_distill": (args.batch - n_real)
-        * ((args.prompt_len + args.gen_tokens) // BLOCK - first_block),
-        "rows_per_step_real": n_real * ((args.prompt_len + args.gen_tokens) // BLOCK - 1),
-    }
+    return training
 
 
 # 4. evaluation ------------------------------------------------------------------------------------
@@ -349,6 +152,7 @@ def eval_only(args) -> int:
 
 
 def main() -> int:
+    R = DistillConfig()  # the recipe's defaults
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -363,33 +167,33 @@ def main() -> int:
         "is this script's run on the stage-2 model of python -m twotower_rt.train, "
         "which commit 0b9823a shipped: see the README to reproduce it",
     )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--distill-prompts", type=int, default=8192)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--gen-tokens", type=int, default=96)
-    ap.add_argument("--gen-batch", type=int, default=256)
-    ap.add_argument("--minutes", type=float, default=50.0)
-    ap.add_argument("--batch", type=int, default=16, help="sequences per step")
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--bias-rate", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=R.seed)
+    ap.add_argument("--distill-prompts", type=int, default=R.prompts)
+    ap.add_argument("--prompt-len", type=int, default=R.prompt_len)
+    ap.add_argument("--gen-tokens", type=int, default=R.gen_tokens)
+    ap.add_argument("--gen-batch", type=int, default=R.gen_batch)
+    ap.add_argument("--minutes", type=float, default=R.minutes)
+    ap.add_argument("--batch", type=int, default=R.batch, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=R.lr)
+    ap.add_argument("--warmup", type=int, default=R.warmup)
+    ap.add_argument("--bias-rate", type=float, default=R.bias_rate)
     ap.add_argument(
         "--real-frac",
         type=float,
-        default=0.0,
+        default=R.real_frac,
         help="share of each step's sequences that are real training text",
     )
-    ap.add_argument("--p-full", type=float, default=0.25)
-    ap.add_argument("--p-suffix", type=float, default=0.5)
-    ap.add_argument("--cf-start", type=float, default=0.6)
-    ap.add_argument("--cf-weight", type=float, default=0.5)
+    ap.add_argument("--p-full", type=float, default=R.p_full)
+    ap.add_argument("--p-suffix", type=float, default=R.p_suffix)
+    ap.add_argument("--cf-start", type=float, default=R.cf_start)
+    ap.add_argument("--cf-weight", type=float, default=R.cf_weight)
     ap.add_argument(
         "--kl-weight",
         type=float,
-        default=0.0,
+        default=R.kl_weight,
         help="weight of a soft-target term: KL(AR tower || denoiser) at --kl-scope positions",
     )
-    ap.add_argument("--kl-scope", choices=("first", "all"), default="first")
+    ap.add_argument("--kl-scope", choices=("first", "all"), default=R.kl_scope)
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--eval-new-tokens", type=int, default=64)
     ap.add_argument(
@@ -420,7 +224,7 @@ def main() -> int:
 
     stream = train_stream(tok, args.data_dir, args.out_dir)
     t0 = time.time()
-    seqs = distill_set(shipped, stream, args)
+    seqs = distill.distill_set(shipped, stream, recipe(args), args.out_dir)
     distill_minutes = (time.time() - t0) / 60
     print(f"[distill] {tuple(seqs.shape)} ({distill_minutes:.1f} min)", flush=True)
 

@@ -89,3 +89,78 @@ def test_context_rows_teacher_is_the_ar_next_token_distribution():
             ref = torch.log_softmax(lm.context_logits(hidden[:, -1]), dim=-1)[0]
             torch.testing.assert_close(logp[r, i], ref, rtol=1e-4, atol=1e-4)
             assert int(targets[r, i]) == int(windows[seq, n])
+
+
+def test_inference_masks_and_kl_positions():
+    from twotower_rt.train.distill import inference_masks, kl_positions
+
+    g = torch.Generator().manual_seed(0)
+    masked, t = inference_masks(4000, 16, p_full=0.25, p_suffix=0.5, g=g)
+    n = masked.sum(-1)
+    assert bool((n >= 1).all()) and torch.equal(t, n.float() / 16)
+    assert 0.25 < float((n == 16).float().mean()) < 0.35  # 25% full, + 1/16 of the rest
+    # A suffix mask is n contiguous positions ending at the block's end.
+    suffix = torch.stack([masked[r, 16 - int(n[r]) :].all() for r in range(4000)])
+    assert 0.45 < float(suffix.float().mean()) < 0.65
+    first = kl_positions(masked, "first")
+    assert torch.equal(first.sum(-1), torch.ones(4000, dtype=torch.long))
+    pos = first.float().argmax(-1)
+    assert torch.equal(pos, masked.float().argmax(-1))  # the leftmost masked position
+    assert torch.equal(kl_positions(masked, "all"), masked)
+
+
+def test_distill_stage_from_the_cli(tmp_path):
+    """``python -m twotower_rt.train distill`` on a tiny run: the distillation set is the
+    context tower's greedy text, the context tower stays frozen, the denoiser moves, the log has
+    the KL and certainty-forcing terms, and ``export`` then ships stage 3's weights."""
+    import json
+    import os
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    import twotower_rt
+    from twotower_rt.api import DEFAULT_MODEL_DIR, TwoTowerModel
+    from twotower_rt.checkpoint import build_model
+    from twotower_rt.train.__main__ import main
+
+    d = tmp_path / "data"
+    run = d / "runs" / "t"
+    (d / "tokens").mkdir(parents=True)
+    run.mkdir(parents=True)
+    shutil.copy(os.path.join(DEFAULT_MODEL_DIR, "tokenizer.json"), d / "tokenizer.json")
+    g = torch.Generator().manual_seed(0)
+    np.save(d / "tokens" / "train.npy",
+            torch.randint(4, 2048, (4000,), generator=g).numpy().astype(np.uint16))  # fmt: skip
+    (run / "model_config.json").write_text(json.dumps({"size": "tiny"}))
+    stage2 = {k: v.float() for k, v in load_file(
+        os.path.join(DEFAULT_MODEL_DIR, "model.safetensors")).items()}  # fmt: skip
+    save_file(stage2, str(run / "diffusion.safetensors"))
+    main(["--data-dir", str(d), "--run", "t", "--threads", "1", "distill", "--steps", "3",
+          "--prompts", "3", "--prompt-len", "16", "--gen-tokens", "16", "--batch", "2",
+          "--gen-batch", "3", "--kl-weight", "1", "--cf-start", "0.5"])  # fmt: skip
+
+    seqs = np.load(run / "distill_3x16+16_seed0.npy").astype(np.int64).tolist()
+    assert [len(s) for s in seqs] == [32, 32, 32]
+    lm = build_model(twotower_rt.load().config, stage2)
+    ar = TwoTowerModel(lm, "stage 2").generate(
+        [s[:16] for s in seqs], mode="ar", max_new_tokens=16, temperature=0.0
+    )
+    assert seqs == ar.sequences
+
+    out = load_file(str(run / "distill.safetensors"))
+    frozen = [k for k in out if k.startswith(("context_tower.", "context_lm_head."))]
+    trained = [k for k in out if k.startswith("denoiser_tower.") and "bias" not in k]
+    assert frozen and trained
+    assert all(torch.equal(out[k], stage2[k]) for k in frozen)
+    assert any(not torch.equal(out[k], stage2[k]) for k in trained)
+    log = [json.loads(line) for line in (run / "distill_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2]
+    assert all(r["kl"] >= 0 for r in log)
+    assert log[0]["cf_weight"] == 0 and log[-1]["cf_weight"] == 0.5
+
+    ship = tmp_path / "ship"
+    main(["--data-dir", str(d), "--run", "t", "export", "--out", str(ship)])
+    shipped = load_file(str(ship / "model.safetensors"))
+    assert all(torch.equal(shipped[k], out[k].to(torch.bfloat16)) for k in trained)

@@ -4,6 +4,7 @@
     python -m twotower_rt.train tokenizer            # byte-level BPE + token streams
     python -m twotower_rt.train ar --minutes 33      # stage 1: the context tower (causal LM)
     python -m twotower_rt.train diffusion --minutes 25   # stage 2: the denoiser
+    python -m twotower_rt.train distill              # stage 3: distillation (train/distill.py)
     python -m twotower_rt.train export               # -> python/twotower_rt/default_model/
     python -m twotower_rt.train evaluate             # -> bench/results/default_model.json + plot
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from . import data
+from .distill import DistillConfig
 from .tokenizer import encode_documents, train_tokenizer
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
@@ -118,11 +120,53 @@ def _stage(args, stage: str) -> None:
     print(f"[{stage}] done in {time.time() - t0:.0f}s -> {run_dir}")
 
 
+def cmd_distill(args) -> None:
+    """Stage 3 from RUN/diffusion.safetensors (or --init): RUN/distill.safetensors, its log and
+    its config. The stage-2 weights are rounded to bf16 first, as the exported checkpoint the
+    shipped model was distilled from holds them."""
+    from safetensors.torch import load_file, save_file
+
+    from ..api import TwoTowerModel
+    from ..checkpoint import build_model
+    from .distill import DistillConfig, distill_set, train
+    from .model_init import model_config
+    from .train import write_json
+
+    torch.set_num_threads(args.threads)
+    p = _paths(args.data_dir)
+    run_dir = os.path.join(args.data_dir, "runs", args.run)
+    with open(os.path.join(run_dir, "model_config.json")) as f:
+        size = json.load(f)["size"]
+    from tokenizers import Tokenizer
+
+    cfg = model_config(size, Tokenizer.from_file(p["tokenizer"]).get_vocab_size())
+    state = load_file(args.init or os.path.join(run_dir, "diffusion.safetensors"))
+    lm = build_model(cfg, {k: v.to(torch.bfloat16).float() for k, v in state.items()})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)}
+    recipe = DistillConfig(**{k: v for k, v in given.items() if v is not None})
+    stream = _load_ids(p["train_ids"])
+    with torch.inference_mode():
+        seqs = distill_set(TwoTowerModel(lm, "stage 2"), stream, recipe, run_dir)
+    write_json(os.path.join(run_dir, "distill_stage.json"),
+               {**dataclasses.asdict(recipe), "threads": args.threads,
+                "distill_set": list(seqs.shape)})  # fmt: skip
+    with open(os.path.join(run_dir, "distill_log.jsonl"), "w", encoding="utf-8") as log_file:
+
+        def log(record):
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+        summary = train(lm, seqs, stream, recipe, log, max_steps=args.steps)
+    save_file({k: v.detach().contiguous() for k, v in lm.state_dict().items()},
+              os.path.join(run_dir, "distill.safetensors"))  # fmt: skip
+    print(f"[distill] {summary} -> {run_dir}")
+
+
 def cmd_export(args) -> None:
     from .export import export
 
     export(os.path.join(args.data_dir, "runs", args.run), _paths(args.data_dir)["tokenizer"],
-           args.out, args.dtype)  # fmt: skip
+           args.out, args.dtype, args.stage)  # fmt: skip
 
 
 def cmd_evaluate(args) -> None:
@@ -172,7 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
             kind = float if name in ("minutes", "lr", "bias_rate", "weight_decay") else int
             sp.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
         sp.set_defaults(fn=lambda a, s=stage: _stage(a, s))
+    di = sub.add_parser("distill", help="stage 3: the denoiser on the context tower's own text")
+    di.add_argument("--init", default=None, help="default: RUN/diffusion.safetensors")
+    di.add_argument("--steps", type=int, default=None, help="a step cap (default: time only)")
+    for field in dataclasses.fields(DistillConfig):
+        kind = {"float": float, "int": int, "str": str}[str(field.type)]
+        choices = ("first", "all") if field.name == "kl_scope" else None
+        di.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
+                        choices=choices, default=None, help=f"default {field.default}")  # fmt: skip
+    di.set_defaults(fn=cmd_distill)
     ex = sub.add_parser("export")
+    ex.add_argument(
+        "--stage",
+        default="auto",
+        choices=["auto", "diffusion", "distill"],
+        help="which weights of RUN: auto = distill.safetensors if stage 3 ran, else diffusion",
+    )
     ex.add_argument("--out", default=DEFAULT_MODEL_DIR)
     ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ex.set_defaults(fn=cmd_export)

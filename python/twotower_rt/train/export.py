@@ -16,12 +16,20 @@ from .model_init import model_config
 from .train import config_json, write_json
 
 
-def export(run_dir: str, tokenizer_path: str, out_dir: str, dtype: str = "bfloat16") -> None:
+def export(run_dir: str, tokenizer_path: str, out_dir: str, dtype: str = "bfloat16",
+           stage: str = "auto") -> None:  # fmt: skip
+    """``stage``: whose weights, ``diffusion`` (stage 2), ``distill`` (stage 3) or ``auto`` (stage
+    3's if it ran, else stage 2's)."""
     with open(os.path.join(run_dir, "model_config.json")) as f:
         size = json.load(f)["size"]
     vocab = Tokenizer.from_file(tokenizer_path).get_vocab_size()
     cfg = model_config(size, vocab)
-    weights = os.path.join(run_dir, "diffusion.safetensors")
+    if stage == "auto":
+        has_distill = os.path.isfile(os.path.join(run_dir, "distill.safetensors"))
+        stage = "distill" if has_distill else "diffusion"
+    if stage not in ("diffusion", "distill"):
+        raise ValueError(f"stage must be 'auto', 'diffusion' or 'distill', got {stage!r}")
+    weights = os.path.join(run_dir, f"{stage}.safetensors")
     state = load_file(weights)
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     os.makedirs(out_dir, exist_ok=True)

@@ -1,0 +1,285 @@
+"""Stage 3 of the default model: sequence-level distillation of the denoiser.
+
+The context tower continues training prompts greedily; the denoiser is fine-tuned on those
+continuations, whose every token is a deterministic function of the context, so a denoiser can in
+principle be confident on them (dParallel, CLLMs). From the stage-2 weights, float32, CPU:
+
+1. Distillation set: ``prompts`` windows of ``prompt_len`` tokens from the training stream (no
+   document end inside), each continued by the context tower (``mode="ar"``, greedy) by
+   ``gen_tokens`` tokens. Cached as ``.npy`` (deterministic: seed, sizes, the frozen tower).
+2. Training (the context tower frozen; the denoiser tower, ``lm_head`` and the time conditioning
+   trained, as ``train.run_stage("diffusion")``): each step takes ``batch`` sequences, runs the
+   frozen context tower over them once (:func:`train.context_rows`) and trains on every block made
+   of generated tokens, plus optionally ``real_frac`` of the rows from real training text.
+   Masks match inference, where a block is denoised with an exact count of masked positions: with
+   probability ``p_full`` a fully masked block, else an exact count uniform in 1..S; the masked
+   positions are, with probability ``p_suffix``, the block's last ones (the left-to-right order a
+   distilled denoiser tends to commit in), else random; t = the masked fraction.
+   Loss: cross-entropy on the masked positions; optionally ``kl_weight`` x KL(AR tower ||
+   denoiser) at each row's first masked position (every position before it known: the AR
+   tower's distribution there is exact) or, ``kl_scope="all"``, at every masked one; from
+   progress ``cf_start`` on (time-based, like the LR schedule) certainty forcing (dParallel):
+   ``cf_weight`` x the mean entropy of the predicted distribution at masked positions whose
+   argmax is already the target.
+
+``python -m twotower_rt.train distill`` runs it with :class:`DistillConfig`'s defaults, the recipe
+of the shipped model; ``bench/issue15_distill.py`` is the experiment harness around it (every
+candidate evaluated before and after).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model.cache import ContextCache
+from .model_init import set_scan_chunk
+from .tokenizer import EOS_ID, MASK_ID
+from .train import (
+    RouterBalancer,
+    Schedule,
+    StageConfig,
+    context_rows,
+    make_optimizer,
+    random_windows,
+    routers_of,
+)
+
+BLOCK = 16
+
+
+@dataclass
+class DistillConfig:
+    """The recipe; the defaults are the shipped model's stage 3."""
+
+    minutes: float = 50.0
+    batch: int = 16  # sequences per step
+    lr: float = 5e-4
+    warmup: int = 20
+    bias_rate: float = 1e-3
+    seed: int = 0
+    prompts: int = 8192
+    prompt_len: int = 32
+    gen_tokens: int = 96
+    gen_batch: int = 256
+    real_frac: float = 0.0
+    p_full: float = 0.25
+    p_suffix: float = 0.5
+    cf_start: float = 0.6
+    cf_weight: float = 0.5
+    kl_weight: float = 0.0
+    kl_scope: str = "first"
+
+    def __post_init__(self) -> None:
+        if self.kl_scope not in ("first", "all"):
+            raise ValueError(f"kl_scope must be 'first' or 'all', got {self.kl_scope!r}")
+        if self.prompt_len % BLOCK or self.gen_tokens % BLOCK:
+            raise ValueError(f"prompt_len and gen_tokens must be multiples of {BLOCK}")
+        if not 0.0 <= self.real_frac < 1.0:
+            raise ValueError(f"real_frac must be in [0, 1), got {self.real_frac}")
+
+
+# 1. data ------------------------------------------------------------------------------------------
+def prompt_windows(stream: torch.Tensor, count: int, length: int, seed: int) -> torch.Tensor:
+    """``count`` random training windows of ``length`` tokens with no EOS inside."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    while len(out) < count:
+        for w in random_windows(stream, 4 * count, length, g):
+            if EOS_ID not in w:
+                out.append(w)
+                if len(out) == count:
+                    break
+    return torch.stack(out)
+
+
+def distill_set(model, stream: torch.Tensor, cfg: DistillConfig, cache_dir: str) -> torch.Tensor:
+    """(prompts, prompt_len + gen_tokens): training prompts + the context tower's greedy
+    continuations (``model``: a loaded ``TwoTowerModel``), cached under ``cache_dir``."""
+    path = os.path.join(cache_dir, f"distill_{cfg.prompts}x{cfg.prompt_len}"
+                        f"+{cfg.gen_tokens}_seed{cfg.seed}.npy")  # fmt: skip
+    if os.path.isfile(path):
+        return torch.from_numpy(np.load(path).astype(np.int64))
+    prompts = prompt_windows(stream, cfg.prompts, cfg.prompt_len, cfg.seed)
+    t0, seqs = time.time(), []
+    for i in range(0, len(prompts), cfg.gen_batch):
+        out = model.generate(prompts[i : i + cfg.gen_batch].tolist(), mode="ar",
+                             max_new_tokens=cfg.gen_tokens, temperature=0.0)  # fmt: skip
+        seqs += out.sequences
+        print(f"[distill] {len(seqs)}/{len(prompts)} sequences ({time.time() - t0:.0f}s)",
+              flush=True)  # fmt: skip
+    arr = np.asarray(seqs, dtype=np.uint16)
+    os.makedirs(cache_dir, exist_ok=True)
+    np.save(path, arr)
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+# 2. masks and loss --------------------------------------------------------------------------------
+def inference_masks(R: int, S: int, p_full: float, p_suffix: float, g: torch.Generator):
+    """(masked (R, S) bool, t (R,)): an exact count per row (S with probability p_full, else
+    uniform in 1..S); the last n positions with probability p_suffix, else n random ones."""
+    n = torch.randint(1, S + 1, (R,), generator=g)
+    n = torch.where(torch.rand(R, generator=g) < p_full, torch.full_like(n, S), n)
+    rank = torch.rand(R, S, generator=g).argsort(dim=-1).argsort(dim=-1)  # random order
+    suffix_rank = torch.arange(S - 1, -1, -1).expand(R, S)  # last position first
+    use_suffix = (torch.rand(R, generator=g) < p_suffix)[:, None]
+    rank = torch.where(use_suffix, suffix_rank, rank)
+    return rank < n[:, None], n.float() / S
+
+
+def rows_of(lm, windows: torch.Tensor, first_block: int, teacher: bool = False):
+    """context_rows for windows, keeping only the rows of blocks >= first_block: (targets,
+    cache, teacher log-probs or None)."""
+    targets, cache, *logp = context_rows(lm, windows, BLOCK, teacher=teacher)
+    logp = logp[0] if logp else None
+    nb = windows.shape[1] // BLOCK
+    blk = torch.arange(1, nb).repeat(windows.shape[0])
+    if first_block > 1:
+        keep = torch.nonzero(blk >= first_block).squeeze(-1)
+        targets, cache = targets[keep], cache.index_select(keep)
+        logp = None if logp is None else logp[keep]
+    return targets, cache, logp
+
+
+def concat_rows(parts):
+    """Join (targets, cache, teacher) row sets: the caches are padded to the longest prefix."""
+    if len(parts) == 1:
+        return parts[0]
+    teacher = None if any(p[2] is None for p in parts) else torch.cat([p[2] for p in parts])
+    parts = [p[:2] for p in parts]
+    targets = torch.cat([t for t, _ in parts])
+    L = max(c.keys[next(iter(c.keys))].shape[1] for _, c in parts)
+
+    def pad(x):  # (R, l, ...) -> (R, L, ...)
+        return F.pad(x, (0, 0) * (x.dim() - 2) + (0, L - x.shape[1]))
+
+    first = parts[0][1]
+    keys = {i: torch.cat([pad(c.keys[i]) for _, c in parts]) for i in first.keys}
+    values = {i: torch.cat([pad(c.values[i]) for _, c in parts]) for i in first.values}
+    mamba = {i: type(first.mamba[i])(torch.cat([c.mamba[i].conv for _, c in parts]),
+                                     torch.cat([c.mamba[i].ssm for _, c in parts]))
+             for i in first.mamba}  # fmt: skip
+    lengths = torch.cat([c.lengths for _, c in parts])
+    return targets, ContextCache(lengths, keys, values, mamba), teacher
+
+
+def kl_positions(masked: torch.Tensor, scope: str) -> torch.Tensor:
+    """Where the soft AR target applies: ``first``, each row's first masked position (every
+    position before it is known, so the AR tower's distribution there is exactly the one the
+    denoiser should give); ``all``, every masked position (an approximation wherever a masked
+    position precedes it)."""
+    if scope == "all":
+        return masked
+    return masked & (masked.cumsum(-1) == 1)
+
+
+def step_loss(lm, targets, cache, cfg: DistillConfig, g, cf_weight: float, teacher=None):
+    """One step's loss and its statistics (see the module docstring)."""
+    masked, t = inference_masks(targets.shape[0], BLOCK, cfg.p_full, cfg.p_suffix, g)
+    noisy = torch.where(masked, torch.full_like(targets, MASK_ID), targets)
+    logits = lm.denoiser_logits(noisy, cache, prefix_len=cache.lengths, mamba_states=cache.mamba,
+                                t=t)[masked]  # fmt: skip
+    logits[:, MASK_ID] = -1e12  # as at inference: the mask token is never predicted
+    tgt = targets[masked]
+    ce = F.cross_entropy(logits, tgt)
+    logp = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        right = logits.argmax(-1) == tgt
+        conf = logp.max(-1).values.exp()
+    loss = ce
+    if cf_weight > 0 and right.any():
+        entropy = -(logp.exp() * logp).sum(-1)
+        loss = ce + cf_weight * entropy[right].mean()
+    stats = {"ce": ce.item(), "acc": float(right.float().mean()),
+             "conf_gt_0.8": float((conf > 0.8).float().mean())}  # fmt: skip
+    if teacher is not None and cfg.kl_weight > 0:
+        # KL(AR || denoiser) at the chosen positions, indexed among the masked ones.
+        sel = kl_positions(masked, cfg.kl_scope)[masked]
+        teacher = teacher.clone()
+        teacher[..., MASK_ID] = -1e12  # renormalised without the mask token, as the student
+        p_ar = torch.log_softmax(teacher[masked][sel], dim=-1)
+        kl = F.kl_div(logp[sel], p_ar, log_target=True, reduction="batchmean")
+        loss = loss + cfg.kl_weight * kl
+        stats["kl"] = kl.item()
+    return loss, stats
+
+
+# 3. training --------------------------------------------------------------------------------------
+def train(lm, seqs: torch.Tensor, real: torch.Tensor, cfg: DistillConfig,
+          log: Callable[[dict], None], on_cf_start: Callable[[], None] | None = None,
+          max_steps: int | None = None) -> dict:  # fmt: skip
+    """Fine-tune ``lm`` (float32, trainable tensors) in place on ``seqs`` (+ ``real`` text rows);
+    ``log`` gets every step's record; ``on_cf_start`` runs once, just before certainty forcing
+    starts. ``max_steps`` caps the run (tests); the time budget is ``cfg.minutes``."""
+    sc = StageConfig(steps=max_steps or 10**9, minutes=cfg.minutes, batch_size=cfg.batch,
+                     lr=cfg.lr, warmup=cfg.warmup, bias_rate=cfg.bias_rate,
+                     seed=cfg.seed)  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    lm.requires_grad_(False)
+    modules = {"denoiser_tower": lm.denoiser_tower, "lm_head": lm.lm_head,
+               "t_embedder": lm.t_embedder, "t_block": lm.t_block,
+               "scale_shift_tables": lm.scale_shift_tables}  # fmt: skip
+    params = []
+    for prefix, module in modules.items():
+        for name, p in module.named_parameters():
+            if not name.endswith("e_score_correction_bias"):  # moved by the balancer
+                p.requires_grad_(True)
+                params.append((f"{prefix}.{name}", p))
+    opt = make_optimizer(params, sc)
+    balancer = RouterBalancer(routers_of(lm.denoiser_tower), sc.bias_rate)
+    sched = Schedule(sc)
+    set_scan_chunk(lm, BLOCK)
+    first_block = cfg.prompt_len // BLOCK
+    n_real = round(cfg.real_frac * cfg.batch)
+    kl = cfg.kl_weight > 0
+    step, t0, cf_start_step = 0, time.time(), None
+    try:
+        while sched.progress(step) < 1.0:
+            progress = sched.progress(step)
+            cf = cfg.cf_weight if (cfg.cf_weight > 0 and progress >= cfg.cf_start) else 0.0
+            if cf and cf_start_step is None:
+                if on_cf_start is not None:
+                    on_cf_start()
+                cf_start_step = step
+                print(f"[distill] step {step}: certainty forcing on (weight {cf})", flush=True)
+            lr = sched.lr(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            pick = torch.randint(0, len(seqs), (cfg.batch - n_real,), generator=g)
+            parts = [rows_of(lm, seqs[pick], first_block, teacher=kl)]
+            if n_real:
+                windows = random_windows(real, n_real, seqs.shape[1], g)
+                parts.append(rows_of(lm, windows, 1, teacher=kl))
+            targets, cache, teacher = concat_rows(parts)
+            loss, stats = step_loss(lm, targets, cache, cfg, g, cf, teacher)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], sc.grad_clip)
+            opt.step()
+            balancer.update()
+            log({"step": step, "time_s": round(time.time() - t0, 1), "loss": loss.item(),
+                 "lr": lr, "grad_norm": float(gnorm), "cf_weight": cf, **stats})  # fmt: skip
+            if step % 10 == 0:
+                print(f"[distill] step {step} loss {loss.item():.3f} ce {stats['ce']:.3f} "
+                      f"acc {stats['acc']:.3f} conf>0.8 {stats['conf_gt_0.8']:.3f} "
+                      f"kl {stats.get('kl', float('nan')):.3f} lr {lr:.1e} "
+                      f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
+            step += 1
+    finally:
+        lm.requires_grad_(False)
+        set_scan_chunk(lm, 0)
+    return {
+        "steps": step,
+        "minutes": round((time.time() - t0) / 60, 1),
+        "cf_start_step": cf_start_step,
+        "rows_per_step_distill": (cfg.batch - n_real)
+        * ((cfg.prompt_len + cfg.gen_tokens) // BLOCK - first_block),
+        "rows_per_step_real": n_real * ((cfg.prompt_len + cfg.gen_tokens) // BLOCK - 1),
+    }
