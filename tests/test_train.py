@@ -1,6 +1,7 @@
 """The trainer's diffusion rows see exactly what inference gives the denoiser: for block j of a
 window, the context K/V of the first 16 j tokens and the Mamba states after them."""
 
+import pytest
 import torch
 
 from twotower_rt.api import load_builtin_model
@@ -164,3 +165,16 @@ def test_distill_stage_from_the_cli(tmp_path):
     main(["--data-dir", str(d), "--run", "t", "export", "--out", str(ship)])
     shipped = load_file(str(ship / "model.safetensors"))
     assert all(torch.equal(shipped[k], out[k].to(torch.bfloat16)) for k in trained)
+
+
+def test_distill_curves_picture(tmp_path):
+    """evaluate's stage-3 picture from a log (needs the train extra: matplotlib)."""
+    pytest.importorskip("matplotlib")
+    from twotower_rt.train.evaluate import plot_distill
+
+    records = [{"step": i, "ce": 3.0 - i / 100, "kl": 1.0 / (i + 1), "acc": i / 200,
+                "conf_gt_0.8": i / 300, "cf_weight": 0.5 if i >= 60 else 0.0}
+               for i in range(100)]  # fmt: skip
+    path = tmp_path / "d" / "distill.png"
+    plot_distill(records, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json-out", default=os.path.join("bench", "results", "default_model.json"))
     ev.add_argument("--plot-out", default=os.path.join("docs", "default_model_training.png"))
     ev.add_argument("--tradeoff-out", default=os.path.join("docs", "default_model_tradeoff.png"))
+    ev.add_argument("--distill-plot-out", default=os.path.join("docs", "default_model_distill.png"))
     ev.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size")
     ev.set_defaults(fn=cmd_evaluate)
     return ap

@@ -262,6 +262,59 @@ def plot(run_dir: str, path: str) -> None:
     print(f"plot -> {path}")
 
 
+# The shipped model's stage-3 log (every 5th step of bench/issue15_distill.py's run); a run of
+# ``python -m twotower_rt.train distill`` writes its own RUN/distill_log.jsonl, which comes first.
+SHIPPED_DISTILL_LOG = os.path.join("bench", "results", "issue15_distill_log.jsonl")
+
+
+def distill_records(run_dir: str) -> list[dict] | None:
+    records = read_stage_log(run_dir, "distill")
+    if records is None and os.path.isfile(SHIPPED_DISTILL_LOG):
+        with open(SHIPPED_DISTILL_LOG, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f]
+    return records
+
+
+def plot_distill(records: list[dict], path: str, window: int = 25) -> None:
+    """Stage 3's curves: the masked-token cross-entropy, and the share of masked positions
+    predicted right / with confidence > 0.8, against step (running means over ``window`` logged
+    steps), certainty forcing's start marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(key):
+        vals = [r[key] for r in records]
+        out, acc = [], 0.0
+        for i, v in enumerate(vals):
+            acc += v - (vals[i - window] if i >= window else 0.0)
+            out.append(acc / min(i + 1, window))
+        return out
+
+    steps = [r["step"] for r in records]
+    cf = next((r["step"] for r in records if r.get("cf_weight", 0) > 0), None)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(steps, smooth("ce"), label="masked-token CE (train)")
+    if "kl" in records[0]:
+        axes[0].plot(steps, smooth("kl"), label="KL(AR || denoiser)")
+    axes[0].set_ylabel("nats/token")
+    axes[1].plot(steps, smooth("acc"), label="argmax = target")
+    axes[1].plot(steps, smooth("conf_gt_0.8"), label="confidence > 0.8")
+    axes[1].set_ylabel("share of masked positions")
+    for ax in axes:
+        if cf is not None:
+            ax.axvline(cf, color="grey", ls="--", lw=0.8, label="certainty forcing on")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("stage 3: the denoiser distilled on the context tower's greedy text", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot -> {path}")
+
+
 def _distillation_summary(path: str = os.path.join("bench", "results", "issue15_distill.json")):
     """Stage 3 of the shipped model (bench/issue15_distill.py): its recipe and training, from its
     own report."""
@@ -371,3 +424,6 @@ def main(args) -> None:
     plot_tradeoff(rows, speed, args.tradeoff_out)
     if os.path.isdir(run_dir):
         plot(run_dir, args.plot_out)
+    records = distill_records(run_dir)
+    if records:
+        plot_distill(records, args.distill_plot_out)
