@@ -178,3 +178,19 @@ def test_distill_curves_picture(tmp_path):
     path = tmp_path / "d" / "distill.png"
     plot_distill(records, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_verified_row(default_model):
+    """The verified row: AR's continuation (so AR's quality exactly), its accept length and
+    tokens per model forward counted from the same generation run directly."""
+    from twotower_rt.train.evaluate import evaluate
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]]
+    truths = [[9] * 16, [10] * 16]
+    ar, ver = evaluate(default_model, prompts, truths, 32, [("ar", None), ("verified", None)])
+    assert ver["ar_nll"] == ar["ar_nll"] and ver["quality_nll_ratio"] == 1.0
+    out = default_model.generate(prompts, mode="verified", max_new_tokens=32, block_size=16,
+                                 draft_steps=1)  # fmt: skip
+    rounds = [a for per_row in out.accepted_per_round for a in per_row]
+    assert ver["accepted_per_round"] == sum(rounds) / len(rounds)
+    assert ver["tokens_per_model_forward"] == 64 / (sum(out.nfe) + len(rounds))

@@ -1,7 +1,9 @@
-"""The default model's report: AR vs mask diffusion on held-out text, and the training curves.
+"""The default model's report: AR vs mask diffusion vs verified on held-out text, and the
+training curves.
 
-For each mode (``ar``; ``mask_diffusion`` at confidence_threshold 0.5 / 0.8 / 0.9, greedy,
-block 16, 16 steps per block) on held-out prompts:
+For each mode (``ar``; ``mask_diffusion`` at confidence_threshold 0.5 / 0.7 / 0.8 / 0.9, greedy,
+block 16, 16 steps per block; ``verified``, block 16, one draft forward per round) on held-out
+prompts:
 
 - ``ar_nll``: the AR (context) tower's mean negative log-likelihood per token of the mode's
   continuation given the prompt, teacher-forced. Lower is better; it asks "how plausible does the
@@ -10,7 +12,10 @@ block 16, 16 steps per block) on held-out prompts:
   conservative figure for diffusion.
 - ``next_block_accuracy``: the fraction of the first 16 generated tokens equal, position by
   position, to the true held-out continuation; ``quality_accuracy_ratio`` = mode / AR.
-- ``tokens_per_forward``: generated tokens / denoiser forwards (16 * blocks / nfe).
+- ``tokens_per_forward``: generated tokens / denoiser forwards (16 * blocks / nfe); for
+  ``verified`` also ``accepted_per_round`` (drafts accepted per round: the accept length, before
+  the round's own AR token) and ``tokens_per_model_forward`` (tokens / (draft forwards + context
+  passes)).
 - ``distinct_2`` / ``distinct_3``: distinct n-grams / all n-grams of the continuations (diversity).
 - ``speed``: CPU tokens/s at batch 1 (each of the first 4 prompts alone), 4 and 64, torch on one
   thread, the modes alternating within each of ``--repeats`` rounds after a warm-up; medians of
@@ -34,7 +39,7 @@ from . import data
 from .tokenizer import EOS_ID, encode_documents
 
 MODES = [("ar", None), ("mask_diffusion", 0.5), ("mask_diffusion", 0.7), ("mask_diffusion", 0.8),
-         ("mask_diffusion", 0.9)]  # fmt: skip
+         ("mask_diffusion", 0.9), ("verified", None)]  # fmt: skip
 SPEED_BATCHES = (1, 4, 64)
 BLOCK = 16
 
@@ -73,6 +78,8 @@ def run_mode(model, prompts, mode, gamma, new_tokens):
     params = dict(max_new_tokens=new_tokens, temperature=0.0)
     if mode == "mask_diffusion":
         params.update(block_size=BLOCK, steps_per_block=16, confidence_threshold=gamma)
+    elif mode == "verified":
+        params.update(block_size=BLOCK, draft_steps=1)
     t0 = time.perf_counter()
     out = model.generate(prompts, mode=mode, **params)
     return out, time.perf_counter() - t0
@@ -104,6 +111,10 @@ def evaluate(model, prompts, truths, new_tokens: int, modes=MODES) -> list[dict]
             "tokens_per_forward": n_tokens / sum(out.nfe) if sum(out.nfe) else 1.0,
             "denoiser_forwards": sum(out.nfe), "seconds": round(seconds, 2),
         }  # fmt: skip
+        if mode == "verified":
+            rounds = [a for per_row in out.accepted_per_round for a in per_row]
+            row["accepted_per_round"] = sum(rounds) / len(rounds)
+            row["tokens_per_model_forward"] = n_tokens / (sum(out.nfe) + len(rounds))
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = rows[0]
@@ -172,6 +183,11 @@ def plot_tradeoff(rows: list[dict], speed: dict, path: str) -> None:
             x, y = speed[batch][key]["cpu_tok_s"], row["quality_nll_ratio"]
             if row["mode"] == "ar":
                 ax.scatter([x], [y], marker="*", s=180, color="black", zorder=3, label="AR")
+            elif row["mode"] == "verified":
+                ax.scatter([x], [y], marker="D", s=50, color="tab:green", zorder=3,
+                           label="verified (lossless)")  # fmt: skip
+                ax.annotate(f"{row['accepted_per_round']:.1f} accepted/round", (x, y),
+                            textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
             else:
                 xs.append(x)
                 ys.append(y)
