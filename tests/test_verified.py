@@ -1,7 +1,6 @@
 """The verified mode: greedy output equals ``ar`` token for token, sampled output is distributed as
 AR sampling, and the rollback leaves the context a pass over the kept tokens would."""
 
-import contextlib
 import math
 
 import pytest
@@ -145,9 +144,7 @@ def test_replay_is_the_mixer_with_n_valid(default_model, keep, fast):
                            torch.randn(b, cfg.mamba_num_heads, cfg.mamba_head_dim,
                                        cfg.ssm_state_size))  # fmt: skip
         saved = MambaState(state.conv.clone(), state.ssm.clone())
-        with torch.inference_mode(), contextlib.ExitStack() as stack:
-            if not fast:
-                stack.enter_context(fastpath.disabled())
+        with torch.inference_mode(), fastpath.forced(fast):
             _, want = mixer(h, state, n_valid=keep)
             got = _replay(mixer, state, mixer.in_proj(h), keep)
         assert torch.equal(got.conv, want.conv), i

@@ -69,11 +69,12 @@ def _constants(mixer):
     )  # fmt: skip
 
 
-def _conv_and_dt(mixer, conv_state, xBC, dt):
-    """The mixer's steps between in_proj and the scan over n tokens: (history (b, K + n,
-    conv_dim): the state's K raw columns then the new ones, time-major; silu(conv) (b, n,
-    conv_dim) in xBC's dtype; dt (b, n, H) fp32, softplus'ed and clamped)."""
-    _, dt_bias, _, taps, conv_bias = _constants(mixer)
+def _conv_and_dt(cfg, constants, conv_state, xBC, dt):
+    """The mixer's steps between in_proj and the scan over n tokens (``constants``: the layer's
+    :func:`_constants`): (history (b, K + n, conv_dim): the state's K raw columns then the new
+    ones, time-major; silu(conv) (b, n, conv_dim) in xBC's dtype; dt (b, n, H) fp32, softplus'ed
+    and clamped)."""
+    _, dt_bias, _, taps, conv_bias = constants
     n = xBC.shape[1]
     conv_state = conv_state if conv_state.dtype == xBC.dtype else conv_state.to(xBC.dtype)
     history = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)
@@ -83,10 +84,18 @@ def _conv_and_dt(mixer, conv_state, xBC, dt):
     if not fp32:
         out = out.to(xBC.dtype)
     dt = F.softplus((dt if fp32 else dt.float()) + dt_bias)
-    lo, hi = mixer.cfg.time_step_limit
+    lo, hi = cfg.time_step_limit
     if lo > 0.0 or hi != float("inf"):
         dt = dt.clamp(lo, hi)
     return history, out, dt
+
+
+def _conv_state_at(history: torch.Tensor, ends: torch.Tensor, K: int) -> torch.Tensor:
+    """The conv state after each row's first ``ends`` (b,) new tokens: the K raw columns of
+    ``history`` (b, K + n, conv_dim) that end there, channel-major (b, conv_dim, K)."""
+    b, _, conv_dim = history.shape
+    rows = ends[:, None] + torch.arange(K)[None, :]  # (b, K)
+    return history.gather(1, rows[:, :, None].expand(b, K, conv_dim)).transpose(1, 2)
 
 
 def mamba_forward(mixer, h: torch.Tensor, state, n_valid, keep_state: bool):
@@ -97,12 +106,13 @@ def mamba_forward(mixer, h: torch.Tensor, state, n_valid, keep_state: bool):
     b, n, _ = h.shape
     H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
     d_inner, conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
-    A, _, D, taps, _ = _constants(mixer)
+    constants = _constants(mixer)
+    A, _, D, taps, _ = constants
     z, xBC, dt = torch.split(mixer.in_proj(h), [d_inner, conv_dim, H], dim=-1)
     if n_valid is not None:
         valid = torch.arange(n)[None, :] < n_valid[:, None]  # (b, n)
         xBC = xBC.masked_fill(~valid[..., None], 0.0)  # padding: nothing for later convs
-    history, xBC, dt = _conv_and_dt(mixer, state.conv, xBC, dt)
+    history, xBC, dt = _conv_and_dt(cfg, constants, state.conv, xBC, dt)
     fp32 = h.dtype == torch.float32
     x, Bm, Cm = torch.split(xBC, [d_inner, G * N, G * N], dim=-1)
     if not fp32:
@@ -122,9 +132,7 @@ def mamba_forward(mixer, h: torch.Tensor, state, n_valid, keep_state: bool):
     if n_valid is None:
         new_conv = history[:, n:].transpose(1, 2)
     else:  # each row keeps the K columns that end at its last real token
-        K = len(taps)
-        rows = n_valid[:, None] + torch.arange(K)[None, :]  # (b, K)
-        new_conv = history.gather(1, rows[:, :, None].expand(b, K, conv_dim)).transpose(1, 2)
+        new_conv = _conv_state_at(history, n_valid, len(taps))
     return out, MambaState(new_conv, new_ssm)
 
 
@@ -141,10 +149,11 @@ def mamba_replay(mixer, before, zxbcdt: torch.Tensor, keep: torch.Tensor):
     cfg = mixer.cfg
     H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
     d_inner, conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
-    A, _, _, taps, _ = _constants(mixer)
+    constants = _constants(mixer)
+    A, _, _, taps, _ = constants
     b, S, _ = zxbcdt.shape
     _, xBC, dt = torch.split(zxbcdt, [d_inner, conv_dim, H], dim=-1)
-    history, xBC, dt = _conv_and_dt(mixer, before.conv, xBC, dt)
+    history, xBC, dt = _conv_and_dt(cfg, constants, before.conv, xBC, dt)
     fp32 = zxbcdt.dtype == torch.float32
     dt = dt.masked_fill(~(torch.arange(S)[None, :] < keep[:, None])[..., None], 0.0)
     decay = torch.exp(dt * A)
@@ -160,10 +169,7 @@ def mamba_replay(mixer, before, zxbcdt: torch.Tensor, keep: torch.Tensor):
     for i in range(n):
         state = state * decay[i]
         state.add_(inputs[i])
-    K = len(taps)
-    rows = keep[:, None] + torch.arange(K)[None, :]  # (b, K): the K columns ending at keep
-    new_conv = history.gather(1, rows[:, :, None].expand(b, K, conv_dim)).transpose(1, 2)
-    return MambaState(new_conv, state)
+    return MambaState(_conv_state_at(history, keep, len(taps)), state)
 
 
 def router_forward(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

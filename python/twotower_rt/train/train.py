@@ -171,8 +171,7 @@ def context_rows(lm: TwoTowerLM, windows: torch.Tensor, S: int, teacher: bool = 
     if not teacher:
         return targets, rows_cache
     pos = (blk * S - 1)[:, None] + torch.arange(S, device=windows.device)  # (R, S)
-    with torch.no_grad():
-        logp = torch.log_softmax(lm.context_logits(hidden[seq[:, None], pos]), dim=-1)
+    logp = torch.log_softmax(lm.context_logits(hidden[seq[:, None], pos]), dim=-1)
     return targets, rows_cache, logp
 
 
