@@ -42,9 +42,8 @@ import twotower_rt  # noqa: E402
 from twotower_rt.api import DEFAULT_MODEL_DIR  # noqa: E402
 from twotower_rt.checkpoint import build_model  # noqa: E402
 from twotower_rt.train import data, distill  # noqa: E402
-from twotower_rt.train.distill import DistillConfig  # noqa: E402
 from twotower_rt.train.evaluate import evaluate as evaluate_modes  # noqa: E402
-from twotower_rt.train.evaluate import heldout_windows  # noqa: E402
+from twotower_rt.train.evaluate import heldout_windows, mode_key, run_mode  # noqa: E402
 from twotower_rt.train.tokenizer import encode_documents  # noqa: E402
 
 GAMMAS = (0.5, 0.7, 0.8, 0.9)
@@ -77,32 +76,24 @@ def save_candidate(lm, out: str) -> None:
         shutil.copyfile(os.path.join(DEFAULT_MODEL_DIR, f), os.path.join(out, f))
 
 
-def recipe(args) -> DistillConfig:
-    return DistillConfig(
-        minutes=args.minutes, batch=args.batch, lr=args.lr, warmup=args.warmup,
-        bias_rate=args.bias_rate, seed=args.seed, prompts=args.distill_prompts,
-        prompt_len=args.prompt_len, gen_tokens=args.gen_tokens, gen_batch=args.gen_batch,
-        real_frac=args.real_frac, p_full=args.p_full, p_suffix=args.p_suffix,
-        cf_start=args.cf_start, cf_weight=args.cf_weight, kl_weight=args.kl_weight,
-        kl_scope=args.kl_scope,
-    )  # fmt: skip
-
-
 def train(lm, seqs: torch.Tensor, real: torch.Tensor, args, log) -> dict:
     """``train.distill.train``, keeping the weights just before certainty forcing starts
     (``candidate_nocf``) and at the end (``candidate``)."""
     nocf = os.path.join(args.out_dir, "candidate_nocf")
-    training = distill.train(lm, seqs, real, recipe(args), log,
+    training = distill.train(lm, seqs, real, distill.recipe_from(args), log,
                              on_cf_start=lambda: save_candidate(lm, nocf))  # fmt: skip
     save_candidate(lm, os.path.join(args.out_dir, "candidate"))
     return training
 
 
 # 4. evaluation ------------------------------------------------------------------------------------
+def modes(gammas=GAMMAS) -> list[tuple]:
+    return [("ar", None)] + [("mask_diffusion", g) for g in gammas]
+
+
 def evaluate(model, prompts, truths, new_tokens: int, gammas=GAMMAS) -> list[dict]:
     """``train.evaluate``'s quality rows: ``ar``, then mask diffusion at each gamma."""
-    modes = [("ar", None)] + [("mask_diffusion", g) for g in gammas]
-    return evaluate_modes(model, prompts, truths, new_tokens, modes)
+    return evaluate_modes(model, prompts, truths, new_tokens, modes(gammas))
 
 
 def target_met(rows) -> bool:
@@ -132,12 +123,9 @@ def eval_only(args) -> int:
         truths = [w[args.prompt_len :] for w in windows]
         rows = evaluate(model, prompts, truths, args.eval_new_tokens, args.gammas)
         samples = {"prompt": model.decode(prompts[0])}
-        for mode, gamma in [("ar", None)] + [("mask_diffusion", g) for g in args.gammas]:
-            params = dict(max_new_tokens=args.eval_new_tokens, temperature=0.0)
-            if gamma is not None:
-                params.update(block_size=BLOCK, steps_per_block=STEPS, confidence_threshold=gamma)
-            out = model.generate([prompts[0]], mode=mode, **params)
-            samples[f"{mode}@{gamma}" if gamma else mode] = model.decode(out.generated[0])
+        for mode, gamma in modes(args.gammas):
+            out, _ = run_mode(model, [prompts[0]], mode, gamma, args.eval_new_tokens)
+            samples[mode_key(mode, gamma)] = model.decode(out.generated[0])
         extra[os.path.relpath(os.path.abspath(path), REPO)] = {
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
             "commit": _git("rev-parse", "HEAD"),
@@ -152,7 +140,6 @@ def eval_only(args) -> int:
 
 
 def main() -> int:
-    R = DistillConfig()  # the recipe's defaults
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -167,33 +154,9 @@ def main() -> int:
         "is this script's run on the stage-2 model of python -m twotower_rt.train, "
         "which commit 0b9823a shipped: see the README to reproduce it",
     )
-    ap.add_argument("--seed", type=int, default=R.seed)
-    ap.add_argument("--distill-prompts", type=int, default=R.prompts)
-    ap.add_argument("--prompt-len", type=int, default=R.prompt_len)
-    ap.add_argument("--gen-tokens", type=int, default=R.gen_tokens)
-    ap.add_argument("--gen-batch", type=int, default=R.gen_batch)
-    ap.add_argument("--minutes", type=float, default=R.minutes)
-    ap.add_argument("--batch", type=int, default=R.batch, help="sequences per step")
-    ap.add_argument("--lr", type=float, default=R.lr)
-    ap.add_argument("--warmup", type=int, default=R.warmup)
-    ap.add_argument("--bias-rate", type=float, default=R.bias_rate)
-    ap.add_argument(
-        "--real-frac",
-        type=float,
-        default=R.real_frac,
-        help="share of each step's sequences that are real training text",
-    )
-    ap.add_argument("--p-full", type=float, default=R.p_full)
-    ap.add_argument("--p-suffix", type=float, default=R.p_suffix)
-    ap.add_argument("--cf-start", type=float, default=R.cf_start)
-    ap.add_argument("--cf-weight", type=float, default=R.cf_weight)
-    ap.add_argument(
-        "--kl-weight",
-        type=float,
-        default=R.kl_weight,
-        help="weight of a soft-target term: KL(AR tower || denoiser) at --kl-scope positions",
-    )
-    ap.add_argument("--kl-scope", choices=("first", "all"), default=R.kl_scope)
+    distill.add_recipe_args(ap)  # --minutes, --lr, --kl-weight, ...: DistillConfig's fields
+    ap.add_argument("--distill-prompts", dest="prompts", type=int, default=argparse.SUPPRESS,
+                    help="the same as --prompts (its earlier name)")  # fmt: skip
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--eval-new-tokens", type=int, default=64)
     ap.add_argument(
@@ -224,7 +187,7 @@ def main() -> int:
 
     stream = train_stream(tok, args.data_dir, args.out_dir)
     t0 = time.time()
-    seqs = distill.distill_set(shipped, stream, recipe(args), args.out_dir)
+    seqs = distill.distill_set(shipped, stream, distill.recipe_from(args), args.out_dir)
     distill_minutes = (time.time() - t0) / 60
     print(f"[distill] {tuple(seqs.shape)} ({distill_minutes:.1f} min)", flush=True)
 

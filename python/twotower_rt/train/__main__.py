@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import data
-from .distill import DistillConfig
+from .distill import add_recipe_args
 from .tokenizer import encode_documents, train_tokenizer
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
@@ -68,7 +68,7 @@ def _stage(args, stage: str) -> None:
     from safetensors.torch import load_file
 
     from ..checkpoint import build_model
-    from .model_init import count_params, model_config, new_model
+    from .model_init import count_params, model_config, new_model, run_config
     from .train import StageConfig, init_denoiser_from_context, run_stage, write_json
 
     torch.set_num_threads(args.threads)
@@ -86,9 +86,7 @@ def _stage(args, stage: str) -> None:
         write_json(cfg_path, {"size": args.size, **cfg.to_dict()})
         lm = new_model(cfg, args.seed)
     else:
-        with open(cfg_path) as f:
-            size = json.load(f)["size"]
-        cfg = model_config(size, vocab)
+        cfg = run_config(run_dir, vocab)
         resume = os.path.join(run_dir, "diffusion.safetensors") if args.resume else None
         state = load_file(resume or args.init or os.path.join(run_dir, "ar.safetensors"))
         lm = build_model(cfg, state)
@@ -125,25 +123,21 @@ def cmd_distill(args) -> None:
     its config. The stage-2 weights are rounded to bf16 first, as the exported checkpoint the
     shipped model was distilled from holds them."""
     from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
 
     from ..api import TwoTowerModel
     from ..checkpoint import build_model
-    from .distill import DistillConfig, distill_set, train
-    from .model_init import model_config
+    from .distill import distill_set, recipe_from, train
+    from .model_init import run_config
     from .train import write_json
 
     torch.set_num_threads(args.threads)
     p = _paths(args.data_dir)
     run_dir = os.path.join(args.data_dir, "runs", args.run)
-    with open(os.path.join(run_dir, "model_config.json")) as f:
-        size = json.load(f)["size"]
-    from tokenizers import Tokenizer
-
-    cfg = model_config(size, Tokenizer.from_file(p["tokenizer"]).get_vocab_size())
+    cfg = run_config(run_dir, Tokenizer.from_file(p["tokenizer"]).get_vocab_size())
     state = load_file(args.init or os.path.join(run_dir, "diffusion.safetensors"))
     lm = build_model(cfg, {k: v.to(torch.bfloat16).float() for k, v in state.items()})
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)}
-    recipe = DistillConfig(**{k: v for k, v in given.items() if v is not None})
+    recipe = recipe_from(args)
     stream = _load_ids(p["train_ids"])
     with torch.inference_mode():
         seqs = distill_set(TwoTowerModel(lm, "stage 2"), stream, recipe, run_dir)
@@ -219,11 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     di = sub.add_parser("distill", help="stage 3: the denoiser on the context tower's own text")
     di.add_argument("--init", default=None, help="default: RUN/diffusion.safetensors")
     di.add_argument("--steps", type=int, default=None, help="a step cap (default: time only)")
-    for field in dataclasses.fields(DistillConfig):
-        kind = {"float": float, "int": int, "str": str}[str(field.type)]
-        choices = ("first", "all") if field.name == "kl_scope" else None
-        di.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
-                        choices=choices, default=None, help=f"default {field.default}")  # fmt: skip
+    add_recipe_args(di)
     di.set_defaults(fn=cmd_distill)
     ex = sub.add_parser("export")
     ex.add_argument(

@@ -29,6 +29,8 @@ candidate evaluated before and after).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -83,6 +85,31 @@ class DistillConfig:
             raise ValueError(f"prompt_len and gen_tokens must be multiples of {BLOCK}")
         if not 0.0 <= self.real_frac < 1.0:
             raise ValueError(f"real_frac must be in [0, 1), got {self.real_frac}")
+
+
+_HELP = {
+    "batch": "sequences per step",
+    "prompts": "distillation set: this many training prompts",
+    "real_frac": "share of each step's sequences that are real training text",
+    "kl_weight": "weight of a soft-target term: KL(AR tower || denoiser) at --kl-scope positions",
+}
+_CHOICES = {"kl_scope": ("first", "all")}
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`DistillConfig` field (``--kl-weight`` for ``kl_weight``, ...),
+    defaulting to the recipe; :func:`recipe_from` reads them back."""
+    for field in dataclasses.fields(DistillConfig):
+        kind = {"float": float, "int": int, "str": str}[str(field.type)]
+        help_text = f"{_HELP[field.name]} " if field.name in _HELP else ""
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
+                            default=field.default, choices=_CHOICES.get(field.name),
+                            help=f"{help_text}(default {field.default})")  # fmt: skip
+
+
+def recipe_from(args: argparse.Namespace) -> DistillConfig:
+    fields = dataclasses.fields(DistillConfig)
+    return DistillConfig(**{f.name: getattr(args, f.name) for f in fields})
 
 
 # 1. data ------------------------------------------------------------------------------------------

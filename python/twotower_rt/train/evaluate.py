@@ -90,7 +90,7 @@ def distinct_n(seqs: list[list[int]], n: int) -> float:
     return len(set(grams)) / max(1, len(grams))
 
 
-def _key(mode: str, gamma) -> str:
+def mode_key(mode: str, gamma) -> str:
     return f"{mode}@{gamma}" if gamma is not None else mode
 
 
@@ -147,10 +147,10 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int) -> dict:
 
             for mode, gamma in MODES:  # warm-up
                 once(mode, gamma)
-            times = {_key(m, g): [] for m, g in MODES}
+            times = {mode_key(m, g): [] for m, g in MODES}
             for _ in range(repeats):
                 for mode, gamma in MODES:
-                    times[_key(mode, gamma)].append(once(mode, gamma))
+                    times[mode_key(mode, gamma)].append(once(mode, gamma))
             row = {}
             for key, runs in times.items():
                 wall = statistics.median(w for w, _ in runs)
@@ -179,7 +179,7 @@ def plot_tradeoff(rows: list[dict], speed: dict, path: str) -> None:
     for ax, batch in zip(axes, ("batch_1", "batch_64")):
         xs, ys = [], []
         for row in rows:
-            key = _key(row["mode"], row["confidence_threshold"])
+            key = mode_key(row["mode"], row["confidence_threshold"])
             x, y = speed[batch][key]["cpu_tok_s"], row["quality_nll_ratio"]
             if row["mode"] == "ar":
                 ax.scatter([x], [y], marker="*", s=180, color="black", zorder=3, label="AR")
@@ -366,7 +366,7 @@ def main(args) -> None:
     samples = {}
     for mode, gamma in MODES:
         out, _ = run_mode(model, [sample_prompt], mode, gamma, 32)
-        samples[_key(mode, gamma)] = tok.decode(out.generated[0])
+        samples[mode_key(mode, gamma)] = tok.decode(out.generated[0])
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),

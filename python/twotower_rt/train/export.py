@@ -4,7 +4,6 @@ in whatever dtype it is asked for), tokenizer.json."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from .model_init import model_config
+from .model_init import run_config
 from .train import config_json, write_json
 
 
@@ -20,10 +19,7 @@ def export(run_dir: str, tokenizer_path: str, out_dir: str, dtype: str = "bfloat
            stage: str = "auto") -> None:  # fmt: skip
     """``stage``: whose weights, ``diffusion`` (stage 2), ``distill`` (stage 3) or ``auto`` (stage
     3's if it ran, else stage 2's)."""
-    with open(os.path.join(run_dir, "model_config.json")) as f:
-        size = json.load(f)["size"]
-    vocab = Tokenizer.from_file(tokenizer_path).get_vocab_size()
-    cfg = model_config(size, vocab)
+    cfg = run_config(run_dir, Tokenizer.from_file(tokenizer_path).get_vocab_size())
     if stage == "auto":
         has_distill = os.path.isfile(os.path.join(run_dir, "distill.safetensors"))
         stage = "distill" if has_distill else "diffusion"

@@ -3,7 +3,9 @@ The model itself is the runtime's ``TwoTowerLM``: nothing here is a second imple
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 
@@ -39,6 +41,13 @@ def model_config(size: str, vocab_size: int) -> TwoTowerConfig:
         vocab_size=vocab_size, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
         routed_scaling_factor=1.0, source=f"<train size {size}>", **SIZES[size],
     )  # fmt: skip
+
+
+def run_config(run_dir: str, vocab_size: int) -> TwoTowerConfig:
+    """The model config of a training run: the size its stage 1 recorded in
+    RUN/model_config.json."""
+    with open(os.path.join(run_dir, "model_config.json")) as f:
+        return model_config(json.load(f)["size"], vocab_size)
 
 
 def init_state_dict(cfg: TwoTowerConfig, seed: int) -> dict[str, torch.Tensor]:
