@@ -10,17 +10,20 @@ sequences hold ``--context`` committed tokens:
 - ``commit``: the context pass over a finished 16-token block (the ``context_forward`` of a commit);
 - ``mock``: one mock-AR step (context tower + denoiser, one token).
 
-Each step runs ``--reps`` times with the fast paths on and ``--reps`` times with them off
-(``twotower_rt.fastpath``: off is the plain eager path, the code as it was before the fast paths),
-alternating, after a warm-up of both, with torch on one thread. Reported: the median per step of
-the thread's CPU time (``time.thread_time``, robust to other processes on the machine) and of wall
-time, and their ratio eager / fast. The ratio is measured in one process at one time, so it is
-what to quote; absolute times move with the machine.
+Each step runs ``--reps`` times on each of three paths, alternating, after a warm-up of all, with
+torch on one thread: ``fast`` (the fast paths with the CPU kernels of ``twotower_rt._cpu``, where
+built: what runs by default), ``fast_no_kernels`` (the fast paths in PyTorch ops alone) and
+``eager`` (``twotower_rt.fastpath`` off: the plain eager path, the code as it was before the fast
+paths). Reported: the median per step of the thread's CPU time (``time.thread_time``, robust to
+other processes on the machine) and of wall time, and the ratios eager / fast and fast_no_kernels
+/ fast. The ratios are measured in one process at one time, so they are what to quote; absolute
+times move with the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -89,6 +92,23 @@ def step_functions(engine, slots: torch.Tensor, context: int) -> dict[str, Calla
     return {"ar": ar, "denoise": denoise, "commit": commit, "mock": mock}
 
 
+# fast: the fast paths with the CPU kernels (twotower_rt._cpu, where built); fast_no_kernels: the
+# fast paths in PyTorch ops alone; eager: the plain eager path (the code before the fast paths).
+PATHS = ("fast", "fast_no_kernels", "eager")
+
+
+@contextlib.contextmanager
+def _path(path: str):
+    from twotower_rt import _ext, fastpath
+
+    _ext.set_kernels_enabled(path == "fast")
+    try:
+        with fastpath.forced(path != "eager"):
+            yield
+    finally:
+        _ext.set_kernels_enabled(True)
+
+
 def _timed(fn: Callable[[], None]) -> tuple[float, float]:
     cpu, wall = time.thread_time(), time.perf_counter()
     fn()
@@ -98,7 +118,7 @@ def _timed(fn: Callable[[], None]) -> tuple[float, float]:
 @torch.inference_mode()
 def bench(args) -> dict:
     import twotower_rt
-    from twotower_rt import fastpath
+    from twotower_rt import _ext
 
     torch.set_num_threads(args.threads)
     model = twotower_rt.load(args.model)
@@ -108,31 +128,33 @@ def bench(args) -> dict:
         fns = step_functions(engine, slots, args.context)
         for name in STEPS:
             fn = fns[name]
-            samples = {True: [], False: []}
-            for flag in (True, False, True, False):  # warm-up, both paths
-                with fastpath.forced(flag):
+            samples = {path: [] for path in PATHS}
+            for path in PATHS * 2:  # warm-up, every path
+                with _path(path):
                     fn()
             for _ in range(args.reps):
-                for flag in (True, False):
-                    with fastpath.forced(flag):
-                        samples[flag].append(_timed(fn))
-            fast_cpu = statistics.median(c for c, _ in samples[True]) * 1e3
-            fast_wall = statistics.median(w for _, w in samples[True]) * 1e3
-            eager_cpu = statistics.median(c for c, _ in samples[False]) * 1e3
-            eager_wall = statistics.median(w for _, w in samples[False]) * 1e3
+                for path in PATHS:
+                    with _path(path):
+                        samples[path].append(_timed(fn))
+            cpu = {p: statistics.median(c for c, _ in samples[p]) * 1e3 for p in PATHS}
+            wall = {p: statistics.median(w for _, w in samples[p]) * 1e3 for p in PATHS}
             rows.append({
                 "batch": batch, "step": name,
-                "fast_cpu_ms": round(fast_cpu, 3), "eager_cpu_ms": round(eager_cpu, 3),
-                "fast_wall_ms": round(fast_wall, 3), "eager_wall_ms": round(eager_wall, 3),
-                "speedup_cpu": round(eager_cpu / fast_cpu, 3),
-                "speedup_wall": round(eager_wall / fast_wall, 3),
+                "fast_cpu_ms": round(cpu["fast"], 3), "eager_cpu_ms": round(cpu["eager"], 3),
+                "fast_wall_ms": round(wall["fast"], 3), "eager_wall_ms": round(wall["eager"], 3),
+                "speedup_cpu": round(cpu["eager"] / cpu["fast"], 3),
+                "speedup_wall": round(wall["eager"] / wall["fast"], 3),
+                "fast_no_kernels_cpu_ms": round(cpu["fast_no_kernels"], 3),
+                "kernels_speedup_cpu": round(cpu["fast_no_kernels"] / cpu["fast"], 3),
             })  # fmt: skip
         by_step = {r["step"]: r for r in rows if r["batch"] == batch}
         for path in ("fast", "eager"):
             ratio = by_step["denoise"][f"{path}_cpu_ms"] / by_step["ar"][f"{path}_cpu_ms"]
             rows.append({"batch": batch, "step": f"denoise/ar ({path})", "ratio": round(ratio, 3)})
     return {
-        "what": "per-step CPU and wall time, fast paths on vs the plain eager path, same run",
+        "what": "per-step CPU and wall time, fast paths on (with and without the CPU kernels) vs "
+        "the plain eager path, same run",
+        "cpu_kernels": _ext.cpu_kernels() is not None,
         "model": args.model or "default (shipped)",
         "context": args.context,
         "torch_threads": args.threads,
@@ -143,13 +165,15 @@ def bench(args) -> dict:
 
 def print_table(record: dict) -> None:
     print(
-        f"\n{'batch':>5} {'step':<8} {'fast ms':>9} {'eager ms':>9} {'x (cpu)':>8} {'x (wall)':>9}"
+        f"\n{'batch':>5} {'step':<8} {'fast ms':>9} {'no-kern ms':>10} {'eager ms':>9} "
+        f"{'x (cpu)':>8} {'x (wall)':>9} {'kern x':>7}"
     )
     for r in record["rows"]:
         if "ratio" in r:
             print(f"{r['batch']:>5} {r['step']:<28} {r['ratio']:>6.2f}")
             continue
         print(
-            f"{r['batch']:>5} {r['step']:<8} {r['fast_cpu_ms']:>9.2f} {r['eager_cpu_ms']:>9.2f} "
-            f"{r['speedup_cpu']:>8.2f} {r['speedup_wall']:>9.2f}"
+            f"{r['batch']:>5} {r['step']:<8} {r['fast_cpu_ms']:>9.2f} "
+            f"{r['fast_no_kernels_cpu_ms']:>10.2f} {r['eager_cpu_ms']:>9.2f} "
+            f"{r['speedup_cpu']:>8.2f} {r['speedup_wall']:>9.2f} {r['kernels_speedup_cpu']:>7.2f}"
         )

@@ -1,13 +1,17 @@
-"""The compiled extension ``twotower_rt._C``, if there is one, and why not if there is none.
+"""The compiled extensions, if there are any, and why not if there are none.
 
-``_C`` is optional: without it (no CUDA compiler at build time, or ``TWOTOWER_RT_BUILD_CUDA=OFF``)
-every op runs its PyTorch path. Importing it needs no GPU and no driver.
+``twotower_rt._C`` (the CUDA kernels) is optional: without it (no CUDA compiler at build time, or
+``TWOTOWER_RT_BUILD_CUDA=OFF``) every op runs its PyTorch path. Importing it needs no GPU and no
+driver. ``twotower_rt._cpu`` (the CPU kernels, built wherever a C++ compiler is, unless
+``TWOTOWER_RT_BUILD_CPU=OFF``) is optional too: without it the CPU runs its PyTorch fast paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -35,15 +39,56 @@ else:
 _loaded: tuple[ModuleType | None, str | None] = (_C, _import_error)
 
 
+def _import_cpu() -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module("twotower_rt._cpu"), None
+    except ModuleNotFoundError as exc:
+        if exc.name != "twotower_rt._cpu":
+            raise
+        return None, (
+            "twotower_rt._cpu is not built: the package was installed without its CPU kernels "
+            "(no C++ compiler at build time, or TWOTOWER_RT_BUILD_CPU=OFF)"
+        )
+    except ImportError as exc:
+        return None, f"twotower_rt._cpu failed to import: {exc}"
+
+
+_CPU, _cpu_error = _import_cpu()
+_cpu_loaded = (_CPU, _cpu_error)
+
+
 def set_kernels_enabled(enabled: bool) -> None:
     """Turn the compiled kernels off (every op takes its PyTorch path, as without ``_C``) or back
     on: for the plain-PyTorch baseline of a benchmark, or to rule the kernels out when debugging.
     Ops read this at each call."""
-    global _C, _import_error
+    global _C, _import_error, _CPU, _cpu_error
     if enabled:
         _C, _import_error = _loaded
+        _CPU, _cpu_error = _cpu_loaded
     else:
         _C, _import_error = None, "the compiled kernels are turned off (set_kernels_enabled)"
+        _CPU, _cpu_error = None, _import_error
+
+
+@contextlib.contextmanager
+def kernels_disabled() -> Iterator[None]:
+    """Run the block with the compiled kernels off (:func:`set_kernels_enabled`), then turn them
+    back on."""
+    set_kernels_enabled(False)
+    try:
+        yield
+    finally:
+        set_kernels_enabled(True)
+
+
+def cpu_kernels() -> ModuleType | None:
+    """``twotower_rt._cpu``, or None when it is not there (or the kernels are turned off)."""
+    return _CPU
+
+
+def cpu_kernels_error() -> str | None:
+    """Why ``twotower_rt._cpu`` is unavailable, or None when it is available."""
+    return _cpu_error
 
 
 def extension_available() -> bool:
@@ -63,7 +108,12 @@ def extension_module() -> ModuleType | None:
 @functools.cache
 def extension_info() -> dict[str, Any]:
     """``{"available": bool, "error": str | None, **build_info}``; archs like ``["90a"]``."""
-    info: dict[str, Any] = {"available": _C is not None, "error": _import_error}
+    info: dict[str, Any] = {
+        "available": _C is not None,
+        "error": _import_error,
+        "cpu_kernels": _CPU is not None,
+        "cpu_kernels_error": _cpu_error,
+    }
     if _C is not None:
         info.update(_C.build_info())
         info["cuda_driver_version"] = _C.cuda_driver_version()

@@ -134,6 +134,10 @@ def format_report(info: dict[str, Any] | None = None) -> str:
                      + (f"; missing: {', '.join(missing)}" if missing else ""))  # fmt: skip
     else:
         lines.append(f"extension    unavailable: {ext['error']}")
+    if ext.get("cpu_kernels"):
+        lines.append("cpu kernels  twotower_rt._cpu (the Mamba mixer and the MoE layer, fp32)")
+    else:
+        lines.append(f"cpu kernels  unavailable: {ext.get('cpu_kernels_error')}")
     gpu = info["gpu"]
     if gpu["available"]:
         for device in gpu["devices"]:

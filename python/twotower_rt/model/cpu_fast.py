@@ -1,14 +1,22 @@
-"""The CPU fast paths of the model's layers: the same numbers as the plain eager code in fewer ops.
+"""The CPU fast paths of the model's layers: the eager code's numbers in fewer and cheaper ops.
 
 On the small models the CPU runs (the default model has hidden 192), a step costs what its op
-launches cost, not what its arithmetic costs. So these functions compute exactly what the eager
-layers compute, bitwise (tests/test_fastpath.py), with fewer and cheaper ops:
+launches cost, not what its arithmetic costs. Two kinds of fast path, both row by row (a sequence's
+numbers never depend on its batch):
 
-- :func:`mamba_forward`: the derived constants (``-exp(A_log)``, the conv taps time-major, fp32
-  casts) made once per weight version instead of every call; the depthwise conv as K fused
-  multiply-adds over contiguous time-major slices (bitwise oneDNN's depthwise kernel); the scan
-  straight to :func:`ops.ssm_scan.ssm_scan_ref` (whose fast form keeps the recurrence's numbers);
-- :func:`router_forward`: the float64 router weights converted once, not every call.
+- the fused CPU kernels of ``twotower_rt._cpu`` (C++, built wherever a C++ compiler is), for fp32
+  models: :func:`mamba_forward` runs a Mamba layer's whole middle, between in_proj and out_proj, as
+  one call (``ops.mamba_cpu``), and :func:`moe_forward` a whole MoE layer, router included
+  (``ops.moe_cpu``). They agree with the eager layers to float32 rounding, not bitwise (their exp
+  and their summation orders are their own; tests/test_mamba_cpu.py, tests/test_moe_cpu.py);
+- PyTorch forms that compute exactly what the eager layers compute, bitwise
+  (tests/test_fastpath.py), where the kernels are not built (or are turned off with
+  ``_ext.set_kernels_enabled(False)``) and for what they do not cover: in :func:`mamba_forward`,
+  the derived constants (``-exp(A_log)``, the conv taps time-major, fp32 casts) made once per
+  weight version, the depthwise conv as K fused multiply-adds over contiguous time-major slices
+  (bitwise oneDNN's depthwise kernel), the scan straight to :func:`ops.ssm_scan.ssm_scan_ref`
+  (whose fast form keeps the recurrence's numbers); :func:`router_forward`, the float64 router
+  weights converted once; the norms called directly and q/k/v in one matmul.
 
 They run when :mod:`twotower_rt.fastpath` is on, on CPU tensors, without autograd (the trainer
 keeps the plain code); everything else (CUDA, TP's cross-rank norm, the trainer's chunked scan)
@@ -21,7 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import fastpath
+from .. import _ext, fastpath
+from ..ops import mamba_cpu
+from ..ops.mamba_cpu import MambaWeights, mamba_chunk, mamba_weights
+from ..ops.moe_cpu import moe_forward as moe_kernel
+from ..ops.moe_cpu import moe_weights
 from ..ops.rmsnorm import rms_norm
 from ..ops.ssm_scan import ssm_scan_ref
 
@@ -47,9 +59,9 @@ def derived(module: nn.Module, params: tuple, make):
 
 
 def _mamba_constants(A_log, dt_bias, D, conv_weight, conv_bias):
-    taps = conv_weight.float()[:, 0].t().contiguous().unbind(0)  # K x (conv_dim,)
+    stacked = conv_weight.float()[:, 0].t().contiguous()  # (K, conv_dim), time-major
     bias = None if conv_bias is None else conv_bias.float()
-    return -torch.exp(A_log.float()), dt_bias.float(), D.float(), taps, bias
+    return -torch.exp(A_log.float()), dt_bias.float(), D.float(), stacked.unbind(0), bias, stacked
 
 
 def conv_taps(window: torch.Tensor, taps, bias, n: int) -> torch.Tensor:
@@ -74,7 +86,7 @@ def _conv_and_dt(cfg, constants, conv_state, xBC, dt):
     :func:`_constants`): (history (b, K + n, conv_dim): the state's K raw columns then the new
     ones, time-major; silu(conv) (b, n, conv_dim) in xBC's dtype; dt (b, n, H) fp32, softplus'ed
     and clamped)."""
-    _, dt_bias, _, taps, conv_bias = constants
+    _, dt_bias, _, taps, conv_bias, _ = constants
     n = xBC.shape[1]
     conv_state = conv_state if conv_state.dtype == xBC.dtype else conv_state.to(xBC.dtype)
     history = torch.cat([conv_state.transpose(1, 2), xBC], dim=1)
@@ -98,17 +110,65 @@ def _conv_state_at(history: torch.Tensor, ends: torch.Tensor, K: int) -> torch.T
     return history.gather(1, rows[:, :, None].expand(b, K, conv_dim)).transpose(1, 2)
 
 
+def _kernel_weights(mixer) -> MambaWeights:
+    """The layer's constants for the fused kernel, checked and cached per weight version."""
+    cfg = mixer.cfg
+
+    def make(A_log, dt_bias, D, conv_weight, conv_bias, norm_weight):
+        A, dt_bias, D, _, bias, taps = _mamba_constants(A_log, dt_bias, D, conv_weight, conv_bias)
+        return mamba_weights(
+            taps, bias, dt_bias.contiguous(), A.contiguous(), D.contiguous(),
+            norm_weight.float().contiguous(), heads=cfg.mamba_num_heads, groups=cfg.n_groups,
+            eps=cfg.layer_norm_epsilon, time_step_limit=cfg.time_step_limit,
+        )  # fmt: skip
+
+    # Straight from the modules' parameter dicts: nn.Module attribute lookups would cost more
+    # than the kernel on a one-token step.
+    own, conv = mixer._parameters, mixer._modules["conv1d"]._parameters
+    params = (own["A_log"], own["dt_bias"], own["D"], conv["weight"], conv["bias"],
+              mixer._modules["norm"]._parameters["weight"])  # fmt: skip
+    return derived(mixer._modules["norm"], params, make)
+
+
+def _kernel_middle(mixer, zxbcdt, state, n_valid, with_output: bool):
+    """The mixer's middle through the fused CPU kernel (``ops.mamba_cpu``): (gated normed y or
+    None, new conv state, new SSM state)."""
+    if n_valid is not None and n_valid.dtype != torch.int64:
+        n_valid = n_valid.long()
+    return mamba_chunk(
+        zxbcdt.contiguous(),
+        state.conv.contiguous(),
+        state.gathered().contiguous(),
+        _kernel_weights(mixer),
+        n_valid,
+        with_output,
+    )
+
+
+def _kernel_applies(mixer, x: torch.Tensor, state) -> bool:
+    return (mamba_cpu.available(x) and state.conv.dtype == torch.float32
+            and mixer.norm.weight.dtype == torch.float32)  # fmt: skip
+
+
 def mamba_forward(mixer, h: torch.Tensor, state, n_valid, keep_state: bool):
-    """:meth:`Mamba2Mixer.forward` on the CPU (same arguments and results, same numbers)."""
+    """:meth:`Mamba2Mixer.forward` on the CPU (same arguments and results): through the fused
+    kernel where it is built (fp32; float32 rounding), else in PyTorch ops (bitwise)."""
     from .mamba import MambaState
 
     cfg = mixer.cfg
     b, n, _ = h.shape
     H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
     d_inner, conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
+    zxbcdt = mixer.in_proj(h)
+    if _kernel_applies(mixer, zxbcdt, state):
+        y, new_conv, new_ssm = _kernel_middle(mixer, zxbcdt, state, n_valid, True)
+        out = mixer.out_proj(y)
+        if mixer.tp is not None:
+            out = mixer.tp.all_reduce(out)
+        return out, (MambaState(new_conv, new_ssm) if keep_state else None)
     constants = _constants(mixer)
-    A, _, D, taps, _ = constants
-    z, xBC, dt = torch.split(mixer.in_proj(h), [d_inner, conv_dim, H], dim=-1)
+    A, _, D, taps, _, _ = constants
+    z, xBC, dt = torch.split(zxbcdt, [d_inner, conv_dim, H], dim=-1)
     if n_valid is not None:
         valid = torch.arange(n)[None, :] < n_valid[:, None]  # (b, n)
         xBC = xBC.masked_fill(~valid[..., None], 0.0)  # padding: nothing for later convs
@@ -139,18 +199,23 @@ def mamba_forward(mixer, h: torch.Tensor, state, n_valid, keep_state: bool):
 def mamba_replay(mixer, before, zxbcdt: torch.Tensor, keep: torch.Tensor):
     """The verified mode's rollback of one Mamba layer on the CPU (``model.rollback._replay``):
     the state :func:`mamba_forward` leaves over the block whose in_proj output is ``zxbcdt`` (b,
-    S, in_proj_dim) with ``n_valid = keep`` (b,), bitwise, from ``before``. The conv and the
-    elementwise maps run over the whole block as in the forward (a vectorised kernel rounds its
-    last partial vector differently, so a shorter run would change bits); the recurrence runs only
-    up to the longest kept run, as the fast scan does it (``state * decay`` then ``+ input``, each
-    rounded once), and nothing of the output (C, y, the gate, the norm) is computed."""
+    S, in_proj_dim) with ``n_valid = keep`` (b,), bitwise, from ``before``. With the kernel: its
+    state-only call (the forward's own code), which stops at each row's kept run. Without: the
+    conv and the elementwise maps run over the whole block as in the forward (a vectorised kernel
+    rounds its last partial vector differently, so a shorter run would change bits); the
+    recurrence runs only up to the longest kept run, as the fast scan does it (``state * decay``
+    then ``+ input``, each rounded once), and nothing of the output (C, y, the gate, the norm) is
+    computed."""
     from .mamba import MambaState
 
     cfg = mixer.cfg
     H, P, N, G = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups
     d_inner, conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
+    if _kernel_applies(mixer, zxbcdt, before):
+        _, conv, ssm = _kernel_middle(mixer, zxbcdt, before, keep, False)
+        return MambaState(conv, ssm)
     constants = _constants(mixer)
-    A, _, _, taps, _ = constants
+    A, _, _, taps, _, _ = constants
     b, S, _ = zxbcdt.shape
     _, xBC, dt = torch.split(zxbcdt, [d_inner, conv_dim, H], dim=-1)
     history, xBC, dt = _conv_and_dt(cfg, constants, before.conv, xBC, dt)
@@ -183,6 +248,61 @@ def router_forward(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return expert_ids, (weights * cfg.routed_scaling_factor).float()
+
+
+def _moe_params(moe) -> tuple:
+    """The MoE's parameters in a fixed order, from the modules' dicts (nn.Module attribute
+    lookups would cost more than the kernel on a one-token step): router weight and bias, then
+    every expert's up and down weight, then the shared expert's (if any)."""
+    gate = moe._modules["gate"]._parameters
+    params = [gate["weight"], gate["e_score_correction_bias"]]
+    experts = list(moe._modules["experts"]._modules.values())
+    if "shared_experts" in moe._modules:
+        experts.append(moe._modules["shared_experts"])
+    for mlp in experts:
+        for proj in ("up_proj", "down_proj"):
+            linear = mlp._modules[proj]
+            params += [linear._parameters["weight"], linear._parameters.get("bias")]
+    return tuple(params)
+
+
+def moe_kernel_applies(moe, x: torch.Tensor) -> bool:
+    """Whether :func:`moe_forward` (the fused CPU kernel) serves this MoE on ``x``: fp32
+    activations and weights, unbiased full-precision experts, no tensor parallelism, experts small
+    enough to copy K-major (as the fast Linear)."""
+    if moe.tp is not None or _ext.cpu_kernels() is None or x.dtype != torch.float32:
+        return False
+    first = moe.experts[0].up_proj
+    if not isinstance(first, nn.Linear) or first.weight.dtype != torch.float32:
+        return False
+    from .linear import FAST_LINEAR_MAX_BYTES  # the kernel keeps K-major copies, as Linear does
+
+    if 2 * len(moe.experts) * first.weight.numel() * 4 > FAST_LINEAR_MAX_BYTES:
+        return False
+    shared = moe._modules.get("shared_experts")
+    if shared is not None and not isinstance(shared._modules["up_proj"], nn.Linear):
+        return False
+    return all(b is None for b in _moe_params(moe)[3::2])  # every projection unbiased
+
+
+def moe_forward(moe, h: torch.Tensor) -> torch.Tensor:
+    """:meth:`MoE.forward` through the fused CPU kernel (``ops.moe_cpu``; float32 rounding)."""
+    cfg = moe.cfg
+    params = _moe_params(moe)
+
+    def make(router, bias, *rest):
+        weights = rest[0::2]
+        n = cfg.n_routed_experts
+        up = torch.stack(weights[0 : 2 * n : 2])
+        down = torch.stack(weights[1 : 2 * n : 2])
+        shared = weights[2 * n :] or (None, None)
+        return moe_weights(router, bias, up, down, *shared, top_k=cfg.num_experts_per_tok,
+                           norm_topk_prob=cfg.norm_topk_prob,
+                           routed_scaling_factor=cfg.routed_scaling_factor)  # fmt: skip
+
+    weights = derived(moe, params, make)
+    shape = h.shape
+    return moe_kernel(h.reshape(-1, shape[-1]).contiguous(), weights).reshape(shape)
 
 
 def stacked_tables(lm) -> torch.Tensor:

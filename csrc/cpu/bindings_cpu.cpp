@@ -1,0 +1,124 @@
+// twotower_rt._cpu: the CPU kernels, a pybind11 module of its own that needs no CUDA, so that a
+// machine without nvcc builds it too. Like _C it takes raw pointers (Python ints) and sizes and
+// links no libtorch; python/twotower_rt/ops/mamba_cpu.py checks the tensors before it calls in.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "twotower_rt/mamba_cpu.h"
+#include "twotower_rt/moe_cpu.h"
+
+namespace py = pybind11;
+
+#ifndef TWOTOWER_RT_VERSION
+#define TWOTOWER_RT_VERSION "unknown"
+#endif
+#ifndef TWOTOWER_RT_HOST_COMPILER
+#define TWOTOWER_RT_HOST_COMPILER "unknown"
+#endif
+
+namespace twotower_rt {
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void MambaChunk(std::uintptr_t zxbcdt, std::uintptr_t conv_state, std::uintptr_t ssm_state,
+                std::uintptr_t conv_taps, std::uintptr_t conv_bias, std::uintptr_t dt_bias,
+                std::uintptr_t A, std::uintptr_t D, std::uintptr_t norm_weight,
+                std::uintptr_t n_valid, std::uintptr_t out, std::uintptr_t conv_state_out,
+                std::uintptr_t ssm_state_out, int64_t batch, int64_t n, int64_t heads,
+                int64_t head_dim, int64_t state_size, int64_t groups, int64_t conv_kernel,
+                int64_t norm_group, double eps, double dt_min, double dt_max) {
+  cpu::MambaChunkParams p;
+  p.zxbcdt = ptr<const float>(zxbcdt);
+  p.conv_state = ptr<const float>(conv_state);
+  p.ssm_state = ptr<const float>(ssm_state);
+  p.conv_taps = ptr<const float>(conv_taps);
+  p.conv_bias = ptr<const float>(conv_bias);
+  p.dt_bias = ptr<const float>(dt_bias);
+  p.A = ptr<const float>(A);
+  p.D = ptr<const float>(D);
+  p.norm_weight = ptr<const float>(norm_weight);
+  p.n_valid = ptr<const int64_t>(n_valid);
+  p.out = ptr<float>(out);
+  p.conv_state_out = ptr<float>(conv_state_out);
+  p.ssm_state_out = ptr<float>(ssm_state_out);
+  p.batch = batch;
+  p.n = n;
+  p.heads = heads;
+  p.head_dim = head_dim;
+  p.state_size = state_size;
+  p.groups = groups;
+  p.conv_kernel = conv_kernel;
+  p.norm_group = norm_group;
+  p.eps = static_cast<float>(eps);
+  p.dt_min = static_cast<float>(dt_min);
+  p.dt_max = static_cast<float>(dt_max);
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;  // pure C++ over memory the caller keeps alive
+    error = cpu::mamba_chunk(p);
+  }
+  if (error != nullptr) throw std::invalid_argument(error);
+}
+
+void MoeForward(std::uintptr_t x, std::uintptr_t router_weight, std::uintptr_t score_bias,
+                std::uintptr_t up, std::uintptr_t down, std::uintptr_t shared_up,
+                std::uintptr_t shared_down, std::uintptr_t out, int64_t tokens, int64_t hidden,
+                int64_t experts, int64_t inter, int64_t shared_inter, int64_t top_k,
+                bool norm_topk_prob, double routed_scaling_factor) {
+  cpu::MoeParams p;
+  p.x = ptr<const float>(x);
+  p.router_weight = ptr<const double>(router_weight);
+  p.score_bias = ptr<const double>(score_bias);
+  p.up = ptr<const float>(up);
+  p.down = ptr<const float>(down);
+  p.shared_up = ptr<const float>(shared_up);
+  p.shared_down = ptr<const float>(shared_down);
+  p.out = ptr<float>(out);
+  p.tokens = tokens;
+  p.hidden = hidden;
+  p.experts = experts;
+  p.inter = inter;
+  p.shared_inter = shared_inter;
+  p.top_k = top_k;
+  p.norm_topk_prob = norm_topk_prob;
+  p.routed_scaling_factor = routed_scaling_factor;
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;
+    error = cpu::moe_forward(p);
+  }
+  if (error != nullptr) throw std::invalid_argument(error);
+}
+
+py::dict BuildInfo() {
+  py::dict info;
+  info["version"] = TWOTOWER_RT_VERSION;
+  info["host_compiler"] = TWOTOWER_RT_HOST_COMPILER;
+  return info;
+}
+
+}  // namespace
+}  // namespace twotower_rt
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "twotower_rt CPU kernels (raw pointers; see twotower_rt.ops.mamba_cpu)";
+  m.def("mamba_chunk", &twotower_rt::MambaChunk, "The fused Mamba-2 mixer middle (mamba_cpu.h)",
+        py::arg("zxbcdt"), py::arg("conv_state"), py::arg("ssm_state"), py::arg("conv_taps"),
+        py::arg("conv_bias"), py::arg("dt_bias"), py::arg("A"), py::arg("D"),
+        py::arg("norm_weight"), py::arg("n_valid"), py::arg("out"), py::arg("conv_state_out"),
+        py::arg("ssm_state_out"), py::arg("batch"), py::arg("n"), py::arg("heads"),
+        py::arg("head_dim"), py::arg("state_size"), py::arg("groups"), py::arg("conv_kernel"),
+        py::arg("norm_group"), py::arg("eps"), py::arg("dt_min"), py::arg("dt_max"));
+  m.def("moe_forward", &twotower_rt::MoeForward, "A whole MoE layer (moe_cpu.h)", py::arg("x"),
+        py::arg("router_weight"), py::arg("score_bias"), py::arg("up"), py::arg("down"),
+        py::arg("shared_up"), py::arg("shared_down"), py::arg("out"), py::arg("tokens"),
+        py::arg("hidden"), py::arg("experts"), py::arg("inter"), py::arg("shared_inter"),
+        py::arg("top_k"), py::arg("norm_topk_prob"), py::arg("routed_scaling_factor"));
+  m.def("build_info", &twotower_rt::BuildInfo);
+}

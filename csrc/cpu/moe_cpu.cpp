@@ -1,0 +1,250 @@
+// The MoE layer on the CPU (see twotower_rt/moe_cpu.h): one token at a time, every projection a
+// sum over inputs of scalar * contiguous K-major row, vectorised over outputs. Built with
+// -ffp-contract=off; x86-64 gets AVX-512 / AVX2 clones that round the same operations.
+#include "twotower_rt/moe_cpu.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TWOTOWER_RT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TWOTOWER_RT_CLONES
+#endif
+// The helpers below are inlined into each clone, so they compile for the clone's instruction set.
+#define TWOTOWER_RT_INLINE inline __attribute__((always_inline))
+
+namespace twotower_rt {
+namespace cpu {
+namespace {
+
+// out[b] (cols) = sum_j in[b][j] * w[j, :] for TB tokens b, over the rows j of a (rows, cols)
+// row-major matrix, in j order. Blocks of 64 outputs of all TB tokens stay in registers across the
+// rows, and each row of w is loaded once for the TB tokens. Each output's order is the same for
+// every TB, so a token's result does not depend on which tokens share its call.
+template <int TB>
+TWOTOWER_RT_INLINE void project(const float* const* in, const float* w, int64_t rows, int64_t cols,
+                    float* const* out) {
+  // GCC/clang vector types: element-wise mul and add, as the scalar code; locals that stay in
+  // registers (TB x 4 vectors of 16 floats), lowered to whatever the clone's ISA has.
+  typedef float v16 __attribute__((vector_size(64)));
+  constexpr int64_t kVec = 16, kBlock = 4 * kVec;
+#define TWOTOWER_RT_LOAD16(dst, ptr) std::memcpy(&(dst), (ptr), sizeof(v16))
+  int64_t c0 = 0;
+  for (; c0 + kBlock <= cols; c0 += kBlock) {
+    v16 acc[TB][4];
+    for (int b = 0; b < TB; ++b) {
+      const float first = in[b][0];
+      for (int q = 0; q < 4; ++q) {
+        v16 wq;
+        TWOTOWER_RT_LOAD16(wq, w + c0 + q * kVec);
+        acc[b][q] = first * wq;
+      }
+    }
+    for (int64_t j = 1; j < rows; ++j) {
+      const float* row = w + j * cols + c0;
+      v16 r0, r1, r2, r3;
+      TWOTOWER_RT_LOAD16(r0, row);
+      TWOTOWER_RT_LOAD16(r1, row + kVec);
+      TWOTOWER_RT_LOAD16(r2, row + 2 * kVec);
+      TWOTOWER_RT_LOAD16(r3, row + 3 * kVec);
+      for (int b = 0; b < TB; ++b) {
+        const float v = in[b][j];
+        acc[b][0] = acc[b][0] + v * r0;
+        acc[b][1] = acc[b][1] + v * r1;
+        acc[b][2] = acc[b][2] + v * r2;
+        acc[b][3] = acc[b][3] + v * r3;
+      }
+    }
+    for (int b = 0; b < TB; ++b) {
+      for (int q = 0; q < 4; ++q) std::memcpy(out[b] + c0 + q * kVec, &acc[b][q], sizeof(v16));
+    }
+  }
+  if (c0 == cols) return;
+  for (int b = 0; b < TB; ++b) {  // the last cols % 64 outputs: the same sums, one at a time
+    const float first = in[b][0];
+    for (int64_t c = c0; c < cols; ++c) out[b][c] = first * w[c];
+    for (int64_t j = 1; j < rows; ++j) {
+      const float v = in[b][j];
+      const float* row = w + j * cols;
+#pragma omp simd
+      for (int64_t c = c0; c < cols; ++c) out[b][c] = out[b][c] + v * row[c];
+    }
+  }
+}
+
+// out[b] = down . relu(up . x[b])^2 for TB tokens (h: TB buffers of inter floats).
+template <int TB>
+TWOTOWER_RT_INLINE void relu2_mlp(const float* const* x, const float* up, const float* down, int64_t hidden,
+                      int64_t inter, float* const* h, float* const* out) {
+  project<TB>(x, up, hidden, inter, h);
+  for (int b = 0; b < TB; ++b) {
+    float* hb = h[b];
+#pragma omp simd
+    for (int64_t i = 0; i < inter; ++i) {
+      const float r = hb[i] > 0.0f ? hb[i] : 0.0f;
+      hb[i] = r * r;
+    }
+  }
+  project<TB>(h, down, inter, hidden, out);
+}
+
+constexpr int kTokens = 4;  // tokens per register block
+
+// The MLP over a list of tokens, kTokens at a time.
+TWOTOWER_RT_INLINE void relu2_mlp_tokens(const float* const* x, int64_t count, const float* up,
+                             const float* down, int64_t hidden, int64_t inter, float* const* h,
+                             float* const* out) {
+  int64_t i = 0;
+  for (; i + kTokens <= count; i += kTokens) {
+    relu2_mlp<kTokens>(x + i, up, down, hidden, inter, h, out + i);
+  }
+  switch (count - i) {
+    case 3: relu2_mlp<3>(x + i, up, down, hidden, inter, h, out + i); break;
+    case 2: relu2_mlp<2>(x + i, up, down, hidden, inter, h, out + i); break;
+    case 1: relu2_mlp<1>(x + i, up, down, hidden, inter, h, out + i); break;
+    default: break;
+  }
+}
+
+struct Scratch {
+  std::vector<double> scores;
+  std::vector<int64_t> chosen;
+  std::vector<float> weight_of;      // (tokens, experts): 0 where not chosen
+  std::vector<float> h, expert_out;  // kTokens buffers of the widest MLP / of hidden
+  std::vector<float> group_out;      // (tokens, hidden): one expert's outputs
+  std::vector<const float*> group_in;
+  std::vector<float*> group_dst;
+  std::vector<int64_t> group_tokens;
+  std::vector<char> started;
+};
+
+// Route every token: its k experts by the biased float64 score, their float32 weights.
+void route(const MoeParams& p, Scratch& s) {
+  const int64_t H = p.hidden, E = p.experts, k = p.top_k;
+  double* scores = s.scores.data();
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    const float* x = p.x + t * H;
+    for (int64_t e = 0; e < E; ++e) {
+      const double* w = p.router_weight + e * H;
+      double logit = 0.0;
+      for (int64_t j = 0; j < H; ++j) logit += static_cast<double>(x[j]) * w[j];
+      scores[e] = 1.0 / (1.0 + std::exp(-logit));
+    }
+    int64_t* chosen = s.chosen.data() + t * k;
+    for (int64_t i = 0; i < k; ++i) {  // best first; a tie goes to the lower id
+      int64_t best = -1;
+      double best_score = 0.0;
+      for (int64_t e = 0; e < E; ++e) {
+        bool taken = false;
+        for (int64_t m = 0; m < i; ++m) taken = taken || chosen[m] == e;
+        const double score = scores[e] + p.score_bias[e];
+        if (!taken && (best < 0 || score > best_score)) {
+          best = e;
+          best_score = score;
+        }
+      }
+      chosen[i] = best;
+    }
+    double total = 0.0;
+    for (int64_t i = 0; i < k; ++i) total += scores[chosen[i]];
+    float* weight_of = s.weight_of.data() + t * E;
+    for (int64_t e = 0; e < E; ++e) weight_of[e] = 0.0f;
+    for (int64_t i = 0; i < k; ++i) {
+      double w = scores[chosen[i]];
+      if (p.norm_topk_prob) w = w / (total + 1e-20);
+      weight_of[chosen[i]] = static_cast<float>(w * p.routed_scaling_factor);
+    }
+  }
+}
+
+TWOTOWER_RT_CLONES
+void moe_all(const MoeParams& p, Scratch& s) {
+  const int64_t H = p.hidden, E = p.experts, k = p.top_k, T = p.tokens;
+  route(p, s);
+  float* h[kTokens];
+  for (int b = 0; b < kTokens; ++b) h[b] = s.h.data() + b * (s.h.size() / kTokens);
+  char* started = s.started.data();
+  for (int64_t t = 0; t < T; ++t) started[t] = 0;
+  // Expert by expert in id order, each over the tokens that chose it; every token thus adds its
+  // experts' weighted outputs in id order, as the reference does.
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t count = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      bool picked = false;
+      for (int64_t i = 0; i < k; ++i) picked = picked || s.chosen[t * k + i] == e;
+      if (!picked) continue;
+      s.group_tokens[count] = t;
+      s.group_in[count] = p.x + t * H;
+      s.group_dst[count] = s.group_out.data() + count * H;
+      ++count;
+    }
+    relu2_mlp_tokens(s.group_in.data(), count, p.up + e * H * p.inter, p.down + e * p.inter * H,
+                     H, p.inter, h, s.group_dst.data());
+    for (int64_t g = 0; g < count; ++g) {
+      const int64_t t = s.group_tokens[g];
+      const float w = s.weight_of[t * E + e];
+      const float* o = s.group_dst[g];
+      float* out = p.out + t * H;
+      if (!started[t]) {
+#pragma omp simd
+        for (int64_t c = 0; c < H; ++c) out[c] = o[c] * w;
+        started[t] = 1;
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < H; ++c) out[c] = out[c] + o[c] * w;
+      }
+    }
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    if (!started[t]) {
+      for (int64_t c = 0; c < H; ++c) p.out[t * H + c] = 0.0f;
+    }
+  }
+  if (p.shared_up == nullptr) return;
+  for (int64_t t = 0; t < T; ++t) {
+    s.group_in[t] = p.x + t * H;
+    s.group_dst[t] = s.group_out.data() + t * H;
+  }
+  relu2_mlp_tokens(s.group_in.data(), T, p.shared_up, p.shared_down, H, p.shared_inter, h,
+                   s.group_dst.data());
+  for (int64_t t = 0; t < T; ++t) {
+    float* out = p.out + t * H;
+    const float* o = s.group_dst[t];
+#pragma omp simd
+    for (int64_t c = 0; c < H; ++c) out[c] = out[c] + o[c];
+  }
+}
+
+}  // namespace
+
+const char* moe_forward(const MoeParams& p) {
+  if (p.x == nullptr || p.router_weight == nullptr || p.score_bias == nullptr ||
+      p.up == nullptr || p.down == nullptr || p.out == nullptr) {
+    return "moe_forward: a required pointer is null";
+  }
+  if ((p.shared_up == nullptr) != (p.shared_down == nullptr)) {
+    return "moe_forward: shared_up and shared_down go together";
+  }
+  if (p.tokens < 0 || p.hidden <= 0 || p.experts <= 0 || p.inter <= 0 || p.top_k <= 0 ||
+      p.top_k > p.experts || (p.shared_up != nullptr && p.shared_inter <= 0)) {
+    return "moe_forward: sizes must be positive, with top_k <= experts";
+  }
+  thread_local Scratch scratch;
+  const int64_t widest = p.inter > p.shared_inter ? p.inter : p.shared_inter;
+  scratch.scores.resize(p.experts);
+  scratch.chosen.resize(p.tokens * p.top_k);
+  scratch.weight_of.resize(p.tokens * p.experts);
+  scratch.h.resize(kTokens * widest);
+  scratch.group_out.resize(p.tokens * p.hidden);
+  scratch.group_in.resize(p.tokens);
+  scratch.group_dst.resize(p.tokens);
+  scratch.group_tokens.resize(p.tokens);
+  scratch.started.resize(p.tokens);
+  moe_all(p, scratch);
+  return nullptr;
+}
+
+}  // namespace cpu
+}  // namespace twotower_rt
