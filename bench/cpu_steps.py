@@ -97,16 +97,14 @@ def step_functions(engine, slots: torch.Tensor, context: int) -> dict[str, Calla
 PATHS = ("fast", "fast_no_kernels", "eager")
 
 
-@contextlib.contextmanager
-def _path(path: str):
+def _path(path: str) -> contextlib.ExitStack:
     from twotower_rt import _ext, fastpath
 
-    _ext.set_kernels_enabled(path == "fast")
-    try:
-        with fastpath.forced(path != "eager"):
-            yield
-    finally:
-        _ext.set_kernels_enabled(True)
+    stack = contextlib.ExitStack()
+    if path != "fast":
+        stack.enter_context(_ext.kernels_disabled())
+    stack.enter_context(fastpath.forced(path != "eager"))
+    return stack
 
 
 def _timed(fn: Callable[[], None]) -> tuple[float, float]:

@@ -86,7 +86,7 @@ def test_model_moe_with_the_kernel_matches_the_eager_layer(tokens):
     moe = twotower_rt.load().lm.denoiser_tower.layers[1].mixer
     h = torch.randn(1, tokens, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert cpu_fast.moe_kernel_applies(moe, h)
+        assert cpu_fast.moe_forward(moe, h) is not None  # the kernel serves this MoE
         with fastpath.disabled():
             want = moe(h)
         got = moe(h)

@@ -266,33 +266,24 @@ def _moe_params(moe) -> tuple:
     return tuple(params)
 
 
-def moe_kernel_applies(moe, x: torch.Tensor) -> bool:
-    """Whether :func:`moe_forward` (the fused CPU kernel) serves this MoE on ``x``: fp32
-    activations and weights, unbiased full-precision experts, no tensor parallelism, experts small
-    enough to copy K-major (as the fast Linear)."""
-    if moe.tp is not None or _ext.cpu_kernels() is None or x.dtype != torch.float32:
-        return False
-    first = moe.experts[0].up_proj
-    if not isinstance(first, nn.Linear) or first.weight.dtype != torch.float32:
-        return False
-    from .linear import FAST_LINEAR_MAX_BYTES  # the kernel keeps K-major copies, as Linear does
-
-    if 2 * len(moe.experts) * first.weight.numel() * 4 > FAST_LINEAR_MAX_BYTES:
-        return False
-    shared = moe._modules.get("shared_experts")
-    if shared is not None and not isinstance(shared._modules["up_proj"], nn.Linear):
-        return False
-    return all(b is None for b in _moe_params(moe)[3::2])  # every projection unbiased
-
-
-def moe_forward(moe, h: torch.Tensor) -> torch.Tensor:
-    """:meth:`MoE.forward` through the fused CPU kernel (``ops.moe_cpu``; float32 rounding)."""
+def moe_forward(moe, h: torch.Tensor) -> torch.Tensor | None:
+    """:meth:`MoE.forward` through the fused CPU kernel (``ops.moe_cpu``; float32 rounding), or
+    None where the kernel does not serve this MoE: it takes fp32 activations, unbiased fp32
+    experts (no FP8), no tensor parallelism, and experts small enough to copy K-major (as the fast
+    Linear). Which MoEs it serves is decided with the weights, once per weight version."""
+    if moe.tp is not None or h.dtype != torch.float32 or _ext.cpu_kernels() is None:
+        return None
     cfg = moe.cfg
-    params = _moe_params(moe)
 
     def make(router, bias, *rest):
-        weights = rest[0::2]
+        from .linear import FAST_LINEAR_MAX_BYTES
+
+        weights, biases = rest[0::2], rest[1::2]
         n = cfg.n_routed_experts
+        if any(b is not None for b in biases) or any(w.dtype != torch.float32 for w in weights):
+            return None
+        if 2 * n * weights[0].numel() * 4 > FAST_LINEAR_MAX_BYTES:
+            return None
         up = torch.stack(weights[0 : 2 * n : 2])
         down = torch.stack(weights[1 : 2 * n : 2])
         shared = weights[2 * n :] or (None, None)
@@ -300,7 +291,9 @@ def moe_forward(moe, h: torch.Tensor) -> torch.Tensor:
                            norm_topk_prob=cfg.norm_topk_prob,
                            routed_scaling_factor=cfg.routed_scaling_factor)  # fmt: skip
 
-    weights = derived(moe, params, make)
+    weights = derived(moe, _moe_params(moe), make)
+    if weights is None:
+        return None
     shape = h.shape
     return moe_kernel(h.reshape(-1, shape[-1]).contiguous(), weights).reshape(shape)
 
