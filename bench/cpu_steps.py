@@ -97,6 +97,64 @@ def step_functions(engine, slots: torch.Tensor, context: int) -> dict[str, Calla
 PATHS = ("fast", "fast_no_kernels", "eager")
 
 
+def macs_per_token(cfg, context: int) -> dict[str, int]:
+    """Multiply-adds of one token through a tower and its head, from the config: the
+    projections, the active experts (top-k routed + shared + router), the attention over
+    ``context`` earlier tokens, the conv and the scan; norms and elementwise maps left out."""
+    h, kinds = cfg.hidden_size, cfg.layer_kinds
+    macs = {"mamba": 0, "attention": 0, "moe": 0, "mlp": 0}
+    H, P, N = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    for kind in kinds:
+        if kind == "mamba":  # in_proj, out_proj, the conv, the scan (decay, input, output)
+            macs[kind] += (h * cfg.mamba_in_proj_dim + cfg.mamba_d_inner * h
+                           + cfg.mamba_conv_dim * cfg.conv_kernel + 3 * H * P * N)  # fmt: skip
+        elif kind == "attention":  # q, k, v, o; q.k and p.v over the context
+            qo = cfg.num_attention_heads * cfg.head_dim
+            macs[kind] += h * qkv + qo * h + 2 * qo * context
+        elif kind == "moe":
+            macs[kind] += (h * cfg.n_routed_experts
+                           + cfg.num_experts_per_tok * 2 * h * cfg.moe_intermediate_size
+                           + cfg.n_shared_experts * 2 * h
+                           * cfg.moe_shared_expert_intermediate_size)  # fmt: skip
+        else:
+            macs[kind] += 2 * h * cfg.intermediate_size
+    macs["head"] = h * cfg.vocab_size
+    macs["total"] = sum(macs.values())
+    return macs
+
+
+def matmul_peak_gflops(threads: int, size: int = 768, reps: int = 5) -> float:
+    """This CPU's fp32 matmul rate on ``threads`` threads (median of ``reps`` square matmuls
+    of ``size``), in GFLOP/s: the rate no step can beat."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t0 = time.thread_time() if threads == 1 else time.perf_counter()
+        torch.mm(a, b)
+        times.append((time.thread_time() if threads == 1 else time.perf_counter()) - t0)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def arithmetic_floor(cfg, context: int, threads: int, ar_ms: float) -> dict:
+    """How cheap a batch-1 denoiser forward can get next to an AR step: it does the AR step's
+    work for 16 tokens instead of one, so with the same per-step overhead it costs at least an AR
+    step plus 15 tokens' arithmetic at the peak matmul rate."""
+    macs = macs_per_token(cfg, context + BLOCK)
+    peak = matmul_peak_gflops(threads)
+    extra_ms = (BLOCK - 1) * 2 * macs["total"] / (peak * 1e9) * 1e3
+    return {
+        "what": "denoise/ar floor at batch 1: (ar step + 15 tokens of arithmetic at this CPU's "
+        "peak fp32 matmul rate) / ar step",
+        "macs_per_token": macs,
+        "peak_matmul_gflops": round(peak, 1),
+        "extra_tokens_ms_at_peak": round(extra_ms, 3),
+        "ar_fast_cpu_ms": round(ar_ms, 3),
+        "denoise_over_ar_floor": round((ar_ms + extra_ms) / ar_ms, 3),
+    }
+
+
 def _path(path: str) -> contextlib.ExitStack:
     from twotower_rt import _ext, fastpath
 
@@ -149,6 +207,10 @@ def bench(args) -> dict:
         for path in ("fast", "eager"):
             ratio = by_step["denoise"][f"{path}_cpu_ms"] / by_step["ar"][f"{path}_cpu_ms"]
             rows.append({"batch": batch, "step": f"denoise/ar ({path})", "ratio": round(ratio, 3)})
+    floor = None
+    if 1 in args.batch:
+        ar = next(r for r in rows if r["batch"] == 1 and r["step"] == "ar")
+        floor = arithmetic_floor(model.config, args.context, args.threads, ar["fast_cpu_ms"])
     return {
         "what": "per-step CPU and wall time, fast paths on (with and without the CPU kernels) vs "
         "the plain eager path, same run",
@@ -158,6 +220,7 @@ def bench(args) -> dict:
         "torch_threads": args.threads,
         "reps": args.reps,
         "rows": rows,
+        "floor": floor,
     }
 
 
@@ -174,4 +237,12 @@ def print_table(record: dict) -> None:
             f"{r['batch']:>5} {r['step']:<8} {r['fast_cpu_ms']:>9.2f} "
             f"{r['fast_no_kernels_cpu_ms']:>10.2f} {r['eager_cpu_ms']:>9.2f} "
             f"{r['speedup_cpu']:>8.2f} {r['speedup_wall']:>9.2f} {r['kernels_speedup_cpu']:>7.2f}"
+        )
+    floor = record.get("floor")
+    if floor:
+        print(
+            f"floor at batch 1: {floor['macs_per_token']['total'] / 1e6:.2f} MMAC per token, "
+            f"peak matmul {floor['peak_matmul_gflops']:.0f} GFLOP/s -> 15 more tokens cost "
+            f">= {floor['extra_tokens_ms_at_peak']:.2f} ms: denoise/ar >= "
+            f"{floor['denoise_over_ar_floor']:.2f} at this AR step"
         )

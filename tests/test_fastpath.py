@@ -159,3 +159,31 @@ def test_generation_equals_the_eager_path(default_model, mode, sampled):
     for i, prompt in enumerate(PROMPTS):
         alone = default_model.generate([prompt], mode=mode, **{**params, "seed": params["seed"][i]})
         assert alone.sequences[0] == got.sequences[i]
+
+
+def test_modulation_by_value_follows_the_time_embedding():
+    """The denoiser's modulation on the fast path: without the CPU kernels, the eager sum
+    bitwise; with them, made once per value of t from a one-row time embedding (so each row is
+    the same whatever its batch, bitwise), close to the batched eager sum, and remade after a
+    weight update."""
+    from twotower_rt import _ext
+
+    lm = twotower_rt.load().lm
+    t = torch.tensor([1.0, 0.5, 1.0, 0.0625, 0.5])
+    with torch.no_grad():
+        eager = torch.stack(list(lm.scale_shift_tables))[:, None] + lm.time_embedding(t)
+        with _ext.kernels_disabled():
+            assert torch.equal(cpu_fast.modulation(lm, t), eager)
+        if _ext.cpu_kernels() is None:
+            pytest.skip(f"no CPU kernels: {_ext.cpu_kernels_error()}")
+        got = cpu_fast.modulation(lm, t)
+        assert got.shape == eager.shape
+        torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+        for i in range(len(t)):
+            assert torch.equal(got[:, i], cpu_fast.modulation(lm, t[i : i + 1])[:, 0])
+        assert torch.equal(got[:, 0], got[:, 2])
+        lm.t_block[1].weight.mul_(2)
+        moved = cpu_fast.modulation(lm, t)
+        want = torch.stack(list(lm.scale_shift_tables))[:, None] + lm.time_embedding(t)
+        torch.testing.assert_close(moved, want, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(moved, got)

@@ -68,18 +68,27 @@ def test_evaluate_rows_against_a_direct_generation(default_model):
     assert md["quality_nll_ratio"] == ar["ar_nll"] / md["ar_nll"]
 
 
-def test_context_rows_teacher_is_the_ar_next_token_distribution():
-    """The teacher row for position i of block j is the AR tower's distribution after the
-    window's first 16 j + i tokens, as a prefill of just those tokens gives it."""
+def _builtin_windows(seed: int):
     lm = load_builtin_model().lm
-    g = torch.Generator().manual_seed(5)
-    windows = torch.randint(4, lm.cfg.vocab_size, (2, 48), generator=g)
+    g = torch.Generator().manual_seed(seed)
+    return lm, torch.randint(4, lm.cfg.vocab_size, (2, 48), generator=g)
+
+
+def _rows(lm, windows, teacher=False):
+    """context_rows of the trainer (its chunked scan on), without autograd."""
     set_scan_chunk(lm, 16)
     try:
         with torch.no_grad():
-            targets, _, logp = context_rows(lm, windows, 16, teacher=True)
+            return context_rows(lm, windows, 16, teacher=teacher)
     finally:
         set_scan_chunk(lm, 0)
+
+
+def test_context_rows_teacher_is_the_ar_next_token_distribution():
+    """The teacher row for position i of block j is the AR tower's distribution after the
+    window's first 16 j + i tokens, as a prefill of just those tokens gives it."""
+    lm, windows = _builtin_windows(5)
+    targets, _, logp = _rows(lm, windows, teacher=True)
     assert logp.shape == (2 * 2, 16, lm.cfg.vocab_size)
     with torch.no_grad():
         for r, i in [(0, 0), (1, 7), (2, 15), (3, 3)]:
@@ -113,7 +122,7 @@ def test_inference_masks_and_kl_positions():
 def test_distill_stage_from_the_cli(tmp_path):
     """``python -m twotower_rt.train distill`` on a tiny run: the distillation set is the
     context tower's greedy text, the context tower stays frozen, the denoiser moves, the log has
-    the KL and certainty-forcing terms, and ``export`` then ships stage 3's weights."""
+    the KL, certainty-forcing and rollout terms, and ``export`` then ships stage 3's weights."""
     import json
     import os
     import shutil
@@ -140,7 +149,8 @@ def test_distill_stage_from_the_cli(tmp_path):
     save_file(stage2, str(run / "diffusion.safetensors"))
     main(["--data-dir", str(d), "--run", "t", "--threads", "1", "distill", "--steps", "3",
           "--prompts", "3", "--prompt-len", "16", "--gen-tokens", "16", "--batch", "2",
-          "--gen-batch", "3", "--kl-weight", "1", "--cf-start", "0.5"])  # fmt: skip
+          "--gen-batch", "3", "--kl-weight", "1", "--cf-start", "0.5",
+          "--rollout-steps", "2"])  # fmt: skip
 
     seqs = np.load(run / "distill_3x16+16_seed0.npy").astype(np.int64).tolist()
     assert [len(s) for s in seqs] == [32, 32, 32]
@@ -159,6 +169,7 @@ def test_distill_stage_from_the_cli(tmp_path):
     log = [json.loads(line) for line in (run / "distill_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2]
     assert all(r["kl"] >= 0 for r in log)
+    assert all(0 <= r["rollout_err"] <= 1 and r["rollout_commits"] >= 0 for r in log)
     assert log[0]["cf_weight"] == 0 and log[-1]["cf_weight"] == 0.5
 
     ship = tmp_path / "ship"
@@ -194,3 +205,38 @@ def test_evaluate_verified_row(default_model):
     rounds = [a for per_row in out.accepted_per_round for a in per_row]
     assert ver["accepted_per_round"] == sum(rounds) / len(rounds)
     assert ver["tokens_per_model_forward"] == 64 / (sum(out.nfe) + len(rounds))
+
+
+def test_rollout_masks_follow_the_decoding_teacher_forced():
+    """rollout_masks against the runtime's own decision op, one row at a time: after r steps a
+    row's masked positions are those that r calls of mask_sampling_ref leave masked, when each
+    step's committed positions are given the row's targets; the error count is the commits
+    whose prediction was not the target."""
+    from twotower_rt.ops.mask_sampling import mask_sampling_ref
+    from twotower_rt.train.distill import rollout_masks
+
+    lm, windows = _builtin_windows(7)
+    targets, cache = _rows(lm, windows)
+    steps = torch.tensor([0, 1, 3, 5])
+    masked, committed, wrong = rollout_masks(lm, targets, cache, steps, gamma=0.3)
+    assert masked.shape == (4, 16) and bool(masked[0].all())
+    want_committed = want_wrong = 0
+    with torch.no_grad():
+        for r in range(4):
+            block = torch.full((1, 16), 3)
+            one = cache.index_select(torch.tensor([r]))
+            for j in range(int(steps[r])):
+                if not bool((block == 3).any()):
+                    break
+                logits = lm.denoiser_logits(block, one, prefix_len=one.lengths,
+                                            mamba_states=one.mamba,
+                                            t=(block == 3).sum(-1).float() / 16)  # fmt: skip
+                out = mask_sampling_ref(logits, block, mask_token_id=3, step=j,
+                                        steps_per_block=16, confidence_threshold=0.3)  # fmt: skip
+                new = (block == 3) & ~out.masked
+                want_committed += int(new.sum())
+                want_wrong += int((new & (out.block != targets[r : r + 1])).sum())
+                block = torch.where(new, targets[r : r + 1], block)
+            assert torch.equal(masked[r], (block == 3)[0]), r
+    assert committed == want_committed > 0
+    assert wrong == want_wrong

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "twotower_rt/mamba_cpu.h"
+#include "twotower_rt/mask_decide_cpu.h"
 #include "twotower_rt/moe_cpu.h"
 
 namespace py = pybind11;
@@ -96,6 +97,34 @@ void MoeForward(std::uintptr_t x, std::uintptr_t router_weight, std::uintptr_t s
   if (error != nullptr) throw std::invalid_argument(error);
 }
 
+void MaskDecide(std::uintptr_t logits, std::uintptr_t block, std::uintptr_t step,
+                std::uintptr_t out_block, std::uintptr_t out_masked,
+                std::uintptr_t out_num_committed, std::uintptr_t out_prediction,
+                std::uintptr_t out_confidence, int64_t batch, int64_t block_size, int64_t vocab,
+                int64_t mask_token_id, int64_t steps_per_block, double confidence_threshold) {
+  cpu::MaskDecideParams p;
+  p.logits = ptr<const float>(logits);
+  p.block = ptr<const int64_t>(block);
+  p.step = ptr<const int64_t>(step);
+  p.out_block = ptr<int64_t>(out_block);
+  p.out_masked = ptr<bool>(out_masked);
+  p.out_num_committed = ptr<int64_t>(out_num_committed);
+  p.out_prediction = ptr<int64_t>(out_prediction);
+  p.out_confidence = ptr<float>(out_confidence);
+  p.batch = batch;
+  p.block_size = block_size;
+  p.vocab = vocab;
+  p.mask_token_id = mask_token_id;
+  p.steps_per_block = steps_per_block;
+  p.confidence_threshold = static_cast<float>(confidence_threshold);
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;
+    error = cpu::mask_decide(p);
+  }
+  if (error != nullptr) throw std::invalid_argument(error);
+}
+
 py::dict BuildInfo() {
   py::dict info;
   info["version"] = TWOTOWER_RT_VERSION;
@@ -115,6 +144,12 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("ssm_state_out"), py::arg("batch"), py::arg("n"), py::arg("heads"),
         py::arg("head_dim"), py::arg("state_size"), py::arg("groups"), py::arg("conv_kernel"),
         py::arg("norm_group"), py::arg("eps"), py::arg("dt_min"), py::arg("dt_max"));
+  m.def("mask_decide", &twotower_rt::MaskDecide,
+        "One greedy mask-diffusion decision (mask_decide_cpu.h)", py::arg("logits"),
+        py::arg("block"), py::arg("step"), py::arg("out_block"), py::arg("out_masked"),
+        py::arg("out_num_committed"), py::arg("out_prediction"), py::arg("out_confidence"),
+        py::arg("batch"), py::arg("block_size"), py::arg("vocab"), py::arg("mask_token_id"),
+        py::arg("steps_per_block"), py::arg("confidence_threshold"));
   m.def("moe_forward", &twotower_rt::MoeForward, "A whole MoE layer (moe_cpu.h)", py::arg("x"),
         py::arg("router_weight"), py::arg("score_bias"), py::arg("up"), py::arg("down"),
         py::arg("shared_up"), py::arg("shared_down"), py::arg("out"), py::arg("tokens"),

@@ -12,39 +12,11 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define TWOTOWER_RT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TWOTOWER_RT_CLONES
-#endif
+#include "twotower_rt/cpu_common.h"
 
 namespace twotower_rt {
 namespace cpu {
 namespace {
-
-// exp(x) for the SiLUs: Cody-Waite range reduction to r in [-ln2/2, ln2/2], Cephes' degree-6
-// polynomial, 2^k by building the exponent bits; within ~2 ulp of expf for x in [-87, 88] (the
-// argument is clamped there: silu's results are then exact to fp32 anyway). Written so that a
-// loop over it vectorises.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  // k = round(x / ln2) by the 1.5 * 2^23 trick (|x / ln2| < 2^22): no branch, so loops vectorise.
-  const float kf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const int32_t ki = static_cast<int32_t>(kf);
-  float r = x - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  const float e = poly * (r * r) + r + 1.0f;
-  const int32_t bits = (ki + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return e * scale;
-}
 
 inline float silu(float v) { return v / (1.0f + exp_approx(-v)); }
 

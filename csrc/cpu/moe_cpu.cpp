@@ -7,11 +7,8 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define TWOTOWER_RT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TWOTOWER_RT_CLONES
-#endif
+#include "twotower_rt/cpu_common.h"
+
 // The helpers below are inlined into each clone, so they compile for the clone's instruction set.
 #define TWOTOWER_RT_INLINE inline __attribute__((always_inline))
 

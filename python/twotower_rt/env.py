@@ -135,7 +135,10 @@ def format_report(info: dict[str, Any] | None = None) -> str:
     else:
         lines.append(f"extension    unavailable: {ext['error']}")
     if ext.get("cpu_kernels"):
-        lines.append("cpu kernels  twotower_rt._cpu (the Mamba mixer and the MoE layer, fp32)")
+        lines.append(
+            "cpu kernels  twotower_rt._cpu (fp32: the Mamba mixer, the MoE layer, the greedy "
+            "mask decision)"
+        )
     else:
         lines.append(f"cpu kernels  unavailable: {ext.get('cpu_kernels_error')}")
     gpu = info["gpu"]

@@ -304,6 +304,30 @@ def stacked_tables(lm) -> torch.Tensor:
     return derived(lm, tables, lambda *t: torch.stack(t))
 
 
+def modulation(lm, t: torch.Tensor) -> torch.Tensor:
+    """The denoiser's per-layer modulation for t (b,): (layers, b, 3, hidden), ``stacked_tables +
+    time_embedding(t)``. Without the CPU kernels: one time embedding of the batch (the eager
+    path's numbers, bitwise). With them: t only takes the values k / S, so each value's
+    modulation is made once per weight version, from a one-row time embedding, and looked up
+    (a row's numbers then never depend on the other rows; a batched time embedding can differ
+    from the one-row one by float32 rounding)."""
+    tables = stacked_tables(lm)
+    if _ext.cpu_kernels() is None:
+        return tables[:, None] + lm.time_embedding(t)
+    params = (*tuple(lm.scale_shift_tables), *lm.t_embedder.parameters(), *lm.t_block.parameters())
+    by_value = derived(lm.t_block, params, lambda *_: {})
+    rows = []
+    for value in t.tolist():
+        row = by_value.get(value)
+        if row is None:
+            if len(by_value) >= 4 * 64:  # t was not k / S for a small S: keep the cache small
+                by_value.clear()
+            one = torch.tensor([value], dtype=t.dtype)
+            row = by_value[value] = tables + lm.time_embedding(one)[0]  # (layers, 3, hidden)
+        rows.append(row)
+    return torch.stack(rows, dim=1)
+
+
 def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, modulation):
     """:meth:`Tower.forward` on the CPU (same arguments, results and numbers): the norms called
     directly, and the denoiser's ``1 + scale`` made once for every layer (``modulation`` as a

@@ -222,10 +222,10 @@ class TwoTowerLM(nn.Module):
             t = None if t is None else t.to(dev)
         modulation = None
         if t is not None:
-            t_emb = self.time_embedding(t)
-            if cpu_fast.applies(t_emb):  # one op for every layer: (layers, b, 3, hidden)
-                modulation = cpu_fast.stacked_tables(self)[:, None] + t_emb
+            if cpu_fast.applies(t):  # one tensor for every layer: (layers, b, 3, hidden)
+                modulation = cpu_fast.modulation(self, t)
             else:
+                t_emb = self.time_embedding(t)
                 modulation = [table + t_emb for table in self.scale_shift_tables]
         hidden, _ = self.denoiser_tower(
             ids,

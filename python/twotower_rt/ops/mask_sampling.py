@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from twotower_rt import _ext
+from twotower_rt import _ext, fastpath
 from twotower_rt.ops.philox import check_rng_args, gumbel_ref
 
 MASKED_LOGIT = -1e12  # the mask token's logit in diffusion scoring, as in the reference
@@ -163,10 +163,21 @@ def mask_sampling(
         returns the :class:`MaskSamplingOutput`.
 
     CUDA tensors run ``twotower_rt._C`` when it is built for this GPU (no host synchronisation:
-    the commit decision stays on the device); everything else runs :func:`mask_sampling_ref`.
+    the commit decision stays on the device); greedy float32 CPU tensors run ``twotower_rt._cpu``
+    where it is built and the fast paths are on (:func:`mask_decide_cpu`); everything else runs
+    :func:`mask_sampling_ref`.
     """
     _check_args(logits, block, mask_token_id, steps_per_block, temperature, seed, offset)
     B, S, V = logits.shape
+    if _cpu_kernel_applies(logits, block, temperature):
+        result = mask_decide_cpu(logits, block, mask_token_id=mask_token_id, step=step,
+                                 steps_per_block=steps_per_block,
+                                 confidence_threshold=confidence_threshold)  # fmt: skip
+        if out is None:
+            return result
+        for dst, src in zip(out, result):
+            dst.copy_(src)
+        return out
     if logits.device.type != "cuda" or _kernel_unsupported_reason(logits, block, out):
         result = mask_sampling_ref(
             logits,
@@ -188,6 +199,52 @@ def mask_sampling(
         logits, block, mask_token_id, step, steps_per_block, confidence_threshold, temperature,
         seed, offset, out,
     )  # fmt: skip
+
+
+def _cpu_kernel_applies(logits, block, temperature) -> bool:
+    return (temperature == 0 and logits.device.type == "cpu" and logits.dtype == torch.float32
+            and block.device.type == "cpu" and fastpath.enabled()
+            and _ext.cpu_kernels() is not None)  # fmt: skip
+
+
+def mask_decide_cpu(
+    logits: torch.Tensor, block: torch.Tensor, *, mask_token_id: int, step, steps_per_block: int,
+    confidence_threshold: float,
+) -> MaskSamplingOutput:  # fmt: skip
+    """:func:`mask_sampling` at temperature 0 on the CPU in one call of ``twotower_rt._cpu``
+    (``csrc/cpu/mask_decide_cpu.cpp``): float32 (B, S, V) logits and an int64 (B, S) block on
+    the CPU. Agrees with :func:`mask_sampling_ref` to float32 rounding (its sum of exponentials
+    has its own order and exp): the confidences to a few ulp, so a commit decision can differ
+    only where a confidence is within that of the threshold or of another; a prediction only
+    where two logits round to the same log-probability. Confidences of positions committed
+    before are +inf and not computed."""
+    C = _ext.cpu_kernels()
+    if C is None:
+        raise RuntimeError(f"mask_decide_cpu: twotower_rt._cpu is unavailable: "
+                           f"{_ext.cpu_kernels_error()}")  # fmt: skip
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 3:
+        raise ValueError(f"mask_decide_cpu: logits must be a float32 (B, S, V) CPU tensor, got "
+                         f"{logits.dtype} {tuple(logits.shape)} on {logits.device}")  # fmt: skip
+    B, S, V = logits.shape
+    if block.shape != (B, S) or block.dtype != torch.int64 or block.device.type != "cpu":
+        raise ValueError(f"mask_decide_cpu: block must be an int64 ({B}, {S}) CPU tensor, got "
+                         f"{block.dtype} {tuple(block.shape)} on {block.device}")  # fmt: skip
+    if V == 0 or not 0 <= mask_token_id < V:
+        raise ValueError(f"mask_decide_cpu: mask_token_id {mask_token_id} is outside [0, {V})")
+    if steps_per_block < 1:
+        raise ValueError(f"mask_decide_cpu: steps_per_block must be >= 1, got {steps_per_block}")
+    logits, block = logits.contiguous(), block.contiguous()
+    step = _per_row(step, B, block.device, "step").contiguous()
+    out = allocate_output(B, S, logits.device)
+    C.mask_decide(
+        logits=logits.data_ptr(), block=block.data_ptr(), step=step.data_ptr(),
+        out_block=out.block.data_ptr(), out_masked=out.masked.data_ptr(),
+        out_num_committed=out.num_committed.data_ptr(),
+        out_prediction=out.prediction.data_ptr(), out_confidence=out.confidence.data_ptr(),
+        batch=B, block_size=S, vocab=V, mask_token_id=int(mask_token_id),
+        steps_per_block=int(steps_per_block), confidence_threshold=float(confidence_threshold),
+    )  # fmt: skip
+    return out
 
 
 def allocate_output(batch: int, block_size: int, device) -> MaskSamplingOutput:

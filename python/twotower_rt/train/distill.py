@@ -20,7 +20,11 @@ principle be confident on them (dParallel, CLLMs). From the stage-2 weights, flo
    tower's distribution there is exact) or, ``kl_scope="all"``, at every masked one; from
    progress ``cf_start`` on (time-based, like the LR schedule) certainty forcing (dParallel):
    ``cf_weight`` x the mean entropy of the predicted distribution at masked positions whose
-   argmax is already the target.
+   argmax is already the target. With ``rollout_steps`` N > 0, each row draws r in 0..N and a row
+   with r > 0 trains on the mask state the decoding itself reaches after r steps from a fully
+   masked block (:func:`rollout_masks`: no grad, the spec's commit rule at ``rollout_gamma``,
+   the committed positions given their targets): the states where a confident wrong commit
+   happens at inference, which random masks rarely produce.
 
 ``python -m twotower_rt.train distill`` runs it with :class:`DistillConfig`'s defaults, the recipe
 of the shipped model; ``bench/issue15_distill.py`` is the experiment harness around it (every
@@ -41,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.cache import ContextCache
+from ..ops.mask_sampling import MASKED_LOGIT, commit_rule
 from .model_init import set_scan_chunk
 from .tokenizer import EOS_ID, MASK_ID
 from .train import (
@@ -77,6 +82,8 @@ class DistillConfig:
     cf_weight: float = 0.5
     kl_weight: float = 0.0
     kl_scope: str = "first"
+    rollout_steps: int = 0
+    rollout_gamma: float = 0.8
 
     def __post_init__(self) -> None:
         if self.kl_scope not in ("first", "all"):
@@ -85,6 +92,10 @@ class DistillConfig:
             raise ValueError(f"prompt_len and gen_tokens must be multiples of {BLOCK}")
         if not 0.0 <= self.real_frac < 1.0:
             raise ValueError(f"real_frac must be in [0, 1), got {self.real_frac}")
+        if not 0 <= self.rollout_steps < BLOCK:
+            raise ValueError(f"rollout_steps must be in [0, {BLOCK}), got {self.rollout_steps}")
+        if not 0.0 <= self.rollout_gamma < 1.0:
+            raise ValueError(f"rollout_gamma must be in [0, 1), got {self.rollout_gamma}")
 
 
 _HELP = {
@@ -92,6 +103,9 @@ _HELP = {
     "prompts": "distillation set: this many training prompts",
     "real_frac": "share of each step's sequences that are real training text",
     "kl_weight": "weight of a soft-target term: KL(AR tower || denoiser) at --kl-scope positions",
+    "rollout_steps": "train on the mask states the denoiser's own decoding visits: rows run "
+    "0..N teacher-forced decoding steps from a fully masked block first (0: off)",
+    "rollout_gamma": "the commit threshold of those decoding steps",
 }
 _CHOICES = {"kl_scope": ("first", "all")}
 
@@ -206,9 +220,45 @@ def kl_positions(masked: torch.Tensor, scope: str) -> torch.Tensor:
     return masked & (masked.cumsum(-1) == 1)
 
 
+@torch.no_grad()
+def rollout_masks(lm, targets: torch.Tensor, cache, steps: torch.Tensor, gamma: float):
+    """The mask states inference visits, teacher-forced: row i starts fully masked and runs
+    ``steps[i]`` mask-diffusion steps (greedy, the spec's commit rule at ``gamma`` with T = S),
+    each committing the positions the denoiser's confidence picks but writing the row's targets
+    there, not its predictions. Returns (masked (R, S) bool, committed, committed but predicted
+    wrong): the second count is the commit errors the decoding would have made."""
+    R = targets.shape[0]
+    masked = torch.ones(R, BLOCK, dtype=torch.bool)
+    committed = wrong = 0
+    for j in range(int(steps.max()) if R else 0):
+        rows = torch.nonzero((steps > j) & masked.any(-1)).squeeze(-1)
+        if rows.numel() == 0:
+            break
+        m, tgt, sub = masked[rows], targets[rows], cache.index_select(rows)
+        noisy = torch.where(m, torch.full_like(tgt, MASK_ID), tgt)
+        logits = lm.denoiser_logits(noisy, sub, prefix_len=sub.lengths, mamba_states=sub.mamba,
+                                    t=m.sum(-1).float() / BLOCK)  # fmt: skip
+        logits[..., MASK_ID] = MASKED_LOGIT
+        confidence, prediction = torch.softmax(logits, dim=-1).max(dim=-1)
+        step = torch.full((rows.numel(),), j, dtype=torch.long)
+        commit, _ = commit_rule(confidence, m, step, BLOCK, gamma)
+        committed += int(commit.sum())
+        wrong += int((commit & (prediction != tgt)).sum())
+        masked[rows] = m & ~commit
+    return masked, committed, wrong
+
+
 def step_loss(lm, targets, cache, cfg: DistillConfig, g, cf_weight: float, teacher=None):
     """One step's loss and its statistics (see the module docstring)."""
     masked, t = inference_masks(targets.shape[0], BLOCK, cfg.p_full, cfg.p_suffix, g)
+    rollout = {}
+    if cfg.rollout_steps:
+        steps = torch.randint(0, cfg.rollout_steps + 1, (targets.shape[0],), generator=g)
+        visited, committed, wrong = rollout_masks(lm, targets, cache, steps, cfg.rollout_gamma)
+        use = (steps > 0) & visited.any(-1)  # a block the rollout finished keeps its mask
+        masked = torch.where(use[:, None], visited, masked)
+        t = masked.sum(-1).float() / BLOCK
+        rollout = {"rollout_commits": committed, "rollout_err": wrong / max(committed, 1)}
     noisy = torch.where(masked, torch.full_like(targets, MASK_ID), targets)
     logits = lm.denoiser_logits(noisy, cache, prefix_len=cache.lengths, mamba_states=cache.mamba,
                                 t=t)[masked]  # fmt: skip
@@ -224,7 +274,7 @@ def step_loss(lm, targets, cache, cfg: DistillConfig, g, cf_weight: float, teach
         entropy = -(logp.exp() * logp).sum(-1)
         loss = ce + cf_weight * entropy[right].mean()
     stats = {"ce": ce.item(), "acc": float(right.float().mean()),
-             "conf_gt_0.8": float((conf > 0.8).float().mean())}  # fmt: skip
+             "conf_gt_0.8": float((conf > 0.8).float().mean()), **rollout}  # fmt: skip
     if teacher is not None and cfg.kl_weight > 0:
         # KL(AR || denoiser) at the chosen positions, indexed among the masked ones.
         sel = kl_positions(masked, cfg.kl_scope)[masked]
@@ -296,7 +346,8 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, cfg: DistillConfig,
             if step % 10 == 0:
                 print(f"[distill] step {step} loss {loss.item():.3f} ce {stats['ce']:.3f} "
                       f"acc {stats['acc']:.3f} conf>0.8 {stats['conf_gt_0.8']:.3f} "
-                      f"kl {stats.get('kl', float('nan')):.3f} lr {lr:.1e} "
+                      f"kl {stats.get('kl', float('nan')):.3f} "
+                      f"rollout err {stats.get('rollout_err', float('nan')):.3f} lr {lr:.1e} "
                       f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
             step += 1
     finally:

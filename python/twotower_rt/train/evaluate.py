@@ -293,7 +293,8 @@ def distill_records(run_dir: str) -> list[dict] | None:
 
 def plot_distill(records: list[dict], path: str, window: int = 25) -> None:
     """Stage 3's curves: the masked-token cross-entropy, and the share of masked positions
-    predicted right / with confidence > 0.8, against step (running means over ``window`` logged
+    predicted right / with confidence > 0.8 (and, with rollouts, the share of the rollouts'
+    commits whose prediction was wrong), against step (running means over ``window`` logged
     steps), certainty forcing's start marked."""
     import matplotlib
 
@@ -317,6 +318,8 @@ def plot_distill(records: list[dict], path: str, window: int = 25) -> None:
     axes[0].set_ylabel("nats/token")
     axes[1].plot(steps, smooth("acc"), label="argmax = target")
     axes[1].plot(steps, smooth("conf_gt_0.8"), label="confidence > 0.8")
+    if "rollout_err" in records[0]:
+        axes[1].plot(steps, smooth("rollout_err"), label="rollout commits that were wrong")
     axes[1].set_ylabel("share of masked positions")
     for ax in axes:
         if cf is not None:

@@ -1,0 +1,44 @@
+// What the CPU kernels (csrc/cpu/*.cpp) share: the instruction-set clones and a vectorisable exp.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+// On x86-64 GCC/clang each marked function is built for AVX-512, AVX2 and the baseline, chosen
+// at load time. With -ffp-contract=off every clone rounds the same operations in the same order.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TWOTOWER_RT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TWOTOWER_RT_CLONES
+#endif
+
+namespace twotower_rt {
+namespace cpu {
+
+// exp(x): Cody-Waite range reduction to r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial, 2^k
+// by building the exponent bits; within ~2 ulp of expf for x in [-87, 88] (the argument is
+// clamped there: below, the result is ~1e-38, 0 for the sums that use it). Written so that a
+// loop over it vectorises.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // k = round(x / ln2) by the 1.5 * 2^23 trick (|x / ln2| < 2^22): no branch, so loops vectorise.
+  const float kf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const int32_t ki = static_cast<int32_t>(kf);
+  float r = x - kf * 0.693359375f;
+  r = r - kf * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float e = poly * (r * r) + r + 1.0f;
+  const int32_t bits = (ki + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+
+}  // namespace cpu
+}  // namespace twotower_rt
