@@ -128,12 +128,13 @@ def matmul_peak_gflops(threads: int, size: int = 768, reps: int = 5) -> float:
     """This CPU's fp32 matmul rate on ``threads`` threads (median of ``reps`` square matmuls
     of ``size``), in GFLOP/s: the rate no step can beat."""
     a, b = torch.randn(size, size), torch.randn(size, size)
+    clock = time.thread_time if threads == 1 else time.perf_counter
     torch.mm(a, b)
     times = []
     for _ in range(reps):
-        t0 = time.thread_time() if threads == 1 else time.perf_counter()
+        t0 = clock()
         torch.mm(a, b)
-        times.append((time.thread_time() if threads == 1 else time.perf_counter()) - t0)
+        times.append(clock() - t0)
     return 2 * size**3 / statistics.median(times) / 1e9
 
 

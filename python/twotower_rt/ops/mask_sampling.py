@@ -173,12 +173,7 @@ def mask_sampling(
         result = mask_decide_cpu(logits, block, mask_token_id=mask_token_id, step=step,
                                  steps_per_block=steps_per_block,
                                  confidence_threshold=confidence_threshold)  # fmt: skip
-        if out is None:
-            return result
-        for dst, src in zip(out, result):
-            dst.copy_(src)
-        return out
-    if logits.device.type != "cuda" or _kernel_unsupported_reason(logits, block, out):
+    elif logits.device.type != "cuda" or _kernel_unsupported_reason(logits, block, out):
         result = mask_sampling_ref(
             logits,
             block,
@@ -190,15 +185,16 @@ def mask_sampling(
             seed=seed,
             offset=offset,
         )
-        if out is None:
-            return result
-        for dst, src in zip(out, result):
-            dst.copy_(src)
-        return out
-    return _mask_sampling_cuda(
-        logits, block, mask_token_id, step, steps_per_block, confidence_threshold, temperature,
-        seed, offset, out,
-    )  # fmt: skip
+    else:
+        return _mask_sampling_cuda(
+            logits, block, mask_token_id, step, steps_per_block, confidence_threshold,
+            temperature, seed, offset, out,
+        )  # fmt: skip
+    if out is None:
+        return result
+    for dst, src in zip(out, result):
+        dst.copy_(src)
+    return out
 
 
 def _cpu_kernel_applies(logits, block, temperature) -> bool:
@@ -222,17 +218,11 @@ def mask_decide_cpu(
     if C is None:
         raise RuntimeError(f"mask_decide_cpu: twotower_rt._cpu is unavailable: "
                            f"{_ext.cpu_kernels_error()}")  # fmt: skip
-    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 3:
-        raise ValueError(f"mask_decide_cpu: logits must be a float32 (B, S, V) CPU tensor, got "
-                         f"{logits.dtype} {tuple(logits.shape)} on {logits.device}")  # fmt: skip
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        raise ValueError(f"mask_decide_cpu: logits must be a float32 CPU tensor, got "
+                         f"{logits.dtype} on {logits.device}")  # fmt: skip
+    _check_args(logits, block, mask_token_id, steps_per_block, 0.0, None, None)
     B, S, V = logits.shape
-    if block.shape != (B, S) or block.dtype != torch.int64 or block.device.type != "cpu":
-        raise ValueError(f"mask_decide_cpu: block must be an int64 ({B}, {S}) CPU tensor, got "
-                         f"{block.dtype} {tuple(block.shape)} on {block.device}")  # fmt: skip
-    if V == 0 or not 0 <= mask_token_id < V:
-        raise ValueError(f"mask_decide_cpu: mask_token_id {mask_token_id} is outside [0, {V})")
-    if steps_per_block < 1:
-        raise ValueError(f"mask_decide_cpu: steps_per_block must be >= 1, got {steps_per_block}")
     logits, block = logits.contiguous(), block.contiguous()
     step = _per_row(step, B, block.device, "step").contiguous()
     out = allocate_output(B, S, logits.device)

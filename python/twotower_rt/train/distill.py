@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.cache import ContextCache
-from ..ops.mask_sampling import MASKED_LOGIT, commit_rule
+from ..ops.mask_sampling import mask_sampling
 from .model_init import set_scan_chunk
 from .tokenizer import EOS_ID, MASK_ID
 from .train import (
@@ -223,9 +223,9 @@ def kl_positions(masked: torch.Tensor, scope: str) -> torch.Tensor:
 @torch.no_grad()
 def rollout_masks(lm, targets: torch.Tensor, cache, steps: torch.Tensor, gamma: float):
     """The mask states inference visits, teacher-forced: row i starts fully masked and runs
-    ``steps[i]`` mask-diffusion steps (greedy, the spec's commit rule at ``gamma`` with T = S),
-    each committing the positions the denoiser's confidence picks but writing the row's targets
-    there, not its predictions. Returns (masked (R, S) bool, committed, committed but predicted
+    ``steps[i]`` mask-diffusion steps (the runtime's greedy decision, ``ops.mask_sampling``, at
+    ``gamma`` with T = S), each committing the positions the denoiser's confidence picks but
+    writing the row's targets there, not its predictions. Returns (masked (R, S) bool, committed, committed but predicted
     wrong): the second count is the commit errors the decoding would have made."""
     R = targets.shape[0]
     masked = torch.ones(R, BLOCK, dtype=torch.bool)
@@ -238,12 +238,11 @@ def rollout_masks(lm, targets: torch.Tensor, cache, steps: torch.Tensor, gamma: 
         noisy = torch.where(m, torch.full_like(tgt, MASK_ID), tgt)
         logits = lm.denoiser_logits(noisy, sub, prefix_len=sub.lengths, mamba_states=sub.mamba,
                                     t=m.sum(-1).float() / BLOCK)  # fmt: skip
-        logits[..., MASK_ID] = MASKED_LOGIT
-        confidence, prediction = torch.softmax(logits, dim=-1).max(dim=-1)
-        step = torch.full((rows.numel(),), j, dtype=torch.long)
-        commit, _ = commit_rule(confidence, m, step, BLOCK, gamma)
+        out = mask_sampling(logits, noisy, mask_token_id=MASK_ID, step=j, steps_per_block=BLOCK,
+                            confidence_threshold=gamma)  # fmt: skip
+        commit = m & ~out.masked
         committed += int(commit.sum())
-        wrong += int((commit & (prediction != tgt)).sum())
+        wrong += int((commit & (out.prediction != tgt)).sum())
         masked[rows] = m & ~commit
     return masked, committed, wrong
 
