@@ -1,9 +1,9 @@
 // The fused Mamba-2 mixer middle on the CPU (see twotower_rt/mamba_cpu.h for what it computes and
 // how its numbers relate to the PyTorch path). One sequence at a time, one token at a time; the
-// inner loops run over contiguous channels or state elements, so the compiler vectorises them,
-// and on x86-64 GCC/clang build an AVX-512 and an AVX2 clone chosen at load time. Built with
-// -ffp-contract=off, every clone rounds the same operations in the same order: the same bits on
-// every x86-64 machine.
+// inner loops run over contiguous channels or state elements, so the compiler vectorises them into
+// each instruction-set clone (cpu_common.h: the conv, the state update and y = state . C as fused
+// multiply-adds; every clone rounds the same operations in the same order: the same bits on every
+// x86-64 machine).
 #include "twotower_rt/mamba_cpu.h"
 
 #include <algorithm>
@@ -33,6 +33,79 @@ inline float dot8(const float* a, const float* b, int64_t len) {
   }
   for (int j = 0; i < len; ++i, ++j) lane[j] = lane[j] + a[i] * b[i];
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// One token of one head's scan with head_dim = 16 * PV known at compile time: each state row i
+// (P lanes) updated as row * decay + dtx * B[i] (skipped for a padding token), and y = sum_i row *
+// C[i] in i order kept in registers, then y + D * x. The same operations, in the same order, as
+// the generic loops in mamba_chunk_row, so the same bits.
+template <int PV>
+TWOTOWER_RT_INLINE void scan_token(float* st, const float* dtx, const float* x, const float* B,
+                                   const float* C, float decay, float D, bool valid, float* yh,
+                                   int64_t N) {
+  constexpr int64_t kP = 16 * PV;
+  v16 d[PV], y[PV];
+  for (int q = 0; q < PV; ++q) std::memcpy(&d[q], dtx + 16 * q, sizeof(v16));
+  const v16 vdecay = v16{} + decay;
+  for (int64_t i = 0; i < N; ++i) {
+    float* row = st + i * kP;
+    const v16 vb = v16{} + B[i], vc = v16{} + C[i];
+    for (int q = 0; q < PV; ++q) {
+      v16 r;
+      std::memcpy(&r, row + 16 * q, sizeof(v16));
+      if (valid) {
+        r = fmadd16(r, vdecay, d[q] * vb);
+        std::memcpy(row + 16 * q, &r, sizeof(v16));
+      }
+      y[q] = i == 0 ? r * vc : fmadd16(r, vc, y[q]);
+    }
+  }
+  const v16 vD = v16{} + D;
+  for (int q = 0; q < PV; ++q) {
+    v16 xq;
+    std::memcpy(&xq, x + 16 * q, sizeof(v16));
+    y[q] = fmadd16(vD, xq, y[q]);
+    std::memcpy(yh + 16 * q, &y[q], sizeof(v16));
+  }
+}
+
+// dst (cols, rows) = the transpose of src (rows, cols), both row-major: 8 x 8 tiles through
+// registers (three rounds of shuffles), the edges one element at a time. Moves bits only.
+TWOTOWER_RT_INLINE void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef int32_t i8 __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define TWOTOWER_RT_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define TWOTOWER_RT_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, i8{__VA_ARGS__})
+#endif
+  const int64_t r8 = rows - rows % 8, c8 = cols - cols % 8;
+  for (int64_t r0 = 0; r0 < r8; r0 += 8) {
+    for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+      v8 a[8], t[8], u[8];
+      for (int k = 0; k < 8; ++k) std::memcpy(&a[k], src + (r0 + k) * cols + c0, sizeof(v8));
+      for (int k = 0; k < 8; k += 2) {  // interleave row pairs
+        t[k] = TWOTOWER_RT_SHUFFLE(a[k], a[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[k + 1] = TWOTOWER_RT_SHUFFLE(a[k], a[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+      }
+      for (int k = 0; k < 8; k += 4) {  // then pairs of pairs
+        u[k] = TWOTOWER_RT_SHUFFLE(t[k], t[k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[k + 1] = TWOTOWER_RT_SHUFFLE(t[k], t[k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[k + 2] = TWOTOWER_RT_SHUFFLE(t[k + 1], t[k + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[k + 3] = TWOTOWER_RT_SHUFFLE(t[k + 1], t[k + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+      }
+      for (int k = 0; k < 4; ++k) {  // then the 128-bit halves
+        const v8 lo = TWOTOWER_RT_SHUFFLE(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        const v8 hi = TWOTOWER_RT_SHUFFLE(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+        std::memcpy(dst + (c0 + k) * rows + r0, &lo, sizeof(v8));
+        std::memcpy(dst + (c0 + k + 4) * rows + r0, &hi, sizeof(v8));
+      }
+    }
+  }
+#undef TWOTOWER_RT_SHUFFLE
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = r < r8 ? c8 : 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  }
 }
 
 struct Scratch {
@@ -67,23 +140,20 @@ void mamba_chunk_row(const MambaChunkParams& p, int64_t row, Scratch& s) {
   // run over P contiguous lanes, y summing over N in order, with no horizontal reductions.
   float* state = s.state.data();
   const float* state_in = p.ssm_state + row * H * P * N;
-  for (int64_t h = 0; h < H; ++h) {
-    for (int64_t q = 0; q < P; ++q) {
-      for (int64_t i = 0; i < N; ++i) state[(h * N + i) * P + q] = state_in[(h * P + q) * N + i];
-    }
-  }
-  float* xbc = s.xbc.data();
-  float* dt = s.dt.data();
-  float* y = s.y.data();
-  float* dtx = s.dtx.data();
+  for (int64_t h = 0; h < H; ++h) transpose(state_in + h * P * N, P, N, state + h * N * P);
   const int64_t tokens = p.out != nullptr ? n : n_valid;  // a state-only call stops at n_valid
+  float* dtx = s.dtx.data();
+
+  // 1. Per token: the depthwise causal conv (bias, then each tap in order) and SiLU; dt per head.
   for (int64_t t = 0; t < tokens; ++t) {
     const bool valid = t < n_valid;
-    // Depthwise causal conv: bias, then each tap in order; then SiLU.
     const float* window = history + (t + 1) * conv_dim;
+    float* xbc = s.xbc.data() + t * conv_dim;
     if (p.conv_bias != nullptr) {
 #pragma omp simd
-      for (int64_t c = 0; c < conv_dim; ++c) xbc[c] = p.conv_bias[c] + window[c] * p.conv_taps[c];
+      for (int64_t c = 0; c < conv_dim; ++c) {
+        xbc[c] = fmadd(window[c], p.conv_taps[c], p.conv_bias[c]);
+      }
     } else {
 #pragma omp simd
       for (int64_t c = 0; c < conv_dim; ++c) xbc[c] = window[c] * p.conv_taps[c];
@@ -92,35 +162,48 @@ void mamba_chunk_row(const MambaChunkParams& p, int64_t row, Scratch& s) {
       const float* w = window + k * conv_dim;
       const float* tap = p.conv_taps + k * conv_dim;
 #pragma omp simd
-      for (int64_t c = 0; c < conv_dim; ++c) xbc[c] = xbc[c] + w[c] * tap[c];
+      for (int64_t c = 0; c < conv_dim; ++c) xbc[c] = fmadd(w[c], tap[c], xbc[c]);
     }
 #pragma omp simd
     for (int64_t c = 0; c < conv_dim; ++c) xbc[c] = silu(xbc[c]);
 
     const float* dt_raw = zx + t * proj + d_inner + conv_dim;
+    float* dt = s.dt.data() + t * H;
     for (int64_t h = 0; h < H; ++h) {
       float v = softplus(dt_raw[h] + p.dt_bias[h]);
       if (clamp_dt) v = v < p.dt_min ? p.dt_min : (v > p.dt_max ? p.dt_max : v);
       dt[h] = valid ? v : 0.0f;  // padding: decay 1, no input
     }
+  }
 
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t g = h / heads_per_group;
+  // 2. The scan, head by head over the tokens: a head's state (N x P) stays in L1 for the block.
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t g = h / heads_per_group;
+    float* st = state + h * N * P;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const bool valid = t < n_valid;
+      const float* xbc = s.xbc.data() + t * conv_dim;
       const float* B = xbc + d_inner + g * N;
       const float* C = xbc + d_inner + G * N + g * N;
       const float* x = xbc + h * P;
-      float* st = state + h * N * P;
-      float* yh = y + h * P;
+      const float dt = s.dt[t * H + h];
+      float* yh = s.y.data() + t * d_inner + h * P;
       // One pass over the state: update row i, then add its share to y (y sums over i in order).
-      const float decay = valid ? std::exp(dt[h] * p.A[h]) : 1.0f;
+      const float decay = valid ? std::exp(dt * p.A[h]) : 1.0f;
 #pragma omp simd
-      for (int64_t q = 0; q < P; ++q) dtx[q] = dt[h] * x[q];
+      for (int64_t q = 0; q < P; ++q) dtx[q] = dt * x[q];
+      if (p.out != nullptr && (P == 32 || P == 64 || P == 128)) {  // the common head sizes
+        if (P == 64) scan_token<4>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
+        if (P == 32) scan_token<2>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
+        if (P == 128) scan_token<8>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
+        continue;
+      }
       for (int64_t i = 0; i < N; ++i) {
         float* row_i = st + i * P;
         const float b = B[i], c = C[i];
         if (valid) {
 #pragma omp simd
-          for (int64_t q = 0; q < P; ++q) row_i[q] = row_i[q] * decay + dtx[q] * b;
+          for (int64_t q = 0; q < P; ++q) row_i[q] = fmadd(row_i[q], decay, dtx[q] * b);
         }
         if (p.out == nullptr) continue;
         if (i == 0) {
@@ -128,17 +211,20 @@ void mamba_chunk_row(const MambaChunkParams& p, int64_t row, Scratch& s) {
           for (int64_t q = 0; q < P; ++q) yh[q] = row_i[q] * c;
         } else {
 #pragma omp simd
-          for (int64_t q = 0; q < P; ++q) yh[q] = yh[q] + row_i[q] * c;
+          for (int64_t q = 0; q < P; ++q) yh[q] = fmadd(row_i[q], c, yh[q]);
         }
       }
       if (p.out == nullptr) continue;
 #pragma omp simd
-      for (int64_t q = 0; q < P; ++q) yh[q] = yh[q] + p.D[h] * x[q];
+      for (int64_t q = 0; q < P; ++q) yh[q] = fmadd(p.D[h], x[q], yh[q]);
     }
-    if (p.out == nullptr) continue;
+  }
 
-    // Gated RMSNorm: y * silu(z), normalised per group of norm_group channels, times the weight.
+  // 3. Per token: gated RMSNorm, y * silu(z) normalised per group of norm_group channels, times
+  // the weight.
+  for (int64_t t = 0; p.out != nullptr && t < n; ++t) {
     const float* z = zx + t * proj;
+    float* y = s.y.data() + t * d_inner;
 #pragma omp simd
     for (int64_t c = 0; c < d_inner; ++c) y[c] = y[c] * silu(z[c]);
     float* out = p.out + (row * n + t) * d_inner;
@@ -161,11 +247,7 @@ void mamba_chunk_row(const MambaChunkParams& p, int64_t row, Scratch& s) {
   }
   if (p.ssm_state_out != nullptr) {
     float* state_out = p.ssm_state_out + row * H * P * N;
-    for (int64_t h = 0; h < H; ++h) {
-      for (int64_t q = 0; q < P; ++q) {
-        for (int64_t i = 0; i < N; ++i) state_out[(h * P + q) * N + i] = state[(h * N + i) * P + q];
-      }
-    }
+    for (int64_t h = 0; h < H; ++h) transpose(state + h * N * P, N, P, state_out + h * P * N);
   }
 }
 
@@ -194,9 +276,9 @@ const char* mamba_chunk(const MambaChunkParams& p) {
   const int64_t conv_dim = d_inner + 2 * p.groups * p.state_size;
   thread_local Scratch scratch;
   scratch.history.resize((p.conv_kernel + p.n) * conv_dim);
-  scratch.xbc.resize(conv_dim);
-  scratch.dt.resize(p.heads);
-  scratch.y.resize(d_inner);
+  scratch.xbc.resize(p.n * conv_dim);
+  scratch.dt.resize(p.n * p.heads);
+  scratch.y.resize(p.n * d_inner);
   scratch.dtx.resize(p.head_dim);
   scratch.state.resize(d_inner * p.state_size);
   for (int64_t row = 0; row < p.batch; ++row) mamba_chunk_row(p, row, scratch);

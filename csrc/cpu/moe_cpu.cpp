@@ -1,6 +1,6 @@
 // The MoE layer on the CPU (see twotower_rt/moe_cpu.h): one token at a time, every projection a
-// sum over inputs of scalar * contiguous K-major row, vectorised over outputs. Built with
-// -ffp-contract=off; x86-64 gets AVX-512 / AVX2 clones that round the same operations.
+// chain of fused multiply-adds over inputs of scalar x contiguous K-major row, vectorised over
+// outputs. The instruction-set clones round the same operations (cpu_common.h).
 #include "twotower_rt/moe_cpu.h"
 
 #include <cmath>
@@ -9,23 +9,19 @@
 
 #include "twotower_rt/cpu_common.h"
 
-// The helpers below are inlined into each clone, so they compile for the clone's instruction set.
-#define TWOTOWER_RT_INLINE inline __attribute__((always_inline))
-
 namespace twotower_rt {
 namespace cpu {
 namespace {
 
 // out[b] (cols) = sum_j in[b][j] * w[j, :] for TB tokens b, over the rows j of a (rows, cols)
-// row-major matrix, in j order. Blocks of 64 outputs of all TB tokens stay in registers across the
-// rows, and each row of w is loaded once for the TB tokens. Each output's order is the same for
+// row-major matrix: in[b][0] * w[0, :], then one fused multiply-add per row j, in j order. Blocks
+// of 64 outputs of all TB tokens stay in registers across the rows, and each row of w is loaded
+// once for the TB tokens. Each output's order is the same for
 // every TB, so a token's result does not depend on which tokens share its call.
 template <int TB>
 TWOTOWER_RT_INLINE void project(const float* const* in, const float* w, int64_t rows, int64_t cols,
                     float* const* out) {
-  // GCC/clang vector types: element-wise mul and add, as the scalar code; locals that stay in
-  // registers (TB x 4 vectors of 16 floats), lowered to whatever the clone's ISA has.
-  typedef float v16 __attribute__((vector_size(64)));
+  // Locals that stay in registers: TB x 4 vectors of 16 floats.
   constexpr int64_t kVec = 16, kBlock = 4 * kVec;
 #define TWOTOWER_RT_LOAD16(dst, ptr) std::memcpy(&(dst), (ptr), sizeof(v16))
   int64_t c0 = 0;
@@ -48,10 +44,11 @@ TWOTOWER_RT_INLINE void project(const float* const* in, const float* w, int64_t 
       TWOTOWER_RT_LOAD16(r3, row + 3 * kVec);
       for (int b = 0; b < TB; ++b) {
         const float v = in[b][j];
-        acc[b][0] = acc[b][0] + v * r0;
-        acc[b][1] = acc[b][1] + v * r1;
-        acc[b][2] = acc[b][2] + v * r2;
-        acc[b][3] = acc[b][3] + v * r3;
+        const v16 vv = v16{} + v;
+        acc[b][0] = fmadd16(vv, r0, acc[b][0]);
+        acc[b][1] = fmadd16(vv, r1, acc[b][1]);
+        acc[b][2] = fmadd16(vv, r2, acc[b][2]);
+        acc[b][3] = fmadd16(vv, r3, acc[b][3]);
       }
     }
     for (int b = 0; b < TB; ++b) {
@@ -66,7 +63,7 @@ TWOTOWER_RT_INLINE void project(const float* const* in, const float* w, int64_t 
       const float v = in[b][j];
       const float* row = w + j * cols;
 #pragma omp simd
-      for (int64_t c = c0; c < cols; ++c) out[b][c] = out[b][c] + v * row[c];
+      for (int64_t c = c0; c < cols; ++c) out[b][c] = fmadd(v, row[c], out[b][c]);
     }
   }
 }
@@ -123,12 +120,14 @@ void route(const MoeParams& p, Scratch& s) {
   double* scores = s.scores.data();
   for (int64_t t = 0; t < p.tokens; ++t) {
     const float* x = p.x + t * H;
-    for (int64_t e = 0; e < E; ++e) {
-      const double* w = p.router_weight + e * H;
-      double logit = 0.0;
-      for (int64_t j = 0; j < H; ++j) logit += static_cast<double>(x[j]) * w[j];
-      scores[e] = 1.0 / (1.0 + std::exp(-logit));
+    // Every expert's logit is its own chain over j in order (mul, then add); the chains run side
+    // by side, so their latencies overlap.
+    for (int64_t e = 0; e < E; ++e) scores[e] = 0.0;
+    for (int64_t j = 0; j < H; ++j) {
+      const double xj = static_cast<double>(x[j]);
+      for (int64_t e = 0; e < E; ++e) scores[e] = scores[e] + xj * p.router_weight[e * H + j];
     }
+    for (int64_t e = 0; e < E; ++e) scores[e] = 1.0 / (1.0 + std::exp(-scores[e]));
     int64_t* chosen = s.chosen.data() + t * k;
     for (int64_t i = 0; i < k; ++i) {  // best first; a tie goes to the lower id
       int64_t best = -1;

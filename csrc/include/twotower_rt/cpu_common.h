@@ -5,16 +5,44 @@
 #include <cstdint>
 #include <cstring>
 
-// On x86-64 GCC/clang each marked function is built for AVX-512, AVX2 and the baseline, chosen
-// at load time. With -ffp-contract=off every clone rounds the same operations in the same order.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define TWOTOWER_RT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// On x86-64 GCC/clang each marked function is built for AVX-512, x86-64-v3 (AVX2 + FMA) and the
+// baseline, chosen at load time. The kernels are built with -ffp-contract=off: the compiler fuses
+// nothing, and a fused multiply-add happens only where the code asks for one (fmadd, fmadd16),
+// which every clone rounds once (the baseline through libm's fmaf, slow but exact). So every
+// clone rounds the same operations in the same order: the same bits on every x86-64 machine.
+// TWOTOWER_RT_NO_CLONES builds one version, for the compiler's target (tests/test_cpu_clones.py
+// builds the baseline and x86-64-v3 ones and compares their bits with the clones').
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(TWOTOWER_RT_NO_CLONES)
+#define TWOTOWER_RT_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define TWOTOWER_RT_CLONES
 #endif
 
+// Inlined into each clone, so it compiles for the clone's instruction set.
+#define TWOTOWER_RT_INLINE inline __attribute__((always_inline))
+
 namespace twotower_rt {
 namespace cpu {
+
+// a * b + c rounded once.
+TWOTOWER_RT_INLINE float fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+
+// 16 floats as a GCC/clang vector: element-wise operators, kept in registers, lowered to the
+// clone's vector width.
+typedef float v16 __attribute__((vector_size(64)));
+
+// fmadd lane by lane: a loop the clones vectorise into their FMA instruction.
+TWOTOWER_RT_INLINE v16 fmadd16(v16 a, v16 b, v16 c) {
+  float fa[16], fb[16], fc[16];
+  std::memcpy(fa, &a, sizeof(a));
+  std::memcpy(fb, &b, sizeof(b));
+  std::memcpy(fc, &c, sizeof(c));
+#pragma omp simd
+  for (int i = 0; i < 16; ++i) fc[i] = __builtin_fmaf(fa[i], fb[i], fc[i]);
+  std::memcpy(&c, fc, sizeof(c));
+  return c;
+}
 
 // exp(x): Cody-Waite range reduction to r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial, 2^k
 // by building the exponent bits; within ~2 ulp of expf for x in [-87, 88] (the argument is

@@ -15,10 +15,11 @@
 // its arithmetic is ~1 MFLOP per 16 tokens (H * P * N = 12288 state elements, ~4 flops each per
 // token, plus the conv and the norm): the floor is tens of microseconds.
 //
-// Numbers: each state update and output rounds once per operation, in the reference's order (no
-// fused multiply-add: build with -ffp-contract=off), but exp and the dot products are our own
-// (a Cephes-style exp; state . C summed over 8 fixed lanes), so the result agrees with the PyTorch
-// path to fp32 rounding, not bitwise. Every sequence is computed alone, in the same order whatever
+// Numbers: the conv taps, the state update (state * decay + dtx * B) and y = state . C + D * x are
+// fused multiply-adds (rounded once; the reference rounds the product and the sum apart), exp is
+// our own (Cephes-style) and y sums over the state in index order, so the result agrees with the
+// PyTorch path to fp32 rounding, not bitwise; every instruction-set clone gives the same bits
+// (cpu_common.h). Every sequence is computed alone, in the same order whatever
 // the batch, so a row's result never depends on the other rows.
 #pragma once
 

@@ -12,9 +12,9 @@
 // ops, a sort, one pair of matmuls per active expert, the shared expert, the scatter back), ~200
 // us per layer for one token on a 2-core Xeon, while its arithmetic is ~0.2 MMAC per token.
 //
-// Weights are taken K-major (input dimension outermost), so each projection is a sum over inputs
-// of a scalar times a contiguous row, vectorised over outputs and added in input order: no
-// horizontal reductions, the same order on every instruction set (-ffp-contract=off), but not
+// Weights are taken K-major (input dimension outermost), so each projection is a chain of fused
+// multiply-adds over inputs of a scalar times a contiguous row, vectorised over outputs, in input
+// order: no horizontal reductions, the same bits on every instruction set (cpu_common.h), but not
 // MKL's order, so results agree with the PyTorch path to float32 rounding, not bitwise. Tokens are
 // computed alone: a token's output never depends on the others in the call.
 #pragma once

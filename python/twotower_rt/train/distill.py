@@ -225,8 +225,9 @@ def rollout_masks(lm, targets: torch.Tensor, cache, steps: torch.Tensor, gamma: 
     """The mask states inference visits, teacher-forced: row i starts fully masked and runs
     ``steps[i]`` mask-diffusion steps (the runtime's greedy decision, ``ops.mask_sampling``, at
     ``gamma`` with T = S), each committing the positions the denoiser's confidence picks but
-    writing the row's targets there, not its predictions. Returns (masked (R, S) bool, committed, committed but predicted
-    wrong): the second count is the commit errors the decoding would have made."""
+    writing the row's targets there, not its predictions. Returns (masked (R, S) bool,
+    committed, committed but predicted wrong): the last count is the commit errors the decoding
+    would have made."""
     R = targets.shape[0]
     masked = torch.ones(R, BLOCK, dtype=torch.bool)
     committed = wrong = 0

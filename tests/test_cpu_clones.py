@@ -1,0 +1,142 @@
+"""The CPU kernels give the same bits on every x86-64 instruction set (csrc/include/twotower_rt/
+cpu_common.h): the sources are built here once for the baseline (SSE2: libm's fmaf) and once for
+x86-64-v3 (AVX2 + FMA), each without the clones, and their results are compared bitwise with the
+installed module's (whose clone this CPU picks: AVX-512 where it has it). Needs a C++ compiler,
+pybind11 and Python's headers (the test extra brings pybind11), and the repository's csrc/."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from twotower_rt import _ext
+from twotower_rt.model.mamba import MambaState
+from twotower_rt.ops.mamba_cpu import mamba_chunk, mamba_weights
+from twotower_rt.ops.mask_sampling import mask_decide_cpu
+from twotower_rt.ops.moe_cpu import moe_forward, moe_weights
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
+
+
+def _why_not() -> str | None:
+    if _ext.cpu_kernels() is None:
+        return f"no CPU kernels: {_ext.cpu_kernels_error()}"
+    if platform.machine() != "x86_64":
+        return "the instruction-set clones are x86-64's"
+    if not (CSRC / "cpu").is_dir():
+        return f"no kernel sources at {CSRC}"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler"
+    if importlib.util.find_spec("pybind11") is None:
+        return "pybind11 is not installed (pip install -e .[test])"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "no Python headers"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict:
+    """{name: module} for the baseline and (where this CPU runs it) the x86-64-v3 build, compiled
+    side by side with the flags CMakeLists.txt gives _cpu."""
+    import pybind11
+
+    variants = {"baseline": []}
+    if {"avx2", "fma", "bmi2"} <= _cpu_flags():
+        variants["x86-64-v3"] = ["-march=x86-64-v3"]
+    root = tmp_path_factory.mktemp("cpu_clones")
+    sources = sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp"))
+    procs = {}
+    for name, flags in variants.items():
+        out = root / name / f"_cpu{SUFFIX}"
+        out.parent.mkdir()
+        cmd = [os.environ.get("CXX", "c++"), "-O3", "-DNDEBUG", "-std=c++17", "-fPIC", "-shared",
+               "-ffp-contract=off", "-fopenmp-simd", "-fvisibility=hidden",
+               "-DTWOTOWER_RT_NO_CLONES", '-DTWOTOWER_RT_VERSION="clones-test"', *flags,
+               f"-I{CSRC / 'include'}", f"-I{pybind11.get_include()}",
+               f"-I{sysconfig.get_paths()['include']}", *sources, "-o", str(out)]  # fmt: skip
+        procs[name] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    modules = {}
+    for name, (out, proc) in procs.items():
+        log = proc.communicate()[0].decode(errors="replace")
+        assert proc.returncode == 0, f"building the {name} kernels failed:\n{log[-3000:]}"
+        spec = importlib.util.spec_from_file_location(f"tt_clones_{name.replace('-', '_')}._cpu",
+                                                      out)  # fmt: skip
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules[name] = module
+    return modules
+
+
+def _run_all(g: torch.Generator) -> list[torch.Tensor]:
+    """Every kernel on random inputs: the default model's shapes and awkward ones."""
+    outs = []
+    for H, P, N, G, K in ((6, 64, 32, 2, 4), (3, 5, 9, 1, 4), (2, 32, 8, 1, 3)):
+        d_inner, conv_dim = H * P, H * P + 2 * G * N
+        weights = mamba_weights(
+            torch.randn(K, conv_dim, generator=g), torch.randn(conv_dim, generator=g),
+            torch.randn(H, generator=g), -torch.rand(H, generator=g) - 0.1,
+            torch.randn(H, generator=g), torch.randn(d_inner, generator=g),
+            heads=H, groups=G, eps=1e-5,
+        )  # fmt: skip
+        zx = torch.randn(3, 16, d_inner + conv_dim + H, generator=g)
+        state = MambaState(torch.randn(3, conv_dim, K, generator=g),
+                           torch.randn(3, H, P, N, generator=g))  # fmt: skip
+        for n_valid in (None, torch.tensor([16, 7, 1])):
+            outs += mamba_chunk(zx, state.conv, state.ssm, weights, n_valid)
+            outs += mamba_chunk(zx, state.conv, state.ssm, weights, n_valid, with_output=False)[1:]
+    for E, hidden, inter, shared, k in ((8, 192, 128, 256, 2), (5, 70, 33, 19, 3)):
+        weights = moe_weights(
+            torch.randn(E, hidden, generator=g), torch.randn(E, generator=g) * 0.1,
+            torch.randn(E, inter, hidden, generator=g) / hidden**0.5,
+            torch.randn(E, hidden, inter, generator=g) / inter**0.5,
+            torch.randn(shared, hidden, generator=g) / hidden**0.5,
+            torch.randn(hidden, shared, generator=g) / shared**0.5, top_k=k,
+            norm_topk_prob=True, routed_scaling_factor=1.0,
+        )  # fmt: skip
+        outs.append(moe_forward(torch.randn(19, hidden, generator=g), weights))
+    logits = torch.randn(3, 16, 2048, generator=g) * 4
+    block = torch.where(torch.rand(3, 16, generator=g) < 0.6, 3, 7)
+    decided = mask_decide_cpu(logits, block, mask_token_id=3, step=torch.tensor([0, 5, 14]),
+                              steps_per_block=16, confidence_threshold=0.8)  # fmt: skip
+    outs += list(decided)
+    return outs
+
+
+def test_every_instruction_set_gives_the_same_bits(builds, monkeypatch):
+    results = {}
+    for name, module in {"installed": _ext.cpu_kernels(), **builds}.items():
+        monkeypatch.setattr(_ext, "_CPU", module)
+        results[name] = _run_all(torch.Generator().manual_seed(0))
+    assert len(results["installed"]) > 20
+    for name in builds:
+        for i, (a, b) in enumerate(zip(results["installed"], results[name], strict=True)):
+            gap = (a.float() - b.float()).abs().max()
+            assert torch.equal(a, b), f"output {i}: the {name} build differs by up to {gap}"
+
+
+def test_the_builds_are_what_they_claim(builds):
+    """Guards the comparison above against comparing a module with itself."""
+    files = {Path(m.__file__).resolve() for m in builds.values()}
+    assert len(files) == len(builds)
+    assert Path(_ext.cpu_kernels().__file__).resolve() not in files
