@@ -16,8 +16,9 @@ namespace {
 // out[b] (cols) = sum_j in[b][j] * w[j, :] for TB tokens b, over the rows j of a (rows, cols)
 // row-major matrix: in[b][0] * w[0, :], then one fused multiply-add per row j, in j order. Blocks
 // of 64 outputs of all TB tokens stay in registers across the rows, and each row of w is loaded
-// once for the TB tokens. Each output's order is the same for
-// every TB, so a token's result does not depend on which tokens share its call.
+// once for the TB tokens. Each output's order is the same for every TB, so a token's result does
+// not depend on which tokens share its call. (8 tokens x 32 outputs, which reads each weight row
+// half as often, measured 10% slower here.)
 template <int TB>
 TWOTOWER_RT_INLINE void project(const float* const* in, const float* w, int64_t rows, int64_t cols,
                     float* const* out) {
@@ -70,8 +71,9 @@ TWOTOWER_RT_INLINE void project(const float* const* in, const float* w, int64_t 
 
 // out[b] = down . relu(up . x[b])^2 for TB tokens (h: TB buffers of inter floats).
 template <int TB>
-TWOTOWER_RT_INLINE void relu2_mlp(const float* const* x, const float* up, const float* down, int64_t hidden,
-                      int64_t inter, float* const* h, float* const* out) {
+TWOTOWER_RT_INLINE void relu2_mlp(const float* const* x, const float* up, const float* down,
+                                  int64_t hidden, int64_t inter, float* const* h,
+                                  float* const* out) {
   project<TB>(x, up, hidden, inter, h);
   for (int b = 0; b < TB; ++b) {
     float* hb = h[b];
