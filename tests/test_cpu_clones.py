@@ -22,6 +22,7 @@ from twotower_rt.model.mamba import MambaState
 from twotower_rt.ops.mamba_cpu import mamba_chunk, mamba_weights
 from twotower_rt.ops.mask_sampling import mask_decide_cpu
 from twotower_rt.ops.moe_cpu import moe_forward, moe_weights
+from twotower_rt.ops.rmsnorm import modulated_rms_norm_cpu
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
@@ -115,6 +116,12 @@ def _run_all(g: torch.Generator) -> list[torch.Tensor]:
             norm_topk_prob=True, routed_scaling_factor=1.0,
         )  # fmt: skip
         outs.append(moe_forward(torch.randn(19, hidden, generator=g), weights))
+    for hidden in (192, 37):
+        x = torch.randn(3, 16, hidden, generator=g)
+        weight = torch.randn(hidden, generator=g)
+        scale, shift = 1 + torch.randn(3, hidden, generator=g), torch.randn(3, hidden, generator=g)
+        for post in (False, True):
+            outs.append(modulated_rms_norm_cpu(x, weight, scale, shift, 1e-5, post=post))
     logits = torch.randn(3, 16, 2048, generator=g) * 4
     block = torch.where(torch.rand(3, 16, generator=g) < 0.6, 3, 7)
     decided = mask_decide_cpu(logits, block, mask_token_id=3, step=torch.tensor([0, 5, 14]),

@@ -9,6 +9,7 @@
 #include "twotower_rt/mamba_cpu.h"
 #include "twotower_rt/mask_decide_cpu.h"
 #include "twotower_rt/moe_cpu.h"
+#include "twotower_rt/norm_cpu.h"
 
 namespace py = pybind11;
 
@@ -125,6 +126,24 @@ void MaskDecide(std::uintptr_t logits, std::uintptr_t block, std::uintptr_t step
   if (error != nullptr) throw std::invalid_argument(error);
 }
 
+void ModulatedRmsNorm(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t scale,
+                      std::uintptr_t shift, std::uintptr_t out, int64_t rows, int64_t hidden,
+                      int64_t rows_per_seq, double eps, bool post) {
+  cpu::ModNormParams p;
+  p.x = ptr<const float>(x);
+  p.weight = ptr<const float>(weight);
+  p.scale = ptr<const float>(scale);
+  p.shift = ptr<const float>(shift);
+  p.out = ptr<float>(out);
+  p.rows = rows;
+  p.hidden = hidden;
+  p.rows_per_seq = rows_per_seq;
+  p.eps = static_cast<float>(eps);
+  p.post = post;
+  const char* error = cpu::modulated_rms_norm(p);  // a few microseconds: the GIL stays
+  if (error != nullptr) throw std::invalid_argument(error);
+}
+
 py::dict BuildInfo() {
   py::dict info;
   info["version"] = TWOTOWER_RT_VERSION;
@@ -155,5 +174,9 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("shared_up"), py::arg("shared_down"), py::arg("out"), py::arg("tokens"),
         py::arg("hidden"), py::arg("experts"), py::arg("inter"), py::arg("shared_inter"),
         py::arg("top_k"), py::arg("norm_topk_prob"), py::arg("routed_scaling_factor"));
+  m.def("modulated_rms_norm", &twotower_rt::ModulatedRmsNorm,
+        "The denoiser's time-modulated RMSNorm (norm_cpu.h)", py::arg("x"), py::arg("weight"),
+        py::arg("scale"), py::arg("shift"), py::arg("out"), py::arg("rows"), py::arg("hidden"),
+        py::arg("rows_per_seq"), py::arg("eps"), py::arg("post"));
   m.def("build_info", &twotower_rt::BuildInfo);
 }

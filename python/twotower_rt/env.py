@@ -137,7 +137,7 @@ def format_report(info: dict[str, Any] | None = None) -> str:
     if ext.get("cpu_kernels"):
         lines.append(
             "cpu kernels  twotower_rt._cpu (fp32: the Mamba mixer, the MoE layer, the greedy "
-            "mask decision)"
+            "mask decision, the denoiser's modulated norm)"
         )
     else:
         lines.append(f"cpu kernels  unavailable: {ext.get('cpu_kernels_error')}")

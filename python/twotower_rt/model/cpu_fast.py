@@ -34,7 +34,7 @@ from ..ops import mamba_cpu
 from ..ops.mamba_cpu import MambaWeights, mamba_chunk, mamba_weights
 from ..ops.moe_cpu import moe_forward as moe_kernel
 from ..ops.moe_cpu import moe_weights
-from ..ops.rmsnorm import rms_norm
+from ..ops.rmsnorm import modulated_rms_norm_cpu, rms_norm
 from ..ops.ssm_scan import ssm_scan_ref
 
 
@@ -340,21 +340,33 @@ def modulation(lm, t: torch.Tensor) -> torch.Tensor:
 
 
 def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, modulation):
-    """:meth:`Tower.forward` on the CPU (same arguments, results and numbers): the norms called
-    directly, and the denoiser's ``1 + scale`` made once for every layer (``modulation`` as a
-    (layers, b, 3, hidden) tensor or a list of (b, 3, hidden))."""
+    """:meth:`Tower.forward` on the CPU (same arguments and results): the norms called directly,
+    and the denoiser's ``1 + scale`` made once for every layer (``modulation`` as a (layers, b,
+    3, hidden) tensor or a list of (b, 3, hidden)). The eager numbers, bitwise, except where the
+    CPU kernels are built and the tower is fp32: then each denoiser layer's modulated norm is one
+    kernel call (``ops.rmsnorm.modulated_rms_norm_cpu``) and its gated residual one addcmul
+    (fused multiply-adds: float32 rounding)."""
     eps = tower.cfg.layer_norm_epsilon
     x = tower.embeddings(ids)
     new_states = {}
+    fused = False
     if modulation is not None:
         if not isinstance(modulation, torch.Tensor):
             modulation = torch.stack(modulation)
-        shifts, scales, gates = modulation[:, :, :, None].unbind(2)  # (layers, b, 1, hidden)
-        scales = 1 + scales
+        fused = _ext.cpu_kernels() is not None and x.dtype == modulation.dtype == torch.float32
+        if fused:  # (layers, b, hidden) each, contiguous, for the kernel
+            shifts, scales = modulation[:, :, 0].contiguous(), 1 + modulation[:, :, 1]
+            gates = modulation[:, :, 2, None]  # (layers, b, 1, hidden)
+        else:
+            shifts, scales, gates = modulation[:, :, :, None].unbind(2)  # (layers, b, 1, hidden)
+            scales = 1 + scales
     for i, block in enumerate(tower.layers):
         kind = block.kind
         if modulation is None:
             h = rms_norm(x, block.norm.weight, eps)
+        elif fused and block.norm.weight.dtype == torch.float32:
+            h = modulated_rms_norm_cpu(x, block.norm.weight, scales[i], shifts[i], eps,
+                                       post=kind == "moe" or kind == "mlp")  # fmt: skip
         elif kind == "moe" or kind == "mlp":
             h = rms_norm(x, block.norm.weight, eps) * scales[i] + shifts[i]
         else:
@@ -368,7 +380,12 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
                               cache.max_length)  # fmt: skip
         else:
             out = block.mixer(h)
-        x = x + (out if modulation is None else gates[i] * out)
+        if modulation is None:
+            x = x + out
+        elif fused:
+            x = torch.addcmul(x, gates[i], out)
+        else:
+            x = x + gates[i] * out
     return rms_norm(x, tower.norm_f.weight, eps), new_states
 
 

@@ -239,3 +239,41 @@ def _rms_norm_cuda(x, weight, eps, gate, group_size, out):
     if out_rows is None:
         out.copy_(target.view(x.shape))
     return out
+
+
+def modulated_rms_norm_ref(x, weight, scale, shift, eps: float, *, post: bool) -> torch.Tensor:
+    """The denoiser's time-modulated pre-norm in PyTorch ops (``cpu_fast.tower_forward``'s):
+    ``rms_norm(x * scale + shift)`` or, ``post``, ``rms_norm(x) * scale + shift``; x (b, n, H)
+    fp32, weight (H,), scale (= 1 + the layer's scale) and shift (b, H)."""
+    scale, shift = scale[:, None], shift[:, None]
+    if post:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps) * scale + shift
+    return F.rms_norm(x * scale + shift, (x.shape[-1],), weight, eps)
+
+
+def modulated_rms_norm_cpu(x, weight, scale, shift, eps: float, *, post: bool) -> torch.Tensor:
+    """:func:`modulated_rms_norm_ref` in one call of ``twotower_rt._cpu``
+    (``csrc/cpu/norm_cpu.cpp``): float32 contiguous CPU tensors; agrees to float32 rounding
+    (fused multiply-adds, its own summation order), each row alone."""
+    C = _ext.cpu_kernels()
+    if C is None:
+        raise RuntimeError(
+            f"twotower_rt: CPU op 'modulated_rms_norm' cannot run: {_ext.cpu_kernels_error()}"
+        )
+    if x.dim() != 3:
+        raise ValueError(f"modulated_rms_norm: x must be (b, n, hidden), got {tuple(x.shape)}")
+    b, n, hidden = x.shape
+    expected = (("x", x, (b, n, hidden)), ("weight", weight, (hidden,)),
+                ("scale", scale, (b, hidden)), ("shift", shift, (b, hidden)))  # fmt: skip
+    for name, t, shape in expected:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != shape:
+            raise ValueError(
+                f"modulated_rms_norm: {name} must be a float32 CPU tensor of shape {shape}, "
+                f"got {t.dtype} on {t.device} of shape {tuple(t.shape)}"
+            )
+        if not t.is_contiguous():
+            raise ValueError(f"modulated_rms_norm: {name} must be contiguous")
+    out = torch.empty_like(x)
+    C.modulated_rms_norm(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                         out.data_ptr(), b * n, hidden, n, eps, post)  # fmt: skip
+    return out
