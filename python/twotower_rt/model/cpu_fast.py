@@ -364,7 +364,7 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
         kind = block.kind
         if modulation is None:
             h = rms_norm(x, block.norm.weight, eps)
-        elif fused and block.norm.weight.dtype == torch.float32:
+        elif fused:  # (the kernel refuses a norm weight that is not fp32)
             h = modulated_rms_norm_cpu(x, block.norm.weight, scales[i], shifts[i], eps,
                                        post=kind == "moe" or kind == "mlp")  # fmt: skip
         elif kind == "moe" or kind == "mlp":
