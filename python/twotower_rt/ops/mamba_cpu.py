@@ -27,7 +27,7 @@ def available(x: torch.Tensor) -> bool:
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype=torch.float32) -> None:
-    if t.dtype != dtype or t.device.type != "cpu" or t.shape != shape:
+    if t.dtype != dtype or not t.is_cpu or t.shape != shape:
         raise ValueError(
             f"mamba_chunk: {name} must be a {dtype} CPU tensor of shape {shape}, "
             f"got {t.dtype} on {t.device} of shape {tuple(t.shape)}"

@@ -218,7 +218,7 @@ def mask_decide_cpu(
     if C is None:
         raise RuntimeError(f"mask_decide_cpu: twotower_rt._cpu is unavailable: "
                            f"{_ext.cpu_kernels_error()}")  # fmt: skip
-    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+    if not logits.is_cpu or logits.dtype != torch.float32:
         raise ValueError(f"mask_decide_cpu: logits must be a float32 CPU tensor, got "
                          f"{logits.dtype} on {logits.device}")  # fmt: skip
     _check_args(logits, block, mask_token_id, steps_per_block, 0.0, None, None)

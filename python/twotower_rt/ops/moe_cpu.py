@@ -89,7 +89,7 @@ def moe_forward(x: torch.Tensor, weights: MoeWeights) -> torch.Tensor:
         )
     w = weights
     E, hidden, inter = w.up.shape
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != hidden:
+    if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] != hidden:
         raise ValueError(f"moe_forward: x must be a float32 CPU tensor (T, {hidden}), got "
                          f"{x.dtype} on {x.device} of shape {tuple(x.shape)}")  # fmt: skip
     if not x.is_contiguous():

@@ -263,16 +263,24 @@ def modulated_rms_norm_cpu(x, weight, scale, shift, eps: float, *, post: bool) -
     if x.dim() != 3:
         raise ValueError(f"modulated_rms_norm: x must be (b, n, hidden), got {tuple(x.shape)}")
     b, n, hidden = x.shape
-    expected = (("x", x, (b, n, hidden)), ("weight", weight, (hidden,)),
-                ("scale", scale, (b, hidden)), ("shift", shift, (b, hidden)))  # fmt: skip
-    for name, t, shape in expected:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != shape:
-            raise ValueError(
-                f"modulated_rms_norm: {name} must be a float32 CPU tensor of shape {shape}, "
-                f"got {t.dtype} on {t.device} of shape {tuple(t.shape)}"
-            )
-        if not t.is_contiguous():
-            raise ValueError(f"modulated_rms_norm: {name} must be contiguous")
+    f32 = torch.float32
+    if not (  # one pass of cheap checks (a denoiser forward makes ten calls); details on failure
+        x.dtype == weight.dtype == scale.dtype == shift.dtype == f32
+        and x.is_cpu and weight.is_cpu and scale.is_cpu and shift.is_cpu
+        and weight.shape == (hidden,) and scale.shape == shift.shape == (b, hidden)
+        and x.is_contiguous() and weight.is_contiguous() and scale.is_contiguous()
+        and shift.is_contiguous()
+    ):  # fmt: skip
+        expected = (("x", x, (b, n, hidden)), ("weight", weight, (hidden,)),
+                    ("scale", scale, (b, hidden)), ("shift", shift, (b, hidden)))  # fmt: skip
+        for name, t, shape in expected:
+            if t.dtype != f32 or t.device.type != "cpu" or t.shape != shape:
+                raise ValueError(
+                    f"modulated_rms_norm: {name} must be a float32 CPU tensor of shape {shape}, "
+                    f"got {t.dtype} on {t.device} of shape {tuple(t.shape)}"
+                )
+            if not t.is_contiguous():
+                raise ValueError(f"modulated_rms_norm: {name} must be contiguous")
     out = torch.empty_like(x)
     C.modulated_rms_norm(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), shift.data_ptr(),
                          out.data_ptr(), b * n, hidden, n, eps, post)  # fmt: skip
