@@ -28,6 +28,18 @@ T* ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// Runs kernel(params) without the GIL (pure C++ over memory the caller keeps alive) and turns
+// its error message, if any, into a ValueError.
+template <typename Params>
+void Run(const char* (*kernel)(const Params&), const Params& params) {
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;
+    error = kernel(params);
+  }
+  if (error != nullptr) throw std::invalid_argument(error);
+}
+
 void MambaChunk(std::uintptr_t zxbcdt, std::uintptr_t conv_state, std::uintptr_t ssm_state,
                 std::uintptr_t conv_taps, std::uintptr_t conv_bias, std::uintptr_t dt_bias,
                 std::uintptr_t A, std::uintptr_t D, std::uintptr_t norm_weight,
@@ -60,12 +72,7 @@ void MambaChunk(std::uintptr_t zxbcdt, std::uintptr_t conv_state, std::uintptr_t
   p.eps = static_cast<float>(eps);
   p.dt_min = static_cast<float>(dt_min);
   p.dt_max = static_cast<float>(dt_max);
-  const char* error = nullptr;
-  {
-    py::gil_scoped_release release;  // pure C++ over memory the caller keeps alive
-    error = cpu::mamba_chunk(p);
-  }
-  if (error != nullptr) throw std::invalid_argument(error);
+  Run(cpu::mamba_chunk, p);
 }
 
 void MoeForward(std::uintptr_t x, std::uintptr_t router_weight, std::uintptr_t score_bias,
@@ -90,12 +97,7 @@ void MoeForward(std::uintptr_t x, std::uintptr_t router_weight, std::uintptr_t s
   p.top_k = top_k;
   p.norm_topk_prob = norm_topk_prob;
   p.routed_scaling_factor = routed_scaling_factor;
-  const char* error = nullptr;
-  {
-    py::gil_scoped_release release;
-    error = cpu::moe_forward(p);
-  }
-  if (error != nullptr) throw std::invalid_argument(error);
+  Run(cpu::moe_forward, p);
 }
 
 void MaskDecide(std::uintptr_t logits, std::uintptr_t block, std::uintptr_t step,
@@ -118,12 +120,7 @@ void MaskDecide(std::uintptr_t logits, std::uintptr_t block, std::uintptr_t step
   p.mask_token_id = mask_token_id;
   p.steps_per_block = steps_per_block;
   p.confidence_threshold = static_cast<float>(confidence_threshold);
-  const char* error = nullptr;
-  {
-    py::gil_scoped_release release;
-    error = cpu::mask_decide(p);
-  }
-  if (error != nullptr) throw std::invalid_argument(error);
+  Run(cpu::mask_decide, p);
 }
 
 void ModulatedRmsNorm(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t scale,
@@ -140,8 +137,7 @@ void ModulatedRmsNorm(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t sc
   p.rows_per_seq = rows_per_seq;
   p.eps = static_cast<float>(eps);
   p.post = post;
-  const char* error = cpu::modulated_rms_norm(p);  // a few microseconds: the GIL stays
-  if (error != nullptr) throw std::invalid_argument(error);
+  Run(cpu::modulated_rms_norm, p);
 }
 
 py::dict BuildInfo() {

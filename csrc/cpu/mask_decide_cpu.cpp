@@ -42,10 +42,7 @@ Decision decide_position(const float* x, int64_t vocab) {
     for (int j = 0; j < kLanes; ++j) lane[j] = lane[j] + exp_approx(x[i + j] - m);
   }
   for (int j = 0; i < vocab; ++i, ++j) lane[j] = lane[j] + exp_approx(x[i] - m);
-  for (int width = kLanes / 2; width >= 1; width /= 2) {
-    for (int j = 0; j < width; ++j) lane[j] = lane[j] + lane[j + width];
-  }
-  const float lse = std::log(lane[0]);
+  const float lse = std::log(fold_lanes<kLanes>(lane));
   // logp = (x - m) - lse never decreases with x, so its max is (m - m) - lse; the prediction is
   // the first position that rounds to it, as the reference's argmax over logp.
   const float best = (m - m) - lse;
@@ -97,7 +94,8 @@ const char* mask_decide(const MaskDecideParams& p) {
     }
     const int64_t step = p.step[b];
     const int64_t remaining = std::max<int64_t>(p.steps_per_block - step, 1);
-    int64_t k = std::max<int64_t>(n_above > 0 ? n_above : 1, (n_masked + remaining - 1) / remaining);
+    int64_t k =
+        std::max<int64_t>(n_above > 0 ? n_above : 1, (n_masked + remaining - 1) / remaining);
     k = step >= p.steps_per_block - 1 ? n_masked : std::min(k, n_masked);
     // The k most confident masked positions, ties to the lower position (a stable sort).
     int64_t count = 0;

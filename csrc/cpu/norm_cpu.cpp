@@ -34,10 +34,7 @@ void norm_rows(const ModNormParams& p, float* y) {
       for (int j = 0; j < kLanes; ++j) lane[j] = fmadd(y[c + j], y[c + j], lane[j]);
     }
     for (int j = 0; c < H; ++c, ++j) lane[j] = fmadd(y[c], y[c], lane[j]);
-    for (int width = kLanes / 2; width >= 1; width /= 2) {
-      for (int j = 0; j < width; ++j) lane[j] = lane[j] + lane[j + width];
-    }
-    const float inv = 1.0f / std::sqrt(lane[0] / static_cast<float>(H) + p.eps);
+    const float inv = 1.0f / std::sqrt(fold_lanes<kLanes>(lane) / static_cast<float>(H) + p.eps);
     if (!p.post) {
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) out[k] = (y[k] * inv) * p.weight[k];

@@ -44,6 +44,17 @@ TWOTOWER_RT_INLINE v16 fmadd16(v16 a, v16 b, v16 c) {
   return c;
 }
 
+// lane[0] + ... + lane[L - 1] folded in halves (lane j + lane j + L / 2, then again): one order on
+// every instruction set. L a power of two; lane is overwritten.
+template <int L>
+TWOTOWER_RT_INLINE float fold_lanes(float* lane) {
+  static_assert(L > 0 && (L & (L - 1)) == 0, "L must be a power of two");
+  for (int width = L / 2; width >= 1; width /= 2) {
+    for (int j = 0; j < width; ++j) lane[j] = lane[j] + lane[j + width];
+  }
+  return lane[0];
+}
+
 // exp(x): Cody-Waite range reduction to r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial, 2^k
 // by building the exponent bits; within ~2 ulp of expf for x in [-87, 88] (the argument is
 // clamped there: below, the result is ~1e-38, 0 for the sums that use it). Written so that a
