@@ -187,3 +187,8 @@ def test_modulation_by_value_follows_the_time_embedding():
         want = torch.stack(list(lm.scale_shift_tables))[:, None] + lm.time_embedding(t)
         torch.testing.assert_close(moved, want, rtol=1e-6, atol=1e-6)
         assert not torch.equal(moved, got)
+        lm.scale_shift_tables[3].add_(0.25)  # a table's write is seen too
+        shifted = cpu_fast.modulation(lm, t)
+        want = torch.stack(list(lm.scale_shift_tables))[:, None] + lm.time_embedding(t)
+        torch.testing.assert_close(shifted, want, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(shifted[3], moved[3]) and torch.equal(shifted[2], moved[2])

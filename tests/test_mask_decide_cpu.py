@@ -89,13 +89,13 @@ def test_mask_sampling_runs_it_on_the_fast_path_only(monkeypatch):
     logits = torch.randn(2, 16, 64, generator=g) * 6
     block = torch.full((2, 16), MASK)
     calls = []
-    original = ms.mask_decide_cpu
+    original = ms._mask_decide_cpu  # what mask_sampling dispatches to, its arguments checked
 
     def counting(*a, **kw):
         calls.append(1)
         return original(*a, **kw)
 
-    monkeypatch.setattr(ms, "mask_decide_cpu", counting)
+    monkeypatch.setattr(ms, "_mask_decide_cpu", counting)
     args = dict(mask_token_id=MASK, step=0, steps_per_block=16, confidence_threshold=0.8)
     mask_sampling(logits, block, **args)
     assert len(calls) == 1

@@ -323,10 +323,11 @@ def modulation(lm, t: torch.Tensor) -> torch.Tensor:
     tables = stacked_tables(lm)
     if _ext.cpu_kernels() is None:
         return tables[:, None] + lm.time_embedding(t)
+    # Keyed on the stacked tables (a new tensor whenever a table changes) and the time
+    # conditioning's own parameters.
     modules = lm._modules
-    params = (*_tree_params(modules["scale_shift_tables"]), *_tree_params(modules["t_embedder"]),
-              *_tree_params(modules["t_block"]))  # fmt: skip
-    by_value = derived(lm.t_block, params, lambda *_: {})
+    params = (tables, *_tree_params(modules["t_embedder"]), *_tree_params(modules["t_block"]))
+    by_value = derived(modules["t_block"], params, lambda *_: {})
     rows = []
     for value in t.tolist():
         row = by_value.get(value)

@@ -169,10 +169,9 @@ def mask_sampling(
     """
     _check_args(logits, block, mask_token_id, steps_per_block, temperature, seed, offset)
     B, S, V = logits.shape
-    if _cpu_kernel_applies(logits, block, temperature):
-        result = mask_decide_cpu(logits, block, mask_token_id=mask_token_id, step=step,
-                                 steps_per_block=steps_per_block,
-                                 confidence_threshold=confidence_threshold)  # fmt: skip
+    if _cpu_kernel_applies(logits, block, temperature):  # arguments checked above
+        result = _mask_decide_cpu(logits, block, mask_token_id, step, steps_per_block,
+                                  confidence_threshold)  # fmt: skip
     elif logits.device.type != "cuda" or _kernel_unsupported_reason(logits, block, out):
         result = mask_sampling_ref(
             logits,
@@ -214,14 +213,21 @@ def mask_decide_cpu(
     only where a confidence is within that of the threshold or of another; a prediction only
     where two logits round to the same log-probability. Confidences of positions committed
     before are +inf and not computed."""
-    C = _ext.cpu_kernels()
-    if C is None:
+    if _ext.cpu_kernels() is None:
         raise RuntimeError(f"mask_decide_cpu: twotower_rt._cpu is unavailable: "
                            f"{_ext.cpu_kernels_error()}")  # fmt: skip
     if not logits.is_cpu or logits.dtype != torch.float32:
         raise ValueError(f"mask_decide_cpu: logits must be a float32 CPU tensor, got "
                          f"{logits.dtype} on {logits.device}")  # fmt: skip
     _check_args(logits, block, mask_token_id, steps_per_block, 0.0, None, None)
+    return _mask_decide_cpu(logits, block, mask_token_id, step, steps_per_block,
+                            confidence_threshold)  # fmt: skip
+
+
+def _mask_decide_cpu(logits, block, mask_token_id, step, steps_per_block, confidence_threshold):
+    """:func:`mask_decide_cpu` once its arguments are checked (``mask_sampling`` checks them
+    itself before it dispatches here)."""
+    C = _ext.cpu_kernels()
     B, S, V = logits.shape
     logits, block = logits.contiguous(), block.contiguous()
     step = _per_row(step, B, block.device, "step").contiguous()
