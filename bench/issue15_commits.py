@@ -35,8 +35,7 @@ import torch  # noqa: E402
 
 import twotower_rt  # noqa: E402
 from twotower_rt.engine import steps as engine_steps  # noqa: E402
-from twotower_rt.model.cache import ContextCache  # noqa: E402
-from twotower_rt.train.evaluate import heldout_windows, run_mode  # noqa: E402
+from twotower_rt.train.evaluate import ar_token_scores, heldout_windows, run_mode  # noqa: E402
 from twotower_rt.train.tokenizer import MASK_ID  # noqa: E402
 
 BLOCK = 16
@@ -79,19 +78,6 @@ def commits_of(steps, gamma: float) -> list[dict]:
     return records
 
 
-@torch.no_grad()
-def ar_scores(lm, prompts, gens) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per generated token: the AR tower's NLL and whether it is the tower's argmax."""
-    seqs = torch.tensor([p + g for p, g in zip(prompts, gens)])
-    n = len(prompts[0])
-    cache = ContextCache.allocate(lm.cfg, seqs.shape[0], seqs.shape[1], lm.dtype, lm.device)
-    logp = torch.log_softmax(lm.context_logits(lm.context_forward(seqs[:, :-1], cache)), -1)
-    targets = seqs[:, 1:]
-    nll = -logp.gather(-1, targets[..., None]).squeeze(-1)[:, n - 1 :]
-    agree = (logp.argmax(-1) == targets)[:, n - 1 :]
-    return nll, agree
-
-
 def summarise(rows: list[dict], total_nll: float) -> dict:
     n = len(rows)
     nll = sum(r["nll"] for r in rows)
@@ -128,8 +114,8 @@ def main() -> None:
         per_prompt.append(commits_of(steps, args.gamma))
         n_steps += nfe
     ar_gens = [list(g) for g in run_mode(model, prompts, "ar", None, args.new_tokens)[0].generated]
-    nll, agree = ar_scores(model.lm, prompts, gens)
-    ar_nll = float(ar_scores(model.lm, prompts, ar_gens)[0].mean())
+    nll, agree = ar_token_scores(model.lm, prompts, gens)
+    ar_nll = float(ar_token_scores(model.lm, prompts, ar_gens)[0].mean())
 
     rows = []
     for r, records in enumerate(per_prompt):

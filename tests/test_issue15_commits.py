@@ -12,6 +12,7 @@ import issue15_commits  # noqa: E402
 
 import twotower_rt  # noqa: E402
 from twotower_rt.engine import steps as engine_steps  # noqa: E402
+from twotower_rt.train.evaluate import ar_token_scores  # noqa: E402
 from twotower_rt.train.tokenizer import MASK_ID  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def test_ar_scores_are_the_context_towers(gamma):
     model = twotower_rt.load()
     prompt = model.encode("Enter the KING.\n\n")
     gen = issue15_commits.generate_logged(model, prompt, gamma, 16)[0]
-    nll, agree = issue15_commits.ar_scores(model.lm, [prompt], [gen])
+    nll, agree = ar_token_scores(model.lm, [prompt], [gen])
     full = torch.tensor([prompt + gen])
     logits = model.lm.context_logits(model.lm.context_forward(full[:, :-1], _cache(model, full)))
     logp = torch.log_softmax(logits, -1)[0, len(prompt) - 1 :]

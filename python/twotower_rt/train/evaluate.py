@@ -62,8 +62,9 @@ def heldout_windows(tok, data_dir: str, count: int, length: int) -> list[list[in
 
 
 @torch.no_grad()
-def ar_nll(lm, prompts: list[list[int]], continuations: list[list[int]]) -> float:
-    """Mean per-token NLL of the continuations under the context tower (teacher-forced)."""
+def ar_token_scores(lm, prompts: list[list[int]], continuations: list[list[int]]):
+    """Per continuation token, under the context tower (teacher-forced on prompt +
+    continuation): its NLL and whether it is the tower's argmax there, both (rows, tokens)."""
     seqs = torch.tensor([p + c for p, c in zip(prompts, continuations)])
     n_prompt = len(prompts[0])
     cache = ContextCache.allocate(lm.cfg, seqs.shape[0], seqs.shape[1], lm.dtype, lm.device)
@@ -71,7 +72,13 @@ def ar_nll(lm, prompts: list[list[int]], continuations: list[list[int]]) -> floa
     logp = torch.log_softmax(logits, dim=-1)
     targets = seqs[:, 1:]
     nll = -logp.gather(-1, targets[..., None]).squeeze(-1)[:, n_prompt - 1 :]
-    return float(nll.mean())
+    agree = (logp.argmax(-1) == targets)[:, n_prompt - 1 :]
+    return nll, agree
+
+
+def ar_nll(lm, prompts: list[list[int]], continuations: list[list[int]]) -> float:
+    """Mean per-token NLL of the continuations under the context tower (teacher-forced)."""
+    return float(ar_token_scores(lm, prompts, continuations)[0].mean())
 
 
 def run_mode(model, prompts, mode, gamma, new_tokens):
