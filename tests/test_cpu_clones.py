@@ -16,12 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_mamba_cpu import _inputs as mamba_inputs
+from test_mamba_cpu import _layer as mamba_layer
+from test_moe_cpu import _weights as moe_case
+from test_norm_cpu import _inputs as norm_inputs
 
 from twotower_rt import _ext
-from twotower_rt.model.mamba import MambaState
-from twotower_rt.ops.mamba_cpu import mamba_chunk, mamba_weights
+from twotower_rt.ops.mamba_cpu import mamba_chunk
 from twotower_rt.ops.mask_sampling import mask_decide_cpu
-from twotower_rt.ops.moe_cpu import moe_forward, moe_weights
+from twotower_rt.ops.moe_cpu import moe_forward
 from twotower_rt.ops.rmsnorm import modulated_rms_norm_cpu
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -90,38 +93,21 @@ def builds(tmp_path_factory) -> dict:
 
 
 def _run_all(g: torch.Generator) -> list[torch.Tensor]:
-    """Every kernel on random inputs: the default model's shapes and awkward ones."""
+    """Every kernel on random inputs (the kernel tests' own builders): the default model's shapes
+    and awkward ones."""
     outs = []
     for H, P, N, G, K in ((6, 64, 32, 2, 4), (3, 5, 9, 1, 4), (2, 32, 8, 1, 3)):
-        d_inner, conv_dim = H * P, H * P + 2 * G * N
-        weights = mamba_weights(
-            torch.randn(K, conv_dim, generator=g), torch.randn(conv_dim, generator=g),
-            torch.randn(H, generator=g), -torch.rand(H, generator=g) - 0.1,
-            torch.randn(H, generator=g), torch.randn(d_inner, generator=g),
-            heads=H, groups=G, eps=1e-5,
-        )  # fmt: skip
-        zx = torch.randn(3, 16, d_inner + conv_dim + H, generator=g)
-        state = MambaState(torch.randn(3, conv_dim, K, generator=g),
-                           torch.randn(3, H, P, N, generator=g))  # fmt: skip
+        weights, conv_dim = mamba_layer(H, P, N, G, K)
+        zx, conv, ssm = mamba_inputs(3, 16, H, P, N, conv_dim, K)
         for n_valid in (None, torch.tensor([16, 7, 1])):
-            outs += mamba_chunk(zx, state.conv, state.ssm, weights, n_valid)
-            outs += mamba_chunk(zx, state.conv, state.ssm, weights, n_valid, with_output=False)[1:]
+            outs += mamba_chunk(zx, conv, ssm, weights, n_valid)
+            outs += mamba_chunk(zx, conv, ssm, weights, n_valid, with_output=False)[1:]
     for E, hidden, inter, shared, k in ((8, 192, 128, 256, 2), (5, 70, 33, 19, 3)):
-        weights = moe_weights(
-            torch.randn(E, hidden, generator=g), torch.randn(E, generator=g) * 0.1,
-            torch.randn(E, inter, hidden, generator=g) / hidden**0.5,
-            torch.randn(E, hidden, inter, generator=g) / inter**0.5,
-            torch.randn(shared, hidden, generator=g) / hidden**0.5,
-            torch.randn(hidden, shared, generator=g) / shared**0.5, top_k=k,
-            norm_topk_prob=True, routed_scaling_factor=1.0,
-        )  # fmt: skip
+        weights = moe_case(E, hidden, inter, shared, k)
         outs.append(moe_forward(torch.randn(19, hidden, generator=g), weights))
     for hidden in (192, 37):
-        x = torch.randn(3, 16, hidden, generator=g)
-        weight = torch.randn(hidden, generator=g)
-        scale, shift = 1 + torch.randn(3, hidden, generator=g), torch.randn(3, hidden, generator=g)
         for post in (False, True):
-            outs.append(modulated_rms_norm_cpu(x, weight, scale, shift, 1e-5, post=post))
+            outs.append(modulated_rms_norm_cpu(*norm_inputs(3, 16, hidden), 1e-5, post=post))
     logits = torch.randn(3, 16, 2048, generator=g) * 4
     block = torch.where(torch.rand(3, 16, generator=g) < 0.6, 3, 7)
     decided = mask_decide_cpu(logits, block, mask_token_id=3, step=torch.tensor([0, 5, 14]),
