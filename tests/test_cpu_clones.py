@@ -16,12 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_block_attention_cpu import SHAPES as attention_shapes
+from test_block_attention_cpu import _case as attention_case
+from test_linear_cpu import SHAPES as linear_shapes
+from test_linear_cpu import _case as linear_case
 from test_mamba_cpu import _inputs as mamba_inputs
 from test_mamba_cpu import _layer as mamba_layer
 from test_moe_cpu import _weights as moe_case
 from test_norm_cpu import _inputs as norm_inputs
 
 from twotower_rt import _ext
+from twotower_rt.ops.block_attention import block_attention_cpu
+from twotower_rt.ops.linear_cpu import k_major, linear_cpu
 from twotower_rt.ops.mamba_cpu import mamba_chunk
 from twotower_rt.ops.mask_sampling import mask_decide_cpu
 from twotower_rt.ops.moe_cpu import moe_forward
@@ -108,6 +114,15 @@ def _run_all(g: torch.Generator) -> list[torch.Tensor]:
     for hidden in (192, 37):
         for post in (False, True):
             outs.append(modulated_rms_norm_cpu(*norm_inputs(3, 16, hidden), 1e-5, post=post))
+    for rows, k, n in linear_shapes:
+        x, weight, bias = linear_case(rows, k, n)
+        outs.append(linear_cpu(x, k_major(weight), bias, out_features=n))
+        outs.append(linear_cpu(x, weight.t().contiguous()))
+    for B, S, hq, hkv, d, lens in attention_shapes:
+        q, k, v, k_cache, v_cache, lens, slots = attention_case(B, S, hq, hkv, d, lens)
+        outs.append(block_attention_cpu(q, k_cache, v_cache, lens, k, v, cache_slots=slots))
+        outs.append(block_attention_cpu(q, k_cache, v_cache, lens, k, v, cache_slots=slots,
+                                        causal=True, append=True))  # fmt: skip
     logits = torch.randn(3, 16, 2048, generator=g) * 4
     block = torch.where(torch.rand(3, 16, generator=g) < 0.6, 3, 7)
     decided = mask_decide_cpu(logits, block, mask_token_id=3, step=torch.tensor([0, 5, 14]),

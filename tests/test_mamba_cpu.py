@@ -181,5 +181,12 @@ def test_model_layer_with_the_kernel_matches_the_eager_layer(mixer, n, ragged):
         torch.testing.assert_close(got[rows], ref[rows], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got_state.ssm, ref_state.ssm, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got_state.conv, ref_state.conv)
-    # Same in_proj (the fast path's) as the kernel's: the raw conv columns are the same bits.
-    assert torch.equal(got_state.conv, py_state.conv)
+    # The new conv state is the last K raw xBC columns of the kernel path's own in_proj (each
+    # row's up to its last real token), bitwise.
+    with torch.no_grad():
+        xbc = mixer.in_proj(h)[..., cfg.mamba_d_inner : cfg.mamba_d_inner + cfg.mamba_conv_dim]
+    K = cfg.conv_kernel
+    for r in range(3):
+        end = n if n_valid is None else int(n_valid[r])
+        history = torch.cat([state.conv[r].t(), xbc[r]])  # (K + n, conv_dim), time-major
+        assert torch.equal(got_state.conv[r], history[end : end + K].t())

@@ -40,10 +40,10 @@ def test_reference_is_the_mixer_bitwise(dtype):
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(3, 1, cfg.hidden_size, generator=gen).to(dtype)
     state = random_state(cfg, 3, dtype, gen)
-    with torch.inference_mode():
-        # The mixer in PyTorch ops: the CPU kernel (twotower_rt._cpu) rounds its own way.
-        with _ext.kernels_disabled():
-            out, new = mixer(h, state)
+    # The mixer in PyTorch ops, projections included: the CPU kernels (twotower_rt._cpu) round
+    # their own way.
+    with torch.inference_mode(), _ext.kernels_disabled():
+        out, new = mixer(h, state)
         y, conv, ssm = mamba_decode_step_ref(*ref_args(mixer, mixer.in_proj(h)[:, 0], state),
                                              cfg.layer_norm_epsilon, cfg.n_groups,
                                              cfg.time_step_limit)  # fmt: skip

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "twotower_rt/attention_cpu.h"
+#include "twotower_rt/linear_cpu.h"
 #include "twotower_rt/mamba_cpu.h"
 #include "twotower_rt/mask_decide_cpu.h"
 #include "twotower_rt/moe_cpu.h"
@@ -140,6 +142,54 @@ void ModulatedRmsNorm(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t sc
   Run(cpu::modulated_rms_norm, p);
 }
 
+void Linear(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
+            int64_t rows, int64_t in, int64_t out_features, int64_t x_stride, int64_t w_stride) {
+  cpu::LinearParams p;
+  p.x = ptr<const float>(x);
+  p.w = ptr<const float>(w);
+  p.bias = ptr<const float>(bias);
+  p.out = ptr<float>(out);
+  p.rows = rows;
+  p.in = in;
+  p.out_features = out_features;
+  p.x_stride = x_stride;
+  p.w_stride = w_stride;
+  Run(cpu::linear, p);
+}
+
+void BlockAttention(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache,
+                    std::uintptr_t context_lens, std::uintptr_t cache_slots,
+                    std::uintptr_t k_block, std::uintptr_t v_block, std::uintptr_t out,
+                    int64_t batch, int64_t queries, int64_t q_heads, int64_t kv_heads,
+                    int64_t head_dim, int64_t capacity, int64_t cache_rows, int64_t q_stride,
+                    int64_t q_batch_stride, int64_t block_stride, int64_t block_batch_stride,
+                    double scale, bool causal, bool append) {
+  cpu::AttentionParams p;
+  p.q = ptr<const float>(q);
+  p.k_cache = ptr<float>(k_cache);
+  p.v_cache = ptr<float>(v_cache);
+  p.context_lens = ptr<const int64_t>(context_lens);
+  p.cache_slots = ptr<const int64_t>(cache_slots);
+  p.k_block = ptr<const float>(k_block);
+  p.v_block = ptr<const float>(v_block);
+  p.out = ptr<float>(out);
+  p.batch = batch;
+  p.queries = queries;
+  p.q_heads = q_heads;
+  p.kv_heads = kv_heads;
+  p.head_dim = head_dim;
+  p.capacity = capacity;
+  p.cache_rows = cache_rows;
+  p.q_stride = q_stride;
+  p.q_batch_stride = q_batch_stride;
+  p.block_stride = block_stride;
+  p.block_batch_stride = block_batch_stride;
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.append = append;
+  Run(cpu::block_attention, p);
+}
+
 py::dict BuildInfo() {
   py::dict info;
   info["version"] = TWOTOWER_RT_VERSION;
@@ -174,5 +224,16 @@ PYBIND11_MODULE(_cpu, m) {
         "The denoiser's time-modulated RMSNorm (norm_cpu.h)", py::arg("x"), py::arg("weight"),
         py::arg("scale"), py::arg("shift"), py::arg("out"), py::arg("rows"), py::arg("hidden"),
         py::arg("rows_per_seq"), py::arg("eps"), py::arg("post"));
+  m.def("linear", &twotower_rt::Linear, "A dense K-major projection (linear_cpu.h)", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("rows"), py::arg("in"),
+        py::arg("out_features"), py::arg("x_stride"), py::arg("w_stride"));
+  m.def("block_attention", &twotower_rt::BlockAttention,
+        "Block attention over a KV cache, optionally appending to it (attention_cpu.h)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("context_lens"),
+        py::arg("cache_slots"), py::arg("k_block"), py::arg("v_block"), py::arg("out"),
+        py::arg("batch"), py::arg("queries"), py::arg("q_heads"), py::arg("kv_heads"),
+        py::arg("head_dim"), py::arg("capacity"), py::arg("cache_rows"), py::arg("q_stride"),
+        py::arg("q_batch_stride"), py::arg("block_stride"), py::arg("block_batch_stride"),
+        py::arg("scale"), py::arg("causal"), py::arg("append"));
   m.def("build_info", &twotower_rt::BuildInfo);
 }

@@ -46,10 +46,10 @@ TWOTOWER_RT_INLINE void scan_token(float* st, const float* dtx, const float* x, 
   constexpr int64_t kP = 16 * PV;
   v16 d[PV], y[PV];
   for (int q = 0; q < PV; ++q) std::memcpy(&d[q], dtx + 16 * q, sizeof(v16));
-  const v16 vdecay = v16{} + decay;
+  const v16 vdecay = splat16(decay);
   for (int64_t i = 0; i < N; ++i) {
     float* row = st + i * kP;
-    const v16 vb = v16{} + B[i], vc = v16{} + C[i];
+    const v16 vb = splat16(B[i]), vc = splat16(C[i]);
     for (int q = 0; q < PV; ++q) {
       v16 r;
       std::memcpy(&r, row + 16 * q, sizeof(v16));
@@ -60,7 +60,7 @@ TWOTOWER_RT_INLINE void scan_token(float* st, const float* dtx, const float* x, 
       y[q] = i == 0 ? r * vc : fmadd16(r, vc, y[q]);
     }
   }
-  const v16 vD = v16{} + D;
+  const v16 vD = splat16(D);
   for (int q = 0; q < PV; ++q) {
     v16 xq;
     std::memcpy(&xq, x + 16 * q, sizeof(v16));

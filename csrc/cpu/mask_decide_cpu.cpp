@@ -25,19 +25,11 @@ struct Decision {
 // x: the position's logits, copied, with the mask token's logit already set to -1e12.
 TWOTOWER_RT_CLONES
 Decision decide_position(const float* x, int64_t vocab) {
-  // The max (exact whatever the order).
-  float lane[kLanes];
-  for (int j = 0; j < kLanes; ++j) lane[j] = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-  for (; i + kLanes <= vocab; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lane[j] = std::max(lane[j], x[i + j]);
-  }
-  for (int j = 0; i < vocab; ++i, ++j) lane[j] = std::max(lane[j], x[i]);
-  float m = lane[0];
-  for (int j = 1; j < kLanes; ++j) m = std::max(m, lane[j]);
+  const float m = max_of(x, vocab);
   // sum exp(x - m) in 16 lanes, then the lanes pairwise: one order on every instruction set.
+  float lane[kLanes];
   for (int j = 0; j < kLanes; ++j) lane[j] = 0.0f;
-  i = 0;
+  int64_t i = 0;
   for (; i + kLanes <= vocab; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) lane[j] = lane[j] + exp_approx(x[i + j] - m);
   }

@@ -1,6 +1,6 @@
-// The MoE layer on the CPU (see twotower_rt/moe_cpu.h): one token at a time, every projection a
-// chain of fused multiply-adds over inputs of scalar x contiguous K-major row, vectorised over
-// outputs. The instruction-set clones round the same operations (cpu_common.h).
+// The MoE layer on the CPU (see twotower_rt/moe_cpu.h): every projection a chain of fused
+// multiply-adds per output over the inputs in order, in register tiles of a few tokens
+// (cpu_gemm.h). The instruction-set clones round the same operations (cpu_common.h).
 #include "twotower_rt/moe_cpu.h"
 
 #include <cmath>
@@ -8,73 +8,18 @@
 #include <vector>
 
 #include "twotower_rt/cpu_common.h"
+#include "twotower_rt/cpu_gemm.h"
 
 namespace twotower_rt {
 namespace cpu {
 namespace {
-
-// out[b] (cols) = sum_j in[b][j] * w[j, :] for TB tokens b, over the rows j of a (rows, cols)
-// row-major matrix: in[b][0] * w[0, :], then one fused multiply-add per row j, in j order. Blocks
-// of 64 outputs of all TB tokens stay in registers across the rows, and each row of w is loaded
-// once for the TB tokens. Each output's order is the same for every TB, so a token's result does
-// not depend on which tokens share its call. (8 tokens x 32 outputs, which reads each weight row
-// half as often, measured 10% slower here.)
-template <int TB>
-TWOTOWER_RT_INLINE void project(const float* const* in, const float* w, int64_t rows, int64_t cols,
-                    float* const* out) {
-  // Locals that stay in registers: TB x 4 vectors of 16 floats.
-  constexpr int64_t kVec = 16, kBlock = 4 * kVec;
-#define TWOTOWER_RT_LOAD16(dst, ptr) std::memcpy(&(dst), (ptr), sizeof(v16))
-  int64_t c0 = 0;
-  for (; c0 + kBlock <= cols; c0 += kBlock) {
-    v16 acc[TB][4];
-    for (int b = 0; b < TB; ++b) {
-      const float first = in[b][0];
-      for (int q = 0; q < 4; ++q) {
-        v16 wq;
-        TWOTOWER_RT_LOAD16(wq, w + c0 + q * kVec);
-        acc[b][q] = first * wq;
-      }
-    }
-    for (int64_t j = 1; j < rows; ++j) {
-      const float* row = w + j * cols + c0;
-      v16 r0, r1, r2, r3;
-      TWOTOWER_RT_LOAD16(r0, row);
-      TWOTOWER_RT_LOAD16(r1, row + kVec);
-      TWOTOWER_RT_LOAD16(r2, row + 2 * kVec);
-      TWOTOWER_RT_LOAD16(r3, row + 3 * kVec);
-      for (int b = 0; b < TB; ++b) {
-        const float v = in[b][j];
-        const v16 vv = v16{} + v;
-        acc[b][0] = fmadd16(vv, r0, acc[b][0]);
-        acc[b][1] = fmadd16(vv, r1, acc[b][1]);
-        acc[b][2] = fmadd16(vv, r2, acc[b][2]);
-        acc[b][3] = fmadd16(vv, r3, acc[b][3]);
-      }
-    }
-    for (int b = 0; b < TB; ++b) {
-      for (int q = 0; q < 4; ++q) std::memcpy(out[b] + c0 + q * kVec, &acc[b][q], sizeof(v16));
-    }
-  }
-  if (c0 == cols) return;
-  for (int b = 0; b < TB; ++b) {  // the last cols % 64 outputs: the same sums, one at a time
-    const float first = in[b][0];
-    for (int64_t c = c0; c < cols; ++c) out[b][c] = first * w[c];
-    for (int64_t j = 1; j < rows; ++j) {
-      const float v = in[b][j];
-      const float* row = w + j * cols;
-#pragma omp simd
-      for (int64_t c = c0; c < cols; ++c) out[b][c] = fmadd(v, row[c], out[b][c]);
-    }
-  }
-}
 
 // out[b] = down . relu(up . x[b])^2 for TB tokens (h: TB buffers of inter floats).
 template <int TB>
 TWOTOWER_RT_INLINE void relu2_mlp(const float* const* x, const float* up, const float* down,
                                   int64_t hidden, int64_t inter, float* const* h,
                                   float* const* out) {
-  project<TB>(x, up, hidden, inter, h);
+  gemm_rows<TB>(x, up, hidden, inter, inter, nullptr, h);
   for (int b = 0; b < TB; ++b) {
     float* hb = h[b];
 #pragma omp simd
@@ -83,7 +28,7 @@ TWOTOWER_RT_INLINE void relu2_mlp(const float* const* x, const float* up, const 
       hb[i] = r * r;
     }
   }
-  project<TB>(h, down, inter, hidden, out);
+  gemm_rows<TB>(h, down, inter, hidden, hidden, nullptr, out);
 }
 
 constexpr int kTokens = 4;  // tokens per register block

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 // On x86-64 GCC/clang each marked function is built for AVX-512, x86-64-v3 (AVX2 + FMA) and the
 // baseline, chosen at load time. The kernels are built with -ffp-contract=off: the compiler fuses
@@ -32,6 +33,11 @@ TWOTOWER_RT_INLINE float fmadd(float a, float b, float c) { return __builtin_fma
 // clone's vector width.
 typedef float v16 __attribute__((vector_size(64)));
 
+// x in all 16 lanes, as x + 0 (a -0.0 comes out +0.0): GCC makes it a scalar add and one
+// broadcast, where the forms without the add (an initializer list, a lane loop, a shuffle)
+// compiled to chains of masked merges, 3-4x slower in the attention kernel.
+TWOTOWER_RT_INLINE v16 splat16(float x) { return v16{} + x; }
+
 // fmadd lane by lane: a loop the clones vectorise into their FMA instruction.
 TWOTOWER_RT_INLINE v16 fmadd16(v16 a, v16 b, v16 c) {
   float fa[16], fb[16], fc[16];
@@ -53,6 +59,22 @@ TWOTOWER_RT_INLINE float fold_lanes(float* lane) {
     for (int j = 0; j < width; ++j) lane[j] = lane[j] + lane[j + width];
   }
   return lane[0];
+}
+
+// The max of x[0, n) (-inf for n = 0): 16 lanes side by side, then across them (exact in any
+// order, so vectorised).
+TWOTOWER_RT_INLINE float max_of(const float* x, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  float lane[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) lane[j] = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) lane[j] = std::max(lane[j], x[i + j]);
+  }
+  for (int64_t j = 0; i < n; ++i, ++j) lane[j] = std::max(lane[j], x[i]);
+  float m = lane[0];
+  for (int64_t j = 1; j < kLanes; ++j) m = std::max(m, lane[j]);
+  return m;
 }
 
 // exp(x): Cody-Waite range reduction to r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial, 2^k

@@ -8,6 +8,9 @@
 
 Cache layout, per attention layer: keys and values (rows, capacity, kv_heads, head_dim), sequence
 b's in row slots[b] (an engine's slot pool) or row b, valid in [0, lengths[b]).
+
+On the CPU fast path with the CPU kernels built and a float32 model, both run as one call of
+``ops.block_attention.block_attention_cpu``'s kernel (the append's write included).
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _ext
 from ..config import TwoTowerConfig
-from ..ops.block_attention import attention_ref, block_attention, block_attention_ref
+from ..ops.block_attention import (
+    attention_cpu_run,
+    attention_ref,
+    block_attention,
+    block_attention_ref,
+)
 from . import cpu_fast
 from .linear import make_linear
 
@@ -78,7 +87,14 @@ class Attention(nn.Module):
         q = q.view(b, n, cfg.num_attention_heads, cfg.head_dim)
         k = k.view(b, n, cfg.num_key_value_heads, cfg.head_dim)
         v = v.view(b, n, cfg.num_key_value_heads, cfg.head_dim)
-        if not append:
+        kernels = _ext.cpu_kernels() if fast else None
+        if kernels is not None and h.dtype == cache_k.dtype == cache_v.dtype == torch.float32 \
+                and cache_k.is_contiguous() and cache_v.is_contiguous():  # fmt: skip
+            # One kernel call: the append's cache write, the context tower's causal block or
+            # the denoiser's whole block (an AR step is a causal block of one).
+            out = attention_cpu_run(kernels, q, cache_k, cache_v, prefix_len, k, v, slots,
+                                    causal=append, append=append)  # fmt: skip
+        elif not append:
             attend = block_attention_ref if fast else block_attention  # the CPU path, unchecked
             out = attend(q, cache_k, cache_v, prefix_len, k, v, cache_slots=slots)
         else:

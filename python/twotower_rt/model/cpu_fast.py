@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _ext, fastpath
-from ..ops import mamba_cpu
+from ..ops import linear_cpu, mamba_cpu
 from ..ops.mamba_cpu import MambaWeights, mamba_chunk, mamba_weights
 from ..ops.moe_cpu import moe_forward as moe_kernel
 from ..ops.moe_cpu import moe_weights
@@ -43,19 +43,39 @@ def applies(x: torch.Tensor) -> bool:
     return fastpath.enabled() and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
-def derived(module: nn.Module, params: tuple, make):
-    """``make(*params)`` cached on ``module`` until one of ``params`` changes (another tensor, or
-    an in-place write: its version counter moves; inference tensors have none, so an in-place
-    write to one made inside ``torch.inference_mode`` goes unseen)."""
+def derived(module: nn.Module, params: tuple, make, key: str = "_cpu_derived"):
+    """``make(*params)`` cached on ``module`` (under ``key``: a module can keep several) until one
+    of ``params`` changes (another tensor, or an in-place write: its version counter moves;
+    inference tensors have none, so an in-place write to one made inside
+    ``torch.inference_mode`` goes unseen)."""
     versions = [None if p is None or p.is_inference() else p._version for p in params]
-    cached = module.__dict__.get("_cpu_derived")
+    cached = module.__dict__.get(key)
     if cached is not None and cached[2] == versions:
         old = cached[0]
         if all(a is b for a, b in zip(old, params)):
             return cached[1]
     value = make(*params)
-    module.__dict__["_cpu_derived"] = (params, value, versions)
+    module.__dict__[key] = (params, value, versions)
     return value
+
+
+def project(module: nn.Module, x: torch.Tensor, weights: tuple, bias) -> torch.Tensor | None:
+    """``x @ cat(weights).T (+ bias)`` through the CPU kernel ``ops.linear_cpu`` (its padded
+    K-major weight made once per weight version and cached on ``module``), or None where the
+    kernel does not apply (not built or turned off, or not all float32)."""
+    C = _ext.cpu_kernels()
+    if C is None or x.dtype != torch.float32 or weights[0].dtype != torch.float32:
+        return None
+    if bias is not None and bias.dtype != torch.float32:
+        return None
+    weight = derived(module, (*weights, bias), lambda *_: linear_cpu.k_major(torch.cat(weights)),
+                     key="_cpu_kernel_weight")  # fmt: skip
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < k):
+        rows = rows.contiguous()
+    out = linear_cpu.run(C, rows, weight, bias, sum(w.shape[0] for w in weights))
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _mamba_constants(A_log, dt_bias, D, conv_weight, conv_bias):
@@ -391,10 +411,13 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
 
 
 def qkv(attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The q, k and v projections of ``h`` (b, n, hidden) as one matmul by their K-major weights
-    side by side (made once per weight version); unbiased full-precision projections only."""
+    """The q, k and v projections of ``h`` (b, n, hidden) as one projection by their weights
+    side by side: through the CPU kernel where it applies, else one matmul by their K-major copy
+    (made once per weight version); unbiased full-precision projections only."""
     projections = (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight)
-    weight = derived(attention, projections, lambda *w: torch.cat(w).t().contiguous())
     sizes = [p.shape[0] for p in projections]
-    out = torch.mm(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], -1)
+    out = project(attention, h, projections, None)
+    if out is None:
+        weight = derived(attention, projections, lambda *w: torch.cat(w).t().contiguous())
+        out = torch.mm(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], -1)
     return torch.split(out, sizes, dim=-1)

@@ -91,11 +91,12 @@ FAST_LINEAR_MAX_BYTES = 256 << 20
 
 
 class Linear(nn.Linear):
-    """``nn.Linear``, whose CPU fast path multiplies by a cached K-major (in, out) copy of the
-    weight: MKL's kernels for that layout take 0.5-0.8x the time of F.linear's transposed one at
-    the few rows a step has (bench/run.py cpu). For 16 rows or more the results are bitwise
-    F.linear's; for fewer, MKL's small-M kernels of the two layouts round differently (as F.linear
-    at 1 row already differs from F.linear at 16)."""
+    """``nn.Linear`` with CPU fast paths: where the CPU kernels are built and the layer is
+    float32, one call of ``ops.linear_cpu`` (register tiles; float32 rounding, each row alone);
+    else a matmul by a cached K-major (in, out) copy of the weight, whose MKL kernels take 0.5-0.8x
+    the time of F.linear's transposed one at the few rows a step has (bench/run.py cpu). For 16
+    rows or more those are bitwise F.linear's; for fewer, MKL's small-M kernels of the two layouts
+    round differently (as F.linear at 1 row already differs from F.linear at 16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
@@ -105,6 +106,9 @@ class Linear(nn.Linear):
             or weight.numel() * weight.element_size() > FAST_LINEAR_MAX_BYTES
         ):
             return F.linear(x, weight, self.bias)
+        out = cpu_fast.project(self, x, (weight,), self.bias)
+        if out is not None:
+            return out
         k_major = cpu_fast.derived(self, (weight,), lambda w: w.t().contiguous())
         rows = x.reshape(-1, x.shape[-1])
         if self.bias is None:

@@ -10,7 +10,9 @@ layout.
 
 CUDA bfloat16 tensors run the kernel ``csrc/include/twotower_rt/block_attention.cuh`` (mma.sync
 tensor cores, split-KV with a log2-sum-exp merge; head_dim 32, 64 or 128); everything else runs
-:func:`block_attention_ref`. The split count comes from :func:`plan_splits`, which depends only on
+:func:`block_attention_ref`. The model's CPU fast path (float32, CPU kernels built) calls
+:func:`block_attention_cpu`'s kernel instead (``csrc/cpu/attention_cpu.cpp``), which also does the
+context tower's causal append, cache write included. The split count comes from :func:`plan_splits`, which depends only on
 shapes and the GPU's SM count (never on the device-side lengths), so a captured CUDA graph stays
 valid as lengths change.
 
@@ -79,6 +81,100 @@ def block_attention_ref(
     key_pos = torch.arange(span + n_block, device=q.device)[None, None, :]
     allowed = (key_pos < context_lens[:, None, None]) | (key_pos >= span)
     return attention_ref(q, keys, values, allowed.expand(B, S, span + n_block))
+
+
+def block_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    context_lens: torch.Tensor,
+    k_block: torch.Tensor | None = None,
+    v_block: torch.Tensor | None = None,
+    *,
+    cache_slots: torch.Tensor | None = None,
+    causal: bool = False,
+    append: bool = False,
+) -> torch.Tensor:
+    """:func:`block_attention_ref` in one call of ``twotower_rt._cpu``
+    (``csrc/cpu/attention_cpu.cpp``), float32 CPU tensors: q (B, S, Hq, D) and k_block, v_block
+    (B, S, Hkv, D) with contiguous heads, k_block and v_block with the same strides (views of a
+    fused q/k/v projection qualify); the caches contiguous; context_lens and cache_slots (B,)
+    int. With ``causal`` query s sees block keys [0, s] (the context tower's append) instead of
+    all S; with
+    ``append`` the block's K/V are first written into the cache at [context_lens, + S). Agrees
+    with the reference to float32 rounding, each query alone; a query without keys gets zeros."""
+    C = _ext.cpu_kernels()
+    if C is None:
+        raise RuntimeError(
+            f"twotower_rt: CPU op 'block_attention' cannot run: {_ext.cpu_kernels_error()}"
+        )
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"block_attention_cpu: q must be (B, S, Hq, D) and the caches (rows, "
+                         f"capacity, Hkv, D) alike, got {tuple(q.shape)}, {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")  # fmt: skip
+    B, S, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    if k_cache.shape[3] != d or hq % hkv:
+        raise ValueError(f"block_attention_cpu: cache heads {tuple(k_cache.shape[2:])} do not fit "
+                         f"q's ({hq}, {d})")  # fmt: skip
+    if (k_block is None) != (v_block is None) or (append and k_block is None):
+        raise ValueError("block_attention_cpu: give k_block and v_block together (append needs "
+                         "them)")  # fmt: skip
+    named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
+    if k_block is not None:
+        named += [("k_block", k_block), ("v_block", v_block)]
+        if k_block.shape != (B, S, hkv, d) or v_block.shape != k_block.shape:
+            raise ValueError(f"block_attention_cpu: k_block and v_block must be {(B, S, hkv, d)}, "
+                             f"got {tuple(k_block.shape)} and {tuple(v_block.shape)}")  # fmt: skip
+        if k_block.stride() != v_block.stride() or not _heads_contiguous(k_block):
+            raise ValueError("block_attention_cpu: k_block and v_block need the same strides and "
+                             "contiguous heads")  # fmt: skip
+    for name, t in named:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"block_attention_cpu: {name} must be a float32 CPU tensor, got "
+                             f"{t.dtype} on {t.device}")  # fmt: skip
+    if not _heads_contiguous(q):
+        raise ValueError("block_attention_cpu: q needs contiguous heads")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("block_attention_cpu: the caches must be contiguous")
+    for name, t in (("context_lens", context_lens), ("cache_slots", cache_slots)):
+        if t is not None and (t.shape != (B,) or t.device.type != "cpu"
+                              or t.dtype not in (torch.int32, torch.int64)):  # fmt: skip
+            raise ValueError(f"block_attention_cpu: {name} must be a ({B},) int CPU tensor, got "
+                             f"{t.dtype} on {t.device} of shape {tuple(t.shape)}")  # fmt: skip
+    return attention_cpu_run(C, q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots,
+                             causal=causal, append=append)  # fmt: skip
+
+
+def _heads_contiguous(t: torch.Tensor) -> bool:
+    """(B, S, H, D) whose H x D values of each token are contiguous (any token strides)."""
+    _, _, H, D = t.shape
+    return (t.stride(3) == 1 or D == 1) and (t.stride(2) == D or H == 1)
+
+
+def attention_cpu_run(C, q, k_cache, v_cache, context_lens, k_block, v_block, cache_slots, *,
+                      causal: bool, append: bool) -> torch.Tensor:  # fmt: skip
+    """:func:`block_attention_cpu` without its tensor checks, for the model's attention (whose
+    tensors are the kernel's by construction); the kernel still checks every length and slot
+    before it reads or writes. ``C``: the loaded ``twotower_rt._cpu``."""
+    B, S, hq, d = q.shape
+    rows, capacity, hkv, _ = k_cache.shape
+    if context_lens.dtype != torch.int64 or not context_lens.is_contiguous():
+        context_lens = context_lens.long().contiguous()
+    if cache_slots is not None and (cache_slots.dtype != torch.int64
+                                    or not cache_slots.is_contiguous()):  # fmt: skip
+        cache_slots = cache_slots.long().contiguous()
+    out = q.new_empty((B, S, hq, d))
+    block = k_block is not None
+    C.block_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), context_lens.data_ptr(),
+        0 if cache_slots is None else cache_slots.data_ptr(),
+        k_block.data_ptr() if block else 0, v_block.data_ptr() if block else 0, out.data_ptr(),
+        B, S, hq, hkv, d, capacity, rows, q.stride(1), q.stride(0),
+        k_block.stride(1) if block else 0, k_block.stride(0) if block else 0,
+        1.0 / math.sqrt(d), causal, append,
+    )  # fmt: skip
+    return out
 
 
 def block_attention(

@@ -1,0 +1,212 @@
+// Block attention on the CPU (see twotower_rt/attention_cpu.h): per sequence and KV head, its keys
+// (the cache's, then the block's) transposed once, then each query head of the group over them,
+// 16 keys at a time.
+#include "twotower_rt/attention_cpu.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "twotower_rt/cpu_common.h"
+
+namespace twotower_rt {
+namespace cpu {
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+struct Scratch {
+  std::vector<float> keys_t;  // (D, padded keys): a KV head's keys, transposed
+  std::vector<float> values;  // (keys, D): its values, contiguous
+  std::vector<float> probs;   // (heads of a group, padded keys)
+};
+
+constexpr int64_t kChunks = 4;  // 16-key vectors of scores computed side by side
+constexpr int64_t kPad = kChunks * kLanes;
+
+// Scores of one query head over keys [0, n): keys_t (D, ld) transposed keys, ld a multiple of
+// kPad, zero-padded. Each key's dot product is one chain of fused multiply-adds over d; kChunks
+// vectors of keys run side by side so that their chains overlap.
+TWOTOWER_RT_INLINE void head_scores(const float* q, const float* keys_t, int64_t ld, int64_t n,
+                                    int64_t D, float scale, float* scores) {
+  for (int64_t c0 = 0; c0 < n; c0 += kPad) {
+    v16 acc[kChunks];
+    for (int64_t c = 0; c < kChunks; ++c) acc[c] = v16{} - 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const v16 qd = splat16(q[d]);
+      const float* row = keys_t + d * ld + c0;
+      for (int64_t c = 0; c < kChunks; ++c) {
+        v16 k;
+        std::memcpy(&k, row + c * kLanes, sizeof(v16));
+        acc[c] = fmadd16(qd, k, acc[c]);
+      }
+    }
+    for (int64_t c = 0; c < kChunks; ++c) {
+      const v16 scaled = acc[c] * scale;
+      std::memcpy(scores + c0 + c * kLanes, &scaled, sizeof(v16));
+    }
+  }
+}
+
+// scores[0, n) -> softmax probabilities in place: exp(score - max) (exp_approx), their sum in
+// 16 lanes folded pairwise, each divided by it.
+TWOTOWER_RT_INLINE void softmax(float* scores, int64_t n) {
+  const float m = max_of(scores, n);
+  float lane[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = 0.0f;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      scores[j + l] = exp_approx(scores[j + l] - m);
+      lane[l] = lane[l] + scores[j + l];
+    }
+  }
+  for (int64_t l = 0; j < n; ++j, ++l) {
+    scores[j] = exp_approx(scores[j] - m);
+    lane[l] = lane[l] + scores[j];
+  }
+  const float total = fold_lanes<kLanes>(lane);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) scores[i] = scores[i] / total;
+}
+
+// The G query heads q[0..G) of one query over keys [0, n) (n > 0): out[h] = sum_i p_h,i v_i, one
+// chain of fused multiply-adds per output over the keys in order; the G heads' chains side by
+// side. probs: G rows of ld floats.
+template <int G>
+TWOTOWER_RT_INLINE void heads_output(const float* probs, int64_t ld, const float* values,
+                                     int64_t n, int64_t D, float* const* out) {
+  int64_t d0 = 0;
+  for (; d0 + kLanes <= D; d0 += kLanes) {
+    v16 acc[G];
+    for (int h = 0; h < G; ++h) acc[h] = v16{} - 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      v16 v;
+      std::memcpy(&v, values + i * D + d0, sizeof(v16));
+      for (int h = 0; h < G; ++h) acc[h] = fmadd16(splat16(probs[h * ld + i]), v, acc[h]);
+    }
+    for (int h = 0; h < G; ++h) std::memcpy(out[h] + d0, &acc[h], sizeof(v16));
+  }
+  for (int h = 0; h < G && d0 < D; ++h) {
+    for (int64_t d = d0; d < D; ++d) out[h][d] = -0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float w = probs[h * ld + i];
+#pragma omp simd
+      for (int64_t d = d0; d < D; ++d) out[h][d] = fmadd(w, values[i * D + d], out[h][d]);
+    }
+  }
+}
+
+// Query heads [h0, h0 + count) of one query (q: its first head) over keys [0, n).
+TWOTOWER_RT_INLINE void attend(const float* q, int64_t count, const float* keys_t, int64_t ld,
+                               const float* values, int64_t n, int64_t D, float scale,
+                               float* probs, float* out) {
+  if (n == 0) {
+    for (int64_t d = 0; d < count * D; ++d) out[d] = 0.0f;
+    return;
+  }
+  for (int64_t h = 0; h < count; ++h) {
+    head_scores(q + h * D, keys_t, ld, n, D, scale, probs + h * ld);
+    softmax(probs + h * ld, n);
+  }
+  int64_t h = 0;
+  for (; h + 4 <= count; h += 4) {
+    float* outs[4] = {out + h * D, out + (h + 1) * D, out + (h + 2) * D, out + (h + 3) * D};
+    heads_output<4>(probs + h * ld, ld, values, n, D, outs);
+  }
+  float* outs[3] = {out + h * D, out + (h + 1) * D, out + (h + 2) * D};
+  switch (count - h) {
+    case 3: heads_output<3>(probs + h * ld, ld, values, n, D, outs); break;
+    case 2: heads_output<2>(probs + h * ld, ld, values, n, D, outs); break;
+    case 1: heads_output<1>(probs + h * ld, ld, values, n, D, outs); break;
+    default: break;
+  }
+}
+
+TWOTOWER_RT_CLONES
+void attention_all(const AttentionParams& p, Scratch& s) {
+  const int64_t S = p.queries, Hq = p.q_heads, Hkv = p.kv_heads, D = p.head_dim;
+  const int64_t group = Hq / Hkv, row_floats = p.capacity * Hkv * D;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t row = p.cache_slots != nullptr ? p.cache_slots[b] : b;
+    const int64_t L = p.context_lens[b];
+    float* k_row = p.k_cache + row * row_floats;
+    float* v_row = p.v_cache + row * row_floats;
+    const float* k_block = p.k_block == nullptr ? nullptr : p.k_block + b * p.block_batch_stride;
+    const float* v_block = p.v_block == nullptr ? nullptr : p.v_block + b * p.block_batch_stride;
+    const int64_t n_block = k_block == nullptr ? 0 : S;
+    if (p.append) {
+      for (int64_t i = 0; i < S; ++i) {
+        std::memcpy(k_row + (L + i) * Hkv * D, k_block + i * p.block_stride,
+                    Hkv * D * sizeof(float));
+        std::memcpy(v_row + (L + i) * Hkv * D, v_block + i * p.block_stride,
+                    Hkv * D * sizeof(float));
+      }
+    }
+    const int64_t n_all = L + n_block, ld = (n_all + kPad - 1) / kPad * kPad;
+    for (int64_t g = 0; g < Hkv; ++g) {
+      // This KV head's keys transposed (zero-padded to kPad) and its values contiguous: the cache's
+      // first L, then the block's.
+      float* keys_t = s.keys_t.data();
+      float* values = s.values.data();
+      for (int64_t j = 0; j < n_all; ++j) {
+        const float* k = j < L ? k_row + (j * Hkv + g) * D : k_block + (j - L) * p.block_stride + g * D;
+        const float* v = j < L ? v_row + (j * Hkv + g) * D : v_block + (j - L) * p.block_stride + g * D;
+        for (int64_t d = 0; d < D; ++d) keys_t[d * ld + j] = k[d];
+        std::memcpy(values + j * D, v, D * sizeof(float));
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t j = n_all; j < ld; ++j) keys_t[d * ld + j] = 0.0f;
+      }
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t t = b * S + i, n = L + (p.causal && n_block > 0 ? i + 1 : n_block);
+        const float* q = p.q + b * p.q_batch_stride + i * p.q_stride + g * group * D;
+        attend(q, group, keys_t, ld, values, n, D, p.scale,
+               s.probs.data(), p.out + (t * Hq + g * group) * D);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const char* block_attention(const AttentionParams& p) {
+  if (p.q == nullptr || p.k_cache == nullptr || p.v_cache == nullptr ||
+      p.context_lens == nullptr || p.out == nullptr) {
+    return "block_attention: a required pointer is null";
+  }
+  if ((p.k_block == nullptr) != (p.v_block == nullptr)) {
+    return "block_attention: k_block and v_block go together";
+  }
+  if (p.append && p.k_block == nullptr) return "block_attention: append needs the block's K/V";
+  if (p.batch < 0 || p.queries <= 0 || p.q_heads <= 0 || p.kv_heads <= 0 || p.head_dim <= 0 ||
+      p.q_heads % p.kv_heads != 0 || p.capacity < 0 || p.cache_rows < 0 ||
+      p.q_stride < 0 || p.q_batch_stride < 0 || p.block_stride < 0 ||
+      p.block_batch_stride < 0) {
+    return "block_attention: sizes must be positive, kv_heads dividing q_heads, strides not "
+           "negative";
+  }
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t row = p.cache_slots != nullptr ? p.cache_slots[b] : b;
+    if (row < 0 || row >= p.cache_rows) return "block_attention: a cache slot is out of range";
+    const int64_t L = p.context_lens[b];
+    if (L < 0 || L + (p.append ? p.queries : 0) > p.capacity) {
+      return "block_attention: a context length is out of range (or its block does not fit)";
+    }
+  }
+  if (p.batch == 0) return nullptr;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < p.batch; ++b) longest = std::max(longest, p.context_lens[b]);
+  const int64_t padded = (longest + p.queries + kPad - 1) / kPad * kPad;
+  thread_local Scratch scratch;
+  scratch.keys_t.resize(p.head_dim * padded);
+  scratch.values.resize((longest + p.queries) * p.head_dim);
+  scratch.probs.resize(p.q_heads / p.kv_heads * padded);
+  attention_all(p, scratch);
+  return nullptr;
+}
+
+}  // namespace cpu
+}  // namespace twotower_rt

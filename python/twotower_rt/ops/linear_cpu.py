@@ -1,0 +1,95 @@
+"""A dense projection on the CPU in one call: the op (``twotower_rt._cpu``, the kernel in
+``csrc/cpu/linear_cpu.cpp``) and beside it its PyTorch reference.
+
+The CPU fast path's projections (``model.linear.Linear`` and ``model.cpu_fast.qkv``) keep their
+weights K-major, (in, out). At the 1 to 16 rows of a step MKL's sgemm reaches a third to two
+thirds of what register tiles of 4 rows x 64 outputs reach on this kind of CPU
+(``bench/results/linear_cpu.json``), and its small-M kernels round a row differently with the
+number of rows in the call. The kernel computes each output as one chain of fused multiply-adds
+over the inputs in order (from the bias, or from the first product): it agrees with ``torch.mm``
+to float32 rounding, not bitwise, and a row's result never depends on the other rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+
+VECTOR = 16  # floats per vector of the kernel
+
+
+def k_major(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear's weight (out, in) as the kernel takes it: float32 (in, out) with each row padded
+    with zeros to a multiple of 16 outputs, so that the last outputs also run as one vector."""
+    n, k = weight.shape
+    padded = torch.zeros(k, -(-n // VECTOR) * VECTOR, dtype=torch.float32)
+    padded[:, :n] = weight.detach().t()
+    return padded
+
+
+def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               out_features: int | None = None) -> torch.Tensor:  # fmt: skip
+    """``x @ weight[:, :out_features] (+ bias)``: x (rows, in) float32 CPU with unit column
+    stride, weight (in, >= out_features) float32 contiguous (K-major, e.g. :func:`k_major`),
+    bias (out_features,) or None -> (rows, out_features) float32."""
+    C = _ext.cpu_kernels()
+    if C is None:
+        raise RuntimeError(f"twotower_rt: CPU op 'linear' cannot run: {_ext.cpu_kernels_error()}")
+    n = weight.shape[-1] if out_features is None else out_features
+    f32 = torch.float32
+    if not (  # one pass of cheap checks; details on failure
+        x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[0]
+        and 0 <= n <= weight.shape[1]
+        and x.dtype == weight.dtype == f32 and x.is_cpu and weight.is_cpu
+        and x.stride(1) == 1 and (x.stride(0) >= x.shape[1] or x.shape[0] <= 1)
+        and weight.is_contiguous()
+        and (bias is None or (bias.dtype == f32 and bias.is_cpu and bias.is_contiguous()
+                              and bias.shape == (n,)))
+    ):  # fmt: skip
+        _explain(x, weight, bias, n)
+    return run(C, x, weight, bias, n)
+
+
+def run(C, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int):
+    """:func:`linear_cpu` without its checks, for callers that have made them (the model's
+    projections, once per weight version): ``C`` the loaded ``twotower_rt._cpu``."""
+    rows, k = x.shape
+    out = x.new_empty((rows, n))
+    if rows and k and n:
+        C.linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                 out.data_ptr(), rows, k, n, max(x.stride(0), k), weight.shape[1])  # fmt: skip
+    elif rows and n:  # no inputs: the bias alone
+        out.copy_(bias.expand(rows, n) if bias is not None else torch.zeros(rows, n))
+    return out
+
+
+def _explain(x, weight, bias, n: int) -> None:
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"linear: x must be (rows, in) and weight (in, out), got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")  # fmt: skip
+    if not 0 <= n <= weight.shape[1]:
+        raise ValueError(f"linear: out_features must be in [0, {weight.shape[1]}], got {n}")
+    if x.shape[1] != weight.shape[0]:
+        raise ValueError(f"linear: x has {x.shape[1]} inputs, weight {weight.shape[0]} "
+                         f"(weight must be K-major: (in, out))")  # fmt: skip
+    named = [("x", x), ("weight", weight)] + ([] if bias is None else [("bias", bias)])
+    for name, t in named:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"linear: {name} must be a float32 CPU tensor, got {t.dtype} on "
+                             f"{t.device}")  # fmt: skip
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"linear: bias must be ({n},), got {tuple(bias.shape)}")
+    if x.stride(1) != 1 or (x.stride(0) < x.shape[1] and x.shape[0] > 1):
+        raise ValueError(
+            f"linear: x must have unit column stride and rows that do not overlap, "
+            f"got strides {tuple(x.stride())}"
+        )
+    raise ValueError("linear: weight and bias must be contiguous")
+
+
+def linear_cpu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   out_features: int | None = None) -> torch.Tensor:  # fmt: skip
+    """:func:`linear_cpu` in PyTorch: ``torch.mm`` (``torch.addmm`` with a bias)."""
+    weight = weight[:, : weight.shape[1] if out_features is None else out_features]
+    return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
