@@ -6,6 +6,7 @@ pybind11 and Python's headers (the test extra brings pybind11), and the reposito
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import platform
@@ -110,7 +111,11 @@ def _run_all(g: torch.Generator) -> list[torch.Tensor]:
             outs += mamba_chunk(zx, conv, ssm, weights, n_valid, with_output=False)[1:]
     for E, hidden, inter, shared, k in ((8, 192, 128, 256, 2), (5, 70, 33, 19, 3)):
         weights = moe_case(E, hidden, inter, shared, k)
-        outs.append(moe_forward(torch.randn(19, hidden, generator=g), weights))
+        x = torch.randn(19, hidden, generator=g)
+        outs.append(moe_forward(x, weights))
+        halves = {f: getattr(weights, f) for f in ("up", "down", "shared_up", "shared_down")}
+        halves = {f: None if w is None else w.bfloat16() for f, w in halves.items()}
+        outs.append(moe_forward(x, dataclasses.replace(weights, **halves)))
     for hidden in (192, 37):
         for post in (False, True):
             outs.append(modulated_rms_norm_cpu(*norm_inputs(3, 16, hidden), 1e-5, post=post))
@@ -118,6 +123,7 @@ def _run_all(g: torch.Generator) -> list[torch.Tensor]:
         x, weight, bias = linear_case(rows, k, n)
         outs.append(linear_cpu(x, k_major(weight), bias, out_features=n))
         outs.append(linear_cpu(x, weight.t().contiguous()))
+        outs.append(linear_cpu(x, k_major(weight.bfloat16().float()), out_features=n))
     for B, S, hq, hkv, d, lens in attention_shapes:
         q, k, v, k_cache, v_cache, lens, slots = attention_case(B, S, hq, hkv, d, lens)
         outs.append(block_attention_cpu(q, k_cache, v_cache, lens, k, v, cache_slots=slots))

@@ -49,6 +49,22 @@ def test_kernel_matches_float64(rows, k, n, with_bias):
     assert torch.equal(padded, plain)
 
 
+@pytest.mark.parametrize("rows,k,n", SHAPES[:6])
+def test_bf16_weights_give_the_fp32_bits(rows, k, n):
+    """A weight whose values are all bfloat16 values is kept as bfloat16 (k_major), half the
+    bytes, and widened exactly: the outputs are bitwise those of the same weight as float32. One
+    value off the bf16 grid keeps it float32."""
+    x, weight, bias = _case(rows, k, n, seed=2)
+    weight = weight.bfloat16().float()
+    packed = k_major(weight)
+    assert packed.dtype == torch.bfloat16
+    got = linear_cpu(x, packed, bias, out_features=n)
+    assert torch.equal(got, linear_cpu(x, packed.float(), bias, out_features=n))
+    torch.testing.assert_close(got, linear_cpu_ref(x, packed, bias, out_features=n))
+    weight[0, 0] += 1e-3
+    assert k_major(weight).dtype == torch.float32
+
+
 def test_exact_where_every_sum_is_representable():
     """Small integers: every product and partial sum is exact in float32, so the result is the
     exact integer product, whatever the order (an independent check of what is summed)."""
@@ -97,6 +113,8 @@ def test_bad_arguments():
     x, w = torch.randn(3, 8), torch.randn(8, 16)
     with pytest.raises(ValueError, match="float32 CPU"):
         linear_cpu(x.double(), w)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        linear_cpu(x, w.half())
     with pytest.raises(ValueError, match="K-major"):
         linear_cpu(x, torch.randn(16, 8))
     with pytest.raises(ValueError, match="out_features"):

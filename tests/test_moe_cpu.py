@@ -104,3 +104,37 @@ def test_weight_updates_reach_the_kernel():
         moe.shared_experts.down_proj.weight.mul_(2)
         second = moe(h)
     torch.testing.assert_close(second, 2 * first)
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+def test_bf16_weights_are_kept_as_bf16_with_the_same_bits(case):
+    """Expert weights that are all bfloat16 values (a bf16 checkpoint loaded as fp32) are kept as
+    bfloat16, half the bytes; the kernel widens them exactly, so its outputs are those of the
+    same weights kept as fp32, bitwise. One value off the bf16 grid keeps them all fp32."""
+    import dataclasses
+
+    E, hidden, inter, shared, k, norm, scale = case
+    g = torch.Generator().manual_seed(5)
+    raw = [torch.randn(E, inter, hidden, generator=g) / hidden**0.5,
+           torch.randn(E, hidden, inter, generator=g) / inter**0.5]  # fmt: skip
+    if shared:
+        raw += [torch.randn(shared, hidden, generator=g) / hidden**0.5,
+                torch.randn(hidden, shared, generator=g) / shared**0.5]  # fmt: skip
+    raw = [w.bfloat16().float() for w in raw]
+    router, bias = torch.randn(E, hidden, generator=g), torch.randn(E, generator=g) * 0.1
+    pair = raw[2:] if shared else []
+    packed = moe_weights(router, bias, *raw[:2], *pair, top_k=k, norm_topk_prob=norm,
+                         routed_scaling_factor=scale)  # fmt: skip
+    assert packed.up.dtype == packed.down.dtype == torch.bfloat16
+    as_fp32 = dataclasses.replace(
+        packed, up=packed.up.float(), down=packed.down.float(),
+        shared_up=None if not shared else packed.shared_up.float(),
+        shared_down=None if not shared else packed.shared_down.float(),
+    )  # fmt: skip
+    x = torch.randn(19, hidden, generator=g)
+    got = moe_forward(x, packed)
+    assert torch.equal(got, moe_forward(x, as_fp32))
+    torch.testing.assert_close(got, moe_forward_ref(x, packed), rtol=1e-4, atol=1e-5)
+    raw[0][0, 0, 0] += 1e-3  # off the grid: every expert weight stays fp32
+    off = moe_weights(router, bias, *raw[:2], *pair, top_k=k)
+    assert off.up.dtype == off.down.dtype == torch.float32

@@ -81,15 +81,16 @@ void MoeForward(std::uintptr_t x, std::uintptr_t router_weight, std::uintptr_t s
                 std::uintptr_t up, std::uintptr_t down, std::uintptr_t shared_up,
                 std::uintptr_t shared_down, std::uintptr_t out, int64_t tokens, int64_t hidden,
                 int64_t experts, int64_t inter, int64_t shared_inter, int64_t top_k,
-                bool norm_topk_prob, double routed_scaling_factor) {
+                bool norm_topk_prob, double routed_scaling_factor, bool weights_bf16) {
   cpu::MoeParams p;
   p.x = ptr<const float>(x);
   p.router_weight = ptr<const double>(router_weight);
   p.score_bias = ptr<const double>(score_bias);
-  p.up = ptr<const float>(up);
-  p.down = ptr<const float>(down);
-  p.shared_up = ptr<const float>(shared_up);
-  p.shared_down = ptr<const float>(shared_down);
+  p.up = ptr<const void>(up);
+  p.down = ptr<const void>(down);
+  p.shared_up = ptr<const void>(shared_up);
+  p.shared_down = ptr<const void>(shared_down);
+  p.weights_bf16 = weights_bf16;
   p.out = ptr<float>(out);
   p.tokens = tokens;
   p.hidden = hidden;
@@ -143,10 +144,15 @@ void ModulatedRmsNorm(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t sc
 }
 
 void Linear(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
-            int64_t rows, int64_t in, int64_t out_features, int64_t x_stride, int64_t w_stride) {
+            int64_t rows, int64_t in, int64_t out_features, int64_t x_stride, int64_t w_stride,
+            bool w_bf16) {
   cpu::LinearParams p;
   p.x = ptr<const float>(x);
-  p.w = ptr<const float>(w);
+  if (w_bf16) {
+    p.w_bf16 = ptr<const uint16_t>(w);
+  } else {
+    p.w = ptr<const float>(w);
+  }
   p.bias = ptr<const float>(bias);
   p.out = ptr<float>(out);
   p.rows = rows;
@@ -219,14 +225,15 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("router_weight"), py::arg("score_bias"), py::arg("up"), py::arg("down"),
         py::arg("shared_up"), py::arg("shared_down"), py::arg("out"), py::arg("tokens"),
         py::arg("hidden"), py::arg("experts"), py::arg("inter"), py::arg("shared_inter"),
-        py::arg("top_k"), py::arg("norm_topk_prob"), py::arg("routed_scaling_factor"));
+        py::arg("top_k"), py::arg("norm_topk_prob"), py::arg("routed_scaling_factor"),
+        py::arg("weights_bf16"));
   m.def("modulated_rms_norm", &twotower_rt::ModulatedRmsNorm,
         "The denoiser's time-modulated RMSNorm (norm_cpu.h)", py::arg("x"), py::arg("weight"),
         py::arg("scale"), py::arg("shift"), py::arg("out"), py::arg("rows"), py::arg("hidden"),
         py::arg("rows_per_seq"), py::arg("eps"), py::arg("post"));
   m.def("linear", &twotower_rt::Linear, "A dense K-major projection (linear_cpu.h)", py::arg("x"),
         py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("rows"), py::arg("in"),
-        py::arg("out_features"), py::arg("x_stride"), py::arg("w_stride"));
+        py::arg("out_features"), py::arg("x_stride"), py::arg("w_stride"), py::arg("w_bf16"));
   m.def("block_attention", &twotower_rt::BlockAttention,
         "Block attention over a KV cache, optionally appending to it (attention_cpu.h)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("context_lens"),

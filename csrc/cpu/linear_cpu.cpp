@@ -18,8 +18,8 @@ TWOTOWER_RT_INLINE void rows_at(const LinearParams& p, int64_t r, const float** 
   }
 }
 
-TWOTOWER_RT_CLONES
-void linear_all(const LinearParams& p) {
+template <typename W>
+TWOTOWER_RT_INLINE void linear_all(const LinearParams& p, const W* w) {
   const int64_t K = p.in, N = p.out_features, full = p.rows / kRows * kRows;
   const float* in[kRows];
   float* out[kRows];
@@ -29,36 +29,48 @@ void linear_all(const LinearParams& p) {
   for (int64_t c = 0; c < wide; c += 4 * kGemmVec) {
     for (int64_t r = 0; r < full; r += kRows) {
       rows_at<kRows>(p, r, in, out);
-      gemm_tile<kRows, 4>(in, p.w, K, p.w_stride, c, p.bias, out);
+      gemm_tile<kRows, 4>(in, w, K, p.w_stride, c, p.bias, out);
     }
   }
   for (int64_t r = 0; wide < N && r < full; r += kRows) {
     rows_at<kRows>(p, r, in, out);
-    gemm_cols<kRows>(in, p.w, K, N, p.w_stride, wide, p.bias, out);
+    gemm_cols<kRows>(in, w, K, N, p.w_stride, wide, p.bias, out);
   }
   // The last rows % 4 rows: two at a time, then one (wider tiles: enough independent chains).
   int64_t r = full;
   for (; r + 2 <= p.rows; r += 2) {
     rows_at<2>(p, r, in, out);
-    gemm_rows<2>(in, p.w, K, N, p.w_stride, p.bias, out);
+    gemm_rows<2>(in, w, K, N, p.w_stride, p.bias, out);
   }
   if (r < p.rows) {
     rows_at<1>(p, r, in, out);
-    gemm_rows<1>(in, p.w, K, N, p.w_stride, p.bias, out);
+    gemm_rows<1>(in, w, K, N, p.w_stride, p.bias, out);
   }
 }
+
+// One clone set per weight type (target_clones does not take templates).
+TWOTOWER_RT_CLONES
+void linear_f32(const LinearParams& p) { linear_all(p, p.w); }
+
+TWOTOWER_RT_CLONES
+void linear_bf16(const LinearParams& p) { linear_all(p, p.w_bf16); }
 
 }  // namespace
 
 const char* linear(const LinearParams& p) {
-  if (p.x == nullptr || p.w == nullptr || p.out == nullptr) {
-    return "linear: a required pointer is null";
+  if (p.x == nullptr || p.out == nullptr || (p.w == nullptr) == (p.w_bf16 == nullptr)) {
+    return "linear: a required pointer is null (or both weights are given)";
   }
   if (p.rows < 0 || p.in <= 0 || p.out_features <= 0 || p.x_stride < p.in ||
       p.w_stride < p.out_features) {
     return "linear: sizes must be positive, with x_stride >= in and w_stride >= out_features";
   }
-  if (p.rows > 0) linear_all(p);
+  if (p.rows == 0) return nullptr;
+  if (p.w != nullptr) {
+    linear_f32(p);
+  } else {
+    linear_bf16(p);
+  }
   return nullptr;
 }
 

@@ -15,8 +15,8 @@ namespace cpu {
 namespace {
 
 // out[b] = down . relu(up . x[b])^2 for TB tokens (h: TB buffers of inter floats).
-template <int TB>
-TWOTOWER_RT_INLINE void relu2_mlp(const float* const* x, const float* up, const float* down,
+template <int TB, typename W>
+TWOTOWER_RT_INLINE void relu2_mlp(const float* const* x, const W* up, const W* down,
                                   int64_t hidden, int64_t inter, float* const* h,
                                   float* const* out) {
   gemm_rows<TB>(x, up, hidden, inter, inter, nullptr, h);
@@ -34,9 +34,10 @@ TWOTOWER_RT_INLINE void relu2_mlp(const float* const* x, const float* up, const 
 constexpr int kTokens = 4;  // tokens per register block
 
 // The MLP over a list of tokens, kTokens at a time.
-TWOTOWER_RT_INLINE void relu2_mlp_tokens(const float* const* x, int64_t count, const float* up,
-                             const float* down, int64_t hidden, int64_t inter, float* const* h,
-                             float* const* out) {
+template <typename W>
+TWOTOWER_RT_INLINE void relu2_mlp_tokens(const float* const* x, int64_t count, const W* up,
+                                         const W* down, int64_t hidden, int64_t inter,
+                                         float* const* h, float* const* out) {
   int64_t i = 0;
   for (; i + kTokens <= count; i += kTokens) {
     relu2_mlp<kTokens>(x + i, up, down, hidden, inter, h, out + i);
@@ -102,8 +103,10 @@ void route(const MoeParams& p, Scratch& s) {
   }
 }
 
-TWOTOWER_RT_CLONES
-void moe_all(const MoeParams& p, Scratch& s) {
+// up, down: (E, hidden, I) and (E, I, hidden); shared_up, shared_down: or nullptr.
+template <typename W>
+TWOTOWER_RT_INLINE void moe_all(const MoeParams& p, Scratch& s, const W* up, const W* down,
+                                const W* shared_up, const W* shared_down) {
   const int64_t H = p.hidden, E = p.experts, k = p.top_k, T = p.tokens;
   route(p, s);
   float* h[kTokens];
@@ -123,8 +126,8 @@ void moe_all(const MoeParams& p, Scratch& s) {
       s.group_dst[count] = s.group_out.data() + count * H;
       ++count;
     }
-    relu2_mlp_tokens(s.group_in.data(), count, p.up + e * H * p.inter, p.down + e * p.inter * H,
-                     H, p.inter, h, s.group_dst.data());
+    relu2_mlp_tokens(s.group_in.data(), count, up + e * H * p.inter, down + e * p.inter * H, H,
+                     p.inter, h, s.group_dst.data());
     for (int64_t g = 0; g < count; ++g) {
       const int64_t t = s.group_tokens[g];
       const float w = s.weight_of[t * E + e];
@@ -145,12 +148,12 @@ void moe_all(const MoeParams& p, Scratch& s) {
       for (int64_t c = 0; c < H; ++c) p.out[t * H + c] = 0.0f;
     }
   }
-  if (p.shared_up == nullptr) return;
+  if (shared_up == nullptr) return;
   for (int64_t t = 0; t < T; ++t) {
     s.group_in[t] = p.x + t * H;
     s.group_dst[t] = s.group_out.data() + t * H;
   }
-  relu2_mlp_tokens(s.group_in.data(), T, p.shared_up, p.shared_down, H, p.shared_inter, h,
+  relu2_mlp_tokens(s.group_in.data(), T, shared_up, shared_down, H, p.shared_inter, h,
                    s.group_dst.data());
   for (int64_t t = 0; t < T; ++t) {
     float* out = p.out + t * H;
@@ -158,6 +161,19 @@ void moe_all(const MoeParams& p, Scratch& s) {
 #pragma omp simd
     for (int64_t c = 0; c < H; ++c) out[c] = out[c] + o[c];
   }
+}
+
+// One clone set per weight type (target_clones does not take templates).
+TWOTOWER_RT_CLONES
+void moe_f32(const MoeParams& p, Scratch& s) {
+  auto w = [](const void* ptr) { return static_cast<const float*>(ptr); };
+  moe_all(p, s, w(p.up), w(p.down), w(p.shared_up), w(p.shared_down));
+}
+
+TWOTOWER_RT_CLONES
+void moe_bf16(const MoeParams& p, Scratch& s) {
+  auto w = [](const void* ptr) { return static_cast<const uint16_t*>(ptr); };
+  moe_all(p, s, w(p.up), w(p.down), w(p.shared_up), w(p.shared_down));
 }
 
 }  // namespace
@@ -185,7 +201,11 @@ const char* moe_forward(const MoeParams& p) {
   scratch.group_dst.resize(p.tokens);
   scratch.group_tokens.resize(p.tokens);
   scratch.started.resize(p.tokens);
-  moe_all(p, scratch);
+  if (p.weights_bf16) {
+    moe_bf16(p, scratch);
+  } else {
+    moe_f32(p, scratch);
+  }
   return nullptr;
 }
 

@@ -16,12 +16,13 @@ constexpr int kLanes = 16;
 TWOTOWER_RT_CLONES
 void norm_rows(const ModNormParams& p, float* y) {
   const int64_t H = p.hidden;
+  const bool plain = p.scale == nullptr;
   for (int64_t r = 0; r < p.rows; ++r) {
     const float* x = p.x + r * H;
-    const float* scale = p.scale + (r / p.rows_per_seq) * H;
-    const float* shift = p.shift + (r / p.rows_per_seq) * H;
+    const float* scale = plain ? nullptr : p.scale + (r / p.rows_per_seq) * H;
+    const float* shift = plain ? nullptr : p.shift + (r / p.rows_per_seq) * H;
     float* out = p.out + r * H;
-    if (!p.post) {
+    if (!plain && !p.post) {
 #pragma omp simd
       for (int64_t c = 0; c < H; ++c) y[c] = fmadd(x[c], scale[c], shift[c]);
     } else {
@@ -35,7 +36,7 @@ void norm_rows(const ModNormParams& p, float* y) {
     }
     for (int j = 0; c < H; ++c, ++j) lane[j] = fmadd(y[c], y[c], lane[j]);
     const float inv = 1.0f / std::sqrt(fold_lanes<kLanes>(lane) / static_cast<float>(H) + p.eps);
-    if (!p.post) {
+    if (plain || !p.post) {
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) out[k] = (y[k] * inv) * p.weight[k];
     } else {
@@ -54,9 +55,11 @@ const char* modulated_rms_norm(const ModNormParams& p) {
     return "modulated_rms_norm: rows must be a multiple of rows_per_seq > 0, hidden > 0";
   }
   if (p.rows == 0) return nullptr;
-  if (p.x == nullptr || p.weight == nullptr || p.scale == nullptr || p.shift == nullptr ||
-      p.out == nullptr) {
+  if (p.x == nullptr || p.weight == nullptr || p.out == nullptr) {
     return "modulated_rms_norm: null pointer";
+  }
+  if ((p.scale == nullptr) != (p.shift == nullptr)) {
+    return "modulated_rms_norm: scale and shift go together (both null: a plain RMSNorm)";
   }
   if (p.out == p.x) return "modulated_rms_norm: out may not alias x";
   thread_local std::vector<float> scratch;

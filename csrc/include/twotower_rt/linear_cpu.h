@@ -21,6 +21,8 @@ struct LinearParams {
   const float* w = nullptr;     // (in, out) K-major, rows w_stride apart: w_stride >= out; with
                                 // w_stride >= out rounded up to 16 (padding read, never used),
                                 // the last out % 16 outputs run as one vector
+  const uint16_t* w_bf16 = nullptr;  // or the same weight as bfloat16 bits (exactly the float
+                                     // weight's arithmetic, half the bytes); give one of the two
   const float* bias = nullptr;  // (out) or nullptr
   float* out = nullptr;         // (rows, out), contiguous; may not alias x or w
   int64_t rows = 0, in = 0, out_features = 0, x_stride = 0, w_stride = 0;

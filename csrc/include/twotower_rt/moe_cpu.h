@@ -28,10 +28,13 @@ struct MoeParams {
   const float* x = nullptr;              // (tokens, hidden)
   const double* router_weight = nullptr;  // (experts, hidden)
   const double* score_bias = nullptr;     // (experts): e_score_correction_bias
-  const float* up = nullptr;              // (experts, hidden, inter): K-major up projections
-  const float* down = nullptr;            // (experts, inter, hidden): K-major down projections
-  const float* shared_up = nullptr;       // (hidden, shared_inter) or nullptr: no shared expert
-  const float* shared_down = nullptr;     // (shared_inter, hidden)
+  // The experts' weights, float, or bfloat16 bits with weights_bf16 (exactly the arithmetic of
+  // the same weights as float, from half the bytes: cpu_gemm.h):
+  const void* up = nullptr;               // (experts, hidden, inter): K-major up projections
+  const void* down = nullptr;             // (experts, inter, hidden): K-major down projections
+  const void* shared_up = nullptr;        // (hidden, shared_inter) or nullptr: no shared expert
+  const void* shared_down = nullptr;      // (shared_inter, hidden)
+  bool weights_bf16 = false;
   float* out = nullptr;                   // (tokens, hidden)
   int64_t tokens = 0, hidden = 0, experts = 0, inter = 0, shared_inter = 0, top_k = 0;
   bool norm_topk_prob = true;

@@ -4,11 +4,13 @@
 //
 //   pre  (Mamba / attention layers): out = rms_norm(x * scale + shift) * weight
 //   post (MoE / MLP layers):         out = rms_norm(x) * weight * scale + shift
+//   plain (scale, shift null):       out = rms_norm(x) * weight   (the context tower's norms)
 //   rms_norm(y) = y * (1 / sqrt(mean(y^2) + eps))
 //
 // scale is the layer's 1 + scale (as cpu_fast.tower_forward makes it). Why it exists: in PyTorch
 // ops this is three to five small ops per layer (~20 us for a 16-token block on a 2-core Xeon),
-// while its arithmetic is a few thousand flops.
+// and even the plain norm, F.rms_norm, is a composite of ~6 ops on the CPU (~15-20 us a call),
+// while the arithmetic is a few thousand flops.
 //
 // Numbers: x * scale + shift and the post-modulation are fused multiply-adds and the mean of
 // squares sums in 16 fixed lanes, so the result agrees with the PyTorch ops to float32 rounding,
@@ -24,7 +26,8 @@ namespace cpu {
 struct ModNormParams {
   const float* x = nullptr;       // (rows, hidden), contiguous
   const float* weight = nullptr;  // (hidden)
-  const float* scale = nullptr;   // (rows / rows_per_seq, hidden): 1 + the layer's scale
+  const float* scale = nullptr;   // (rows / rows_per_seq, hidden): 1 + the layer's scale; or
+                                  // nullptr with shift: a plain RMSNorm
   const float* shift = nullptr;   // (rows / rows_per_seq, hidden)
   float* out = nullptr;           // (rows, hidden); may not alias x
   int64_t rows = 0, hidden = 0, rows_per_seq = 1;

@@ -34,7 +34,7 @@ from ..ops import linear_cpu, mamba_cpu
 from ..ops.mamba_cpu import MambaWeights, mamba_chunk, mamba_weights
 from ..ops.moe_cpu import moe_forward as moe_kernel
 from ..ops.moe_cpu import moe_weights
-from ..ops.rmsnorm import modulated_rms_norm_cpu, rms_norm
+from ..ops.rmsnorm import modulated_rms_norm_cpu, rms_norm, rms_norm_cpu
 from ..ops.ssm_scan import ssm_scan_ref
 
 
@@ -68,14 +68,16 @@ def project(module: nn.Module, x: torch.Tensor, weights: tuple, bias) -> torch.T
         return None
     if bias is not None and bias.dtype != torch.float32:
         return None
-    weight = derived(module, (*weights, bias), lambda *_: linear_cpu.k_major(torch.cat(weights)),
-                     key="_cpu_kernel_weight")  # fmt: skip
-    k = x.shape[-1]
-    rows = x.reshape(-1, k)
-    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < k):
+    weight, n = derived(
+        module, (*weights, bias),
+        lambda *_: (linear_cpu.k_major(torch.cat(weights)), sum(w.shape[0] for w in weights)),
+        key="_cpu_kernel_weight",
+    )  # fmt: skip
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1])
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < shape[-1]):
         rows = rows.contiguous()
-    out = linear_cpu.run(C, rows, weight, bias, sum(w.shape[0] for w in weights))
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return linear_cpu.run(C, rows, weight, bias, n, (*shape[:-1], n))
 
 
 def _mamba_constants(A_log, dt_bias, D, conv_weight, conv_bias):
@@ -364,17 +366,19 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
     """:meth:`Tower.forward` on the CPU (same arguments and results): the norms called directly,
     and the denoiser's ``1 + scale`` made once for every layer (``modulation`` as a (layers, b,
     3, hidden) tensor or a list of (b, 3, hidden)). The eager numbers, bitwise, except where the
-    CPU kernels are built and the tower is fp32: then each denoiser layer's modulated norm is one
-    kernel call (``ops.rmsnorm.modulated_rms_norm_cpu``) and its gated residual one addcmul
-    (fused multiply-adds: float32 rounding)."""
+    CPU kernels are built and the tower is fp32: then every norm is one kernel call
+    (``ops.rmsnorm.rms_norm_cpu``, the denoiser's modulated ones ``modulated_rms_norm_cpu``) and
+    each denoiser layer's gated residual one addcmul (float32 rounding)."""
     eps = tower.cfg.layer_norm_epsilon
     x = tower.embeddings(ids)
     new_states = {}
     fused = False
+    kernels = _ext.cpu_kernels() is not None and x.dtype == torch.float32
+    norm = rms_norm_cpu if kernels else rms_norm
     if modulation is not None:
         if not isinstance(modulation, torch.Tensor):
             modulation = torch.stack(modulation)
-        fused = _ext.cpu_kernels() is not None and x.dtype == modulation.dtype == torch.float32
+        fused = kernels and modulation.dtype == torch.float32
         if fused:  # (layers, b, hidden) each, contiguous, for the kernel
             shifts, scales = modulation[:, :, 0].contiguous(), 1 + modulation[:, :, 1]
             gates = modulation[:, :, 2, None]  # (layers, b, 1, hidden)
@@ -384,7 +388,7 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
     for i, block in enumerate(tower.layers):
         kind = block.kind
         if modulation is None:
-            h = rms_norm(x, block.norm.weight, eps)
+            h = norm(x, block.norm.weight, eps)
         elif fused:  # (the kernel refuses a norm weight that is not fp32)
             h = modulated_rms_norm_cpu(x, block.norm.weight, scales[i], shifts[i], eps,
                                        post=kind == "moe" or kind == "mlp")  # fmt: skip
@@ -407,7 +411,7 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
             x = torch.addcmul(x, gates[i], out)
         else:
             x = x + gates[i] * out
-    return rms_norm(x, tower.norm_f.weight, eps), new_states
+    return norm(x, tower.norm_f.weight, eps), new_states
 
 
 def qkv(attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,9 +12,9 @@ CUDA bfloat16 tensors run the kernel ``csrc/include/twotower_rt/block_attention.
 tensor cores, split-KV with a log2-sum-exp merge; head_dim 32, 64 or 128); everything else runs
 :func:`block_attention_ref`. The model's CPU fast path (float32, CPU kernels built) calls
 :func:`block_attention_cpu`'s kernel instead (``csrc/cpu/attention_cpu.cpp``), which also does the
-context tower's causal append, cache write included. The split count comes from :func:`plan_splits`, which depends only on
-shapes and the GPU's SM count (never on the device-side lengths), so a captured CUDA graph stays
-valid as lengths change.
+context tower's causal append, cache write included. The split count comes from
+:func:`plan_splits`, which depends only on shapes and the GPU's SM count (never on the device-side
+lengths), so a captured CUDA graph stays valid as lengths change.
 
 ``variant="wgmma"`` asks for the Hopper warpgroup-MMA kernel of the denoise step
 (``csrc/include/twotower_rt/block_attention_sm90.cuh``, head_dim 128). It is compiled but has never

@@ -19,20 +19,29 @@ from .. import _ext
 VECTOR = 16  # floats per vector of the kernel
 
 
+def bf16_exact(*tensors: torch.Tensor) -> bool:
+    """Whether every value of these float32 tensors is a bfloat16 value (a bf16 checkpoint loaded
+    as float32, until something writes other values): then the kernels may keep them as
+    bfloat16, half the bytes to stream, with the same arithmetic bit for bit."""
+    return all(torch.equal(t.bfloat16().float(), t) for t in tensors)
+
+
 def k_major(weight: torch.Tensor) -> torch.Tensor:
-    """A Linear's weight (out, in) as the kernel takes it: float32 (in, out) with each row padded
-    with zeros to a multiple of 16 outputs, so that the last outputs also run as one vector."""
+    """A Linear's weight (out, in) as the kernel takes it: (in, out) with each row padded with
+    zeros to a multiple of 16 outputs, so that the last outputs also run as one vector; bfloat16
+    where every value is one (:func:`bf16_exact`), else float32."""
     n, k = weight.shape
     padded = torch.zeros(k, -(-n // VECTOR) * VECTOR, dtype=torch.float32)
     padded[:, :n] = weight.detach().t()
-    return padded
+    return padded.bfloat16() if bf16_exact(padded) else padded
 
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                out_features: int | None = None) -> torch.Tensor:  # fmt: skip
     """``x @ weight[:, :out_features] (+ bias)``: x (rows, in) float32 CPU with unit column
-    stride, weight (in, >= out_features) float32 contiguous (K-major, e.g. :func:`k_major`),
-    bias (out_features,) or None -> (rows, out_features) float32."""
+    stride, weight (in, >= out_features) float32 or bfloat16, contiguous (K-major, e.g.
+    :func:`k_major`), bias (out_features,) or None -> (rows, out_features) float32. A bfloat16
+    weight is widened exactly: the result is that of the same weight as float32, bitwise."""
     C = _ext.cpu_kernels()
     if C is None:
         raise RuntimeError(f"twotower_rt: CPU op 'linear' cannot run: {_ext.cpu_kernels_error()}")
@@ -41,7 +50,7 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if not (  # one pass of cheap checks; details on failure
         x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[0]
         and 0 <= n <= weight.shape[1]
-        and x.dtype == weight.dtype == f32 and x.is_cpu and weight.is_cpu
+        and x.dtype == f32 and weight.dtype in (f32, torch.bfloat16) and x.is_cpu and weight.is_cpu
         and x.stride(1) == 1 and (x.stride(0) >= x.shape[1] or x.shape[0] <= 1)
         and weight.is_contiguous()
         and (bias is None or (bias.dtype == f32 and bias.is_cpu and bias.is_contiguous()
@@ -51,16 +60,19 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return run(C, x, weight, bias, n)
 
 
-def run(C, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int):
+def run(C, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int,
+        shape: tuple | None = None) -> torch.Tensor:  # fmt: skip
     """:func:`linear_cpu` without its checks, for callers that have made them (the model's
-    projections, once per weight version): ``C`` the loaded ``twotower_rt._cpu``."""
+    projections, once per weight version): ``C`` the loaded ``twotower_rt._cpu``; the result
+    made with ``shape`` (rows x n values; default (rows, n))."""
     rows, k = x.shape
-    out = x.new_empty((rows, n))
+    out = x.new_empty(shape or (rows, n))
     if rows and k and n:
         C.linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                 out.data_ptr(), rows, k, n, max(x.stride(0), k), weight.shape[1])  # fmt: skip
+                 out.data_ptr(), rows, k, n, max(x.stride(0), k), weight.shape[1],
+                 weight.dtype == torch.bfloat16)  # fmt: skip
     elif rows and n:  # no inputs: the bias alone
-        out.copy_(bias.expand(rows, n) if bias is not None else torch.zeros(rows, n))
+        out.view(rows, n).copy_(bias.expand(rows, n) if bias is not None else torch.zeros(rows, n))
     return out
 
 
@@ -73,8 +85,10 @@ def _explain(x, weight, bias, n: int) -> None:
     if x.shape[1] != weight.shape[0]:
         raise ValueError(f"linear: x has {x.shape[1]} inputs, weight {weight.shape[0]} "
                          f"(weight must be K-major: (in, out))")  # fmt: skip
-    named = [("x", x), ("weight", weight)] + ([] if bias is None else [("bias", bias)])
-    for name, t in named:
+    if weight.dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu":
+        raise ValueError(f"linear: weight must be a float32 or bfloat16 CPU tensor, got "
+                         f"{weight.dtype} on {weight.device}")  # fmt: skip
+    for name, t in [("x", x)] + ([] if bias is None else [("bias", bias)]):
         if t.dtype != torch.float32 or t.device.type != "cpu":
             raise ValueError(f"linear: {name} must be a float32 CPU tensor, got {t.dtype} on "
                              f"{t.device}")  # fmt: skip
@@ -91,5 +105,5 @@ def _explain(x, weight, bias, n: int) -> None:
 def linear_cpu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                    out_features: int | None = None) -> torch.Tensor:  # fmt: skip
     """:func:`linear_cpu` in PyTorch: ``torch.mm`` (``torch.addmm`` with a bias)."""
-    weight = weight[:, : weight.shape[1] if out_features is None else out_features]
+    weight = weight[:, : weight.shape[1] if out_features is None else out_features].float()
     return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)

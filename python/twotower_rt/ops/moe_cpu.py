@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from .linear_cpu import bf16_exact
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,8 @@ class MoeWeights:
 
     router_weight: torch.Tensor  # (E, hidden) float64
     score_bias: torch.Tensor  # (E,) float64
-    up: torch.Tensor  # (E, hidden, I) fp32, K-major
-    down: torch.Tensor  # (E, I, hidden) fp32, K-major
+    up: torch.Tensor  # (E, hidden, I) K-major: fp32, or bf16 (every expert weight a bf16 value)
+    down: torch.Tensor  # (E, I, hidden) K-major, up's dtype
     shared_up: torch.Tensor | None  # (hidden, I_s)
     shared_down: torch.Tensor | None  # (I_s, hidden)
     top_k: int
@@ -44,7 +45,8 @@ def moe_weights(
 ) -> MoeWeights:  # fmt: skip
     """Bundle a layer's weights, given as the modules hold them: router (E, hidden) and bias
     (E,); experts' up (E, I, hidden) and down (E, hidden, I); the shared expert's up (I_s, hidden)
-    and down (hidden, I_s), or None. Makes the float64 router and K-major fp32 copies once."""
+    and down (hidden, I_s), or None. Makes the float64 router and K-major copies once: bfloat16
+    where every expert weight is a bfloat16 value (a bf16 checkpoint loaded as fp32), else fp32."""
     _require(
         router_weight.dim() == 2 and up.dim() == 3 and down.dim() == 3,
         "router_weight must be (E, hidden), up (E, I, hidden), down (E, hidden, I)",
@@ -67,14 +69,15 @@ def moe_weights(
     for name, t in (("router_weight", router_weight), ("up", up), ("down", down)):
         _require(t.device.type == "cpu", f"{name} must be on the CPU, got {t.device}")
 
-    def k_major(w):
-        return w.detach().float().transpose(-1, -2).contiguous()
-
+    experts = [w.detach().float().transpose(-1, -2).contiguous() for w in (up, down)]
+    if shared_up is not None:
+        experts += [w.detach().float().t().contiguous() for w in (shared_up, shared_down)]
+    if bf16_exact(*experts):  # the same arithmetic from half the bytes (linear_cpu.bf16_exact)
+        experts = [w.bfloat16() for w in experts]
+    shared = experts[2:] or [None, None]
     return MoeWeights(
         router_weight.detach().double().contiguous(), score_bias.detach().double().contiguous(),
-        k_major(up), k_major(down),
-        None if shared_up is None else k_major(shared_up),
-        None if shared_down is None else k_major(shared_down),
+        experts[0], experts[1], shared[0], shared[1],
         int(top_k), bool(norm_topk_prob), float(routed_scaling_factor),
     )  # fmt: skip
 
@@ -101,6 +104,7 @@ def moe_forward(x: torch.Tensor, weights: MoeWeights) -> torch.Tensor:
         w.down.data_ptr(), w.shared_up.data_ptr() if shared else 0,
         w.shared_down.data_ptr() if shared else 0, out.data_ptr(), x.shape[0], hidden, E, inter,
         w.shared_up.shape[1] if shared else 0, w.top_k, w.norm_topk_prob, w.routed_scaling_factor,
+        w.up.dtype == torch.bfloat16,
     )  # fmt: skip
     return out
 
@@ -115,12 +119,13 @@ def moe_forward_ref(x: torch.Tensor, weights: MoeWeights) -> torch.Tensor:
     if w.norm_topk_prob:
         gate = gate / (gate.sum(dim=-1, keepdim=True) + 1e-20)
     gate = (gate * w.routed_scaling_factor).float()
+    up, down = w.up.float(), w.down.float()
     routed = torch.zeros_like(x)
-    for e in range(w.up.shape[0]):
+    for e in range(up.shape[0]):
         token, slot = torch.nonzero(expert_ids == e, as_tuple=True)
         if len(token):
-            h = F.relu(x[token] @ w.up[e]).square()
-            routed.index_add_(0, token, (h @ w.down[e]) * gate[token, slot, None])
+            h = F.relu(x[token] @ up[e]).square()
+            routed.index_add_(0, token, (h @ down[e]) * gate[token, slot, None])
     if w.shared_up is not None:
-        routed = routed + F.relu(x @ w.shared_up).square() @ w.shared_down
+        routed = routed + F.relu(x @ w.shared_up.float()).square() @ w.shared_down.float()
     return routed

@@ -254,7 +254,8 @@ def modulated_rms_norm_ref(x, weight, scale, shift, eps: float, *, post: bool) -
 def modulated_rms_norm_cpu(x, weight, scale, shift, eps: float, *, post: bool) -> torch.Tensor:
     """:func:`modulated_rms_norm_ref` in one call of ``twotower_rt._cpu``
     (``csrc/cpu/norm_cpu.cpp``): float32 contiguous CPU tensors; agrees to float32 rounding
-    (fused multiply-adds, its own summation order), each row alone."""
+    (fused multiply-adds, its own summation order), each row alone. ``scale`` and ``shift`` None:
+    a plain RMSNorm (:func:`rms_norm_cpu`)."""
     C = _ext.cpu_kernels()
     if C is None:
         raise RuntimeError(
@@ -263,16 +264,21 @@ def modulated_rms_norm_cpu(x, weight, scale, shift, eps: float, *, post: bool) -
     if x.dim() != 3:
         raise ValueError(f"modulated_rms_norm: x must be (b, n, hidden), got {tuple(x.shape)}")
     b, n, hidden = x.shape
+    plain = scale is None and shift is None
     f32 = torch.float32
     if not (  # one pass of cheap checks (a denoiser forward makes ten calls); details on failure
-        x.dtype == weight.dtype == scale.dtype == shift.dtype == f32
-        and x.is_cpu and weight.is_cpu and scale.is_cpu and shift.is_cpu
-        and weight.shape == (hidden,) and scale.shape == shift.shape == (b, hidden)
-        and x.is_contiguous() and weight.is_contiguous() and scale.is_contiguous()
-        and shift.is_contiguous()
+        x.dtype == weight.dtype == f32 and x.is_cpu and weight.is_cpu
+        and weight.shape == (hidden,) and x.is_contiguous() and weight.is_contiguous()
+        and (plain or (
+            scale.dtype == shift.dtype == f32 and scale.is_cpu and shift.is_cpu
+            and scale.shape == shift.shape == (b, hidden)
+            and scale.is_contiguous() and shift.is_contiguous()))
     ):  # fmt: skip
-        expected = (("x", x, (b, n, hidden)), ("weight", weight, (hidden,)),
-                    ("scale", scale, (b, hidden)), ("shift", shift, (b, hidden)))  # fmt: skip
+        expected = [("x", x, (b, n, hidden)), ("weight", weight, (hidden,))]
+        if not plain:
+            if scale is None or shift is None:
+                raise ValueError("modulated_rms_norm: give scale and shift together (or neither)")
+            expected += [("scale", scale, (b, hidden)), ("shift", shift, (b, hidden))]
         for name, t, shape in expected:
             if t.dtype != f32 or t.device.type != "cpu" or t.shape != shape:
                 raise ValueError(
@@ -282,6 +288,14 @@ def modulated_rms_norm_cpu(x, weight, scale, shift, eps: float, *, post: bool) -
             if not t.is_contiguous():
                 raise ValueError(f"modulated_rms_norm: {name} must be contiguous")
     out = torch.empty_like(x)
-    C.modulated_rms_norm(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), shift.data_ptr(),
-                         out.data_ptr(), b * n, hidden, n, eps, post)  # fmt: skip
+    C.modulated_rms_norm(x.data_ptr(), weight.data_ptr(), 0 if plain else scale.data_ptr(),
+                         0 if plain else shift.data_ptr(), out.data_ptr(), b * n, hidden, n, eps,
+                         post)  # fmt: skip
     return out
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """A plain RMSNorm, ``F.rms_norm(x, (hidden,), weight, eps)``, in one call of the CPU
+    kernel: x (b, n, hidden) float32 contiguous; float32 rounding (the sum of squares in 16
+    lanes), each row alone."""
+    return modulated_rms_norm_cpu(x, weight, None, None, eps, post=False)
