@@ -233,8 +233,10 @@ def test_cuda_graph_steps_match_eager():
 
 def test_a_step_launches_before_it_reads_the_previous_one(builtin_model, monkeypatch):
     """The order that keeps a GPU busy: each step queues its work first, then reads back what the
-    step before computed (so the host never waits between a block's steps)."""
+    step before computed (so the host never waits between a block's steps). A GPU engine's
+    order, forced here on the CPU."""
     engine = Engine(builtin_model, max_slots=2, context=64)
+    engine._read_late = True
     events = []
     run, process = engine.runner.run, engine._process
     monkeypatch.setattr(engine.runner, "run", lambda *a: events.append("run") or run(*a))
@@ -250,6 +252,38 @@ def test_a_step_launches_before_it_reads_the_previous_one(builtin_model, monkeyp
         if "read" in events and "run" in events:
             assert events.index("run") < events.index("read"), steps
     assert steps[-1] == ["read"]  # the last step only drains what the one before launched
+
+
+def test_on_the_cpu_a_step_reads_its_own_outputs(builtin_model, monkeypatch):
+    """On the CPU a step is done when launched, so it is read at once: no denoiser forward runs
+    on a block that is already complete (each launched denoise row is one counted forward),
+    and the outputs are the read-late order's, token for token."""
+    prompts = [[5, 6, 7], [9, 10], [11]]
+    params = dict(max_new_tokens=16, block_size=4, confidence_threshold=0.5)
+    outputs = {}
+    for late in (False, True):
+        engine = Engine(builtin_model, max_slots=3, context=64)
+        assert engine._read_late is False  # the CPU's default
+        engine._read_late = late
+        rows = []
+        run = engine.runner.run
+
+        def counted(key, inputs, run=run, rows=rows):
+            if key.kind == "denoise":
+                rows.append(inputs["slots"].numel())
+            return run(key, inputs)
+
+        monkeypatch.setattr(engine.runner, "run", counted)
+        ids = [engine.add_request(p, "mask_diffusion", seed=i, **params)
+               for i, p in enumerate(prompts)]  # fmt: skip
+        engine.run()
+        results = [engine.pop(i) for i in ids]
+        outputs[late] = [r.generated for r in results]
+        if not late:
+            assert sum(rows) == sum(r.nfe for r in results)
+        else:  # read late: one wasted row per block at least
+            assert sum(rows) >= sum(r.nfe for r in results) + 16 // 4
+    assert outputs[False] == outputs[True]
 
 
 def _set_states_in_place(model, on: bool) -> None:

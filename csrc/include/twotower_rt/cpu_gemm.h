@@ -22,6 +22,7 @@ namespace twotower_rt {
 namespace cpu {
 
 constexpr int64_t kGemmVec = 16;
+constexpr int64_t kAhead = 16;  // weight rows prefetched ahead in a tile
 
 // Weights are stored as float, or as bfloat16 bits (uint16_t): a bfloat16 is the top half of a
 // float, so widening one is exact and the arithmetic is that of the float weights, bit for bit,
@@ -63,8 +64,15 @@ TWOTOWER_RT_INLINE void gemm_tile(const float* const* in, const W* w, int64_t K,
     if (bias != nullptr) std::memcpy(&init, bias + c0 + q * kGemmVec, sizeof(v16));
     for (int b = 0; b < TB; ++b) acc[b][q] = init;
   }
+  // The weight rows of a tile are ldw apart: fetch the one kAhead rows ahead before it is read
+  // (the hardware prefetchers follow these strided streams poorly).
+  constexpr int64_t kLines = (Q * kGemmVec * static_cast<int64_t>(sizeof(W)) + 63) / 64;
   for (int64_t j = 0; j < K; ++j) {
     const W* row = w + j * ldw + c0;
+    if (j + kAhead < K) {
+      const char* next = reinterpret_cast<const char*>(row + kAhead * ldw);
+      for (int64_t l = 0; l < kLines; ++l) __builtin_prefetch(next + 64 * l);
+    }
     v16 r[Q];
     for (int q = 0; q < Q; ++q) r[q] = load16(row + q * kGemmVec);
     for (int b = 0; b < TB; ++b) {

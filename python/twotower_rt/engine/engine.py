@@ -15,12 +15,13 @@ One :meth:`Engine.step`:
 3. only then reads back the previous step's small outputs (tokens, commit counts, blocks), which
    the GPU finished while this step's work was queued behind it: emits tokens, finishes requests
    (EOS, length), and commits the finished diffusion blocks to the context (one pass, n =
-   block_size, per block size).
+   block_size, per block size). On the CPU, where a step is done when its launch returns, it
+   reads this step's outputs at once instead.
 
-So the host learns of an EOS or a finished block one step late: that request's row of the step in
-between is wasted (its result is dropped; a block's counter only advances where it had masks), and
-nothing is read back inside a block's steps. Each request keeps its own parameters, seed and
-counter, so its output is what it would be alone. The cache memory is a :class:`SlotPool` planned
+So on a GPU the host learns of an EOS or a finished block one step late: that request's row of
+the step in between is wasted (its result is dropped; a block's counter only advances where it
+had masks), and nothing is read back inside a block's steps. Each request keeps its own
+parameters, seed and counter, so its output is what it would be alone. The cache memory is a :class:`SlotPool` planned
 up front; the steps run through a :class:`StepRunner` (bucketed batch sizes, and CUDA graphs on the
 GPU with ``graphs``).
 """
@@ -157,6 +158,10 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._finished_now: list[_Request] = []  # finished since the last step's report
         self._inflight: _InFlight | None = None
+        # On a GPU a step's outputs are read back one step late, while the next step runs; on
+        # the CPU a step is done when its launch returns, so it is read at once (a late read
+        # would cost a whole wasted denoiser forward per diffusion block).
+        self._read_late = self.lm.device.type == "cuda"
         self._ids = itertools.count()
 
     # --- requests ----------------------------------------------------------------------------
@@ -265,7 +270,10 @@ class Engine:
         self._admit()
         self._prefill()
         launched = self._launch()
-        previous, self._inflight = self._inflight, launched
+        if self._read_late:
+            previous, self._inflight = self._inflight, launched
+        else:
+            previous = launched
         if previous is not None:
             self._process(previous)
         reports = [r for r in self._running if r.reported < len(r.output)] + self._finished_now
