@@ -21,9 +21,9 @@ One :meth:`Engine.step`:
 So on a GPU the host learns of an EOS or a finished block one step late: that request's row of
 the step in between is wasted (its result is dropped; a block's counter only advances where it
 had masks), and nothing is read back inside a block's steps. Each request keeps its own
-parameters, seed and counter, so its output is what it would be alone. The cache memory is a :class:`SlotPool` planned
-up front; the steps run through a :class:`StepRunner` (bucketed batch sizes, and CUDA graphs on the
-GPU with ``graphs``).
+parameters, seed and counter, so its output is what it would be alone. The cache memory is a
+:class:`SlotPool` planned up front; the steps run through a :class:`StepRunner` (bucketed batch
+sizes, and CUDA graphs on the GPU with ``graphs``).
 """
 
 from __future__ import annotations
