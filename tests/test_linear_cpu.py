@@ -188,3 +188,31 @@ def test_weight_writes_are_followed(lm):
             second = head(h)
             head.weight.div_(2)
         torch.testing.assert_close(second, 2 * first)
+
+
+def test_denoiser_head_on_the_needed_rows_alone(lm):
+    """denoiser_logits(needed=...): the head runs on the needed positions alone, their logits
+    bitwise the full head's, zeros elsewhere; without the kernels it is the full head."""
+    from twotower_rt.model.cache import ContextCache
+
+    cfg = lm.cfg
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(4, cfg.vocab_size, (2, 12), generator=g)
+    cache = ContextCache.allocate(cfg, 2, 64, lm.dtype, lm.device)
+    with torch.no_grad():
+        lm.context_forward(prompt, cache)
+        block = torch.randint(4, cfg.vocab_size, (2, 16), generator=g)
+        needed = torch.rand(2, 16, generator=g) < 0.5
+        needed[0, 0] = True
+        block[needed] = 3
+        args = dict(prefix_len=torch.tensor([12, 12]), mamba_states=cache.mamba,
+                    t=needed.sum(-1).float() / 16)  # fmt: skip
+        full = lm.denoiser_logits(block, cache, **args)
+        part = lm.denoiser_logits(block, cache, **args, needed=needed)
+        assert torch.equal(part[needed], full[needed])
+        assert not part[~needed].any()
+        none = lm.denoiser_logits(block, cache, **args, needed=torch.zeros_like(needed))
+        assert not none.any() and none.shape == full.shape
+        with _ext.kernels_disabled():
+            eager_full = lm.denoiser_logits(block, cache, **args)
+            assert torch.equal(lm.denoiser_logits(block, cache, **args, needed=needed), eager_full)

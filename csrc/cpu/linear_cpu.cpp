@@ -18,34 +18,56 @@ TWOTOWER_RT_INLINE void rows_at(const LinearParams& p, int64_t r, const float** 
   }
 }
 
+template <int TB, typename W>
+TWOTOWER_RT_INLINE void tile_at(const LinearParams& p, const W* w, int64_t r, int64_t c) {
+  const float* in[TB];
+  float* out[TB];
+  rows_at<TB>(p, r, in, out);
+  gemm_tile<TB, 4>(in, w, p.in, p.w_stride, c, p.bias, out);
+}
+
+template <int TB, typename W>
+TWOTOWER_RT_INLINE void cols_at(const LinearParams& p, const W* w, int64_t r, int64_t c) {
+  const float* in[TB];
+  float* out[TB];
+  rows_at<TB>(p, r, in, out);
+  gemm_cols<TB>(in, w, p.in, p.out_features, p.w_stride, c, p.bias, out);
+}
+
+// Rows [r, r + rows) with rows < kRows, outputs [c, N).
+template <typename W>
+TWOTOWER_RT_INLINE void few_rows(const LinearParams& p, const W* w, int64_t r, int64_t rows,
+                                 int64_t c) {
+  switch (rows) {
+    case 3: cols_at<3>(p, w, r, c); break;
+    case 2: cols_at<2>(p, w, r, c); break;
+    case 1: cols_at<1>(p, w, r, c); break;
+    default: break;
+  }
+}
+
 template <typename W>
 TWOTOWER_RT_INLINE void linear_all(const LinearParams& p, const W* w) {
-  const int64_t K = p.in, N = p.out_features, full = p.rows / kRows * kRows;
-  const float* in[kRows];
-  float* out[kRows];
+  const int64_t N = p.out_features, full = p.rows / kRows * kRows, rest = p.rows - full;
+  if (full == 0) {  // one to three rows: each tile reads every weight once anyway
+    few_rows(p, w, 0, rest, 0);
+    return;
+  }
   // Blocks of 64 outputs outermost, so that each block's weights (K x 64) stay in L1/L2 while
-  // every 4-row tile reads them; the last N % 64 outputs of those rows next.
+  // every row tile reads them (the weights stream once); the last N % 64 outputs next.
   const int64_t wide = N / (4 * kGemmVec) * (4 * kGemmVec);
   for (int64_t c = 0; c < wide; c += 4 * kGemmVec) {
-    for (int64_t r = 0; r < full; r += kRows) {
-      rows_at<kRows>(p, r, in, out);
-      gemm_tile<kRows, 4>(in, w, K, p.w_stride, c, p.bias, out);
+    for (int64_t r = 0; r < full; r += kRows) tile_at<kRows>(p, w, r, c);
+    switch (rest) {
+      case 3: tile_at<3>(p, w, full, c); break;
+      case 2: tile_at<2>(p, w, full, c); break;
+      case 1: tile_at<1>(p, w, full, c); break;
+      default: break;
     }
   }
-  for (int64_t r = 0; wide < N && r < full; r += kRows) {
-    rows_at<kRows>(p, r, in, out);
-    gemm_cols<kRows>(in, w, K, N, p.w_stride, wide, p.bias, out);
-  }
-  // The last rows % 4 rows: two at a time, then one (wider tiles: enough independent chains).
-  int64_t r = full;
-  for (; r + 2 <= p.rows; r += 2) {
-    rows_at<2>(p, r, in, out);
-    gemm_rows<2>(in, w, K, N, p.w_stride, p.bias, out);
-  }
-  if (r < p.rows) {
-    rows_at<1>(p, r, in, out);
-    gemm_rows<1>(in, w, K, N, p.w_stride, p.bias, out);
-  }
+  if (wide == N) return;
+  for (int64_t r = 0; r < full; r += kRows) cols_at<kRows>(p, w, r, wide);
+  few_rows(p, w, full, rest, wide);
 }
 
 // One clone set per weight type (target_clones does not take templates).

@@ -117,11 +117,12 @@ def make_step(lm: TwoTowerLM, pool: SlotPool, key: StepKey) -> Callable[..., dic
 
         def step(slots, step):
             block = blocks.index_select(0, slots)
-            n_masked = (block == mask_id).sum(dim=-1)
+            masked = block == mask_id
+            n_masked = masked.sum(dim=-1)
             batch = cache.select(slots)
             logits = lm.denoiser_logits(
                 block, batch, prefix_len=batch.lengths, mamba_states=batch.mamba,
-                t=n_masked.to(torch.float32) / size,
+                t=n_masked.to(torch.float32) / size, needed=masked,
             )  # fmt: skip
             seed, offset = rng(slots, temperature > 0)
             out = decide(

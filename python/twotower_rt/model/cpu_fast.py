@@ -414,6 +414,29 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
     return norm(x, tower.norm_f.weight, eps), new_states
 
 
+def head_rows_apply(hidden: torch.Tensor) -> bool:
+    """Whether :func:`head_rows` may run: the head goes through the CPU kernel, whose rows are
+    computed alone (so a subset of rows gives those rows' bits)."""
+    return applies(hidden) and _ext.cpu_kernels() is not None and hidden.dtype == torch.float32
+
+
+def head_rows(head: nn.Module, hidden: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+    """The head's fp32 logits at the ``needed`` (b, S) positions of ``hidden`` (b, S, H), zeros
+    elsewhere: the denoiser's logits where the decision reads them (its masked positions; an
+    average denoising step has about half its block still masked). Bitwise the full head's
+    logits at those positions (:func:`head_rows_apply`)."""
+    b, S, H = hidden.shape
+    flat = needed.reshape(-1)
+    count = int(flat.sum())
+    if count == flat.numel():
+        return head(hidden)
+    out = hidden.new_zeros(b * S, head.out_features)
+    if count:
+        rows = flat.nonzero().squeeze(1)
+        out.index_copy_(0, rows, head(hidden.reshape(-1, H).index_select(0, rows)))
+    return out.view(b, S, -1)
+
+
 def qkv(attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The q, k and v projections of ``h`` (b, n, hidden) as one projection by their weights
     side by side: through the CPU kernel where it applies, else one matmul by their K-major copy

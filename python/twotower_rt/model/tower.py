@@ -209,10 +209,14 @@ class TwoTowerLM(nn.Module):
         prefix_len: torch.Tensor,
         mamba_states: dict[int, MambaState],
         t: torch.Tensor | None,
+        needed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoiser over a block ids (b, S), attending to the context K/V [0, prefix_len) and
         scanning from ``mamba_states``; nothing is written. t (b,) the masked fraction per row,
-        or None for no time conditioning (mock-AR). Returns fp32 logits (b, S, vocab)."""
+        or None for no time conditioning (mock-AR). needed (b, S) bool or None: the positions
+        whose logits the caller reads (the masked ones); where the CPU kernels run the head, it
+        runs on those rows alone and the others come back as zeros. Returns fp32 logits
+        (b, S, vocab)."""
         if self.placed and cache.mirror is not None:  # the copy on the denoiser's device
             if mamba_states is cache.mamba:
                 mamba_states = cache.mirror.mamba
@@ -235,4 +239,6 @@ class TwoTowerLM(nn.Module):
             append=False,
             modulation=modulation,
         )
+        if needed is not None and self.tp is None and cpu_fast.head_rows_apply(hidden):
+            return cpu_fast.head_rows(self.lm_head, hidden, needed)
         return self._head(hidden, self.lm_head)
