@@ -25,6 +25,8 @@ takes the layers' own code.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,14 +50,15 @@ def derived(module: nn.Module, params: tuple, make, key: str = "_cpu_derived"):
     of ``params`` changes (another tensor, or an in-place write: its version counter moves;
     inference tensors have none, so an in-place write to one made inside
     ``torch.inference_mode`` goes unseen)."""
-    versions = [None if p is None or p.is_inference() else p._version for p in params]
     cached = module.__dict__.get(key)
-    if cached is not None and cached[2] == versions:
-        old = cached[0]
-        if all(a is b for a, b in zip(old, params)):
-            return cached[1]
+    if cached is not None:
+        old, value, tracked, versions = cached
+        if (len(old) == len(params) and all(map(operator.is_, old, params))
+                and [p._version for p in tracked] == versions):  # fmt: skip
+            return value
     value = make(*params)
-    module.__dict__[key] = (params, value, versions)
+    tracked = [p for p in params if p is not None and not p.is_inference()]
+    module.__dict__[key] = (params, value, tracked, [p._version for p in tracked])
     return value
 
 
