@@ -152,8 +152,9 @@ void attention_all(const AttentionParams& p, Scratch& s) {
       float* keys_t = s.keys_t.data();
       float* values = s.values.data();
       for (int64_t j = 0; j < n_all; ++j) {
-        const float* k = j < L ? k_row + (j * Hkv + g) * D : k_block + (j - L) * p.block_stride + g * D;
-        const float* v = j < L ? v_row + (j * Hkv + g) * D : v_block + (j - L) * p.block_stride + g * D;
+        const int64_t at = j < L ? (j * Hkv + g) * D : (j - L) * p.block_stride + g * D;
+        const float* k = (j < L ? k_row : k_block) + at;
+        const float* v = (j < L ? v_row : v_block) + at;
         for (int64_t d = 0; d < D; ++d) keys_t[d * ld + j] = k[d];
         std::memcpy(values + j * D, v, D * sizeof(float));
       }

@@ -15,10 +15,10 @@
 //
 // Numbers: each dot product is one chain of fused multiply-adds over the head dimension in order;
 // the exponentials are cpu_common.h's exp_approx (~2 ulp), their sum in 16 lanes folded pairwise;
-// out is one chain of fused multiply-adds over the keys in order. So results agree with the PyTorch path to float32
-// rounding, not bitwise; each (sequence, query) is computed alone, the same bits whatever else
-// shares the call, and every instruction-set clone gives the same bits. A query without any key
-// (L = 0 and no block) gets zeros (the PyTorch path gives NaN).
+// out is one chain of fused multiply-adds over the keys in order. So results agree with the
+// PyTorch path to float32 rounding, not bitwise; each (sequence, query) is computed alone, the
+// same bits whatever else shares the call, and every instruction-set clone gives the same bits. A
+// query without any key (L = 0 and no block) gets zeros (the PyTorch path gives NaN).
 #pragma once
 
 #include <cstdint>

@@ -94,7 +94,9 @@ TWOTOWER_RT_INLINE void gemm_tile_part(const float* const* in, const W* w, int64
                                        int64_t ldw, int64_t c0, int64_t width, const float* bias,
                                        float* const* out) {
   float init[kGemmVec];
-  for (int64_t k = 0; k < kGemmVec; ++k) init[k] = bias != nullptr && k < width ? bias[c0 + k] : -0.0f;
+  for (int64_t k = 0; k < kGemmVec; ++k) {
+    init[k] = bias != nullptr && k < width ? bias[c0 + k] : -0.0f;
+  }
   v16 acc[TB];
   for (int b = 0; b < TB; ++b) std::memcpy(&acc[b], init, sizeof(v16));
   for (int64_t j = 0; j < K; ++j) {
