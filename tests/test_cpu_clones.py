@@ -32,7 +32,7 @@ from twotower_rt.ops.linear_cpu import k_major, linear_cpu
 from twotower_rt.ops.mamba_cpu import mamba_chunk
 from twotower_rt.ops.mask_sampling import mask_decide_cpu
 from twotower_rt.ops.moe_cpu import moe_forward
-from twotower_rt.ops.rmsnorm import modulated_rms_norm_cpu
+from twotower_rt.ops.rmsnorm import modulated_rms_norm_cpu, rms_norm_cpu
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
@@ -119,6 +119,8 @@ def _run_all(g: torch.Generator) -> list[torch.Tensor]:
     for hidden in (192, 37):
         for post in (False, True):
             outs.append(modulated_rms_norm_cpu(*norm_inputs(3, 16, hidden), 1e-5, post=post))
+        x, weight, _, _ = norm_inputs(3, 16, hidden)
+        outs.append(rms_norm_cpu(x, weight, 1e-5))
     for rows, k, n in linear_shapes:
         x, weight, bias = linear_case(rows, k, n)
         outs.append(linear_cpu(x, k_major(weight), bias, out_features=n))

@@ -8,10 +8,11 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import twotower_rt
 from twotower_rt import _ext, fastpath
-from twotower_rt.ops.rmsnorm import modulated_rms_norm_cpu, modulated_rms_norm_ref
+from twotower_rt.ops.rmsnorm import modulated_rms_norm_cpu, modulated_rms_norm_ref, rms_norm_cpu
 
 pytestmark = pytest.mark.skipif(
     _ext.cpu_kernels() is None, reason=f"no CPU kernels: {_ext.cpu_kernels_error()}"
@@ -63,6 +64,19 @@ def test_rows_do_not_depend_on_the_batch(post):
             assert torch.equal(one[0, 0], together[r, t])
 
 
+@pytest.mark.parametrize("b,n,hidden", [(1, 1, 192), (2, 16, 192), (3, 5, 17), (1, 4, 1)])
+def test_plain_norm_matches_f_rms_norm_row_by_row(b, n, hidden):
+    """rms_norm_cpu (the kernel without scale and shift: the context tower's norms) against
+    F.rms_norm, and each row alone gives its bits in the full call."""
+    x, weight, _, _ = _inputs(b, n, hidden, seed=3)
+    got = rms_norm_cpu(x, weight, 1e-5)
+    torch.testing.assert_close(got, F.rms_norm(x, (hidden,), weight, 1e-5), rtol=2e-5, atol=2e-5)
+    for r in range(b):
+        for t in range(n):
+            one = rms_norm_cpu(x[r : r + 1, t : t + 1].contiguous(), weight, 1e-5)
+            assert torch.equal(one[0, 0], got[r, t])
+
+
 def test_bad_arguments_are_refused():
     x, weight, scale, shift = _inputs(2, 3, 8)
     ok = dict(eps=1e-5, post=False)
@@ -79,6 +93,10 @@ def test_bad_arguments_are_refused():
                                shift, **ok)  # fmt: skip
     with pytest.raises(ValueError, match="x must be a float32"):
         modulated_rms_norm_cpu(x.bfloat16(), weight, scale, shift, **ok)
+    with pytest.raises(ValueError, match="scale and shift together"):
+        modulated_rms_norm_cpu(x, weight, scale, None, **ok)
+    with pytest.raises(ValueError, match="weight must be a float32 CPU tensor of shape"):
+        rms_norm_cpu(x, weight[:4], 1e-5)
 
 
 def test_without_the_kernels_the_op_says_why(monkeypatch):

@@ -264,7 +264,9 @@ def modulated_rms_norm_cpu(x, weight, scale, shift, eps: float, *, post: bool) -
     if x.dim() != 3:
         raise ValueError(f"modulated_rms_norm: x must be (b, n, hidden), got {tuple(x.shape)}")
     b, n, hidden = x.shape
-    plain = scale is None and shift is None
+    if (scale is None) != (shift is None):
+        raise ValueError("modulated_rms_norm: give scale and shift together (or neither)")
+    plain = scale is None
     f32 = torch.float32
     if not (  # one pass of cheap checks (a denoiser forward makes ten calls); details on failure
         x.dtype == weight.dtype == f32 and x.is_cpu and weight.is_cpu
@@ -276,8 +278,6 @@ def modulated_rms_norm_cpu(x, weight, scale, shift, eps: float, *, post: bool) -
     ):  # fmt: skip
         expected = [("x", x, (b, n, hidden)), ("weight", weight, (hidden,))]
         if not plain:
-            if scale is None or shift is None:
-                raise ValueError("modulated_rms_norm: give scale and shift together (or neither)")
             expected += [("scale", scale, (b, hidden)), ("shift", shift, (b, hidden))]
         for name, t, shape in expected:
             if t.dtype != f32 or t.device.type != "cpu" or t.shape != shape:
