@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "twotower_rt/attention_cpu.h"
+#include "twotower_rt/cpu_pool.h"
 #include "twotower_rt/linear_cpu.h"
 #include "twotower_rt/mamba_cpu.h"
 #include "twotower_rt/mask_decide_cpu.h"
@@ -243,4 +244,15 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("q_batch_stride"), py::arg("block_stride"), py::arg("block_batch_stride"),
         py::arg("scale"), py::arg("causal"), py::arg("append"));
   m.def("build_info", &twotower_rt::BuildInfo);
+  m.def("threads", &twotower_rt::cpu::pool_threads,
+        "Threads the kernels use, the caller included (cpu_pool.h)");
+  m.def(
+      "set_threads",
+      [](int threads) {
+        if (threads < 1) throw std::invalid_argument("set_threads: threads must be >= 1");
+        py::gil_scoped_release release;  // stopping workers waits for them
+        twotower_rt::cpu::set_pool_threads(threads);
+      },
+      "Sets the kernels' threads, the caller included: 1 stops the workers (cpu_pool.h)",
+      py::arg("threads"));
 }

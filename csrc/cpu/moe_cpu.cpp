@@ -9,6 +9,7 @@
 
 #include "twotower_rt/cpu_common.h"
 #include "twotower_rt/cpu_gemm.h"
+#include "twotower_rt/cpu_pool.h"
 
 namespace twotower_rt {
 namespace cpu {
@@ -54,15 +55,19 @@ struct Scratch {
   std::vector<double> scores;
   std::vector<int64_t> chosen;
   std::vector<float> weight_of;      // (tokens, experts): 0 where not chosen
-  std::vector<float> h, expert_out;  // kTokens buffers of the widest MLP / of hidden
-  std::vector<float> group_out;      // (tokens, hidden): one expert's outputs
-  std::vector<const float*> group_in;
-  std::vector<float*> group_dst;
-  std::vector<int64_t> group_tokens;
-  std::vector<char> started;
+  std::vector<float> routed_out;     // (tokens, top_k, hidden): token t's i-th expert's output
+  std::vector<float> shared_out;     // (tokens, hidden)
+  std::vector<const float*> group_in;   // per expert in id order, the inputs of its tokens
+  std::vector<float*> group_dst;        // and where their outputs go
+  std::vector<int64_t> group_start;     // (experts + 1): expert e's entries
+  std::vector<int64_t> task_expert;     // the experts with tokens
+  std::vector<const float*> shared_in;
+  std::vector<float*> shared_dst;
 };
 
-// Route every token: its k experts by the biased float64 score, their float32 weights.
+// Route every token: its k experts by the biased float64 score, their float32 weights. (A clone:
+// the logits' chains, side by side over the experts, vectorise; a mul and an add each, no FMA.)
+TWOTOWER_RT_CLONES
 void route(const MoeParams& p, Scratch& s) {
   const int64_t H = p.hidden, E = p.experts, k = p.top_k;
   double* scores = s.scores.data();
@@ -103,77 +108,118 @@ void route(const MoeParams& p, Scratch& s) {
   }
 }
 
-// up, down: (E, hidden, I) and (E, I, hidden); shared_up, shared_down: or nullptr.
+// The MLP buffers of the calling thread: kTokens of the widest MLP.
+float* const* mlp_buffers(int64_t widest) {
+  thread_local std::vector<float> h;
+  thread_local float* rows[kTokens];
+  if (static_cast<int64_t>(h.size()) < kTokens * widest) h.resize(kTokens * widest);
+  for (int b = 0; b < kTokens; ++b) rows[b] = h.data() + b * widest;
+  return rows;
+}
+
+// The tasks of one call (cpu_pool.h): first the shared expert, kTokens tokens per task, then
+// one task per expert with tokens, over its tokens.
+struct Job {
+  const MoeParams* p;
+  Scratch* s;
+  int64_t shared_tasks;
+};
+
 template <typename W>
-TWOTOWER_RT_INLINE void moe_all(const MoeParams& p, Scratch& s, const W* up, const W* down,
-                                const W* shared_up, const W* shared_down) {
-  const int64_t H = p.hidden, E = p.experts, k = p.top_k, T = p.tokens;
-  route(p, s);
-  float* h[kTokens];
-  for (int b = 0; b < kTokens; ++b) h[b] = s.h.data() + b * (s.h.size() / kTokens);
-  char* started = s.started.data();
-  for (int64_t t = 0; t < T; ++t) started[t] = 0;
-  // Expert by expert in id order, each over the tokens that chose it; every token thus adds its
-  // experts' weighted outputs in id order, as the reference does.
-  for (int64_t e = 0; e < E; ++e) {
-    int64_t count = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      bool picked = false;
-      for (int64_t i = 0; i < k; ++i) picked = picked || s.chosen[t * k + i] == e;
-      if (!picked) continue;
-      s.group_tokens[count] = t;
-      s.group_in[count] = p.x + t * H;
-      s.group_dst[count] = s.group_out.data() + count * H;
-      ++count;
-    }
-    relu2_mlp_tokens(s.group_in.data(), count, up + e * H * p.inter, down + e * p.inter * H, H,
-                     p.inter, h, s.group_dst.data());
-    for (int64_t g = 0; g < count; ++g) {
-      const int64_t t = s.group_tokens[g];
-      const float w = s.weight_of[t * E + e];
-      const float* o = s.group_dst[g];
-      float* out = p.out + t * H;
-      if (!started[t]) {
+TWOTOWER_RT_INLINE void moe_task(const Job& job, int64_t i) {
+  const MoeParams& p = *job.p;
+  Scratch& s = *job.s;
+  const int64_t H = p.hidden;
+  float* const* h = mlp_buffers(p.inter > p.shared_inter ? p.inter : p.shared_inter);
+  if (i < job.shared_tasks) {
+    const int64_t t = i * kTokens, n = p.tokens - t < kTokens ? p.tokens - t : kTokens;
+    relu2_mlp_tokens(s.shared_in.data() + t, n, static_cast<const W*>(p.shared_up),
+                     static_cast<const W*>(p.shared_down), H, p.shared_inter, h,
+                     s.shared_dst.data() + t);
+    return;
+  }
+  const int64_t e = s.task_expert[i - job.shared_tasks], g = s.group_start[e];
+  relu2_mlp_tokens(s.group_in.data() + g, s.group_start[e + 1] - g,
+                   static_cast<const W*>(p.up) + e * H * p.inter,
+                   static_cast<const W*>(p.down) + e * p.inter * H, H, p.inter, h,
+                   s.group_dst.data() + g);
+}
+
+// One clone set per weight type (target_clones does not take templates); the tasks are clones
+// so that every worker runs the instruction set's code.
+TWOTOWER_RT_CLONES
+void moe_f32_task(void* job, int64_t i) { moe_task<float>(*static_cast<const Job*>(job), i); }
+
+TWOTOWER_RT_CLONES
+void moe_bf16_task(void* job, int64_t i) {
+  moe_task<uint16_t>(*static_cast<const Job*>(job), i);
+}
+
+// Each token's output from its experts' outputs: the weighted outputs added in expert id order
+// (the first one multiplied, not added to zero), then the shared expert's, as the reference does.
+TWOTOWER_RT_CLONES
+void combine(const MoeParams& p, Scratch& s) {
+  const int64_t H = p.hidden, E = p.experts, k = p.top_k;
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    float* out = p.out + t * H;
+    const int64_t* chosen = s.chosen.data() + t * k;
+    int64_t last = -1;  // the expert added last: the next is the lowest id above it
+    for (int64_t n = 0; n < k; ++n) {
+      int64_t slot = -1;
+      for (int64_t i = 0; i < k; ++i) {
+        if (chosen[i] > last && (slot < 0 || chosen[i] < chosen[slot])) slot = i;
+      }
+      last = chosen[slot];
+      const float w = s.weight_of[t * E + last];
+      const float* o = s.routed_out.data() + (t * k + slot) * H;
+      if (n == 0) {
 #pragma omp simd
         for (int64_t c = 0; c < H; ++c) out[c] = o[c] * w;
-        started[t] = 1;
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < H; ++c) out[c] = out[c] + o[c] * w;
       }
     }
-  }
-  for (int64_t t = 0; t < T; ++t) {
-    if (!started[t]) {
-      for (int64_t c = 0; c < H; ++c) p.out[t * H + c] = 0.0f;
-    }
-  }
-  if (shared_up == nullptr) return;
-  for (int64_t t = 0; t < T; ++t) {
-    s.group_in[t] = p.x + t * H;
-    s.group_dst[t] = s.group_out.data() + t * H;
-  }
-  relu2_mlp_tokens(s.group_in.data(), T, shared_up, shared_down, H, p.shared_inter, h,
-                   s.group_dst.data());
-  for (int64_t t = 0; t < T; ++t) {
-    float* out = p.out + t * H;
-    const float* o = s.group_dst[t];
+    if (p.shared_up == nullptr) continue;
+    const float* o = s.shared_out.data() + t * H;
 #pragma omp simd
     for (int64_t c = 0; c < H; ++c) out[c] = out[c] + o[c];
   }
 }
 
-// One clone set per weight type (target_clones does not take templates).
-TWOTOWER_RT_CLONES
-void moe_f32(const MoeParams& p, Scratch& s) {
-  auto w = [](const void* ptr) { return static_cast<const float*>(ptr); };
-  moe_all(p, s, w(p.up), w(p.down), w(p.shared_up), w(p.shared_down));
-}
-
-TWOTOWER_RT_CLONES
-void moe_bf16(const MoeParams& p, Scratch& s) {
-  auto w = [](const void* ptr) { return static_cast<const uint16_t*>(ptr); };
-  moe_all(p, s, w(p.up), w(p.down), w(p.shared_up), w(p.shared_down));
+void moe_all(const MoeParams& p, Scratch& s) {
+  const int64_t H = p.hidden, E = p.experts, k = p.top_k, T = p.tokens;
+  route(p, s);
+  // Every expert's tokens in token order (each expert's MLP is the same chain per token however
+  // its tokens are grouped); a token's i-th chosen expert writes routed_out[t, i].
+  int64_t n = 0;
+  s.task_expert.clear();
+  for (int64_t e = 0; e < E; ++e) {
+    s.group_start[e] = n;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t i = 0; i < k; ++i) {
+        if (s.chosen[t * k + i] != e) continue;
+        s.group_in[n] = p.x + t * H;
+        s.group_dst[n] = s.routed_out.data() + (t * k + i) * H;
+        ++n;
+      }
+    }
+    if (n > s.group_start[e]) s.task_expert.push_back(e);
+  }
+  s.group_start[E] = n;
+  int64_t shared_tasks = 0;
+  if (p.shared_up != nullptr) {
+    for (int64_t t = 0; t < T; ++t) {
+      s.shared_in[t] = p.x + t * H;
+      s.shared_dst[t] = s.shared_out.data() + t * H;
+    }
+    shared_tasks = (T + kTokens - 1) / kTokens;
+  }
+  Job job{&p, &s, shared_tasks};
+  const int64_t work = T * H * (k * p.inter + (p.shared_up != nullptr ? p.shared_inter : 0)) * 2;
+  pool_run(shared_tasks + static_cast<int64_t>(s.task_expert.size()), work,
+           p.weights_bf16 ? moe_bf16_task : moe_f32_task, &job);
+  combine(p, s);
 }
 
 }  // namespace
@@ -191,21 +237,18 @@ const char* moe_forward(const MoeParams& p) {
     return "moe_forward: sizes must be positive, with top_k <= experts";
   }
   thread_local Scratch scratch;
-  const int64_t widest = p.inter > p.shared_inter ? p.inter : p.shared_inter;
   scratch.scores.resize(p.experts);
   scratch.chosen.resize(p.tokens * p.top_k);
   scratch.weight_of.resize(p.tokens * p.experts);
-  scratch.h.resize(kTokens * widest);
-  scratch.group_out.resize(p.tokens * p.hidden);
-  scratch.group_in.resize(p.tokens);
-  scratch.group_dst.resize(p.tokens);
-  scratch.group_tokens.resize(p.tokens);
-  scratch.started.resize(p.tokens);
-  if (p.weights_bf16) {
-    moe_bf16(p, scratch);
-  } else {
-    moe_f32(p, scratch);
-  }
+  scratch.routed_out.resize(p.tokens * p.top_k * p.hidden);
+  scratch.shared_out.resize(p.shared_up != nullptr ? p.tokens * p.hidden : 0);
+  scratch.group_in.resize(p.tokens * p.top_k);
+  scratch.group_dst.resize(p.tokens * p.top_k);
+  scratch.group_start.resize(p.experts + 1);
+  scratch.task_expert.reserve(p.experts);
+  scratch.shared_in.resize(p.tokens);
+  scratch.shared_dst.resize(p.tokens);
+  moe_all(p, scratch);
   return nullptr;
 }
 

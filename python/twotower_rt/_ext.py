@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -57,6 +59,23 @@ _CPU, _cpu_error = _import_cpu()
 _cpu_loaded = (_CPU, _cpu_error)
 
 
+def _kernel_threads_from_env() -> None:
+    """TWOTOWER_RT_KERNEL_THREADS, applied once at import (a bad value warns and changes
+    nothing: an import should not fail on it)."""
+    from .threads import kernel_threads_from_env
+
+    try:
+        threads = kernel_threads_from_env(os.environ.get("TWOTOWER_RT_KERNEL_THREADS"))
+    except ValueError as exc:
+        warnings.warn(f"twotower_rt: {exc}; the CPU kernels keep one thread", stacklevel=2)
+        return
+    if threads is not None and _CPU is not None:
+        _CPU.set_threads(threads)
+
+
+_kernel_threads_from_env()
+
+
 def set_kernels_enabled(enabled: bool) -> None:
     """Turn the compiled kernels off (every op takes its PyTorch path, as without ``_C``) or back
     on: for the plain-PyTorch baseline of a benchmark, or to rule the kernels out when debugging.
@@ -84,6 +103,12 @@ def kernels_disabled() -> Iterator[None]:
 def cpu_kernels() -> ModuleType | None:
     """``twotower_rt._cpu``, or None when it is not there (or the kernels are turned off)."""
     return _CPU
+
+
+def cpu_kernels_module() -> ModuleType | None:
+    """``twotower_rt._cpu`` as loaded, even while the kernels are turned off
+    (:func:`set_kernels_enabled`): for settings such as its threads."""
+    return _cpu_loaded[0]
 
 
 def cpu_kernels_error() -> str | None:

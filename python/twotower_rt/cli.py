@@ -107,20 +107,26 @@ def _add_param_flags(parser: argparse.ArgumentParser, help_prefix: str) -> None:
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """--threads and --check-weights (generate, batch and serve)."""
+    """--threads, --kernel-threads and --check-weights (generate, batch and serve)."""
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: the CPUs this process may run "
                              "on, its affinity)")  # fmt: skip
+    parser.add_argument("--kernel-threads", type=int, default=None,
+                        help="threads the CPU kernels split a call over (the same results "
+                             "at every count; default: TWOTOWER_RT_KERNEL_THREADS, "
+                             "else 1)")  # fmt: skip
     parser.add_argument("--check-weights", action="store_true",
                         help="refuse a checkpoint with a NaN or infinite weight (scans every "
                              "tensor at load)")  # fmt: skip
 
 
 def _load(path, args: argparse.Namespace, **load_kwargs) -> TwoTowerModel:
-    """--threads applied, then the model loaded (with --check-weights)."""
-    from .threads import set_threads
+    """--threads and --kernel-threads applied, then the model loaded (with --check-weights)."""
+    from .threads import set_kernel_threads, set_threads
 
     set_threads(args.threads)
+    if args.kernel_threads is not None:
+        set_kernel_threads(args.kernel_threads)
     return load(path, check_weights=args.check_weights, **load_kwargs)
 
 

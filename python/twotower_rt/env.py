@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from twotower_rt import _ext
+from twotower_rt.threads import kernel_threads
 
 # Every kernel of a full twotower_rt._C (its build_info()["ops"]); block_attention and the MoE
 # grouped GEMMs are compiled only with the CUTLASS headers.
@@ -104,6 +105,8 @@ def report() -> dict[str, Any]:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_kernel_threads": kernel_threads(),
         "extension": _ext.extension_info(),
         "gpu": _gpu_report(),
         "ops": _ops_report(),
@@ -136,8 +139,10 @@ def format_report(info: dict[str, Any] | None = None) -> str:
         lines.append(f"extension    unavailable: {ext['error']}")
     if ext.get("cpu_kernels"):
         lines.append(
-            "cpu kernels  twotower_rt._cpu (fp32: the Mamba mixer, the MoE layer, the greedy "
-            "mask decision, the denoiser's modulated norm)"
+            "cpu kernels  twotower_rt._cpu (fp32: the projections, attention, the Mamba mixer, "
+            "the MoE layer, the norms, the greedy mask decision), "
+            f"{info.get('cpu_kernel_threads', 1)} thread(s); torch "
+            f"{info.get('torch_threads', '?')} thread(s)"
         )
     else:
         lines.append(f"cpu kernels  unavailable: {ext.get('cpu_kernels_error')}")

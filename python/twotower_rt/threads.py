@@ -31,3 +31,52 @@ def set_threads(threads: int | None = None) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+def kernel_threads() -> int:
+    """Threads the CPU kernels (``twotower_rt._cpu``) use, the calling thread included: 1 unless
+    set (:func:`set_kernel_threads`, or ``TWOTOWER_RT_KERNEL_THREADS`` at import)."""
+    from . import _ext
+
+    module = _ext.cpu_kernels_module()
+    return 1 if module is None else module.threads()
+
+
+def set_kernel_threads(threads: int | None = None) -> int:
+    """Let the CPU kernels split a call over ``threads`` threads (None: :func:`available_cpus`);
+    returns the number set (1 where the kernels are not built).
+
+    A projection splits its outputs, an MoE layer its experts; each output is computed as one
+    thread computes it, so results are bitwise the same at every count. Small calls (an AR step's
+    projections at batch 1) stay on the calling thread. Between calls a worker spins ~2 ms before
+    it sleeps, so the cores it takes are busy while a model runs. Separate from torch's threads
+    (:func:`set_threads`), which the kernels do not use."""
+    if threads is None:
+        threads = available_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"kernel threads must be an integer >= 1, got {threads!r}")
+    from . import _ext
+
+    module = _ext.cpu_kernels_module()
+    if module is None:
+        return 1
+    module.set_threads(threads)
+    return threads
+
+
+def kernel_threads_from_env(value: str | None) -> int | None:
+    """``TWOTOWER_RT_KERNEL_THREADS``: an integer >= 1, or ``auto`` (the affinity's CPUs); None
+    when unset or empty. ValueError otherwise."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if value.lower() == "auto":
+        return available_cpus()
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"TWOTOWER_RT_KERNEL_THREADS must be an integer >= 1 or 'auto', got "
+                         f"{value!r}")  # fmt: skip
+    return threads

@@ -133,13 +133,20 @@ def evaluate(model, prompts, truths, new_tokens: int, modes=MODES) -> list[dict]
     return rows
 
 
-def measure_speed(model, prompts, new_tokens: int, repeats: int) -> dict:
-    """CPU tokens/s per mode at each of SPEED_BATCHES, side by side: one thread, a warm-up of
-    every configuration, then ``repeats`` rounds in which the modes alternate; medians."""
+def measure_speed(model, prompts, new_tokens: int, repeats: int, kernel_threads: int = 1) -> dict:
+    """CPU tokens/s per mode at each of SPEED_BATCHES, side by side: torch on one thread, the CPU
+    kernels on ``kernel_threads`` (threads.set_kernel_threads), a warm-up of every configuration,
+    then ``repeats`` rounds in which the modes alternate; medians. With more than one kernel
+    thread the process's CPU time counts every core (a worker spins between calls): compare
+    wall-clock (``tok_s``, ``wall_vs_ar``) there."""
     import statistics
 
-    threads = torch.get_num_threads()
+    from ..threads import kernel_threads as current_kernel_threads
+    from ..threads import set_kernel_threads
+
+    threads, kthreads = torch.get_num_threads(), current_kernel_threads()
     torch.set_num_threads(1)
+    set_kernel_threads(kernel_threads)
     try:
         speed = {}
         for batch in SPEED_BATCHES:
@@ -167,12 +174,16 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int) -> dict:
                 row[key]["cpu_vs_ar"] = row[key]["cpu_tok_s"] / row["ar"]["cpu_tok_s"]
                 row[key]["wall_vs_ar"] = row[key]["tok_s"] / row["ar"]["tok_s"]
             speed[f"batch_{batch}"] = row
-            print(f"speed batch {batch}: " + "  ".join(
-                f"{k} {v['cpu_tok_s']:.0f} ({v['cpu_vs_ar']:.2f}x)" for k, v in row.items()
+            rate, ratio = (
+                ("cpu_tok_s", "cpu_vs_ar") if kernel_threads == 1 else ("tok_s", "wall_vs_ar")
+            )
+            print(f"speed batch {batch}, {kernel_threads} kernel thread(s), {rate}: " + "  ".join(
+                f"{k} {v[rate]:.0f} ({v[ratio]:.2f}x)" for k, v in row.items()
             ), flush=True)  # fmt: skip
         return speed
     finally:
         torch.set_num_threads(threads)
+        set_kernel_threads(kthreads)
 
 
 def plot_tradeoff(rows: list[dict], speed: dict, path: str) -> None:

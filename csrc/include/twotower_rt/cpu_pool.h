@@ -1,0 +1,36 @@
+// The CPU kernels' threads: a fixed set of workers that, with the calling thread, run the
+// independent tasks of one kernel call (the 64-output column blocks of a projection, the experts
+// of an MoE layer).
+//
+// Numbers: a task computes its outputs exactly as one thread would (the same chains in the same
+// order), so results do not depend on the thread count or on which thread ran which task.
+//
+// Waiting: between two calls a worker spins for a short while (the Python between the kernels of
+// one forward is tens of microseconds; waking a sleeping thread costs about as much), then sleeps.
+// With one thread (the default) nothing is started and every task runs on the caller.
+#pragma once
+
+#include <cstdint>
+
+namespace twotower_rt {
+namespace cpu {
+
+// Threads the kernels use, the caller included (>= 1).
+int pool_threads();
+
+// Sets it: 1 stops the workers. Not while a kernel runs (the bindings hold the GIL here).
+void set_pool_threads(int threads);
+
+// Runs task(context, i) for every i in [0, count), each exactly once, over the workers and the
+// calling thread, and returns when all are done. It runs them in order on the caller alone with
+// one thread, for a single task, while another thread's call holds the workers, or when `work`
+// (the call's size in multiply-adds) is below kPoolMinWork: handing a call over costs a few
+// microseconds, more than it saves there.
+void pool_run(int64_t count, int64_t work, void (*task)(void*, int64_t), void* context);
+
+// A task that runs a kernel's arithmetic should be a TWOTOWER_RT_CLONES function (a lambda is
+// compiled for the baseline instruction set only); a pointer to a clone resolves like a call.
+constexpr int64_t kPoolMinWork = 96 * 1024;
+
+}  // namespace cpu
+}  // namespace twotower_rt
