@@ -14,10 +14,14 @@ import pytest
 import torch
 from test_linear_cpu import SHAPES
 from test_linear_cpu import _case as linear_case
+from test_mamba_cpu import SHAPES as MAMBA_SHAPES
+from test_mamba_cpu import _inputs as mamba_inputs
+from test_mamba_cpu import _layer as mamba_layer
 from test_moe_cpu import _weights as moe_case
 
 from twotower_rt import _ext, threads
 from twotower_rt.ops.linear_cpu import k_major, linear_cpu
+from twotower_rt.ops.mamba_cpu import mamba_chunk
 from twotower_rt.ops.moe_cpu import moe_forward
 
 pytestmark = pytest.mark.skipif(
@@ -100,6 +104,26 @@ def test_moe_bits_do_not_depend_on_the_threads(kernel_threads, case, tokens):
         assert all(torch.equal(moe_forward(x, w), v) for w, v in zip((weights, halves), want))
 
 
+@pytest.mark.parametrize("shape", MAMBA_SHAPES)
+@pytest.mark.parametrize("b,n", [(1, 16), (1, 1), (3, 16), (2, 5)])
+def test_mamba_bits_do_not_depend_on_the_threads(kernel_threads, shape, b, n):
+    """One sequence splits its heads, several their rows; with and without the output, ragged."""
+    H, P, N, G, K = shape
+    weights, conv_dim = mamba_layer(H, P, N, G, K)
+    zx, conv, ssm = mamba_inputs(b, n, H, P, N, conv_dim, K)
+    ragged = torch.tensor([max(1, n - 2 * r) for r in range(b)])
+    calls = [(nv, out) for nv in (None, ragged) for out in (True, False)]
+
+    def run():
+        return [mamba_chunk(zx, conv, ssm, weights, nv, with_output=out) for nv, out in calls]
+
+    want = run()
+    for count in COUNTS:
+        kernel_threads(count)
+        for got, ref in zip(run(), want):
+            assert all((a is None and r is None) or torch.equal(a, r) for a, r in zip(got, ref))
+
+
 @pytest.mark.parametrize("mode", ["ar", "mask_diffusion", "verified"])
 def test_generation_does_not_depend_on_the_threads(kernel_threads, default_model, mode):
     prompts = [[5, 9, 100, 7, 300, 12], [44, 17, 8], [1000, 3, 250, 9, 9, 71, 20]]
@@ -146,6 +170,7 @@ sys.path.insert(0, sys.argv[1])
 from test_linear_cpu import _case
 from twotower_rt import threads
 from twotower_rt.ops.linear_cpu import k_major, linear_cpu
+from twotower_rt.ops.mamba_cpu import mamba_chunk
 x, w, b = _case(16, 192, 2048, seed=7)
 w = k_major(w)
 want = linear_cpu(x, w, b)

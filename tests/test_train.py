@@ -240,3 +240,37 @@ def test_rollout_masks_follow_the_decoding_teacher_forced():
             assert torch.equal(masked[r], (block == 3)[0]), r
     assert committed == want_committed > 0
     assert wrong == want_wrong
+
+
+def test_measure_speed_side_by_side_and_the_tradeoff_picture(default_model, monkeypatch,
+                                                               tmp_path):  # fmt: skip
+    """measure_speed times every mode at every kernel-thread count in the same rounds, gives AR
+    the ratio 1, leaves torch's and the kernels' threads as it found them; the picture is drawn
+    from its result."""
+    pytest.importorskip("matplotlib")
+    from twotower_rt import threads
+    from twotower_rt.train import evaluate as ev
+
+    modes = [("ar", None), ("mask_diffusion", 0.8)]
+    monkeypatch.setattr(ev, "MODES", modes)
+    monkeypatch.setattr(ev, "SPEED_BATCHES", (1, 64))
+    seen = []
+    real_set = threads.set_kernel_threads
+    monkeypatch.setattr(threads, "set_kernel_threads", lambda n: seen.append(n) or real_set(n))
+    torch_threads = torch.get_num_threads()
+    prompts = [[5, 9, 100, 7], [44, 17, 8, 2], [1000, 3, 250, 9], [9, 71, 20, 4]]
+    speeds = ev.measure_speed(default_model, prompts, 16, repeats=2, kernel_threads=(1, 2))
+    assert set(speeds) == {1, 2}
+    for count in (1, 2):
+        assert set(speeds[count]) == {"batch_1", "batch_64"}
+        for row in speeds[count].values():
+            assert set(row) == {"ar", "mask_diffusion@0.8"}
+            assert row["ar"]["cpu_vs_ar"] == row["ar"]["wall_vs_ar"] == 1.0
+            assert all(v["tok_s"] > 0 and v["cpu_tok_s"] > 0 for v in row.values())
+    # each batch: a warm-up round and two timed ones, each switching 1 -> 2; then put back
+    assert seen == [1, 2] * 3 * 2 + [1]
+    assert threads.kernel_threads() == 1 and torch.get_num_threads() == torch_threads
+    rows = ev.evaluate(default_model, prompts, [[1] * 16] * 4, 16, modes)
+    path = tmp_path / "tradeoff.png"
+    ev.plot_tradeoff(rows, speeds, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

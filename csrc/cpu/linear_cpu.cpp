@@ -48,20 +48,21 @@ TWOTOWER_RT_INLINE void few_rows(const LinearParams& p, const W* w, int64_t r, i
   }
 }
 
-// Every row, outputs [begin, end): begin a multiple of kBlock, end too or the last output.
+// Rows [r0, r1) x outputs [c0, c1): r0 a multiple of kRows, c0 of the task width, c1 and r1 too
+// or the last output / row.
 template <typename W>
-TWOTOWER_RT_INLINE void linear_cols(const LinearParams& p, const W* w, int64_t begin,
-                                    int64_t end) {
-  const int64_t full = p.rows / kRows * kRows, rest = p.rows - full;
-  if (full == 0) {  // one to three rows: each tile reads every weight once anyway
-    few_rows(p, w, 0, rest, begin, end);
+TWOTOWER_RT_INLINE void linear_part(const LinearParams& p, const W* w, int64_t r0, int64_t r1,
+                                    int64_t c0, int64_t c1) {
+  const int64_t full = r0 + (r1 - r0) / kRows * kRows, rest = r1 - full;
+  if (full == r0) {  // one to three rows: each tile reads every weight once anyway
+    few_rows(p, w, r0, rest, c0, c1);
     return;
   }
   // Blocks of 64 outputs outermost, so that each block's weights (K x 64) stay in L1/L2 while
   // every row tile reads them (the weights stream once); the last N % 64 outputs next.
-  const int64_t wide = begin + (end - begin) / (4 * kGemmVec) * (4 * kGemmVec);
-  for (int64_t c = begin; c < wide; c += 4 * kGemmVec) {
-    for (int64_t r = 0; r < full; r += kRows) tile_at<kRows>(p, w, r, c);
+  const int64_t wide = c0 + (c1 - c0) / (4 * kGemmVec) * (4 * kGemmVec);
+  for (int64_t c = c0; c < wide; c += 4 * kGemmVec) {
+    for (int64_t r = r0; r < full; r += kRows) tile_at<kRows>(p, w, r, c);
     switch (rest) {
       case 3: tile_at<3>(p, w, full, c); break;
       case 2: tile_at<2>(p, w, full, c); break;
@@ -69,19 +70,34 @@ TWOTOWER_RT_INLINE void linear_cols(const LinearParams& p, const W* w, int64_t b
       default: break;
     }
   }
-  if (wide == end) return;
-  for (int64_t r = 0; r < full; r += kRows) cols_at<kRows>(p, w, r, wide, end);
-  few_rows(p, w, full, rest, wide, end);
+  if (wide == c1) return;
+  for (int64_t r = r0; r < full; r += kRows) cols_at<kRows>(p, w, r, wide, c1);
+  few_rows(p, w, full, rest, wide, c1);
 }
 
-// Outputs per task of the kernel threads (cpu_pool.h): a multiple of every tile's width, so that
-// a task's outputs are tiled as one thread would tile them.
-constexpr int64_t kBlock = 8 * kGemmVec;
+// The tasks of the kernel threads (cpu_pool.h). Every output is the same chain however the rows
+// and outputs are tiled (cpu_gemm.h), so any split gives the one-thread bits; this one keeps
+// whole tiles: outputs in blocks of the widest tile (128 for one to three rows, else 64), and
+// where that leaves few blocks, the rows in two halves at a multiple of kRows as well.
+struct Split {
+  int64_t width, blocks, half;  // half: the first row of the second half (rows: no split)
+};
+
+TWOTOWER_RT_INLINE Split split(const LinearParams& p) {
+  Split s;
+  s.width = (p.rows < kRows ? 8 : 4) * kGemmVec;
+  s.blocks = (p.out_features + s.width - 1) / s.width;
+  s.half = p.rows >= 2 * kRows && s.blocks < 6 ? (p.rows / 2 + kRows - 1) / kRows * kRows : p.rows;
+  return s;
+}
 
 template <typename W>
 TWOTOWER_RT_INLINE void linear_task(const LinearParams& p, const W* w, int64_t i) {
-  const int64_t end = (i + 1) * kBlock;
-  linear_cols(p, w, i * kBlock, end < p.out_features ? end : p.out_features);
+  const Split s = split(p);
+  const int64_t block = i % s.blocks, c0 = block * s.width, c1 = c0 + s.width;
+  const bool second = i >= s.blocks;
+  linear_part(p, w, second ? s.half : 0, second ? p.rows : s.half, c0,
+              c1 < p.out_features ? c1 : p.out_features);
 }
 
 // The tasks are the clones (one set per weight type: target_clones does not take templates), so
@@ -109,8 +125,8 @@ const char* linear(const LinearParams& p) {
     return "linear: sizes must be positive, with x_stride >= in and w_stride >= out_features";
   }
   if (p.rows == 0) return nullptr;
-  const int64_t tasks = (p.out_features + kBlock - 1) / kBlock;
-  pool_run(tasks, p.rows * p.in * p.out_features,
+  const Split s = split(p);
+  pool_run(s.blocks * (s.half < p.rows ? 2 : 1), p.rows * p.in * p.out_features,
            p.w != nullptr ? linear_f32_task : linear_bf16_task,
            const_cast<LinearParams*>(&p));
   return nullptr;

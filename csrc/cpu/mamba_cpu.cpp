@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "twotower_rt/cpu_common.h"
+#include "twotower_rt/cpu_pool.h"
 
 namespace twotower_rt {
 namespace cpu {
@@ -38,7 +39,7 @@ inline float dot8(const float* a, const float* b, int64_t len) {
 // One token of one head's scan with head_dim = 16 * PV known at compile time: each state row i
 // (P lanes) updated as row * decay + dtx * B[i] (skipped for a padding token), and y = sum_i row *
 // C[i] in i order kept in registers, then y + D * x. The same operations, in the same order, as
-// the generic loops in mamba_chunk_row, so the same bits.
+// the generic loops in mamba_row_head, so the same bits.
 template <int PV>
 TWOTOWER_RT_INLINE void scan_token(float* st, const float* dtx, const float* x, const float* B,
                                    const float* C, float decay, float D, bool valid, float* yh,
@@ -109,17 +110,20 @@ TWOTOWER_RT_INLINE void transpose(const float* src, int64_t rows, int64_t cols, 
 }
 
 struct Scratch {
-  std::vector<float> history, xbc, dt, dtx, y, state;
+  std::vector<float> history, xbc, dt, y, state;
 };
 
+// One row in three parts, so that its heads can run on the kernel threads (cpu_pool.h): the
+// conv and dt (every head's inputs), each head's scan, the norm.
 TWOTOWER_RT_CLONES
-void mamba_chunk_row(const MambaChunkParams& p, int64_t row, Scratch& s) {
+void mamba_row_inputs(const MambaChunkParams& p, int64_t row, Scratch& s) {
   const int64_t H = p.heads, P = p.head_dim, N = p.state_size, G = p.groups, K = p.conv_kernel;
   const int64_t n = p.n, d_inner = H * P, conv_dim = d_inner + 2 * G * N;
-  const int64_t proj = d_inner + conv_dim + H, heads_per_group = H / G;
+  const int64_t proj = d_inner + conv_dim + H;
   const int64_t n_valid = p.n_valid != nullptr ? p.n_valid[row] : n;
   const float* zx = p.zxbcdt + row * n * proj;
   const bool clamp_dt = p.dt_min > 0.0f || p.dt_max != std::numeric_limits<float>::infinity();
+  const int64_t tokens = p.out != nullptr ? n : n_valid;  // a state-only call stops at n_valid
 
   // The raw (pre-conv) columns, time-major: the state's K, then the new ones (zero past n_valid).
   float* history = s.history.data();
@@ -135,14 +139,6 @@ void mamba_chunk_row(const MambaChunkParams& p, int64_t row, Scratch& s) {
       std::memset(col, 0, conv_dim * sizeof(float));
     }
   }
-
-  // The SSM state, per head transposed to (N, P) for the block: the update and y = state . C then
-  // run over P contiguous lanes, y summing over N in order, with no horizontal reductions.
-  float* state = s.state.data();
-  const float* state_in = p.ssm_state + row * H * P * N;
-  for (int64_t h = 0; h < H; ++h) transpose(state_in + h * P * N, P, N, state + h * N * P);
-  const int64_t tokens = p.out != nullptr ? n : n_valid;  // a state-only call stops at n_valid
-  float* dtx = s.dtx.data();
 
   // 1. Per token: the depthwise causal conv (bias, then each tap in order) and SiLU; dt per head.
   for (int64_t t = 0; t < tokens; ++t) {
@@ -176,49 +172,71 @@ void mamba_chunk_row(const MambaChunkParams& p, int64_t row, Scratch& s) {
     }
   }
 
-  // 2. The scan, head by head over the tokens: a head's state (N x P) stays in L1 for the block.
-  for (int64_t h = 0; h < H; ++h) {
-    const int64_t g = h / heads_per_group;
-    float* st = state + h * N * P;
-    for (int64_t t = 0; t < tokens; ++t) {
-      const bool valid = t < n_valid;
-      const float* xbc = s.xbc.data() + t * conv_dim;
-      const float* B = xbc + d_inner + g * N;
-      const float* C = xbc + d_inner + G * N + g * N;
-      const float* x = xbc + h * P;
-      const float dt = s.dt[t * H + h];
-      float* yh = s.y.data() + t * d_inner + h * P;
-      // One pass over the state: update row i, then add its share to y (y sums over i in order).
-      const float decay = valid ? std::exp(dt * p.A[h]) : 1.0f;
+}
+
+// Head h: its SSM state transposed to (N, P) for the block (the update and y = state . C then run
+// over P contiguous lanes, y summing over N in order, with no horizontal reductions), the scan
+// over the tokens with that state in L1, the state back. dtx: P floats of the calling thread.
+TWOTOWER_RT_CLONES
+void mamba_row_head(const MambaChunkParams& p, int64_t row, int64_t h, Scratch& s, float* dtx) {
+  const int64_t H = p.heads, P = p.head_dim, N = p.state_size, G = p.groups;
+  const int64_t n = p.n, d_inner = H * P, conv_dim = d_inner + 2 * G * N, heads_per_group = H / G;
+  const int64_t n_valid = p.n_valid != nullptr ? p.n_valid[row] : n;
+  const int64_t tokens = p.out != nullptr ? n : n_valid;
+  float* st = s.state.data() + h * N * P;
+  transpose(p.ssm_state + (row * H + h) * P * N, P, N, st);
+  const int64_t g = h / heads_per_group;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const bool valid = t < n_valid;
+    const float* xbc = s.xbc.data() + t * conv_dim;
+    const float* B = xbc + d_inner + g * N;
+    const float* C = xbc + d_inner + G * N + g * N;
+    const float* x = xbc + h * P;
+    const float dt = s.dt[t * H + h];
+    float* yh = s.y.data() + t * d_inner + h * P;
+    // One pass over the state: update row i, then add its share to y (y sums over i in order).
+    const float decay = valid ? std::exp(dt * p.A[h]) : 1.0f;
 #pragma omp simd
-      for (int64_t q = 0; q < P; ++q) dtx[q] = dt * x[q];
-      if (p.out != nullptr && (P == 32 || P == 64 || P == 128)) {  // the common head sizes
-        if (P == 64) scan_token<4>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
-        if (P == 32) scan_token<2>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
-        if (P == 128) scan_token<8>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
-        continue;
-      }
-      for (int64_t i = 0; i < N; ++i) {
-        float* row_i = st + i * P;
-        const float b = B[i], c = C[i];
-        if (valid) {
+    for (int64_t q = 0; q < P; ++q) dtx[q] = dt * x[q];
+    if (p.out != nullptr && (P == 32 || P == 64 || P == 128)) {  // the common head sizes
+      if (P == 64) scan_token<4>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
+      if (P == 32) scan_token<2>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
+      if (P == 128) scan_token<8>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
+      continue;
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      float* row_i = st + i * P;
+      const float b = B[i], c = C[i];
+      if (valid) {
 #pragma omp simd
-          for (int64_t q = 0; q < P; ++q) row_i[q] = fmadd(row_i[q], decay, dtx[q] * b);
-        }
-        if (p.out == nullptr) continue;
-        if (i == 0) {
-#pragma omp simd
-          for (int64_t q = 0; q < P; ++q) yh[q] = row_i[q] * c;
-        } else {
-#pragma omp simd
-          for (int64_t q = 0; q < P; ++q) yh[q] = fmadd(row_i[q], c, yh[q]);
-        }
+        for (int64_t q = 0; q < P; ++q) row_i[q] = fmadd(row_i[q], decay, dtx[q] * b);
       }
       if (p.out == nullptr) continue;
+      if (i == 0) {
 #pragma omp simd
-      for (int64_t q = 0; q < P; ++q) yh[q] = fmadd(p.D[h], x[q], yh[q]);
+        for (int64_t q = 0; q < P; ++q) yh[q] = row_i[q] * c;
+      } else {
+#pragma omp simd
+        for (int64_t q = 0; q < P; ++q) yh[q] = fmadd(row_i[q], c, yh[q]);
+      }
     }
+    if (p.out == nullptr) continue;
+#pragma omp simd
+    for (int64_t q = 0; q < P; ++q) yh[q] = fmadd(p.D[h], x[q], yh[q]);
   }
+  if (p.ssm_state_out != nullptr) {
+    transpose(st, N, P, p.ssm_state_out + (row * H + h) * P * N);
+  }
+}
+
+TWOTOWER_RT_CLONES
+void mamba_row_output(const MambaChunkParams& p, int64_t row, Scratch& s) {
+  const int64_t H = p.heads, P = p.head_dim, N = p.state_size, G = p.groups, K = p.conv_kernel;
+  const int64_t n = p.n, d_inner = H * P, conv_dim = d_inner + 2 * G * N;
+  const int64_t proj = d_inner + conv_dim + H;
+  const int64_t n_valid = p.n_valid != nullptr ? p.n_valid[row] : n;
+  const float* zx = p.zxbcdt + row * n * proj;
+  const float* history = s.history.data();
 
   // 3. Per token: gated RMSNorm, y * silu(z) normalised per group of norm_group channels, times
   // the weight.
@@ -245,10 +263,46 @@ void mamba_chunk_row(const MambaChunkParams& p, int64_t row, Scratch& s) {
       for (int64_t k = 0; k < K; ++k) conv_out[c * K + k] = history[(n_valid + k) * conv_dim + c];
     }
   }
-  if (p.ssm_state_out != nullptr) {
-    float* state_out = p.ssm_state_out + row * H * P * N;
-    for (int64_t h = 0; h < H; ++h) transpose(state + h * N * P, N, P, state_out + h * P * N);
-  }
+}
+
+// The kernel threads' tasks (cpu_pool.h). One row: its heads; several: the rows, each on the
+// thread's own scratch.
+struct Job {
+  const MambaChunkParams* p;
+  Scratch* s;  // one row: the caller's
+  int64_t row;
+};
+
+void size_scratch(const MambaChunkParams& p, Scratch& s) {
+  const int64_t d_inner = p.heads * p.head_dim, conv_dim = d_inner + 2 * p.groups * p.state_size;
+  s.history.resize((p.conv_kernel + p.n) * conv_dim);
+  s.xbc.resize(p.n * conv_dim);
+  s.dt.resize(p.n * p.heads);
+  s.y.resize(p.n * d_inner);
+  s.state.resize(d_inner * p.state_size);
+}
+
+float* head_buffer(int64_t P) {
+  thread_local std::vector<float> dtx;
+  if (static_cast<int64_t>(dtx.size()) < P) dtx.resize(P);
+  return dtx.data();
+}
+
+TWOTOWER_RT_CLONES
+void head_task(void* job, int64_t h) {
+  const Job& j = *static_cast<const Job*>(job);
+  mamba_row_head(*j.p, j.row, h, *j.s, head_buffer(j.p->head_dim));
+}
+
+TWOTOWER_RT_CLONES
+void row_task(void* job, int64_t row) {
+  const MambaChunkParams& p = *static_cast<const Job*>(job)->p;
+  thread_local Scratch s;
+  size_scratch(p, s);
+  float* dtx = head_buffer(p.head_dim);
+  mamba_row_inputs(p, row, s);
+  for (int64_t h = 0; h < p.heads; ++h) mamba_row_head(p, row, h, s, dtx);
+  mamba_row_output(p, row, s);
 }
 
 }  // namespace
@@ -273,15 +327,19 @@ const char* mamba_chunk(const MambaChunkParams& p) {
       if (p.n_valid[r] < 0 || p.n_valid[r] > p.n) return "mamba_chunk: n_valid outside [0, n]";
     }
   }
-  const int64_t conv_dim = d_inner + 2 * p.groups * p.state_size;
-  thread_local Scratch scratch;
-  scratch.history.resize((p.conv_kernel + p.n) * conv_dim);
-  scratch.xbc.resize(p.n * conv_dim);
-  scratch.dt.resize(p.n * p.heads);
-  scratch.y.resize(p.n * d_inner);
-  scratch.dtx.resize(p.head_dim);
-  scratch.state.resize(d_inner * p.state_size);
-  for (int64_t row = 0; row < p.batch; ++row) mamba_chunk_row(p, row, scratch);
+  // The scan's multiply-adds: what the threads share.
+  const int64_t work = p.batch * p.n * d_inner * p.state_size * 2;
+  if (p.batch == 1) {
+    thread_local Scratch scratch;
+    size_scratch(p, scratch);
+    Job job{&p, &scratch, 0};
+    mamba_row_inputs(p, 0, scratch);
+    pool_run(p.heads, work, head_task, &job);
+    mamba_row_output(p, 0, scratch);
+  } else {
+    Job job{&p, nullptr, 0};
+    pool_run(p.batch, work, row_task, &job);
+  }
   return nullptr;
 }
 

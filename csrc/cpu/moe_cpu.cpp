@@ -3,6 +3,7 @@
 // (cpu_gemm.h). The instruction-set clones round the same operations (cpu_common.h).
 #include "twotower_rt/moe_cpu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -68,10 +69,10 @@ struct Scratch {
 // Route every token: its k experts by the biased float64 score, their float32 weights. (A clone:
 // the logits' chains, side by side over the experts, vectorise; a mul and an add each, no FMA.)
 TWOTOWER_RT_CLONES
-void route(const MoeParams& p, Scratch& s) {
+void route(const MoeParams& p, Scratch& s, int64_t t0, int64_t t1) {
   const int64_t H = p.hidden, E = p.experts, k = p.top_k;
-  double* scores = s.scores.data();
-  for (int64_t t = 0; t < p.tokens; ++t) {
+  for (int64_t t = t0; t < t1; ++t) {
+    double* scores = s.scores.data() + t * E;
     const float* x = p.x + t * H;
     // Every expert's logit is its own chain over j in order (mul, then add); the chains run side
     // by side, so their latencies overlap.
@@ -106,6 +107,18 @@ void route(const MoeParams& p, Scratch& s) {
       weight_of[chosen[i]] = static_cast<float>(w * p.routed_scaling_factor);
     }
   }
+}
+
+// Routing on the kernel threads: kTokens tokens per task.
+struct RouteJob {
+  const MoeParams* p;
+  Scratch* s;
+};
+
+void route_task(void* job, int64_t i) {
+  const RouteJob& j = *static_cast<const RouteJob*>(job);
+  const int64_t t0 = i * kTokens, t1 = t0 + kTokens < j.p->tokens ? t0 + kTokens : j.p->tokens;
+  route(*j.p, *j.s, t0, t1);
 }
 
 // The MLP buffers of the calling thread: kTokens of the widest MLP.
@@ -189,7 +202,8 @@ void combine(const MoeParams& p, Scratch& s) {
 
 void moe_all(const MoeParams& p, Scratch& s) {
   const int64_t H = p.hidden, E = p.experts, k = p.top_k, T = p.tokens;
-  route(p, s);
+  RouteJob route_job{&p, &s};  // (the logits' float64 chains are latency-bound: ~4 work units)
+  pool_run((T + kTokens - 1) / kTokens, T * E * H * 4, route_task, &route_job);
   // Every expert's tokens in token order (each expert's MLP is the same chain per token however
   // its tokens are grouped); a token's i-th chosen expert writes routed_out[t, i].
   int64_t n = 0;
@@ -207,6 +221,10 @@ void moe_all(const MoeParams& p, Scratch& s) {
     if (n > s.group_start[e]) s.task_expert.push_back(e);
   }
   s.group_start[E] = n;
+  // The busiest experts first, so that the threads' last tasks are the short ones.
+  auto count = [&](int64_t e) { return s.group_start[e + 1] - s.group_start[e]; };
+  std::stable_sort(s.task_expert.begin(), s.task_expert.end(),
+                   [&](int64_t a, int64_t b) { return count(a) > count(b); });
   int64_t shared_tasks = 0;
   if (p.shared_up != nullptr) {
     for (int64_t t = 0; t < T; ++t) {
@@ -237,7 +255,7 @@ const char* moe_forward(const MoeParams& p) {
     return "moe_forward: sizes must be positive, with top_k <= experts";
   }
   thread_local Scratch scratch;
-  scratch.scores.resize(p.experts);
+  scratch.scores.resize(p.tokens * p.experts);
   scratch.chosen.resize(p.tokens * p.top_k);
   scratch.weight_of.resize(p.tokens * p.experts);
   scratch.routed_out.resize(p.tokens * p.top_k * p.hidden);
