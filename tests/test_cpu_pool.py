@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_block_attention_cpu import SHAPES as ATTENTION_SHAPES
+from test_block_attention_cpu import _case as attention_case
 from test_linear_cpu import SHAPES
 from test_linear_cpu import _case as linear_case
 from test_mamba_cpu import SHAPES as MAMBA_SHAPES
@@ -20,6 +22,7 @@ from test_mamba_cpu import _layer as mamba_layer
 from test_moe_cpu import _weights as moe_case
 
 from twotower_rt import _ext, threads
+from twotower_rt.ops.block_attention import block_attention_cpu
 from twotower_rt.ops.linear_cpu import k_major, linear_cpu
 from twotower_rt.ops.mamba_cpu import mamba_chunk
 from twotower_rt.ops.moe_cpu import moe_forward
@@ -122,6 +125,25 @@ def test_mamba_bits_do_not_depend_on_the_threads(kernel_threads, shape, b, n):
         kernel_threads(count)
         for got, ref in zip(run(), want):
             assert all((a is None and r is None) or torch.equal(a, r) for a, r in zip(got, ref))
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES + [(1, 16, 6, 2, 32, [300]),
+                                                     (3, 16, 6, 2, 32, [5, 300, 0])])  # fmt: skip
+@pytest.mark.parametrize("append", [False, True])
+def test_attention_bits_do_not_depend_on_the_threads(kernel_threads, shape, append):
+    """Its (sequence, KV head) pairs split; an append writes the cache first: the outputs and the
+    written caches are the one-thread ones."""
+    q, k, v, k_cache, v_cache, lens, slots = attention_case(*shape)
+    kw = dict(causal=True, append=True) if append else {}
+
+    def run():
+        kc, vc = k_cache.clone(), v_cache.clone()
+        return block_attention_cpu(q, kc, vc, lens, k, v, cache_slots=slots, **kw), kc, vc
+
+    want = run()
+    for count in COUNTS:
+        kernel_threads(count)
+        assert all(torch.equal(a, b) for a, b in zip(run(), want))
 
 
 @pytest.mark.parametrize("mode", ["ar", "mask_diffusion", "verified"])

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "twotower_rt/cpu_common.h"
+#include "twotower_rt/cpu_pool.h"
 
 namespace twotower_rt {
 namespace cpu {
@@ -125,49 +126,66 @@ TWOTOWER_RT_INLINE void attend(const float* q, int64_t count, const float* keys_
   }
 }
 
-TWOTOWER_RT_CLONES
-void attention_all(const AttentionParams& p, Scratch& s) {
-  const int64_t S = p.queries, Hq = p.q_heads, Hkv = p.kv_heads, D = p.head_dim;
-  const int64_t group = Hq / Hkv, row_floats = p.capacity * Hkv * D;
+// The block's K/V into the cache rows (before any head reads them).
+void append_block(const AttentionParams& p) {
+  const int64_t S = p.queries, HD = p.kv_heads * p.head_dim, row_floats = p.capacity * HD;
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t row = p.cache_slots != nullptr ? p.cache_slots[b] : b;
-    const int64_t L = p.context_lens[b];
-    float* k_row = p.k_cache + row * row_floats;
-    float* v_row = p.v_cache + row * row_floats;
-    const float* k_block = p.k_block == nullptr ? nullptr : p.k_block + b * p.block_batch_stride;
-    const float* v_block = p.v_block == nullptr ? nullptr : p.v_block + b * p.block_batch_stride;
-    const int64_t n_block = k_block == nullptr ? 0 : S;
-    if (p.append) {
-      for (int64_t i = 0; i < S; ++i) {
-        std::memcpy(k_row + (L + i) * Hkv * D, k_block + i * p.block_stride,
-                    Hkv * D * sizeof(float));
-        std::memcpy(v_row + (L + i) * Hkv * D, v_block + i * p.block_stride,
-                    Hkv * D * sizeof(float));
-      }
+    float* k_row = p.k_cache + row * row_floats + p.context_lens[b] * HD;
+    float* v_row = p.v_cache + row * row_floats + p.context_lens[b] * HD;
+    for (int64_t i = 0; i < S; ++i) {
+      const int64_t at = b * p.block_batch_stride + i * p.block_stride;
+      std::memcpy(k_row + i * HD, p.k_block + at, HD * sizeof(float));
+      std::memcpy(v_row + i * HD, p.v_block + at, HD * sizeof(float));
     }
-    const int64_t n_all = L + n_block, ld = (n_all + kPad - 1) / kPad * kPad;
-    for (int64_t g = 0; g < Hkv; ++g) {
-      // This KV head's keys transposed (zero-padded to kPad) and its values contiguous: the cache's
-      // first L, then the block's.
-      float* keys_t = s.keys_t.data();
-      float* values = s.values.data();
-      for (int64_t j = 0; j < n_all; ++j) {
-        const int64_t at = j < L ? (j * Hkv + g) * D : (j - L) * p.block_stride + g * D;
-        const float* k = (j < L ? k_row : k_block) + at;
-        const float* v = (j < L ? v_row : v_block) + at;
-        for (int64_t d = 0; d < D; ++d) keys_t[d * ld + j] = k[d];
-        std::memcpy(values + j * D, v, D * sizeof(float));
-      }
-      for (int64_t d = 0; d < D; ++d) {
-        for (int64_t j = n_all; j < ld; ++j) keys_t[d * ld + j] = 0.0f;
-      }
-      for (int64_t i = 0; i < S; ++i) {
-        const int64_t t = b * S + i, n = L + (p.causal && n_block > 0 ? i + 1 : n_block);
-        const float* q = p.q + b * p.q_batch_stride + i * p.q_stride + g * group * D;
-        attend(q, group, keys_t, ld, values, n, D, p.scale,
-               s.probs.data(), p.out + (t * Hq + g * group) * D);
-      }
-    }
+  }
+}
+
+// One sequence's one KV head and the query heads of its group, for every query: a task of the
+// kernel threads (cpu_pool.h), on the thread's own scratch.
+struct Job {
+  const AttentionParams* p;
+  int64_t padded;  // keys, padded, of the longest sequence
+};
+
+TWOTOWER_RT_CLONES
+void attention_task(void* job, int64_t task) {
+  const AttentionParams& p = *static_cast<const Job*>(job)->p;
+  const int64_t padded = static_cast<const Job*>(job)->padded;
+  const int64_t S = p.queries, Hq = p.q_heads, Hkv = p.kv_heads, D = p.head_dim;
+  const int64_t group = Hq / Hkv, row_floats = p.capacity * Hkv * D;
+  const int64_t b = task / Hkv, g = task % Hkv;
+  thread_local Scratch s;
+  s.keys_t.resize(D * padded);
+  s.values.resize(padded * D);
+  s.probs.resize(group * padded);
+  const int64_t row = p.cache_slots != nullptr ? p.cache_slots[b] : b;
+  const int64_t L = p.context_lens[b];
+  const float* k_row = p.k_cache + row * row_floats;
+  const float* v_row = p.v_cache + row * row_floats;
+  const float* k_block = p.k_block == nullptr ? nullptr : p.k_block + b * p.block_batch_stride;
+  const float* v_block = p.v_block == nullptr ? nullptr : p.v_block + b * p.block_batch_stride;
+  const int64_t n_block = k_block == nullptr ? 0 : S;
+  const int64_t n_all = L + n_block, ld = (n_all + kPad - 1) / kPad * kPad;
+  // This KV head's keys transposed (zero-padded to kPad) and its values contiguous: the cache's
+  // first L, then the block's.
+  float* keys_t = s.keys_t.data();
+  float* values = s.values.data();
+  for (int64_t j = 0; j < n_all; ++j) {
+    const int64_t at = j < L ? (j * Hkv + g) * D : (j - L) * p.block_stride + g * D;
+    const float* k = (j < L ? k_row : k_block) + at;
+    const float* v = (j < L ? v_row : v_block) + at;
+    for (int64_t d = 0; d < D; ++d) keys_t[d * ld + j] = k[d];
+    std::memcpy(values + j * D, v, D * sizeof(float));
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t j = n_all; j < ld; ++j) keys_t[d * ld + j] = 0.0f;
+  }
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t t = b * S + i, n = L + (p.causal && n_block > 0 ? i + 1 : n_block);
+    const float* q = p.q + b * p.q_batch_stride + i * p.q_stride + g * group * D;
+    attend(q, group, keys_t, ld, values, n, D, p.scale, s.probs.data(),
+           p.out + (t * Hq + g * group) * D);
   }
 }
 
@@ -200,12 +218,11 @@ const char* block_attention(const AttentionParams& p) {
   if (p.batch == 0) return nullptr;
   int64_t longest = 0;
   for (int64_t b = 0; b < p.batch; ++b) longest = std::max(longest, p.context_lens[b]);
-  const int64_t padded = (longest + p.queries + kPad - 1) / kPad * kPad;
-  thread_local Scratch scratch;
-  scratch.keys_t.resize(p.head_dim * padded);
-  scratch.values.resize((longest + p.queries) * p.head_dim);
-  scratch.probs.resize(p.q_heads / p.kv_heads * padded);
-  attention_all(p, scratch);
+  if (p.append) append_block(p);
+  Job job{&p, (longest + p.queries + kPad - 1) / kPad * kPad};
+  // The products: queries x heads x keys x head_dim, twice (scores and the weighted values).
+  const int64_t work = p.batch * p.queries * p.q_heads * (longest + p.queries) * p.head_dim * 2;
+  pool_run(p.batch * p.kv_heads, work, attention_task, &job);
   return nullptr;
 }
 

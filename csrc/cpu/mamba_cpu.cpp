@@ -113,15 +113,27 @@ struct Scratch {
   std::vector<float> history, xbc, dt, y, state;
 };
 
+// A row's sizes and its in_proj output, as every part of the row names them.
+struct Sizes {
+  int64_t H, P, N, G, K, n, d_inner, conv_dim, proj, n_valid;
+  const float* zx;
+};
+
+TWOTOWER_RT_INLINE Sizes sizes_of(const MambaChunkParams& p, int64_t row) {
+  Sizes z;
+  z.H = p.heads, z.P = p.head_dim, z.N = p.state_size, z.G = p.groups, z.K = p.conv_kernel;
+  z.n = p.n, z.d_inner = z.H * z.P, z.conv_dim = z.d_inner + 2 * z.G * z.N;
+  z.proj = z.d_inner + z.conv_dim + z.H;
+  z.n_valid = p.n_valid != nullptr ? p.n_valid[row] : z.n;
+  z.zx = p.zxbcdt + row * z.n * z.proj;
+  return z;
+}
+
 // One row in three parts, so that its heads can run on the kernel threads (cpu_pool.h): the
 // conv and dt (every head's inputs), each head's scan, the norm.
 TWOTOWER_RT_CLONES
 void mamba_row_inputs(const MambaChunkParams& p, int64_t row, Scratch& s) {
-  const int64_t H = p.heads, P = p.head_dim, N = p.state_size, G = p.groups, K = p.conv_kernel;
-  const int64_t n = p.n, d_inner = H * P, conv_dim = d_inner + 2 * G * N;
-  const int64_t proj = d_inner + conv_dim + H;
-  const int64_t n_valid = p.n_valid != nullptr ? p.n_valid[row] : n;
-  const float* zx = p.zxbcdt + row * n * proj;
+  const auto [H, P, N, G, K, n, d_inner, conv_dim, proj, n_valid, zx] = sizes_of(p, row);
   const bool clamp_dt = p.dt_min > 0.0f || p.dt_max != std::numeric_limits<float>::infinity();
   const int64_t tokens = p.out != nullptr ? n : n_valid;  // a state-only call stops at n_valid
 
@@ -179,9 +191,8 @@ void mamba_row_inputs(const MambaChunkParams& p, int64_t row, Scratch& s) {
 // over the tokens with that state in L1, the state back. dtx: P floats of the calling thread.
 TWOTOWER_RT_CLONES
 void mamba_row_head(const MambaChunkParams& p, int64_t row, int64_t h, Scratch& s, float* dtx) {
-  const int64_t H = p.heads, P = p.head_dim, N = p.state_size, G = p.groups;
-  const int64_t n = p.n, d_inner = H * P, conv_dim = d_inner + 2 * G * N, heads_per_group = H / G;
-  const int64_t n_valid = p.n_valid != nullptr ? p.n_valid[row] : n;
+  const auto [H, P, N, G, K, n, d_inner, conv_dim, proj, n_valid, zx] = sizes_of(p, row);
+  const int64_t heads_per_group = H / G;
   const int64_t tokens = p.out != nullptr ? n : n_valid;
   float* st = s.state.data() + h * N * P;
   transpose(p.ssm_state + (row * H + h) * P * N, P, N, st);
@@ -231,11 +242,7 @@ void mamba_row_head(const MambaChunkParams& p, int64_t row, int64_t h, Scratch& 
 
 TWOTOWER_RT_CLONES
 void mamba_row_output(const MambaChunkParams& p, int64_t row, Scratch& s) {
-  const int64_t H = p.heads, P = p.head_dim, N = p.state_size, G = p.groups, K = p.conv_kernel;
-  const int64_t n = p.n, d_inner = H * P, conv_dim = d_inner + 2 * G * N;
-  const int64_t proj = d_inner + conv_dim + H;
-  const int64_t n_valid = p.n_valid != nullptr ? p.n_valid[row] : n;
-  const float* zx = p.zxbcdt + row * n * proj;
+  const auto [H, P, N, G, K, n, d_inner, conv_dim, proj, n_valid, zx] = sizes_of(p, row);
   const float* history = s.history.data();
 
   // 3. Per token: gated RMSNorm, y * silu(z) normalised per group of norm_group channels, times
