@@ -14,10 +14,13 @@ Each step runs ``--reps`` times on each of three paths, alternating, after a war
 torch on one thread: ``fast`` (the fast paths with the CPU kernels of ``twotower_rt._cpu``, where
 built: what runs by default), ``fast_no_kernels`` (the fast paths in PyTorch ops alone) and
 ``eager`` (``twotower_rt.fastpath`` off: the plain eager path, the code as it was before the fast
-paths). Reported: the median per step of the thread's CPU time (``time.thread_time``, robust to
-other processes on the machine) and of wall time, and the ratios eager / fast and fast_no_kernels
-/ fast. The ratios are measured in one process at one time, so they are what to quote; absolute
-times move with the machine.
+paths); and, with ``--kernel-threads N`` > 1 (default 2), ``fast_threads``: ``fast`` with the
+CPU kernels on N threads (``threads.set_kernel_threads``; the other paths on one). Reported: the
+median per step of the thread's CPU time (``time.thread_time``, robust to other processes on the
+machine) and of wall time, and the ratios eager / fast and fast_no_kernels / fast; for
+``fast_threads`` wall time alone (the calling thread's CPU time leaves the workers' out). The
+ratios are measured in one process at one time, so they are what to quote; absolute times move
+with the machine.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=64, help="committed tokens per row")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    parser.add_argument("--kernel-threads", type=int, default=2,
+                        help="a fourth path: fast with the CPU kernels on this many threads "
+                             "(timed by wall-clock; 1: no such path)")  # fmt: skip
 
 
 def _engine(model, batch: int, context: int):
@@ -156,9 +162,11 @@ def arithmetic_floor(cfg, context: int, threads: int, ar_ms: float) -> dict:
     }
 
 
-def _path(path: str) -> contextlib.ExitStack:
-    from twotower_rt import _ext, fastpath
+def _path(path: str, kernel_threads: int) -> contextlib.ExitStack:
+    from twotower_rt import _ext, fastpath, threads
 
+    threads.set_kernel_threads(kernel_threads if path == "fast_threads" else 1)
+    path = "fast" if path == "fast_threads" else path
     stack = contextlib.ExitStack()
     if path != "fast":
         stack.enter_context(_ext.kernels_disabled())
@@ -179,22 +187,29 @@ def bench(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model = twotower_rt.load(args.model)
+    paths = PATHS + (("fast_threads",) if args.kernel_threads > 1 else ())
     rows = []
     for batch in args.batch:
         engine, slots = _engine(model, batch, args.context)
         fns = step_functions(engine, slots, args.context)
         for name in STEPS:
             fn = fns[name]
-            samples = {path: [] for path in PATHS}
-            for path in PATHS * 2:  # warm-up, every path
-                with _path(path):
+            samples = {path: [] for path in paths}
+            for path in paths * 2:  # warm-up, every path
+                with _path(path, args.kernel_threads):
                     fn()
             for _ in range(args.reps):
-                for path in PATHS:
-                    with _path(path):
+                for path in paths:
+                    with _path(path, args.kernel_threads):
                         samples[path].append(_timed(fn))
-            cpu = {p: statistics.median(c for c, _ in samples[p]) * 1e3 for p in PATHS}
-            wall = {p: statistics.median(w for _, w in samples[p]) * 1e3 for p in PATHS}
+            cpu = {p: statistics.median(c for c, _ in samples[p]) * 1e3 for p in paths}
+            wall = {p: statistics.median(w for _, w in samples[p]) * 1e3 for p in paths}
+            threaded = {}
+            if "fast_threads" in paths:  # (the main thread's CPU time misses the workers')
+                threaded = {
+                    "fast_threads_wall_ms": round(wall["fast_threads"], 3),
+                    "threads_speedup_wall": round(wall["fast"] / wall["fast_threads"], 3),
+                }
             rows.append({
                 "batch": batch, "step": name,
                 "fast_cpu_ms": round(cpu["fast"], 3), "eager_cpu_ms": round(cpu["eager"], 3),
@@ -203,11 +218,17 @@ def bench(args) -> dict:
                 "speedup_wall": round(wall["eager"] / wall["fast"], 3),
                 "fast_no_kernels_cpu_ms": round(cpu["fast_no_kernels"], 3),
                 "kernels_speedup_cpu": round(cpu["fast_no_kernels"] / cpu["fast"], 3),
+                **threaded,
             })  # fmt: skip
         by_step = {r["step"]: r for r in rows if r["batch"] == batch}
         for path in ("fast", "eager"):
             ratio = by_step["denoise"][f"{path}_cpu_ms"] / by_step["ar"][f"{path}_cpu_ms"]
             rows.append({"batch": batch, "step": f"denoise/ar ({path})", "ratio": round(ratio, 3)})
+        if "fast_threads" in paths:
+            key = "fast_threads_wall_ms"
+            ratio = by_step["denoise"][key] / by_step["ar"][key]
+            name = f"denoise/ar (fast, {args.kernel_threads} kernel threads, wall)"
+            rows.append({"batch": batch, "step": name, "ratio": round(ratio, 3)})
     floor = None
     if 1 in args.batch:
         ar = next(r for r in rows if r["batch"] == 1 and r["step"] == "ar")
@@ -219,6 +240,7 @@ def bench(args) -> dict:
         "model": args.model or "default (shipped)",
         "context": args.context,
         "torch_threads": args.threads,
+        "kernel_threads": {"fast_threads": args.kernel_threads, "other paths": 1},
         "reps": args.reps,
         "rows": rows,
         "floor": floor,
@@ -238,7 +260,10 @@ def print_table(record: dict) -> None:
             f"{r['batch']:>5} {r['step']:<8} {r['fast_cpu_ms']:>9.2f} "
             f"{r['fast_no_kernels_cpu_ms']:>10.2f} {r['eager_cpu_ms']:>9.2f} "
             f"{r['speedup_cpu']:>8.2f} {r['speedup_wall']:>9.2f} {r['kernels_speedup_cpu']:>7.2f}"
-        )
+            + (f"  {record['kernel_threads']['fast_threads']} kernel threads: "
+               f"{r['fast_threads_wall_ms']:.2f} ms wall ({r['threads_speedup_wall']:.2f}x)"
+               if "fast_threads_wall_ms" in r else "")
+        )  # fmt: skip
     floor = record.get("floor")
     if floor:
         print(

@@ -40,9 +40,12 @@ BIG = [(16, 192, 902), (64, 192, 902), (16, 192, 2048), (9, 300, 1000), (1, 192,
 
 @pytest.fixture
 def kernel_threads():
-    """Sets the kernels' threads for a test and puts 1 back after it."""
-    yield threads.set_kernel_threads
+    """Sets the kernels' threads for a test (starting from one) and puts back the count it
+    found."""
+    before = threads.kernel_threads()
     threads.set_kernel_threads(1)
+    yield threads.set_kernel_threads
+    threads.set_kernel_threads(before)
 
 
 def test_the_setting(kernel_threads):
@@ -65,13 +68,42 @@ def test_the_environment_variable():
     for bad in ("0", "-2", "two", "1.5"):
         with pytest.raises(ValueError, match="TWOTOWER_RT_KERNEL_THREADS"):
             parse(bad)
+    # At import: the variable, else torch's count (OMP_NUM_THREADS here); a bad value warns.
     code = "from twotower_rt import threads; print(threads.kernel_threads())"
-    for value, want, warns in (("3", "3", False), ("x", "1", True)):
+    for value, want, warns in (("3", "3", False), ("x", "2", True), ("", "2", False),
+                               (None, "2", False)):  # fmt: skip
+        env = {**_env(), "OMP_NUM_THREADS": "2"}
+        if value is not None:
+            env["TWOTOWER_RT_KERNEL_THREADS"] = value
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={**_env(), "TWOTOWER_RT_KERNEL_THREADS": value})  # fmt: skip
+                             env=env)  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == want
         assert ("TWOTOWER_RT_KERNEL_THREADS must be" in run.stderr) == warns
+
+
+def test_the_command_line_sets_them(monkeypatch):
+    """--kernel-threads wins; else the variable; else they follow --threads."""
+    from twotower_rt import cli
+
+    calls = []
+    monkeypatch.setattr(threads, "set_threads", lambda n: calls.append(("torch", n)) or (n or 7))
+    monkeypatch.setattr(threads, "set_kernel_threads", lambda n: calls.append(("kernels", n)))
+    monkeypatch.setattr(cli, "load", lambda *a, **k: "model")
+    parser = __import__("argparse").ArgumentParser()
+    cli._add_run_flags(parser)
+    cases = [(["--threads", "3"], None, [("torch", 3), ("kernels", 3)]),
+             ([], None, [("torch", None), ("kernels", 7)]),
+             (["--threads", "1", "--kernel-threads", "2"], None, [("torch", 1), ("kernels", 2)]),
+             (["--threads", "1"], "4", [("torch", 1)])]  # fmt: skip
+    for argv, env, want in cases:
+        calls.clear()
+        if env is None:
+            monkeypatch.delenv("TWOTOWER_RT_KERNEL_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("TWOTOWER_RT_KERNEL_THREADS", env)
+        assert cli._load("x", parser.parse_args(argv)) == "model"
+        assert calls == want, argv
 
 
 def _env() -> dict:

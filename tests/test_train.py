@@ -257,7 +257,7 @@ def test_measure_speed_side_by_side_and_the_tradeoff_picture(default_model, monk
     seen = []
     real_set = threads.set_kernel_threads
     monkeypatch.setattr(threads, "set_kernel_threads", lambda n: seen.append(n) or real_set(n))
-    torch_threads = torch.get_num_threads()
+    torch_threads, kernel_threads = torch.get_num_threads(), threads.kernel_threads()
     prompts = [[5, 9, 100, 7], [44, 17, 8, 2], [1000, 3, 250, 9], [9, 71, 20, 4]]
     speeds = ev.measure_speed(default_model, prompts, 16, repeats=2, kernel_threads=(1, 2))
     assert set(speeds) == {1, 2}
@@ -268,8 +268,8 @@ def test_measure_speed_side_by_side_and_the_tradeoff_picture(default_model, monk
             assert row["ar"]["cpu_vs_ar"] == row["ar"]["wall_vs_ar"] == 1.0
             assert all(v["tok_s"] > 0 and v["cpu_tok_s"] > 0 for v in row.values())
     # each batch: a warm-up round and two timed ones, each switching 1 -> 2; then put back
-    assert seen == [1, 2] * 3 * 2 + [1]
-    assert threads.kernel_threads() == 1 and torch.get_num_threads() == torch_threads
+    assert seen == [1, 2] * 3 * 2 + [kernel_threads]
+    assert threads.kernel_threads() == kernel_threads and torch.get_num_threads() == torch_threads
     rows = ev.evaluate(default_model, prompts, [[1] * 16] * 4, 16, modes)
     path = tmp_path / "tradeoff.png"
     ev.plot_tradeoff(rows, speeds, str(path))

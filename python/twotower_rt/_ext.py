@@ -60,17 +60,19 @@ _cpu_loaded = (_CPU, _cpu_error)
 
 
 def _kernel_threads_from_env() -> None:
-    """TWOTOWER_RT_KERNEL_THREADS, applied once at import (a bad value warns and changes
-    nothing: an import should not fail on it)."""
+    """The CPU kernels' threads at import: TWOTOWER_RT_KERNEL_THREADS, else torch's thread count
+    (its default, or OMP_NUM_THREADS as Ray and batch schedulers set it). A bad value warns and
+    falls back to torch's count: an import should not fail on it."""
     from .threads import kernel_threads_from_env
 
     try:
         threads = kernel_threads_from_env(os.environ.get("TWOTOWER_RT_KERNEL_THREADS"))
     except ValueError as exc:
-        warnings.warn(f"twotower_rt: {exc}; the CPU kernels keep one thread", stacklevel=2)
-        return
-    if threads is not None and _CPU is not None:
-        _CPU.set_threads(threads)
+        warnings.warn(f"twotower_rt: {exc}; the CPU kernels follow torch's thread count",
+                      stacklevel=2)  # fmt: skip
+        threads = None
+    if _CPU is not None:
+        _CPU.set_threads(threads or max(1, torch.get_num_threads()))
 
 
 _kernel_threads_from_env()

@@ -21,6 +21,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 
@@ -113,8 +114,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                              "on, its affinity)")  # fmt: skip
     parser.add_argument("--kernel-threads", type=int, default=None,
                         help="threads the CPU kernels split a call over (the same results "
-                             "at every count; default: TWOTOWER_RT_KERNEL_THREADS, "
-                             "else 1)")  # fmt: skip
+                             "at every count; default: TWOTOWER_RT_KERNEL_THREADS, else "
+                             "--threads)")  # fmt: skip
     parser.add_argument("--check-weights", action="store_true",
                         help="refuse a checkpoint with a NaN or infinite weight (scans every "
                              "tensor at load)")  # fmt: skip
@@ -124,9 +125,11 @@ def _load(path, args: argparse.Namespace, **load_kwargs) -> TwoTowerModel:
     """--threads and --kernel-threads applied, then the model loaded (with --check-weights)."""
     from .threads import set_kernel_threads, set_threads
 
-    set_threads(args.threads)
+    threads = set_threads(args.threads)
     if args.kernel_threads is not None:
         set_kernel_threads(args.kernel_threads)
+    elif not os.environ.get("TWOTOWER_RT_KERNEL_THREADS", "").strip():
+        set_kernel_threads(threads)  # the kernels follow --threads
     return load(path, check_weights=args.check_weights, **load_kwargs)
 
 

@@ -34,8 +34,9 @@ def set_threads(threads: int | None = None) -> int:
 
 
 def kernel_threads() -> int:
-    """Threads the CPU kernels (``twotower_rt._cpu``) use, the calling thread included: 1 unless
-    set (:func:`set_kernel_threads`, or ``TWOTOWER_RT_KERNEL_THREADS`` at import)."""
+    """Threads the CPU kernels (``twotower_rt._cpu``) use, the calling thread included: from
+    import on ``TWOTOWER_RT_KERNEL_THREADS``, else torch's thread count then; then whatever
+    :func:`set_kernel_threads` set."""
     from . import _ext
 
     module = _ext.cpu_kernels_module()
