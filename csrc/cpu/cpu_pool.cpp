@@ -35,8 +35,10 @@ class Pool {
   void resize(int threads) {
     std::lock_guard<std::mutex> hold(run_mutex_);
     adopt();
+    threads = threads < 1 ? 1 : threads;
+    if (threads == 1 + static_cast<int>(workers_.size())) return;
     stop_workers();
-    start_workers(threads < 1 ? 1 : threads);
+    start_workers(threads);
   }
 
   void run(int64_t count, void (*task)(void*, int64_t), void* context) {
@@ -78,6 +80,7 @@ class Pool {
   }
 
   void loop(Slot* slot, uint64_t seen) {
+    running_.fetch_add(1);
     for (;;) {
       uint64_t ticket = slot->ticket.load(std::memory_order_acquire);
       auto start = std::chrono::steady_clock::now();
@@ -108,9 +111,12 @@ class Pool {
       slot.ticket.store(generation_);
       slot.finished.store(generation_);
     }
+    running_.store(0);
     for (int i = 0; i + 1 < threads; ++i) {
       workers_.emplace_back([this, i, g = generation_] { loop(&slots_[i], g); });
     }
+    // Back only once every worker runs (spinning): the first call then finds them ready.
+    while (running_.load() < threads - 1) std::this_thread::yield();
   }
 
   void stop_workers() {
@@ -149,6 +155,7 @@ class Pool {
   alignas(64) std::atomic<int64_t> next_{0};
   alignas(64) std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
+  std::atomic<int> running_{0};  // workers that have entered loop()
   std::mutex sleep_mutex_;
   std::condition_variable wake_;
 };
