@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tradeoff-out", default=os.path.join("docs", "default_model_tradeoff.png"))
     ev.add_argument("--distill-plot-out", default=os.path.join("docs", "default_model_distill.png"))
     ev.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size")
+    ev.add_argument("--speed-prompts", type=int, default=None,
+                    help="time the first N prompts (default: all of --prompts)")  # fmt: skip
     ev.add_argument("--kernel-threads", type=int, nargs="+", default=[2],
                     help="also time the CPU kernels on these thread counts, side by side "
                          "with one (torch stays on --threads)")  # fmt: skip

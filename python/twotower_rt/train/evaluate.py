@@ -135,7 +135,8 @@ def evaluate(model, prompts, truths, new_tokens: int, modes=MODES) -> list[dict]
 
 def measure_speed(model, prompts, new_tokens: int, repeats: int,
                   kernel_threads: tuple[int, ...] = (1,)) -> dict:  # fmt: skip
-    """Tokens/s per mode at each of SPEED_BATCHES, side by side: torch on one thread, the CPU
+    """Tokens/s per mode at each of SPEED_BATCHES over ``prompts`` (at batch B, in groups of B
+    prompts; a last group of fewer is left out, or is the one group), side by side: torch on one thread, the CPU
     kernels on each count of ``kernel_threads`` (threads.set_kernel_threads), a warm-up of every
     configuration, then ``repeats`` rounds in which the counts and the modes alternate; medians.
     Returns ``{count: {"batch_B": {mode: rates}}}``. ``cpu_tok_s`` is from the process's CPU
@@ -151,7 +152,8 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
     try:
         speed = {k: {} for k in kernel_threads}
         for batch in SPEED_BATCHES:
-            groups = [[p] for p in prompts[:4]] if batch == 1 else [prompts[:batch]]
+            groups = [prompts[i : i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
+            groups = groups or [prompts]  # fewer prompts than the batch: all of them at once
             tokens = sum(len(g) for g in groups) * new_tokens
 
             def once(mode, gamma, groups=groups):
@@ -388,7 +390,8 @@ def main(args) -> None:
     truths = [w[args.prompt_len :] for w in windows]
     rows = evaluate(model, prompts, truths, args.new_tokens)
     counts = tuple(dict.fromkeys([1, *args.kernel_threads]))  # one thread first: the baseline
-    speeds = measure_speed(model, prompts, args.new_tokens, args.repeats, counts)
+    speed_prompts = prompts[: args.speed_prompts or len(prompts)]
+    speeds = measure_speed(model, speed_prompts, args.new_tokens, args.repeats, counts)
     speed = speeds[1]
     run_dir = os.path.join(args.data_dir, "runs", args.run)
     model_dir = model.source
@@ -421,6 +424,7 @@ def main(args) -> None:
             "prompts": args.prompts,
             "prompt_tokens": args.prompt_len,
             "new_tokens": args.new_tokens,
+            "speed_prompts": len(speed_prompts),
             "block_size": BLOCK,
             "steps_per_block": 16,
             "temperature": 0.0,
@@ -436,8 +440,9 @@ def main(args) -> None:
             "quality_accuracy_ratio": "next_block_accuracy(mode) / next_block_accuracy(ar)",
             "tokens_per_forward": "generated tokens / denoiser forwards (16 * blocks / nfe)",
             "distinct_n": "distinct n-grams / all n-grams over the continuations",
-            "speed": "CPU tokens/s, one thread, per batch size (batch 1: each of 4 prompts "
-            "alone), modes alternating over repeats after a warm-up, medians; cpu_tok_s from "
+            "speed": "tokens/s per batch size over the first speed_prompts held-out prompts "
+            "(batch B: groups of B, one after the other; batch 1: each prompt alone), modes "
+            "alternating over repeats after a warm-up, medians; cpu_tok_s from "
             "process CPU time, tok_s from wall-clock; speed: the CPU kernels on one thread, "
             "speed_kernel_threads: on more (threads.set_kernel_threads; torch still on one), "
             "measured in the same rounds, compared by wall-clock",
