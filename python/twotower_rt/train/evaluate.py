@@ -136,9 +136,10 @@ def evaluate(model, prompts, truths, new_tokens: int, modes=MODES) -> list[dict]
 def measure_speed(model, prompts, new_tokens: int, repeats: int,
                   kernel_threads: tuple[int, ...] = (1,)) -> dict:  # fmt: skip
     """Tokens/s per mode at each of SPEED_BATCHES over ``prompts`` (at batch B, in groups of B
-    prompts; a last group of fewer is left out, or is the one group), side by side: torch on one thread, the CPU
-    kernels on each count of ``kernel_threads`` (threads.set_kernel_threads), a warm-up of every
-    configuration, then ``repeats`` rounds in which the counts and the modes alternate; medians.
+    prompts; a last group of fewer is left out, or is the one group), side by side: torch on one
+    thread, the CPU kernels on each count of ``kernel_threads`` (threads.set_kernel_threads), a
+    warm-up of every configuration, then ``repeats`` rounds in which the counts and the modes
+    alternate; medians.
     Returns ``{count: {"batch_B": {mode: rates}}}``. ``cpu_tok_s`` is from the process's CPU
     time, ``tok_s`` from wall-clock; with more than one kernel thread the CPU time counts every
     core (a worker spins between calls), so compare wall-clock there (``wall_vs_ar``)."""
