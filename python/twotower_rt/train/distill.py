@@ -75,6 +75,7 @@ class DistillConfig:
     prompt_len: int = 32
     gen_tokens: int = 96
     gen_batch: int = 256
+    gen_temperature: float = 0.0  # 0: greedy continuations; else sampled (a seed per prompt)
     real_frac: float = 0.0
     p_full: float = 0.25
     p_suffix: float = 0.5
@@ -94,6 +95,8 @@ class DistillConfig:
             raise ValueError(f"real_frac must be in [0, 1), got {self.real_frac}")
         if not 0 <= self.rollout_steps < BLOCK:
             raise ValueError(f"rollout_steps must be in [0, {BLOCK}), got {self.rollout_steps}")
+        if not 0.0 <= self.gen_temperature <= 2.0:
+            raise ValueError(f"gen_temperature must be in [0, 2], got {self.gen_temperature}")
         if not 0.0 <= self.rollout_gamma < 1.0:
             raise ValueError(f"rollout_gamma must be in [0, 1), got {self.rollout_gamma}")
 
@@ -102,6 +105,8 @@ _HELP = {
     "batch": "sequences per step",
     "prompts": "distillation set: this many training prompts",
     "real_frac": "share of each step's sequences that are real training text",
+    "gen_temperature": "the distillation set's continuations: 0 greedy, else sampled at this "
+    "temperature (prompt i seeded with seed * 1000003 + i)",
     "kl_weight": "weight of a soft-target term: KL(AR tower || denoiser) at --kl-scope positions",
     "rollout_steps": "train on the mask states the denoiser's own decoding visits: rows run "
     "0..N teacher-forced decoding steps from a fully masked block first (0: off)",
@@ -141,17 +146,23 @@ def prompt_windows(stream: torch.Tensor, count: int, length: int, seed: int) -> 
 
 
 def distill_set(model, stream: torch.Tensor, cfg: DistillConfig, cache_dir: str) -> torch.Tensor:
-    """(prompts, prompt_len + gen_tokens): training prompts + the context tower's greedy
-    continuations (``model``: a loaded ``TwoTowerModel``), cached under ``cache_dir``."""
+    """(prompts, prompt_len + gen_tokens): training prompts + the context tower's greedy (or,
+    with ``gen_temperature``, sampled) continuations (``model``: a loaded ``TwoTowerModel``),
+    cached under ``cache_dir``."""
+    sampled = f"_t{cfg.gen_temperature:g}" if cfg.gen_temperature > 0 else ""
     path = os.path.join(cache_dir, f"distill_{cfg.prompts}x{cfg.prompt_len}"
-                        f"+{cfg.gen_tokens}_seed{cfg.seed}.npy")  # fmt: skip
+                        f"+{cfg.gen_tokens}_seed{cfg.seed}{sampled}.npy")  # fmt: skip
     if os.path.isfile(path):
         return torch.from_numpy(np.load(path).astype(np.int64))
     prompts = prompt_windows(stream, cfg.prompts, cfg.prompt_len, cfg.seed)
     t0, seqs = time.time(), []
     for i in range(0, len(prompts), cfg.gen_batch):
-        out = model.generate(prompts[i : i + cfg.gen_batch].tolist(), mode="ar",
-                             max_new_tokens=cfg.gen_tokens, temperature=0.0)  # fmt: skip
+        rows = prompts[i : i + cfg.gen_batch].tolist()
+        seeds = None
+        if cfg.gen_temperature > 0:  # one seed per prompt: the same text however it is batched
+            seeds = [cfg.seed * 1000003 + i + j for j in range(len(rows))]
+        out = model.generate(rows, mode="ar", max_new_tokens=cfg.gen_tokens,
+                             temperature=cfg.gen_temperature, seed=seeds)  # fmt: skip
         seqs += out.sequences
         print(f"[distill] {len(seqs)}/{len(prompts)} sequences ({time.time() - t0:.0f}s)",
               flush=True)  # fmt: skip
