@@ -274,3 +274,28 @@ def test_measure_speed_side_by_side_and_the_tradeoff_picture(default_model, monk
     path = tmp_path / "tradeoff.png"
     ev.plot_tradeoff(rows, speeds, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sampled_distillation_set(tmp_path, default_model):
+    """--gen-temperature: the continuations are sampled, each prompt with its own seed, so the
+    set is the same however it is batched (here 2 + 1 against 1 + 1 + 1), and is cached apart
+    from the greedy one."""
+    from twotower_rt.train.distill import DistillConfig, distill_set
+
+    stream = torch.randint(4, 2048, (2000,), generator=torch.Generator().manual_seed(1))
+    sizes = dict(prompts=3, prompt_len=16, gen_tokens=16, seed=5)
+    cfg = DistillConfig(gen_batch=2, gen_temperature=0.8, **sizes)
+    sampled = distill_set(default_model, stream, cfg, str(tmp_path))
+    assert (tmp_path / "distill_3x16+16_seed5_t0.8.npy").is_file()
+    alone = DistillConfig(gen_batch=1, gen_temperature=0.8, **sizes)
+    one_by_one = distill_set(default_model, stream, alone, str(tmp_path / "b"))
+    assert torch.equal(sampled, one_by_one)
+    for i, row in enumerate(sampled.tolist()):  # an independent generation of each row
+        out = default_model.generate([row[:16]], mode="ar", max_new_tokens=16, temperature=0.8,
+                                     seed=5 * 1000003 + i)  # fmt: skip
+        assert out.sequences[0] == row
+    greedy = distill_set(default_model, stream, DistillConfig(gen_batch=2, **sizes), str(tmp_path))
+    assert (tmp_path / "distill_3x16+16_seed5.npy").is_file()
+    assert torch.equal(greedy[:, :16], sampled[:, :16]) and not torch.equal(greedy, sampled)
+    with pytest.raises(ValueError, match="gen_temperature"):
+        DistillConfig(gen_temperature=-0.1)
