@@ -222,7 +222,7 @@ const char* block_attention(const AttentionParams& p) {
   Job job{&p, (longest + p.queries + kPad - 1) / kPad * kPad};
   // The products: queries x heads x keys x head_dim, twice (scores and the weighted values).
   const int64_t work = p.batch * p.queries * p.q_heads * (longest + p.queries) * p.head_dim * 2;
-  pool_run(p.batch * p.kv_heads, work, attention_task, &job);
+  if (!pool_run(p.batch * p.kv_heads, work, attention_task, &job)) return kPoolFailed;
   return nullptr;
 }
 

@@ -41,16 +41,17 @@ class Pool {
     start_workers(threads);
   }
 
-  void run(int64_t count, void (*task)(void*, int64_t), void* context) {
+  bool run(int64_t count, void (*task)(void*, int64_t), void* context) {
     std::unique_lock<std::mutex> hold(run_mutex_, std::try_to_lock);
     if (hold.owns_lock()) adopt();
     if (!hold.owns_lock() || workers_.empty()) {  // busy (another thread's call) or one thread
       for (int64_t i = 0; i < count; ++i) task(context, i);
-      return;
+      return true;
     }
     task_ = task;
     context_ = context;
     count_ = count;
+    failed_.store(false, std::memory_order_relaxed);
     next_.store(0, std::memory_order_relaxed);
     ++generation_;
     for (auto& slot : slots_) slot.ticket.store(generation_);  // seq_cst: see loop()
@@ -62,6 +63,7 @@ class Pool {
     for (auto& slot : slots_) {
       while (slot.finished.load(std::memory_order_acquire) != generation_) relax();
     }
+    return !failed_.load(std::memory_order_relaxed);
   }
 
  private:
@@ -70,12 +72,18 @@ class Pool {
     std::atomic<uint64_t> finished{0};  // the last generation it has left
   };
 
-  // Takes tasks until none are left.
+  // Takes tasks until none are left. A task that throws (a scratch buffer that cannot grow) must
+  // not unwind out of a worker (that ends the process) nor out of the caller while the workers
+  // still use its stack: it is noted, its outputs are left unwritten, and run() says so.
   void work() {
     for (;;) {
       const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
       if (i >= count_) return;
-      task_(context_, i);
+      try {
+        task_(context_, i);
+      } catch (...) {
+        failed_.store(true, std::memory_order_relaxed);
+      }
     }
   }
 
@@ -153,6 +161,7 @@ class Pool {
   void* context_ = nullptr;
   int64_t count_ = 0;
   alignas(64) std::atomic<int64_t> next_{0};
+  std::atomic<bool> failed_{false};
   alignas(64) std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
   std::atomic<int> running_{0};  // workers that have entered loop()
@@ -173,13 +182,13 @@ int pool_threads() { return pool().threads(); }
 
 void set_pool_threads(int threads) { pool().resize(threads); }
 
-void pool_run(int64_t count, int64_t work, void (*task)(void*, int64_t), void* context) {
-  if (count <= 0) return;
+bool pool_run(int64_t count, int64_t work, void (*task)(void*, int64_t), void* context) {
+  if (count <= 0) return true;
   if (count == 1 || work < kPoolMinWork) {
     for (int64_t i = 0; i < count; ++i) task(context, i);
-    return;
+    return true;
   }
-  pool().run(count, task, context);
+  return pool().run(count, task, context);
 }
 
 }  // namespace cpu

@@ -126,10 +126,10 @@ const char* linear(const LinearParams& p) {
   }
   if (p.rows == 0) return nullptr;
   const Split s = split(p);
-  pool_run(s.blocks * (s.half < p.rows ? 2 : 1), p.rows * p.in * p.out_features,
-           p.w != nullptr ? linear_f32_task : linear_bf16_task,
-           const_cast<LinearParams*>(&p));
-  return nullptr;
+  const bool done = pool_run(s.blocks * (s.half < p.rows ? 2 : 1), p.rows * p.in * p.out_features,
+                             p.w != nullptr ? linear_f32_task : linear_bf16_task,
+                             const_cast<LinearParams*>(&p));
+  return done ? nullptr : kPoolFailed;
 }
 
 }  // namespace cpu

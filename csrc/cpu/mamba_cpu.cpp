@@ -341,11 +341,11 @@ const char* mamba_chunk(const MambaChunkParams& p) {
     size_scratch(p, scratch);
     Job job{&p, &scratch, 0};
     mamba_row_inputs(p, 0, scratch);
-    pool_run(p.heads, work, head_task, &job);
+    if (!pool_run(p.heads, work, head_task, &job)) return kPoolFailed;
     mamba_row_output(p, 0, scratch);
   } else {
     Job job{&p, nullptr, 0};
-    pool_run(p.batch, work, row_task, &job);
+    if (!pool_run(p.batch, work, row_task, &job)) return kPoolFailed;
   }
   return nullptr;
 }

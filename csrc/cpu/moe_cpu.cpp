@@ -200,10 +200,13 @@ void combine(const MoeParams& p, Scratch& s) {
   }
 }
 
-void moe_all(const MoeParams& p, Scratch& s) {
+// False when a task on the kernel threads failed (cpu_pool.h).
+bool moe_all(const MoeParams& p, Scratch& s) {
   const int64_t H = p.hidden, E = p.experts, k = p.top_k, T = p.tokens;
   RouteJob route_job{&p, &s};  // (the logits' float64 chains are latency-bound: ~4 work units)
-  pool_run((T + kTokens - 1) / kTokens, T * E * H * 4, route_task, &route_job);
+  if (!pool_run((T + kTokens - 1) / kTokens, T * E * H * 4, route_task, &route_job)) {
+    return false;
+  }
   // Every expert's tokens in token order (each expert's MLP is the same chain per token however
   // its tokens are grouped); a token's i-th chosen expert writes routed_out[t, i].
   int64_t n = 0;
@@ -235,9 +238,12 @@ void moe_all(const MoeParams& p, Scratch& s) {
   }
   Job job{&p, &s, shared_tasks};
   const int64_t work = T * H * (k * p.inter + (p.shared_up != nullptr ? p.shared_inter : 0)) * 2;
-  pool_run(shared_tasks + static_cast<int64_t>(s.task_expert.size()), work,
-           p.weights_bf16 ? moe_bf16_task : moe_f32_task, &job);
+  if (!pool_run(shared_tasks + static_cast<int64_t>(s.task_expert.size()), work,
+                p.weights_bf16 ? moe_bf16_task : moe_f32_task, &job)) {
+    return false;
+  }
   combine(p, s);
+  return true;
 }
 
 }  // namespace
@@ -266,7 +272,7 @@ const char* moe_forward(const MoeParams& p) {
   scratch.task_expert.reserve(p.experts);
   scratch.shared_in.resize(p.tokens);
   scratch.shared_dst.resize(p.tokens);
-  moe_all(p, scratch);
+  if (!moe_all(p, scratch)) return kPoolFailed;
   return nullptr;
 }
 

@@ -25,8 +25,15 @@ void set_pool_threads(int threads);
 // calling thread, and returns when all are done. It runs them in order on the caller alone with
 // one thread, for a single task, while another thread's call holds the workers, or when `work`
 // (the call's size in multiply-adds) is below kPoolMinWork: handing a call over costs a few
-// microseconds, more than it saves there.
-void pool_run(int64_t count, int64_t work, void (*task)(void*, int64_t), void* context);
+// microseconds, more than it saves there. A task must not call pool_run itself.
+//
+// Returns false when a task threw on the workers' path (its outputs are then incomplete; the
+// others ran); on the caller-alone path an exception propagates as from a plain loop.
+[[nodiscard]] bool pool_run(int64_t count, int64_t work, void (*task)(void*, int64_t),
+                            void* context);
+
+// The kernels' message for a false pool_run.
+constexpr const char* kPoolFailed = "a task on the kernel threads failed (out of memory?)";
 
 // A task that runs a kernel's arithmetic should be a TWOTOWER_RT_CLONES function (a lambda is
 // compiled for the baseline instruction set only); a pointer to a clone resolves like a call.
