@@ -47,11 +47,12 @@ def set_kernel_threads(threads: int | None = None) -> int:
     """Let the CPU kernels split a call over ``threads`` threads (None: :func:`available_cpus`);
     returns the number set (1 where the kernels are not built).
 
-    A projection splits its outputs, an MoE layer its experts; each output is computed as one
-    thread computes it, so results are bitwise the same at every count. Small calls (an AR step's
-    projections at batch 1) stay on the calling thread. Between calls a worker spins ~2 ms before
-    it sleeps, so the cores it takes are busy while a model runs. Separate from torch's threads
-    (:func:`set_threads`), which the kernels do not use."""
+    A projection splits its outputs, an MoE layer its routing and experts, a Mamba layer its heads
+    or sequences, the attention its (sequence, KV head) pairs; each output is computed as one
+    thread computes it, so results are bitwise the same at every count. Calls under ~96 K
+    multiply-adds (most of an AR step's at batch 1) stay on the calling thread. Between calls a
+    worker spins up to ~2 ms before it sleeps, so the cores it takes are busy while a model runs.
+    Separate from torch's threads (:func:`set_threads`), which the kernels do not use."""
     if threads is None:
         threads = available_cpus()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
