@@ -54,22 +54,29 @@ class Pool {
     failed_.store(false, std::memory_order_relaxed);
     next_.store(0, std::memory_order_relaxed);
     ++generation_;
-    for (auto& slot : slots_) slot.ticket.store(generation_);  // seq_cst: see loop()
+    for (auto& slot : slots_) slot.ticket.store(generation_ * 4 + kPosted);  // seq_cst: loop()
     if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(sleep_mutex_);
       wake_.notify_all();
     }
     work();
+    // Every task is taken. A worker that has not joined yet (asleep, or not scheduled: the
+    // machine busy with other work) is told not to, rather than waited for; one that has joined
+    // is waited for, until its last task is done.
     for (auto& slot : slots_) {
+      uint64_t posted = generation_ * 4 + kPosted;
+      if (slot.ticket.compare_exchange_strong(posted, generation_ * 4 + kCancelled)) continue;
       while (slot.finished.load(std::memory_order_acquire) != generation_) relax();
     }
     return !failed_.load(std::memory_order_relaxed);
   }
 
  private:
+  // A slot's ticket: generation * 4 + what became of the worker's invitation to it.
+  static constexpr uint64_t kPosted = 0, kJoined = 1, kCancelled = 2;
   struct alignas(64) Slot {
-    std::atomic<uint64_t> ticket{0};    // the generation this worker is asked to join
-    std::atomic<uint64_t> finished{0};  // the last generation it has left
+    std::atomic<uint64_t> ticket{0};    // the generation this worker is asked to join, and how
+    std::atomic<uint64_t> finished{0};  // the last generation it has left after joining
   };
 
   // Takes tasks until none are left. A task that throws (a scratch buffer that cannot grow) must
@@ -87,12 +94,13 @@ class Pool {
     }
   }
 
+  // seen: the last generation this worker was asked to join.
   void loop(Slot* slot, uint64_t seen) {
     running_.fetch_add(1);
     for (;;) {
       uint64_t ticket = slot->ticket.load(std::memory_order_acquire);
       auto start = std::chrono::steady_clock::now();
-      for (int spins = 1; ticket == seen && !stop_.load(std::memory_order_relaxed); ++spins) {
+      for (int spins = 1; ticket / 4 == seen && !stop_.load(std::memory_order_relaxed); ++spins) {
         relax();
         ticket = slot->ticket.load(std::memory_order_acquire);
         if (spins % 256 != 0 || std::chrono::steady_clock::now() - start < kSpin) continue;
@@ -100,15 +108,18 @@ class Pool {
         // before it reads sleepers_ (both seq_cst): one of the two sees the other.
         std::unique_lock<std::mutex> lock(sleep_mutex_);
         sleepers_.fetch_add(1);
-        wake_.wait(lock, [&] { return slot->ticket.load() != seen || stop_.load(); });
+        wake_.wait(lock, [&] { return slot->ticket.load() / 4 != seen || stop_.load(); });
         sleepers_.fetch_sub(1);
         ticket = slot->ticket.load(std::memory_order_acquire);
         start = std::chrono::steady_clock::now();
       }
       if (stop_.load()) return;
-      seen = ticket;
-      work();
-      slot->finished.store(ticket, std::memory_order_release);
+      seen = ticket / 4;
+      // Join, unless run() has already done every task and cancelled this invitation.
+      if (ticket % 4 == kPosted && slot->ticket.compare_exchange_strong(ticket, ticket + kJoined)) {
+        work();
+        slot->finished.store(seen, std::memory_order_release);
+      }
     }
   }
 
@@ -116,7 +127,7 @@ class Pool {
     owner_ = getpid();
     slots_ = std::vector<Slot>(threads - 1);
     for (auto& slot : slots_) {
-      slot.ticket.store(generation_);
+      slot.ticket.store(generation_ * 4 + kCancelled);
       slot.finished.store(generation_);
     }
     running_.store(0);
