@@ -109,14 +109,17 @@ void route(const MoeParams& p, Scratch& s, int64_t t0, int64_t t1) {
   }
 }
 
-// Routing on the kernel threads: kTokens tokens per task.
-struct RouteJob {
+// One call's state for its tasks on the kernel threads (cpu_pool.h): the routing, kTokens tokens
+// per task; then the MLPs, first the shared expert's, kTokens tokens per task, then one task per
+// expert with tokens, over its tokens.
+struct Job {
   const MoeParams* p;
   Scratch* s;
+  int64_t shared_tasks;
 };
 
 void route_task(void* job, int64_t i) {
-  const RouteJob& j = *static_cast<const RouteJob*>(job);
+  const Job& j = *static_cast<const Job*>(job);
   const int64_t t0 = i * kTokens, t1 = t0 + kTokens < j.p->tokens ? t0 + kTokens : j.p->tokens;
   route(*j.p, *j.s, t0, t1);
 }
@@ -129,14 +132,6 @@ float* const* mlp_buffers(int64_t widest) {
   for (int b = 0; b < kTokens; ++b) rows[b] = h.data() + b * widest;
   return rows;
 }
-
-// The tasks of one call (cpu_pool.h): first the shared expert, kTokens tokens per task, then
-// one task per expert with tokens, over its tokens.
-struct Job {
-  const MoeParams* p;
-  Scratch* s;
-  int64_t shared_tasks;
-};
 
 template <typename W>
 TWOTOWER_RT_INLINE void moe_task(const Job& job, int64_t i) {
@@ -203,8 +198,8 @@ void combine(const MoeParams& p, Scratch& s) {
 // False when a task on the kernel threads failed (cpu_pool.h).
 bool moe_all(const MoeParams& p, Scratch& s) {
   const int64_t H = p.hidden, E = p.experts, k = p.top_k, T = p.tokens;
-  RouteJob route_job{&p, &s};  // (the logits' float64 chains are latency-bound: ~4 work units)
-  if (!pool_run((T + kTokens - 1) / kTokens, T * E * H * 4, route_task, &route_job)) {
+  Job job{&p, &s, 0};  // (the logits' float64 chains are latency-bound: ~4 work units each)
+  if (!pool_run((T + kTokens - 1) / kTokens, T * E * H * 4, route_task, &job)) {
     return false;
   }
   // Every expert's tokens in token order (each expert's MLP is the same chain per token however
@@ -236,7 +231,7 @@ bool moe_all(const MoeParams& p, Scratch& s) {
     }
     shared_tasks = (T + kTokens - 1) / kTokens;
   }
-  Job job{&p, &s, shared_tasks};
+  job.shared_tasks = shared_tasks;
   const int64_t work = T * H * (k * p.inter + (p.shared_up != nullptr ? p.shared_inter : 0)) * 2;
   if (!pool_run(shared_tasks + static_cast<int64_t>(s.task_expert.size()), work,
                 p.weights_bf16 ? moe_bf16_task : moe_f32_task, &job)) {
