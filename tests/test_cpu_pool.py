@@ -4,7 +4,9 @@ environment variable; calls from two Python threads at once; a child made by for
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 import threading
@@ -90,7 +92,7 @@ def test_the_command_line_sets_them(monkeypatch):
     monkeypatch.setattr(threads, "set_threads", lambda n: calls.append(("torch", n)) or (n or 7))
     monkeypatch.setattr(threads, "set_kernel_threads", lambda n: calls.append(("kernels", n)))
     monkeypatch.setattr(cli, "load", lambda *a, **k: "model")
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     cli._add_run_flags(parser)
     cases = [(["--threads", "3"], None, [("torch", 3), ("kernels", 3)]),
              ([], None, [("torch", None), ("kernels", 7)]),
@@ -107,8 +109,6 @@ def test_the_command_line_sets_them(monkeypatch):
 
 
 def _env() -> dict:
-    import os
-
     return {k: v for k, v in os.environ.items() if k != "TWOTOWER_RT_KERNEL_THREADS"}
 
 
