@@ -9,8 +9,9 @@ shipped tokenizer, cached under OUT_DIR); the fine-tune (``distill.train``: ever
 is a field of ``distill.DistillConfig``, whose defaults are the shipped recipe); the weights
 just before certainty forcing (``candidate_nocf``) and at the end (``candidate``) saved under
 OUT_DIR (bf16 like the shipped model, plus float32) and evaluated like the base
-(``train.evaluate``'s held-out prompts, 64 x 32 tokens -> 64 new, greedy, block 16, 16 steps:
-``ar`` and ``mask_diffusion`` at gamma 0.5 / 0.7 / 0.8 / 0.9; tokens per denoiser forward,
+(``train.evaluate``'s held-out prompts, 512 x 32 tokens -> 64 new (``--eval-prompts``; the
+reports before 2026-12-06 used 64 prompts), greedy, block 16, 16 steps: ``ar`` and
+``mask_diffusion`` at gamma 0.5 / 0.7 / 0.8 / 0.9; tokens per denoiser forward,
 next-block accuracy, AR-NLL, distinct-2/3 and the ratios to AR; no wall-clock throughput); the
 report to ``--json-out``. ``python -m twotower_rt.train distill`` runs the same fine-tune as a
 stage of the trainer, without the evaluations.
@@ -110,6 +111,14 @@ def _git(*cmd) -> str:
         return "unknown"
 
 
+def write_report(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    print(f"report -> {path}")
+
+
 def eval_only(args) -> int:
     torch.set_num_threads(args.threads)
     with open(args.json_out, encoding="utf-8") as f:
@@ -132,10 +141,7 @@ def eval_only(args) -> int:
             "results": rows,
             "samples": samples,
         }
-    with open(args.json_out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    print(f"report -> {args.json_out}")
+    write_report(args.json_out, report)
     return 0
 
 
@@ -157,7 +163,7 @@ def main() -> int:
     distill.add_recipe_args(ap)  # --minutes, --lr, --kl-weight, ...: DistillConfig's fields
     ap.add_argument("--distill-prompts", dest="prompts", type=int, default=argparse.SUPPRESS,
                     help="the same as --prompts (its earlier name)")  # fmt: skip
-    ap.add_argument("--eval-prompts", type=int, default=64)
+    ap.add_argument("--eval-prompts", type=int, default=512)
     ap.add_argument("--eval-new-tokens", type=int, default=64)
     ap.add_argument(
         "--eval-only",
@@ -257,11 +263,7 @@ def main() -> int:
         },  # fmt: skip
         "total_minutes": round((time.time() - t_start) / 60, 1),
     }
-    os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
-    with open(args.json_out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    print(f"report -> {args.json_out}")
+    write_report(args.json_out, report)
     return 0
 
 

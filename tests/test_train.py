@@ -66,6 +66,9 @@ def test_evaluate_rows_against_a_direct_generation(default_model):
     hits = sum(a == b for g, t in zip(out.generated, truths) for a, b in zip(g, t))
     assert md["next_block_accuracy"] == hits / 32
     assert md["quality_nll_ratio"] == ar["ar_nll"] / md["ar_nll"]
+    assert ar["ci95"]["quality_nll_ratio"] == [1.0, 1.0]
+    lo, hi = md["ci95"]["quality_nll_ratio"]
+    assert lo <= md["quality_nll_ratio"] <= hi
 
 
 def _builtin_windows(seed: int):
@@ -299,3 +302,36 @@ def test_sampled_distillation_set(tmp_path, default_model):
     assert torch.equal(greedy[:, :16], sampled[:, :16]) and not torch.equal(greedy, sampled)
     with pytest.raises(ValueError, match="gen_temperature"):
         DistillConfig(gen_temperature=-0.1)
+
+
+def test_bootstrap_ratios_intervals():
+    """The paired bootstrap: a mode equal to AR has every interval at exactly 1; a mode whose
+    per-prompt NLL is twice AR's has its NLL interval at exactly 0.5 on every draw; a mode that
+    repeats one bigram everywhere, against AR whose bigrams are all distinct, lies between the
+    extremes a draw can give (1 / (2 * 4) with every prompt drawn, 1 / 2 with one)."""
+    import numpy as np
+
+    from twotower_rt.train.evaluate import bigram_ids, bootstrap_ratios
+
+    nll = np.array([1.5, 2.0, 2.5, 3.0])
+    acc = np.array([1, 0, 2, 3])
+    distinct = bigram_ids([[10 * i, 10 * i + 1, 10 * i + 2] for i in range(4)])
+    same = bootstrap_ratios((nll, acc, distinct), (nll, acc, distinct), 200)
+    assert same == {k: [1.0, 1.0] for k in same}
+    repeat = bigram_ids([[7, 7, 7]] * 4)
+    worse = bootstrap_ratios((nll, acc, distinct), (2 * nll, 2 * acc, repeat), 200)
+    assert worse["quality_nll_ratio"] == [0.5, 0.5]
+    assert worse["quality_accuracy_ratio"] == [2.0, 2.0]
+    lo, hi = worse["distinct_2_ratio"]
+    assert 1 / 8 <= lo < hi <= 1 / 2
+    # no right token in a draw: that draw has no accuracy ratio; none in any draw: None
+    none_right = bootstrap_ratios((nll, 0 * acc, distinct), (nll, acc, distinct), 50)
+    assert none_right["quality_accuracy_ratio"] is None
+
+
+def test_spread_picks_evenly():
+    from twotower_rt.train.evaluate import spread
+
+    assert spread(list(range(10)), 5) == [0, 2, 4, 6, 8]
+    assert spread(list(range(3)), 5) == [0, 1, 2]
+    assert spread(list(range(512)), 64)[:3] == [0, 8, 16]

@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=cmd_export)
     ev = sub.add_parser("evaluate")
     ev.add_argument("--model", default=None, help="default: the shipped default model")
-    ev.add_argument("--prompts", type=int, default=64)
+    ev.add_argument("--prompts", type=int, default=512,
+                    help="held-out prompts the quality columns are measured on")  # fmt: skip
     ev.add_argument("--prompt-len", type=int, default=32)
     ev.add_argument("--new-tokens", type=int, default=64)
     ev.add_argument("--json-out", default=os.path.join("bench", "results", "default_model.json"))
@@ -235,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tradeoff-out", default=os.path.join("docs", "default_model_tradeoff.png"))
     ev.add_argument("--distill-plot-out", default=os.path.join("docs", "default_model_distill.png"))
     ev.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size")
-    ev.add_argument("--speed-prompts", type=int, default=None,
-                    help="time the first N prompts (default: all of --prompts)")  # fmt: skip
+    ev.add_argument("--speed-prompts", type=int, default=64,
+                    help="time N of the prompts, evenly spread over them (0: all)")  # fmt: skip
     ev.add_argument("--kernel-threads", type=int, nargs="+", default=[2],
                     help="also time the CPU kernels on these thread counts, side by side "
                          "with one (torch stays on --threads)")  # fmt: skip
