@@ -269,11 +269,15 @@ def test_measure_speed_side_by_side_and_the_tradeoff_picture(default_model, monk
         for row in speeds[count].values():
             assert set(row) == {"ar", "mask_diffusion@0.8"}
             assert row["ar"]["cpu_vs_ar"] == row["ar"]["wall_vs_ar"] == 1.0
+            assert row["ar"]["tokens_per_forward"] == 1.0
             assert all(v["tok_s"] > 0 and v["cpu_tok_s"] > 0 for v in row.values())
     # each batch: a warm-up round and two timed ones, each switching 1 -> 2; then put back
     assert seen == [1, 2] * 3 * 2 + [kernel_threads]
     assert threads.kernel_threads() == kernel_threads and torch.get_num_threads() == torch_threads
     rows = ev.evaluate(default_model, prompts, [[1] * 16] * 4, 16, modes)
+    # batch 64 holds the 4 prompts at once, as evaluate's one batch: the same generations
+    timed = speeds[1]["batch_64"]["mask_diffusion@0.8"]
+    assert timed["tokens_per_forward"] == rows[1]["tokens_per_forward"]
     path = tmp_path / "tradeoff.png"
     ev.plot_tradeoff(rows, speeds, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
