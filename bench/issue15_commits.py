@@ -3,7 +3,7 @@
     python bench/issue15_commits.py [--model DIR] [--gamma 0.8] [--data-dir .data]
         [--json-out bench/results/issue15_commits.json]
 
-``train.evaluate``'s held-out prompts (64 x 32 tokens -> 64 new, greedy, block 16, 16 steps),
+``train.evaluate``'s held-out prompts (512 x 32 tokens -> 64 new, greedy, block 16, 16 steps),
 each generated alone with ``mode="mask_diffusion"``. Every decision step of the engine is logged
 (the engine's decision op, ``engine.steps.mask_sampling``, wrapped for the run), so each generated
 token is known with the step that committed it: its confidence, whether the rule forced it (the
@@ -94,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     ap.add_argument("--gamma", type=float, default=0.8)
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=512)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--data-dir", default=str(REPO / ".data"))
