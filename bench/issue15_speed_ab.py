@@ -29,6 +29,8 @@ from issue15_distill import _git, write_report  # noqa: E402
 import twotower_rt  # noqa: E402
 from twotower_rt.train import evaluate as ev  # noqa: E402
 
+MODES = [("ar", None), ("mask_diffusion", 0.8)]
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -38,8 +40,6 @@ def main() -> int:
     ap.add_argument("--json-out", default="bench/results/issue15_speed_ab.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    ev.MODES = [("ar", None), ("mask_diffusion", 0.8)]
-    ev.SPEED_BATCHES = (1,)
     models = {path: twotower_rt.load(path) for path in args.models}
     tok = next(iter(models.values())).tokenizer
     windows = ev.heldout_windows(tok, args.data_dir, 512, 96)
@@ -48,7 +48,7 @@ def main() -> int:
     for r in range(args.rounds):
         for path, model in models.items():
             with contextlib.redirect_stdout(io.StringIO()):
-                s = ev.measure_speed(model, prompts, 64, 3, (1, 2))
+                s = ev.measure_speed(model, prompts, 64, 3, (1, 2), MODES, batches=(1,))
             one, two = s[1]["batch_1"]["mask_diffusion@0.8"], s[2]["batch_1"]["mask_diffusion@0.8"]
             row = {"cpu_vs_ar_1": one["cpu_vs_ar"], "wall_vs_ar_2": two["wall_vs_ar"],
                    "tpf": one["tokens_per_forward"]}  # fmt: skip

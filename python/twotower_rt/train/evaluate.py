@@ -182,8 +182,10 @@ def bootstrap_ratios(base, mode, resamples: int, seed: int = 0) -> dict:
 
 
 def measure_speed(model, prompts, new_tokens: int, repeats: int,
-                  kernel_threads: tuple[int, ...] = (1,)) -> dict:  # fmt: skip
-    """Tokens/s per mode at each of SPEED_BATCHES over ``prompts`` (at batch B, in groups of B
+                  kernel_threads: tuple[int, ...] = (1,), modes=None,
+                  batches=None) -> dict:  # fmt: skip
+    """Tokens/s per mode (``modes``, default MODES) at each of ``batches`` (default
+    SPEED_BATCHES) over ``prompts`` (at batch B, in groups of B
     prompts; a last group of fewer is left out, or is the one group), side by side: torch on one
     thread, the CPU kernels on each count of ``kernel_threads`` (threads.set_kernel_threads), a
     warm-up of every configuration, then ``repeats`` rounds in which the counts and the modes
@@ -196,11 +198,12 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
     from ..threads import kernel_threads as current_kernel_threads
     from ..threads import set_kernel_threads
 
+    modes, batches = modes or MODES, batches or SPEED_BATCHES
     threads, kthreads = torch.get_num_threads(), current_kernel_threads()
     torch.set_num_threads(1)
     try:
         speed = {k: {} for k in kernel_threads}
-        for batch in SPEED_BATCHES:
+        for batch in batches:
             groups = [prompts[i : i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
             groups = groups or [prompts]  # fewer prompts than the batch: all of them at once
             tokens = sum(len(g) for g in groups) * new_tokens
@@ -211,12 +214,12 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
                     nfe += sum(run_mode(model, group, mode, gamma, new_tokens)[0].nfe)
                 return time.perf_counter() - wall, time.process_time() - cpu, nfe
 
-            times = {(k, mode_key(m, g)): [] for k in kernel_threads for m, g in MODES}
+            times = {(k, mode_key(m, g)): [] for k in kernel_threads for m, g in modes}
             nfes = {}  # denoiser forwards per mode (greedy: the same every round)
             for r in range(repeats + 1):  # round 0: the warm-up
                 for k in kernel_threads:
                     set_kernel_threads(k)
-                    for mode, gamma in MODES:
+                    for mode, gamma in modes:
                         wall, cpu, nfes[mode_key(mode, gamma)] = once(mode, gamma)
                         if r:
                             times[(k, mode_key(mode, gamma))].append((wall, cpu))
