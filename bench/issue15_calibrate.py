@@ -48,7 +48,6 @@ from twotower_rt.api import DEFAULT_MODEL_DIR  # noqa: E402
 from twotower_rt.checkpoint import build_model  # noqa: E402
 from twotower_rt.train import distill  # noqa: E402
 from twotower_rt.train.model_init import set_scan_chunk  # noqa: E402
-from twotower_rt.train.tokenizer import MASK_ID  # noqa: E402
 
 BLOCK = 16
 BINS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -61,11 +60,7 @@ def masked_logits(lm, seqs: torch.Tensor, prompt_len: int, g: torch.Generator, c
     for i in range(0, seqs.shape[0], chunk):
         targets, cache, _ = distill.rows_of(lm, seqs[i : i + chunk], prompt_len // BLOCK)
         masked, t = distill.inference_masks(targets.shape[0], BLOCK, 0.25, 0.5, g)
-        noisy = torch.where(masked, torch.full_like(targets, MASK_ID), targets)
-        logits = lm.denoiser_logits(noisy, cache, prefix_len=cache.lengths,
-                                    mamba_states=cache.mamba, t=t)[masked]  # fmt: skip
-        logits[:, MASK_ID] = -1e12  # as at inference: the mask token is never predicted
-        out_logits.append(logits.float())
+        out_logits.append(distill.masked_logits(lm, targets, cache, masked, t).float())
         out_targets.append(targets[masked])
     return torch.cat(out_logits), torch.cat(out_targets)
 

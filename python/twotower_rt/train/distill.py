@@ -259,6 +259,16 @@ def rollout_masks(lm, targets: torch.Tensor, cache, steps: torch.Tensor, gamma: 
     return masked, committed, wrong
 
 
+def masked_logits(lm, targets, cache, masked, t) -> torch.Tensor:
+    """The denoiser's logits (N, vocab) at the ``masked`` positions of blocks ``targets`` (R, S)
+    with those positions masked, the mask token excluded as at inference."""
+    noisy = torch.where(masked, torch.full_like(targets, MASK_ID), targets)
+    logits = lm.denoiser_logits(noisy, cache, prefix_len=cache.lengths, mamba_states=cache.mamba,
+                                t=t)[masked]  # fmt: skip
+    logits[:, MASK_ID] = -1e12  # the mask token is never predicted
+    return logits
+
+
 def step_loss(lm, targets, cache, cfg: DistillConfig, g, cf_weight: float, teacher=None):
     """One step's loss and its statistics (see the module docstring)."""
     masked, t = inference_masks(targets.shape[0], BLOCK, cfg.p_full, cfg.p_suffix, g)
@@ -270,10 +280,7 @@ def step_loss(lm, targets, cache, cfg: DistillConfig, g, cf_weight: float, teach
         masked = torch.where(use[:, None], visited, masked)
         t = masked.sum(-1).float() / BLOCK
         rollout = {"rollout_commits": committed, "rollout_err": wrong / max(committed, 1)}
-    noisy = torch.where(masked, torch.full_like(targets, MASK_ID), targets)
-    logits = lm.denoiser_logits(noisy, cache, prefix_len=cache.lengths, mamba_states=cache.mamba,
-                                t=t)[masked]  # fmt: skip
-    logits[:, MASK_ID] = -1e12  # as at inference: the mask token is never predicted
+    logits = masked_logits(lm, targets, cache, masked, t)
     tgt = targets[masked]
     ce = F.cross_entropy(logits, tgt)
     logp = torch.log_softmax(logits, dim=-1)
