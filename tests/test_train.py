@@ -173,7 +173,7 @@ def test_distill_stage_from_the_cli(tmp_path):
     assert [r["step"] for r in log] == [0, 1, 2]
     assert all(r["kl"] >= 0 for r in log)
     assert all(0 <= r["rollout_err"] <= 1 and r["rollout_commits"] >= 0 for r in log)
-    assert log[0]["cf_weight"] == 0 and log[-1]["cf_weight"] == 0.5
+    assert log[0]["cf_weight"] == 0 and log[-1]["cf_weight"] == 1.0
 
     ship = tmp_path / "ship"
     main(["--data-dir", str(d), "--run", "t", "export", "--out", str(ship)])

@@ -65,7 +65,7 @@ BLOCK = 16
 class DistillConfig:
     """The recipe; the defaults are the shipped model's stage 3."""
 
-    minutes: float = 50.0
+    minutes: float = 40.0
     batch: int = 16  # sequences per step
     lr: float = 5e-4
     warmup: int = 20
@@ -76,11 +76,11 @@ class DistillConfig:
     gen_tokens: int = 96
     gen_batch: int = 256
     gen_temperature: float = 0.0  # 0: greedy continuations; else sampled (a seed per prompt)
-    real_frac: float = 0.0
+    real_frac: float = 0.25
     p_full: float = 0.25
     p_suffix: float = 0.5
     cf_start: float = 0.6
-    cf_weight: float = 0.5
+    cf_weight: float = 1.0
     kl_weight: float = 0.0
     kl_scope: str = "first"
     rollout_steps: int = 0

@@ -368,8 +368,10 @@ def plot(run_dir: str, path: str) -> None:
     print(f"plot -> {path}")
 
 
-# The shipped model's stage-3 log (every 5th step of bench/issue15_distill.py's run); a run of
-# ``python -m twotower_rt.train distill`` writes its own RUN/distill_log.jsonl, which comes first.
+# The shipped model's stage-3 report and log (every 5th step) from bench/issue15_distill.py's run;
+# a run of ``python -m twotower_rt.train distill`` writes its own RUN/distill_log.jsonl, which
+# comes first.
+SHIPPED_DISTILL_REPORT = os.path.join("bench", "results", "issue15_distill_cf10.json")
 SHIPPED_DISTILL_LOG = os.path.join("bench", "results", "issue15_distill_log.jsonl")
 
 
@@ -424,7 +426,7 @@ def plot_distill(records: list[dict], path: str, window: int = 25) -> None:
     print(f"plot -> {path}")
 
 
-def _distillation_summary(path: str = os.path.join("bench", "results", "issue15_distill.json")):
+def _distillation_summary(path: str = SHIPPED_DISTILL_REPORT):
     """Stage 3 of the shipped model (bench/issue15_distill.py): its recipe and training, from its
     own report."""
     if not os.path.isfile(path):
