@@ -419,7 +419,11 @@ def plot_distill(records: list[dict], path: str, window: int = 25) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("stage 3: the denoiser distilled on the context tower's greedy text", fontsize=10)
+    fig.suptitle(
+        "stage 3: the denoiser distilled on the context tower's greedy text "
+        "(a quarter of the rows real text)",
+        fontsize=10,
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
