@@ -339,3 +339,42 @@ def test_spread_picks_evenly():
     assert spread(list(range(10)), 5) == [0, 2, 4, 6, 8]
     assert spread(list(range(3)), 5) == [0, 1, 2]
     assert spread(list(range(512)), 64)[:3] == [0, 8, 16]
+
+
+def test_distill_rows_mix_real_text(monkeypatch):
+    """real_frac: each step trains on (1 - real_frac) x batch distillation sequences, from their
+    first generated block, plus real_frac x batch windows of the training text, from their second
+    block (the first is their only context); real_frac 0 draws no text at all."""
+    import twotower_rt.train.distill as distill
+    from twotower_rt.api import load_builtin_model
+
+    lm = load_builtin_model().lm
+    lm.load_state_dict({k: v.clone() for k, v in lm.state_dict().items()})  # trainable copies
+    g = torch.Generator().manual_seed(3)
+    seqs = torch.randint(4, 200, (5, 48), generator=g)  # prompt 32 + 16 generated tokens
+    real = torch.arange(200, 500)  # any window of it is a run of consecutive ids (vocab 512)
+    calls = []
+    rows_of = distill.rows_of
+
+    def spy(lm_, windows, first_block, teacher=False):
+        calls.append((windows.clone(), first_block))
+        return rows_of(lm_, windows, first_block, teacher=teacher)
+
+    monkeypatch.setattr(distill, "rows_of", spy)
+    sizes = dict(batch=4, prompt_len=32, gen_tokens=16, minutes=5.0, cf_weight=0.0)
+    cfg = distill.DistillConfig(real_frac=0.5, **sizes)
+    summary = distill.train(lm, seqs, real, cfg, lambda rec: None, max_steps=2)
+    assert summary["steps"] == 2 and len(calls) == 4
+    # rows = blocks trained: 2 sequences x 1 generated block, 2 windows x blocks 1 and 2
+    assert summary["rows_per_step_distill"] == 2 and summary["rows_per_step_real"] == 4
+    for (gen, gen_first), (text, text_first) in zip(calls[::2], calls[1::2]):
+        assert gen.shape == (2, 48) and gen_first == 2
+        assert all(any(torch.equal(row, s) for s in seqs) for row in gen)
+        assert text.shape == (2, 48) and text_first == 1
+        assert torch.equal(text - text[:, :1], torch.arange(48).expand(2, 48))
+        assert int(text.min()) >= 200
+
+    calls.clear()
+    distill.train(lm, seqs, real, distill.DistillConfig(real_frac=0.0, **sizes), lambda rec: None,
+                  max_steps=1)  # fmt: skip
+    assert len(calls) == 1 and calls[0][0].shape == (4, 48)
