@@ -42,13 +42,14 @@ def main() -> int:
     torch.set_num_threads(1)
     models = {path: twotower_rt.load(path) for path in args.models}
     tok = next(iter(models.values())).tokenizer
-    windows = ev.heldout_windows(tok, args.data_dir, 512, 96)
-    prompts = ev.spread([w[:32] for w in windows], 64)
+    windows = ev.heldout_windows(tok, args.data_dir, ev.HELDOUT_PROMPTS,
+                                 ev.PROMPT_LEN + ev.NEW_TOKENS)  # fmt: skip
+    prompts = ev.spread([w[: ev.PROMPT_LEN] for w in windows], ev.SPEED_PROMPTS)  # evaluate's
     results = {path: [] for path in models}
     for r in range(args.rounds):
         for path, model in models.items():
             with contextlib.redirect_stdout(io.StringIO()):
-                s = ev.measure_speed(model, prompts, 64, 3, (1, 2), MODES, batches=(1,))
+                s = ev.measure_speed(model, prompts, ev.NEW_TOKENS, 3, (1, 2), MODES, batches=(1,))
             one, two = s[1]["batch_1"]["mask_diffusion@0.8"], s[2]["batch_1"]["mask_diffusion@0.8"]
             row = {"cpu_vs_ar_1": one["cpu_vs_ar"], "wall_vs_ar_2": two["wall_vs_ar"],
                    "tpf": one["tokens_per_forward"]}  # fmt: skip

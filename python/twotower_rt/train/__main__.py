@@ -225,18 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default=DEFAULT_MODEL_DIR)
     ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ex.set_defaults(fn=cmd_export)
+    from . import evaluate as evd  # its defaults
+
     ev = sub.add_parser("evaluate")
     ev.add_argument("--model", default=None, help="default: the shipped default model")
-    ev.add_argument("--prompts", type=int, default=512,
+    ev.add_argument("--prompts", type=int, default=evd.HELDOUT_PROMPTS,
                     help="held-out prompts the quality columns are measured on")  # fmt: skip
-    ev.add_argument("--prompt-len", type=int, default=32)
-    ev.add_argument("--new-tokens", type=int, default=64)
+    ev.add_argument("--prompt-len", type=int, default=evd.PROMPT_LEN)
+    ev.add_argument("--new-tokens", type=int, default=evd.NEW_TOKENS)
     ev.add_argument("--json-out", default=os.path.join("bench", "results", "default_model.json"))
     ev.add_argument("--plot-out", default=os.path.join("docs", "default_model_training.png"))
     ev.add_argument("--tradeoff-out", default=os.path.join("docs", "default_model_tradeoff.png"))
     ev.add_argument("--distill-plot-out", default=os.path.join("docs", "default_model_distill.png"))
     ev.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size")
-    ev.add_argument("--speed-prompts", type=int, default=64,
+    ev.add_argument("--speed-prompts", type=int, default=evd.SPEED_PROMPTS,
                     help="time N of the prompts, evenly spread over them (0: all)")  # fmt: skip
     ev.add_argument("--kernel-threads", type=int, nargs="+", default=[2],
                     help="also time the CPU kernels on these thread counts, side by side "

@@ -47,6 +47,9 @@ from .tokenizer import EOS_ID, encode_documents
 MODES = [("ar", None), ("mask_diffusion", 0.5), ("mask_diffusion", 0.7), ("mask_diffusion", 0.8),
          ("mask_diffusion", 0.9), ("verified", None)]  # fmt: skip
 SPEED_BATCHES = (1, 4, 64)
+# ``python -m twotower_rt.train evaluate``'s defaults: held-out prompts of PROMPT_LEN tokens,
+# NEW_TOKENS generated each, SPEED_PROMPTS of them (evenly spread) timed.
+HELDOUT_PROMPTS, PROMPT_LEN, NEW_TOKENS, SPEED_PROMPTS = 512, 32, 64, 64
 BLOCK = 16
 BOOTSTRAP_RESAMPLES = 1000
 
