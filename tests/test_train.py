@@ -153,7 +153,8 @@ def test_distill_stage_from_the_cli(tmp_path):
     main(["--data-dir", str(d), "--run", "t", "--threads", "1", "distill", "--steps", "3",
           "--prompts", "3", "--prompt-len", "16", "--gen-tokens", "16", "--batch", "2",
           "--gen-batch", "3", "--kl-weight", "1", "--cf-start", "0.5",
-          "--rollout-steps", "2"])  # fmt: skip
+          "--rollout-steps", "2", "--onpolicy-weight", "1", "--onpolicy-start", "0.5",
+          "--onpolicy-rows", "2"])  # fmt: skip
 
     seqs = np.load(run / "distill_3x16+16_seed0.npy").astype(np.int64).tolist()
     assert [len(s) for s in seqs] == [32, 32, 32]
@@ -174,6 +175,8 @@ def test_distill_stage_from_the_cli(tmp_path):
     assert all(r["kl"] >= 0 for r in log)
     assert all(0 <= r["rollout_err"] <= 1 and r["rollout_commits"] >= 0 for r in log)
     assert log[0]["cf_weight"] == 0 and log[-1]["cf_weight"] == 1.0
+    assert "onpolicy_loss" not in log[0] and log[-1]["onpolicy_loss"] >= 0
+    assert log[-1]["onpolicy_ar_nll"] > 0
 
     ship = tmp_path / "ship"
     main(["--data-dir", str(d), "--run", "t", "export", "--out", str(ship)])
@@ -243,6 +246,86 @@ def test_rollout_masks_follow_the_decoding_teacher_forced():
             assert torch.equal(masked[r], (block == 3)[0]), r
     assert committed == want_committed > 0
     assert wrong == want_wrong
+
+
+def test_own_decoding_is_the_runtime_decoding():
+    """own_decoding against the runtime's decision op, one row at a time: each row's block is
+    what repeated mask_sampling_ref calls on the denoiser's own commits give, and the state
+    handed back is the masked set before one of the steps that row went through."""
+    from twotower_rt.ops.mask_sampling import mask_sampling_ref
+    from twotower_rt.train.distill import own_decoding
+
+    lm, windows = _builtin_windows(8)
+    _, cache = _rows(lm, windows)
+    blocks, masked = own_decoding(lm, cache, 0.3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for r in range(cache.lengths.shape[0]):
+            block, one, seen = torch.full((1, 16), 3), cache.index_select(torch.tensor([r])), []
+            for j in range(16):
+                if not bool((block == 3).any()):
+                    break
+                seen.append(block[0] == 3)
+                logits = lm.denoiser_logits(block, one, prefix_len=one.lengths,
+                                            mamba_states=one.mamba,
+                                            t=(block == 3).sum(-1).float() / 16)  # fmt: skip
+                out = mask_sampling_ref(logits, block, mask_token_id=3, step=j,
+                                        steps_per_block=16, confidence_threshold=0.3)  # fmt: skip
+                block = out.block
+            assert torch.equal(blocks[r], block[0]) and not bool((block == 3).any()), r
+            assert any(torch.equal(masked[r], s) for s in seen), r
+
+
+def test_ar_on_blocks_reads_the_blocks_own_text():
+    """ar_on_blocks against the teacher of context_rows on windows whose block 1 is replaced
+    by the given tokens: the same AR distribution at every position of that block."""
+    from twotower_rt.train.distill import ar_on_blocks
+
+    lm, windows = _builtin_windows(9)
+    _, cache, logp = _rows(lm, windows[:, :32], teacher=True)  # one row per window: block 1
+    own = torch.randint(4, lm.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    got = ar_on_blocks(lm, cache, own, logp[:, 0])
+    _, _, want = _rows(lm, torch.cat([windows[:, :16], own, windows[:, 32:48]], 1), teacher=True)
+    want = want[0::2].clone()  # rows of block 1 (block 2 follows in each window)
+    want[..., 3] = -1e12
+    want = torch.log_softmax(want, dim=-1)
+    keep = torch.ones(lm.cfg.vocab_size, dtype=torch.bool)
+    keep[3] = False
+    torch.testing.assert_close(got[..., keep], want[..., keep], atol=1e-4, rtol=1e-4)
+    assert bool((got[..., 3] < -1e6).all())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.5])
+def test_onpolicy_loss_targets(monkeypatch, temperature):
+    """onpolicy_loss on a given decoding (blocks, state): at temperature 0 the cross-entropy
+    towards the AR tower's argmax after the block's own text; else KL(AR at that temperature
+    || denoiser), written out as sum p (log p - log q) per masked position."""
+    from twotower_rt.train import distill
+
+    lm, windows = _builtin_windows(10)
+    _, cache, logp = _rows(lm, windows[:, :32], teacher=True)
+    g = torch.Generator().manual_seed(2)
+    blocks = torch.randint(4, lm.cfg.vocab_size, (2, 16), generator=g)
+    masked = torch.rand(2, 16, generator=g) < 0.5
+    masked[:, 0] = True
+    monkeypatch.setattr(distill, "own_decoding", lambda *a: (blocks, masked))
+    cfg = distill.DistillConfig(onpolicy_weight=1.0, onpolicy_rows=2,
+                                onpolicy_temperature=temperature)  # fmt: skip
+    # two rows of two: every row, in the order randperm picks them
+    rows = torch.randperm(2, generator=torch.Generator().manual_seed(3))
+    blocks, masked = blocks[rows], masked[rows]
+    with torch.no_grad():
+        loss, stats = distill.onpolicy_loss(lm, cache, logp, cfg, torch.Generator().manual_seed(3))
+        sub = cache.index_select(rows)
+        ar = distill.ar_on_blocks(lm, sub, blocks, logp[rows, 0])[masked]
+        t = masked.sum(-1).float() / 16
+        q = torch.log_softmax(distill.masked_logits(lm, blocks, sub, masked, t), dim=-1)
+    if temperature == 0:
+        want = -q.gather(-1, ar.argmax(-1, keepdim=True)).mean()
+    else:
+        p = torch.softmax(ar / temperature, dim=-1)
+        want = (p * (torch.log(p.clamp_min(1e-30)) - q)).sum(-1).mean()
+    torch.testing.assert_close(loss, want, atol=1e-4, rtol=1e-4)
+    assert stats["onpolicy_loss"] == pytest.approx(float(loss))
 
 
 def test_measure_speed_side_by_side_and_the_tradeoff_picture(default_model, monkeypatch,

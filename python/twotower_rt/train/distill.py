@@ -24,7 +24,14 @@ principle be confident on them (dParallel, CLLMs). From the stage-2 weights, flo
    with r > 0 trains on the mask state the decoding itself reaches after r steps from a fully
    masked block (:func:`rollout_masks`: no grad, the spec's commit rule at ``rollout_gamma``,
    the committed positions given their targets): the states where a confident wrong commit
-   happens at inference, which random masks rarely produce.
+   happens at inference, which random masks rarely produce. With ``onpolicy_weight`` > 0, from
+   progress ``onpolicy_start`` on, ``onpolicy_rows`` rows per step are decoded by the denoiser
+   itself (:func:`own_decoding`: its own commits, not the targets) and trained at a random state
+   of that decoding towards the AR tower's distribution given the text it wrote
+   (:func:`ar_on_blocks`): on-policy distillation, KL(AR tower at ``onpolicy_temperature`` ||
+   denoiser) at every still masked position, or at temperature 0 cross-entropy towards the AR
+   tower's argmax (what greedy AR writes after that text); the evaluation's AR-NLL is the AR
+   tower's view of exactly such text.
 
 ``python -m twotower_rt.train distill`` runs it with :class:`DistillConfig`'s defaults, the recipe
 of the shipped model; ``bench/issue15_distill.py`` is the experiment harness around it (every
@@ -85,6 +92,10 @@ class DistillConfig:
     kl_scope: str = "first"
     rollout_steps: int = 0
     rollout_gamma: float = 0.8
+    onpolicy_weight: float = 0.0
+    onpolicy_start: float = 0.5
+    onpolicy_rows: int = 32
+    onpolicy_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kl_scope not in ("first", "all"):
@@ -99,6 +110,12 @@ class DistillConfig:
             raise ValueError(f"gen_temperature must be in [0, 2], got {self.gen_temperature}")
         if not 0.0 <= self.rollout_gamma < 1.0:
             raise ValueError(f"rollout_gamma must be in [0, 1), got {self.rollout_gamma}")
+        if self.onpolicy_weight < 0 or not 0.0 <= self.onpolicy_start <= 1.0:
+            raise ValueError("onpolicy_weight must be >= 0 and onpolicy_start in [0, 1]")
+        if self.onpolicy_temperature < 0:
+            raise ValueError(f"onpolicy_temperature must be >= 0, got {self.onpolicy_temperature}")
+        if self.onpolicy_rows < 1:
+            raise ValueError(f"onpolicy_rows must be >= 1, got {self.onpolicy_rows}")
 
 
 _HELP = {
@@ -110,7 +127,14 @@ _HELP = {
     "kl_weight": "weight of a soft-target term: KL(AR tower || denoiser) at --kl-scope positions",
     "rollout_steps": "train on the mask states the denoiser's own decoding visits: rows run "
     "0..N teacher-forced decoding steps from a fully masked block first (0: off)",
-    "rollout_gamma": "the commit threshold of those decoding steps",
+    "rollout_gamma": "the commit threshold of those decoding steps (and of the on-policy term's)",
+    "onpolicy_weight": "weight of on-policy distillation: the denoiser decodes blocks itself "
+    "(greedy, at --rollout-gamma) and learns, at a random state of that decoding, the AR "
+    "tower's distribution given the text it wrote (0: off)",
+    "onpolicy_start": "training progress from which the on-policy term is on",
+    "onpolicy_rows": "rows per step that get the on-policy term",
+    "onpolicy_temperature": "the on-policy target: the AR distribution at this temperature; 0: "
+    "its argmax (what greedy AR would write after the denoiser's text), cross-entropy",
 }
 _CHOICES = {"kl_scope": ("first", "all")}
 
@@ -259,6 +283,78 @@ def rollout_masks(lm, targets: torch.Tensor, cache, steps: torch.Tensor, gamma: 
     return masked, committed, wrong
 
 
+@torch.no_grad()
+def own_decoding(lm, cache, gamma: float, g: torch.Generator):
+    """The denoiser decodes one fully masked block per row of ``cache`` itself, as the runtime
+    does (greedy, :func:`ops.mask_sampling` at ``gamma``, T = S), to the end. Returns (its
+    blocks (R, S), a state of each row's decoding drawn uniformly among the ones it went
+    through: masked (R, S) bool, the positions still masked before that step)."""
+    R = cache.lengths.shape[0]
+    block = torch.full((R, BLOCK), MASK_ID, dtype=torch.long)
+    states = []  # masked before each step
+    for j in range(BLOCK):
+        masked = block == MASK_ID
+        rows = torch.nonzero(masked.any(-1)).squeeze(-1)
+        if rows.numel() == 0:
+            break
+        states.append(masked)
+        sub = cache.index_select(rows)
+        logits = lm.denoiser_logits(block[rows], sub, prefix_len=sub.lengths,
+                                    mamba_states=sub.mamba,
+                                    t=masked[rows].sum(-1).float() / BLOCK)  # fmt: skip
+        out = mask_sampling(logits, block[rows], mask_token_id=MASK_ID, step=j,
+                            steps_per_block=BLOCK, confidence_threshold=gamma)  # fmt: skip
+        block[rows] = out.block
+    states = torch.stack(states, dim=1)  # (R, steps, S)
+    taken = states.any(-1).sum(-1)  # steps each row went through (>= 1)
+    pick = (torch.rand(R, generator=g) * taken).long().clamp_max(taken - 1)
+    return block, states[torch.arange(R), pick]
+
+
+@torch.no_grad()
+def ar_on_blocks(lm, cache, blocks: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """The AR tower's log-probabilities (R, S, vocab) at every position of ``blocks`` given the
+    row's context and the block's own tokens before it (the mask token excluded). ``first``
+    (R, vocab): the AR logits at position 0, which depend on the context alone; the other
+    positions come from one context-tower pass over the blocks, on a copy of the cache."""
+    pad = (0, 0, 0, 0, 0, BLOCK)  # K/V room for the block after the longest prefix
+    copy = ContextCache(cache.lengths.clone(),
+                        {i: F.pad(k, pad) for i, k in cache.keys.items()},
+                        {i: F.pad(v, pad) for i, v in cache.values.items()},
+                        {i: type(s)(s.conv.clone(), s.ssm.clone())
+                         for i, s in cache.mamba.items()})  # fmt: skip
+    hidden = lm.context_forward(blocks, copy)
+    logits = torch.cat([first[:, None], lm.context_logits(hidden[:, :-1])], dim=1)
+    logits[..., MASK_ID] = -1e12
+    return torch.log_softmax(logits, dim=-1)
+
+
+def onpolicy_loss(lm, cache, teacher: torch.Tensor, cfg: DistillConfig, g: torch.Generator):
+    """On-policy distillation on ``cfg.onpolicy_rows`` random rows: KL(AR tower || denoiser), or
+    at ``onpolicy_temperature`` 0 cross-entropy towards the AR tower's argmax, at
+    the still-masked positions of a state the denoiser's own decoding reached, the AR tower
+    reading the text that decoding wrote (:func:`own_decoding`, :func:`ar_on_blocks`): the
+    states and the left contexts of inference, where the teacher forcing of the other terms
+    never puts the denoiser. ``teacher``: the rows' AR log-probs from :func:`rows_of` (its
+    position 0 is the context-only distribution). Returns (loss, statistics)."""
+    R = cache.lengths.shape[0]
+    rows = torch.randperm(R, generator=g)[: cfg.onpolicy_rows]
+    sub = cache.index_select(rows)
+    blocks, masked = own_decoding(lm, sub, cfg.rollout_gamma, g)
+    target = ar_on_blocks(lm, sub, blocks, teacher[rows, 0])
+    logits = masked_logits(lm, blocks, sub, masked, masked.sum(-1).float() / BLOCK)
+    teach = target[masked]
+    if cfg.onpolicy_temperature == 0:
+        loss = F.cross_entropy(logits, teach.argmax(-1))
+    else:
+        teach = torch.log_softmax(teach / cfg.onpolicy_temperature, dim=-1)
+        loss = F.kl_div(torch.log_softmax(logits, dim=-1), teach, log_target=True,
+                        reduction="batchmean")  # fmt: skip
+    with torch.no_grad():  # the AR tower's NLL of what the denoiser wrote, per token
+        own_nll = -target.gather(-1, blocks[..., None]).mean()
+    return loss, {"onpolicy_loss": loss.item(), "onpolicy_ar_nll": float(own_nll)}
+
+
 def masked_logits(lm, targets, cache, masked, t) -> torch.Tensor:
     """The denoiser's logits (N, vocab) at the ``masked`` positions of blocks ``targets`` (R, S)
     with those positions masked, the mask token excluded as at inference."""
@@ -333,7 +429,6 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, cfg: DistillConfig,
     set_scan_chunk(lm, BLOCK)
     first_block = cfg.prompt_len // BLOCK
     n_real = round(cfg.real_frac * cfg.batch)
-    kl = cfg.kl_weight > 0
     step, t0, cf_start_step = 0, time.time(), None
     try:
         while sched.progress(step) < 1.0:
@@ -344,6 +439,8 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, cfg: DistillConfig,
                     on_cf_start()
                 cf_start_step = step
                 print(f"[distill] step {step}: certainty forcing on (weight {cf})", flush=True)
+            onpolicy = cfg.onpolicy_weight > 0 and progress >= cfg.onpolicy_start
+            kl = cfg.kl_weight > 0 or onpolicy
             lr = sched.lr(step)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -354,6 +451,9 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, cfg: DistillConfig,
                 parts.append(rows_of(lm, windows, 1, teacher=kl))
             targets, cache, teacher = concat_rows(parts)
             loss, stats = step_loss(lm, targets, cache, cfg, g, cf, teacher)
+            if onpolicy:
+                op, op_stats = onpolicy_loss(lm, cache, teacher, cfg, g)
+                loss, stats = loss + cfg.onpolicy_weight * op, {**stats, **op_stats}
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], sc.grad_clip)
@@ -365,7 +465,9 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, cfg: DistillConfig,
                 print(f"[distill] step {step} loss {loss.item():.3f} ce {stats['ce']:.3f} "
                       f"acc {stats['acc']:.3f} conf>0.8 {stats['conf_gt_0.8']:.3f} "
                       f"kl {stats.get('kl', float('nan')):.3f} "
-                      f"rollout err {stats.get('rollout_err', float('nan')):.3f} lr {lr:.1e} "
+                      f"rollout err {stats.get('rollout_err', float('nan')):.3f} "
+                      f"on-policy loss {stats.get('onpolicy_loss', float('nan')):.3f} "
+                      f"nll {stats.get('onpolicy_ar_nll', float('nan')):.3f} lr {lr:.1e} "
                       f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
             step += 1
     finally:
