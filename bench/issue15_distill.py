@@ -111,6 +111,17 @@ def _git(*cmd) -> str:
         return "unknown"
 
 
+def report_header() -> dict:
+    """What every issue-15 report starts with: the issue, when, at which commit, where, how."""
+    return {
+        "issue": 15,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "HEAD"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "command": "python " + " ".join(sys.argv),
+    }
+
+
 def write_report(path: str, report: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -24,7 +21,7 @@ sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
-from issue15_distill import _git, write_report  # noqa: E402
+from issue15_distill import report_header, write_report  # noqa: E402
 
 import twotower_rt  # noqa: E402
 from twotower_rt.train import evaluate as ev  # noqa: E402
@@ -56,11 +53,7 @@ def main() -> int:
             results[path].append(row)
             print(f"{path} round {r}: {row}", flush=True)
     write_report(args.json_out, {
-        "issue": 15,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "HEAD"),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "command": "python " + " ".join(sys.argv),
+        **report_header(),
         "results": results,
     })  # fmt: skip
     return 0

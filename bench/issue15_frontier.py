@@ -1,0 +1,137 @@
+"""Issue 15: every stage-3 model evaluated on the 512 held-out prompts, as curves over gamma.
+
+    python bench/issue15_frontier.py [--out docs/issue15_frontier.png]
+        [--json-out bench/results/issue15_frontier.json]
+
+Reads the reports already in ``bench/results`` (nothing is rerun): ``default_model.json`` (the
+shipped model), the ``after`` rows of the ``issue15_distill_*.json`` runs evaluated on 512 prompts
+and the ``extra_eval`` rows that re-measured kept weights on 512. Each model is one curve: AR-NLL
+quality ratio and distinct-2 ratio against tokens committed per denoiser forward, one point per
+gamma, gamma 0.8 marked. What it shows: training moved the models along one trade-off, and the
+gamma knob moves each model along it; the targets ask for a point above that trade-off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+# (label, report, where in it): "after/<name>" or "extra/<model path>" or "evaluate"; only
+# rows measured on the 512 prompts of train.evaluate.
+SOURCES = [
+    ("cf10 (shipped)", "default_model.json", "evaluate"),
+    ("cf10 (shipped)", "issue15_distill_cf10.json", "extra/python/twotower_rt/default_model"),
+    ("cf05 (shipped before)", "issue15_distill.json", "extra/python/twotower_rt/default_model"),
+    ("cf15", "issue15_distill_cf15.json", "extra/../exp/cf15/candidate"),
+    ("cf15, before cf", "issue15_distill_cf15.json", "extra/../exp/cf15/candidate_nocf"),
+    ("real-frac 0.25", "issue15_distill_realfrac.json", "extra/../exp/realfrac/candidate"),
+    ("real-frac 0.5", "issue15_distill_realfrac50.json", "extra/../exp/realfrac50/candidate"),
+    ("cf10 80 min", "issue15_distill_long80.json", "after/candidate"),
+    ("cf10 80 min, before cf", "issue15_distill_long80.json", "after/candidate_nocf"),
+    ("cf10 + rollouts", "issue15_distill_cf10ro.json", "after/candidate"),
+    ("cf10 + rollouts, before cf", "issue15_distill_cf10ro.json", "after/candidate_nocf"),
+    ("rollouts + cf 0.3, 60 min", "issue15_distill_ro03l.json", "after/candidate"),
+    ("rollouts + cf 0.3, 60 min, before cf", "issue15_distill_ro03l.json", "after/candidate_nocf"),
+    ("on-policy", "issue15_distill_onph.json", "after/candidate"),
+    ("on-policy, before cf", "issue15_distill_onph.json", "after/candidate_nocf"),
+    ("rollouts + KL 3 + cf 0.3", "issue15_distill_rokl3.json", "after/candidate"),
+    ("rollouts + KL 3, before cf", "issue15_distill_rokl3.json", "after/candidate_nocf"),
+]
+
+
+def rows_of(report: dict, where: str) -> list[dict]:
+    kind, _, name = where.partition("/")
+    if kind == "evaluate":
+        return report["results"]
+    if kind == "after":
+        return report["after"][name]["results"]
+    return report["extra_eval"][name]["results"]
+
+
+def collect() -> dict[str, dict[float, dict]]:
+    """label -> gamma -> {nll_ratio, tpf, distinct_2_ratio}, the first source of a (label,
+    gamma) winning (default_model.json before the extra rows of the same model)."""
+    curves: dict[str, dict[float, dict]] = {}
+    for label, name, where in SOURCES:
+        path = RESULTS / name
+        if not path.is_file():
+            continue
+        for r in rows_of(json.loads(path.read_text()), where):
+            gamma = r.get("confidence_threshold")
+            if r["mode"] != "mask_diffusion" or gamma is None:
+                continue
+            curves.setdefault(label, {}).setdefault(gamma, {
+                "nll_ratio": r["quality_nll_ratio"],
+                "tokens_per_forward": r["tokens_per_forward"],
+                "distinct_2_ratio": r["distinct_2_ratio"],
+                "report": name,
+            })  # fmt: skip
+    return {k: dict(sorted(v.items())) for k, v in curves.items()}
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    colors = plt.get_cmap("tab20").colors
+    for ax, key, target, title in (
+        (axes[0], "nll_ratio", (0.95, None), "AR-NLL quality ratio (1 = AR)"),
+        (axes[1], "distinct_2_ratio", (0.9, 1.1), "distinct-2 ratio (1 = AR)"),
+    ):
+        for i, (label, pts) in enumerate(curves.items()):
+            xs = [p["tokens_per_forward"] for p in pts.values()]
+            ys = [p[key] for p in pts.values()]
+            shipped = label.startswith("cf10 (shipped)")
+            before = "before cf" in label
+            line = ax.plot(xs, ys, "-" if not before else "--", marker=".",
+                           lw=2.5 if shipped else 1.2, color="black" if shipped else colors[i % 20],
+                           label=label, alpha=1.0 if shipped else 0.8)  # fmt: skip
+            if 0.8 in pts:
+                ax.plot(pts[0.8]["tokens_per_forward"], pts[0.8][key], "o", ms=8,
+                        color=line[0].get_color(), mfc="white", mew=2)  # fmt: skip
+        lo, hi = target
+        ax.axhline(lo, color="tab:green", lw=1, ls=":")
+        if hi is not None:
+            ax.axhline(hi, color="tab:green", lw=1, ls=":")
+        ax.axvline(1.5, color="tab:green", lw=1, ls=":")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel("tokens committed per denoiser forward (gamma from 0.99 on the left to 0.5)")
+        ax.set_title(title + ": targets dotted; o = gamma 0.8")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0.55, 1.02)
+    axes[1].set_ylim(0.4, 1.5)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Every stage-3 model on the 512 held-out prompts: one curve per model over gamma")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(REPO / "docs" / "issue15_frontier.png"))
+    ap.add_argument("--json-out", default=str(RESULTS / "issue15_frontier.json"))
+    args = ap.parse_args()
+    curves = collect()
+    for label, pts in curves.items():
+        print(f"{label:40s} " + "  ".join(
+            f"g{g:g}: {p['nll_ratio']:.3f}/{p['tokens_per_forward']:.2f}/"
+            f"{p['distinct_2_ratio']:.2f}" for g, p in pts.items()))  # fmt: skip
+    plot(curves, Path(args.out))
+    Path(args.json_out).write_text(json.dumps(
+        {"issue": 15, "sources": SOURCES, "curves": {k: {str(g): p for g, p in v.items()}
+                                                     for k, v in curves.items()}},
+        indent=1) + "\n")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

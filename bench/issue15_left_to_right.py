@@ -1,0 +1,111 @@
+"""Issue 15: the denoiser as a next-token predictor, with no parallel commits.
+
+    python bench/issue15_left_to_right.py MODEL_DIR [MODEL_DIR ...] [--data-dir .data]
+        [--json-out bench/results/issue15_left_to_right.json]
+
+A diagnostic, not a runtime mode: on ``train.evaluate``'s held-out prompts (512 x 32 tokens -> 64
+new, greedy) each block of 16 is decoded strictly left to right, one position per denoiser
+forward (position j committed with its argmax at step j, every position left of it committed,
+every one right of it masked), then consumed by the context tower as at inference. So the
+denoiser predicts each token from what the AR tower sees there, plus the knowledge that S - j - 1
+masked positions follow. Reported as ``train.evaluate`` reports a mode: the AR-NLL quality ratio
+and the distinct-2 ratio to ``ar``'s greedy continuation, and the share of tokens equal to
+``ar``'s at the same position; and, teacher-forced on ``ar``'s continuation (every token left
+of position j, in the block and before it, is ``ar``'s), the share of positions where the
+denoiser's argmax is ``ar``'s token: its one-token agreement with the AR tower. If these are
+short of AR, the gap at gamma 0.8 is not (only) the parallel commits: it is the denoiser's
+one-token prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(REPO / "bench"))
+
+import torch  # noqa: E402
+from issue15_distill import report_header, write_report  # noqa: E402
+
+import twotower_rt  # noqa: E402
+from twotower_rt.generate import _prefill  # noqa: E402
+from twotower_rt.train import evaluate as ev  # noqa: E402
+from twotower_rt.train.tokenizer import MASK_ID  # noqa: E402
+
+BLOCK = 16
+
+
+@torch.no_grad()
+def left_to_right(lm, prompts: list[list[int]], new_tokens: int, forced=None, batch: int = 128):
+    """Each prompt's continuation, every block decoded one position per forward, left to
+    right (prompts of one length: the held-out ones are). With ``forced`` (a continuation per
+    prompt), teacher-forced: position j is predicted with ``forced``'s tokens left of it (in
+    the block and in the context), and the predictions are returned, not fed back."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        group = prompts[i : i + batch]
+        cache, _, _, _ = _prefill(lm, group, len(group[0]) + new_tokens + BLOCK, False)
+        preds = []
+        for b in range(new_tokens // BLOCK):
+            block = torch.full((len(group), BLOCK), MASK_ID)
+            truth = None
+            if forced is not None:
+                rows = forced[i : i + batch]
+                truth = torch.tensor([f[b * BLOCK : (b + 1) * BLOCK] for f in rows])
+            for j in range(BLOCK):
+                t = torch.full((len(group),), (BLOCK - j) / BLOCK)  # the masked fraction
+                logits = lm.denoiser_logits(block, cache, prefix_len=cache.lengths,
+                                            mamba_states=cache.mamba, t=t)  # fmt: skip
+                logits[..., MASK_ID] = float("-inf")
+                preds.append(logits[:, j].argmax(-1))
+                block[:, j] = preds[-1] if truth is None else truth[:, j]
+            lm.context_forward(block, cache)
+        out += torch.stack(preds, dim=1).tolist()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--data-dir", default=str(REPO / ".data"))
+    ap.add_argument("--json-out", default=str(REPO / "bench/results/issue15_left_to_right.json"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = {}
+    for path in args.models:
+        model = twotower_rt.load(path)
+        windows = ev.heldout_windows(model.tokenizer, args.data_dir, ev.HELDOUT_PROMPTS,
+                                     ev.PROMPT_LEN + ev.NEW_TOKENS)  # fmt: skip
+        prompts = [w[: ev.PROMPT_LEN] for w in windows]
+        ar, _ = ev.run_mode(model, prompts, "ar", None, ev.NEW_TOKENS)
+        ar = [s[len(p) :] for s, p in zip(ar.sequences, prompts)]
+        own = left_to_right(model.lm, prompts, ev.NEW_TOKENS)
+        nll_ar, nll = ev.ar_nll(model.lm, prompts, ar), ev.ar_nll(model.lm, prompts, own)
+        same = sum(a == b for x, y in zip(own, ar) for a, b in zip(x, y))
+        forced = left_to_right(model.lm, prompts, ev.NEW_TOKENS, forced=ar)
+        agree = sum(a == b for x, y in zip(forced, ar) for a, b in zip(x, y))
+        rows[path] = {
+            "ar_nll": nll,
+            "quality_nll_ratio": nll_ar / nll,
+            "distinct_2": ev.distinct_n(own, 2),
+            "distinct_2_ratio": ev.distinct_n(own, 2) / ev.distinct_n(ar, 2),
+            "same_token_as_ar": same / (len(own) * ev.NEW_TOKENS),
+            "teacher_forced_agreement": agree / (len(own) * ev.NEW_TOKENS),
+            "sample": model.tokenizer.decode(own[0]),
+        }
+        print(path, {k: v for k, v in rows[path].items() if k != "sample"}, flush=True)
+    write_report(args.json_out, {
+        **report_header(),
+        "eval": {"prompts": ev.HELDOUT_PROMPTS, "prompt_tokens": ev.PROMPT_LEN,
+                 "new_tokens": ev.NEW_TOKENS, "block_size": BLOCK},  # fmt: skip
+        "results": rows,
+    })  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

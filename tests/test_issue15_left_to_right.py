@@ -1,0 +1,66 @@
+"""bench/issue15_left_to_right.py (the denoiser decoding one position per forward, left to right)
+and bench/issue15_frontier.py (every evaluated model as a curve over gamma)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import issue15_frontier  # noqa: E402
+import issue15_left_to_right  # noqa: E402
+
+from twotower_rt.generate import _prefill  # noqa: E402
+from twotower_rt.train.tokenizer import MASK_ID  # noqa: E402
+
+
+def test_left_to_right_forced_on_its_own_text_predicts_it(builtin_model):
+    """Teacher-forced on the continuation it wrote itself, every prediction is that token (the
+    forced tokens go where its own went, in the block and in the context); forced on other text,
+    the predictions differ, and position 0 is the denoiser's argmax on a fully masked block."""
+    lm = builtin_model.lm
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(4, lm.cfg.vocab_size, (3, 16), generator=g).tolist()
+    own = issue15_left_to_right.left_to_right(lm, prompts, 32, batch=2)
+    assert [len(x) for x in own] == [32, 32, 32]
+    assert issue15_left_to_right.left_to_right(lm, prompts, 32, forced=own, batch=2) == own
+    other = torch.randint(4, lm.cfg.vocab_size, (3, 32), generator=g).tolist()
+    forced = issue15_left_to_right.left_to_right(lm, prompts, 32, forced=other)
+    assert forced != own
+    with torch.no_grad():
+        cache, _, _, _ = _prefill(lm, prompts, 64, False)
+        block = torch.full((3, 16), MASK_ID)
+        logits = lm.denoiser_logits(block, cache, prefix_len=cache.lengths,
+                                    mamba_states=cache.mamba, t=torch.ones(3))  # fmt: skip
+        logits[..., MASK_ID] = float("-inf")
+    first = logits[:, 0].argmax(-1).tolist()
+    assert [x[0] for x in own] == first == [x[0] for x in forced]
+
+
+def _row(gamma, nll, tpf, d2):
+    return {"mode": "mask_diffusion", "confidence_threshold": gamma, "quality_nll_ratio": nll,
+            "tokens_per_forward": tpf, "distinct_2_ratio": d2}  # fmt: skip
+
+
+def test_frontier_collects_curves_and_draws(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    ar = {"mode": "ar", "confidence_threshold": None}
+    (tmp_path / "default_model.json").write_text(json.dumps(
+        {"results": [ar, _row(0.9, 0.9, 3.0, 0.6), _row(0.8, 0.84, 4.0, 0.7)]}))  # fmt: skip
+    (tmp_path / "issue15_distill_cf10.json").write_text(json.dumps({"extra_eval": {
+        "python/twotower_rt/default_model": {"results": [ar, _row(0.99, 0.94, 2.1, 0.5),
+                                                         _row(0.8, 0.1, 9.0, 9.0)]}}}))  # fmt: skip
+    (tmp_path / "issue15_distill_ro03l.json").write_text(json.dumps({"after": {
+        "candidate": {"results": [ar, _row(0.8, 0.87, 3.3, 0.71)]},
+        "candidate_nocf": {"results": [ar, _row(0.8, 0.93, 2.5, 0.67)]}}}))  # fmt: skip
+    monkeypatch.setattr(issue15_frontier, "RESULTS", tmp_path)
+    curves = issue15_frontier.collect()
+    shipped = curves["cf10 (shipped)"]
+    assert list(shipped) == [0.8, 0.9, 0.99]  # sorted; the evaluate row wins at 0.8
+    assert shipped[0.8]["nll_ratio"] == 0.84 and shipped[0.99]["tokens_per_forward"] == 2.1
+    assert curves["rollouts + cf 0.3, 60 min, before cf"][0.8]["nll_ratio"] == 0.93
+    assert "on-policy" not in curves  # no report: left out
+    issue15_frontier.plot(curves, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
