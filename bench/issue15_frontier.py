@@ -40,6 +40,12 @@ SOURCES = [
     ("on-policy, before cf", "issue15_distill_onph.json", "after/candidate_nocf"),
     ("rollouts + KL 3 + cf 0.3", "issue15_distill_rokl3.json", "after/candidate"),
     ("rollouts + KL 3, before cf", "issue15_distill_rokl3.json", "after/candidate_nocf"),
+    ("rollouts + KL 3 everywhere + cf 0.3", "issue15_distill_roklall.json", "after/candidate"),
+    (
+        "rollouts + KL 3 everywhere, before cf",
+        "issue15_distill_roklall.json",
+        "after/candidate_nocf",
+    ),
 ]
 
 
