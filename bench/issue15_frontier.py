@@ -9,6 +9,13 @@ and the ``extra_eval`` rows that re-measured kept weights on 512. Each model is 
 quality ratio and distinct-2 ratio against tokens committed per denoiser forward, one point per
 gamma, gamma 0.8 marked. What it shows: training moved the models along one trade-off, and the
 gamma knob moves each model along it; the targets ask for a point above that trade-off.
+
+The speed target as a tokens-per-forward target: every model has the shipped model's shape, so
+at batch 1 a generated token costs the same fixed share of an AR step (the context pass over the
+block, the decision) plus 1/tpf denoiser forwards, whatever the weights. :func:`speed_model` fits
+``ar_tok_s / md_tok_s = a + b / tpf`` to ``default_model.json``'s batch-1 speeds (gamma 0.5-0.9,
+per kernel-thread count), solves it for 1.3x AR, and :func:`best_at` reads off each curve the best
+NLL ratio at that tokens per forward or more: how far the trade-off is from the target point.
 """
 
 from __future__ import annotations
@@ -79,7 +86,50 @@ def collect() -> dict[str, dict[float, dict]]:
     return {k: dict(sorted(v.items())) for k, v in curves.items()}
 
 
-def plot(curves: dict, path: Path) -> None:
+SPEED_TARGET = 1.3  # mask diffusion's batch-1 tokens/s over AR's (issue 15)
+NLL_TARGET = 0.95
+
+
+def speed_model(report: dict) -> dict:
+    """Per kernel-thread count: the least-squares fit of ``ar_tok_s / md_tok_s = a + b / tpf``
+    over the batch-1 mask-diffusion rows of a ``train.evaluate`` report (wall-clock, the timed
+    prompts' own tokens per forward), and the tokens per forward at which it reaches
+    SPEED_TARGET x AR."""
+    import numpy as np
+
+    runs = {"1": report["speed"], **report.get("speed_kernel_threads", {})}
+    out = {}
+    for threads, speed in runs.items():
+        rows = [r for k, r in speed["batch_1"].items() if k.startswith("mask_diffusion@")]
+        x = np.array([1.0 / r["tokens_per_forward"] for r in rows])
+        y = np.array([1.0 / r["wall_vs_ar"] for r in rows])
+        b, a = np.polyfit(x, y, 1)
+        worst = float(np.max(np.abs(1.0 / (a + b * x) - 1.0 / y)))
+        out[threads] = {
+            "a": float(a), "b": float(b),
+            "points": [[r["tokens_per_forward"], r["wall_vs_ar"]] for r in rows],
+            "fit_worst_error": worst,
+            "tpf_for_target": float(b / (1.0 / SPEED_TARGET - a)) if 1.0 / SPEED_TARGET > a
+            else None,
+        }  # fmt: skip
+    return out
+
+
+def best_at(curves: dict, tpf: float) -> dict:
+    """Per curve, the best NLL ratio at ``tpf`` tokens per forward or more: its points there and
+    the straight line between the two points around ``tpf`` (None: the curve never gets there)."""
+    out = {}
+    for label, pts in curves.items():
+        xy = sorted((p["tokens_per_forward"], p["nll_ratio"]) for p in pts.values())
+        best = [y for x, y in xy if x >= tpf]
+        for (x0, y0), (x1, y1) in zip(xy, xy[1:]):
+            if x0 < tpf <= x1:
+                best.append(y0 + (y1 - y0) * (tpf - x0) / (x1 - x0))
+        out[label] = max(best) if best else None
+    return out
+
+
+def plot(curves: dict, path: Path, needed: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,6 +157,12 @@ def plot(curves: dict, path: Path) -> None:
         if hi is not None:
             ax.axhline(hi, color="tab:green", lw=1, ls=":")
         ax.axvline(1.5, color="tab:green", lw=1, ls=":")
+        for threads, tpf in (needed or {}).items():
+            ax.axvline(tpf, color="tab:red", lw=1, ls="--" if threads == "1" else "-.")
+            plural = "s" if threads != "1" else ""
+            text = f"{SPEED_TARGET}x AR at batch 1\n({threads} kernel thread{plural})"
+            ax.annotate(text, (tpf, ax.get_ylim()[0]), xytext=(3, 4), textcoords="offset points",
+                        fontsize=7, color="tab:red")  # fmt: skip
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("tokens committed per denoiser forward (gamma from 0.99 on the left to 0.5)")
         ax.set_title(title + ": targets dotted; o = gamma 0.8")
@@ -131,10 +187,21 @@ def main() -> int:
         print(f"{label:40s} " + "  ".join(
             f"g{g:g}: {p['nll_ratio']:.3f}/{p['tokens_per_forward']:.2f}/"
             f"{p['distinct_2_ratio']:.2f}" for g, p in pts.items()))  # fmt: skip
-    plot(curves, Path(args.out))
+    speed = speed_model(json.loads((RESULTS / "default_model.json").read_text()))
+    needed = {t: m["tpf_for_target"] for t, m in speed.items() if m["tpf_for_target"]}
+    gap = {}
+    for threads, tpf in needed.items():
+        best = best_at(curves, tpf)
+        top = max((v, k) for k, v in best.items() if v is not None)
+        gap[threads] = {"tokens_per_forward": tpf, "best_nll_ratio": top[0], "model": top[1],
+                        "short_of_target_by": NLL_TARGET - top[0]}  # fmt: skip
+        print(f"{SPEED_TARGET}x AR at batch 1 (kernel threads: {threads}) needs {tpf:.2f} tokens "
+              f"per forward (ar/md = {speed[threads]['a']:.3f} + {speed[threads]['b']:.3f} / tpf); "
+              f"best NLL ratio there: {top[0]:.3f} ({top[1]})")  # fmt: skip
+    plot(curves, Path(args.out), needed)
     Path(args.json_out).write_text(json.dumps(
-        {"issue": 15, "sources": SOURCES, "curves": {k: {str(g): p for g, p in v.items()}
-                                                     for k, v in curves.items()}},
+        {"issue": 15, "sources": SOURCES, "speed_model": speed, "target_gap": gap,
+         "curves": {k: {str(g): p for g, p in v.items()} for k, v in curves.items()}},
         indent=1) + "\n")  # fmt: skip
     return 0
 

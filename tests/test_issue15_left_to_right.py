@@ -64,3 +64,38 @@ def test_frontier_collects_curves_and_draws(tmp_path, monkeypatch):
     assert "on-policy" not in curves  # no report: left out
     issue15_frontier.plot(curves, tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _speed(points):
+    return {"batch_1": {"ar": {"wall_vs_ar": 1.0, "tokens_per_forward": 1.0},
+                        **{f"mask_diffusion@{g}": {"wall_vs_ar": r, "tokens_per_forward": t}
+                           for g, (t, r) in points.items()}}}  # fmt: skip
+
+
+def test_speed_model_recovers_the_cost_per_token():
+    # ar/md = 0.4 + 1.6 / tpf exactly: the fit returns a, b and solves 1/1.3 = 0.4 + 1.6 / tpf
+    # for tpf = 1.6 / (1/1.3 - 0.4) = 4.3333...; 2 kernel threads: 0.1 + 2.2 / tpf -> 3.2874...
+    def pts(a, b):
+        return {g: (t, 1.0 / (a + b / t)) for g, t in ((0.5, 5.0), (0.8, 4.0), (0.9, 3.0))}
+
+    report = {"speed": _speed(pts(0.4, 1.6)), "speed_kernel_threads": {"2": _speed(pts(0.1, 2.2))}}
+    model = issue15_frontier.speed_model(report)
+    assert model["1"]["a"] == pytest.approx(0.4) and model["1"]["b"] == pytest.approx(1.6)
+    assert model["1"]["tpf_for_target"] == pytest.approx(4.333333, rel=1e-5)
+    assert model["2"]["tpf_for_target"] == pytest.approx(3.287356, rel=1e-5)
+    assert model["1"]["fit_worst_error"] < 1e-9
+    # A cost that no tokens per forward brings to 1.3x: no answer rather than a negative one.
+    slow = issue15_frontier.speed_model({"speed": _speed(pts(0.9, 1.0))})
+    assert slow["1"]["tpf_for_target"] is None
+
+
+def test_best_at_reads_each_curve_at_a_tokens_per_forward():
+    curves = {
+        "a": {0.9: {"tokens_per_forward": 2.0, "nll_ratio": 0.9},
+              0.8: {"tokens_per_forward": 4.0, "nll_ratio": 0.8}},
+        "b": {0.9: {"tokens_per_forward": 1.2, "nll_ratio": 0.95}},
+    }  # fmt: skip
+    best = issue15_frontier.best_at(curves, 3.0)
+    assert best["a"] == pytest.approx(0.85)  # halfway between (2, 0.9) and (4, 0.8)
+    assert best["b"] is None  # never gets to 3 tokens per forward
+    assert issue15_frontier.best_at(curves, 1.0)["a"] == pytest.approx(0.9)  # its best point

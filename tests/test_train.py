@@ -461,3 +461,42 @@ def test_distill_rows_mix_real_text(monkeypatch):
     distill.train(lm, seqs, real, distill.DistillConfig(real_frac=0.0, **sizes), lambda rec: None,
                   max_steps=1)  # fmt: skip
     assert len(calls) == 1 and calls[0][0].shape == (4, 48)
+
+
+def test_doubt_term_penalises_confident_wrong_predictions(monkeypatch):
+    """doubt_weight adds weight x the mean top probability at the masked positions predicted
+    wrong (none added where all are right), and its gradient lowers the wrong token's logit."""
+    import twotower_rt.train.distill as distill
+
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1],  # target 0: right
+                          [0.6, 0.2, 0.1, 0.1],  # target 1: wrong, confidence 0.6
+                          [0.1, 0.1, 0.3, 0.5]])  # target 2: wrong, confidence 0.5  # fmt: skip
+    logits = probs.log().requires_grad_(True)
+    targets = torch.tensor([[0, 1, 2]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    monkeypatch.setattr(distill, "inference_masks", lambda *a: (mask, torch.ones(1)))
+    monkeypatch.setattr(distill, "masked_logits", lambda *a: logits)
+    cfg = distill.DistillConfig()
+    g = torch.Generator().manual_seed(0)
+    base, _ = distill.step_loss(None, targets, None, cfg, g, 0.0)
+    loss, stats = distill.step_loss(None, targets, None, cfg, g, 0.0, doubt_weight=2.0)
+    ce = -(torch.log(torch.tensor(0.7)) + torch.log(torch.tensor(0.2))
+           + torch.log(torch.tensor(0.3))) / 3  # fmt: skip
+    assert base.item() == pytest.approx(ce.item(), rel=1e-6)
+    assert stats["wrong_conf"] == pytest.approx(0.55)
+    assert (loss - base).item() == pytest.approx(2.0 * 0.55, rel=1e-6)
+    (grad,) = torch.autograd.grad(loss - base, logits)
+    assert grad[1, 0] > 0 and grad[2, 3] > 0  # descent lowers the confident wrong tokens
+    assert torch.all(grad[0] == 0)  # the right prediction is left to cross-entropy
+    monkeypatch.setattr(distill, "masked_logits", lambda *a: logits[:1])
+    right_only = torch.tensor([[0]])
+    monkeypatch.setattr(distill, "inference_masks", lambda *a: (mask[:, :1], torch.ones(1)))
+    _, stats = distill.step_loss(None, right_only, None, cfg, g, 0.0, doubt_weight=2.0)
+    assert "wrong_conf" not in stats
+
+
+def test_doubt_weight_is_checked():
+    import twotower_rt.train.distill as distill
+
+    with pytest.raises(ValueError, match="doubt_weight"):
+        distill.DistillConfig(doubt_weight=-1.0)

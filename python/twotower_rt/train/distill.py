@@ -20,7 +20,10 @@ principle be confident on them (dParallel, CLLMs). From the stage-2 weights, flo
    tower's distribution there is exact) or, ``kl_scope="all"``, at every masked one; from
    progress ``cf_start`` on (time-based, like the LR schedule) certainty forcing (dParallel):
    ``cf_weight`` x the mean entropy of the predicted distribution at masked positions whose
-   argmax is already the target. With ``rollout_steps`` N > 0, each row draws r in 0..N and a row
+   argmax is already the target, and its counterpart ``doubt_weight`` x the mean confidence (top
+   probability) at masked positions whose argmax is wrong: certainty forcing makes a denoiser
+   confident where it is right and, in contexts like those, where it is wrong; the commit rule
+   reads exactly that confidence. With ``rollout_steps`` N > 0, each row draws r in 0..N and a row
    with r > 0 trains on the mask state the decoding itself reaches after r steps from a fully
    masked block (:func:`rollout_masks`: no grad, the spec's commit rule at ``rollout_gamma``,
    the committed positions given their targets): the states where a confident wrong commit
@@ -88,6 +91,7 @@ class DistillConfig:
     p_suffix: float = 0.5
     cf_start: float = 0.6
     cf_weight: float = 1.0
+    doubt_weight: float = 0.0
     kl_weight: float = 0.0
     kl_scope: str = "first"
     rollout_steps: int = 0
@@ -114,6 +118,8 @@ class DistillConfig:
             raise ValueError("onpolicy_weight must be >= 0 and onpolicy_start in [0, 1]")
         if self.onpolicy_temperature < 0:
             raise ValueError(f"onpolicy_temperature must be >= 0, got {self.onpolicy_temperature}")
+        if self.doubt_weight < 0:
+            raise ValueError(f"doubt_weight must be >= 0, got {self.doubt_weight}")
         if self.onpolicy_rows < 1:
             raise ValueError(f"onpolicy_rows must be >= 1, got {self.onpolicy_rows}")
 
@@ -124,6 +130,8 @@ _HELP = {
     "real_frac": "share of each step's sequences that are real training text",
     "gen_temperature": "the distillation set's continuations: 0 greedy, else sampled at this "
     "temperature (prompt i seeded with seed * 1000003 + i)",
+    "doubt_weight": "from --cf-start on, weight of a penalty on the confidence (top probability) "
+    "at masked positions whose argmax is wrong: certainty forcing's counterpart (0: off)",
     "kl_weight": "weight of a soft-target term: KL(AR tower || denoiser) at --kl-scope positions",
     "rollout_steps": "train on the mask states the denoiser's own decoding visits: rows run "
     "0..N teacher-forced decoding steps from a fully masked block first (0: off)",
@@ -365,7 +373,8 @@ def masked_logits(lm, targets, cache, masked, t) -> torch.Tensor:
     return logits
 
 
-def step_loss(lm, targets, cache, cfg: DistillConfig, g, cf_weight: float, teacher=None):
+def step_loss(lm, targets, cache, cfg: DistillConfig, g, cf_weight: float, teacher=None,
+              doubt_weight: float = 0.0):  # fmt: skip
     """One step's loss and its statistics (see the module docstring)."""
     masked, t = inference_masks(targets.shape[0], BLOCK, cfg.p_full, cfg.p_suffix, g)
     rollout = {}
@@ -389,6 +398,10 @@ def step_loss(lm, targets, cache, cfg: DistillConfig, g, cf_weight: float, teach
         loss = ce + cf_weight * entropy[right].mean()
     stats = {"ce": ce.item(), "acc": float(right.float().mean()),
              "conf_gt_0.8": float((conf > 0.8).float().mean()), **rollout}  # fmt: skip
+    if doubt_weight > 0 and not right.all():
+        wrong_conf = logp[~right].max(-1).values.exp().mean()
+        loss = loss + doubt_weight * wrong_conf
+        stats["wrong_conf"] = wrong_conf.item()
     if teacher is not None and cfg.kl_weight > 0:
         # KL(AR || denoiser) at the chosen positions, indexed among the masked ones.
         sel = kl_positions(masked, cfg.kl_scope)[masked]
@@ -434,6 +447,7 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, cfg: DistillConfig,
         while sched.progress(step) < 1.0:
             progress = sched.progress(step)
             cf = cfg.cf_weight if (cfg.cf_weight > 0 and progress >= cfg.cf_start) else 0.0
+            doubt = cfg.doubt_weight if progress >= cfg.cf_start else 0.0
             if cf and cf_start_step is None:
                 if on_cf_start is not None:
                     on_cf_start()
@@ -450,7 +464,7 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, cfg: DistillConfig,
                 windows = random_windows(real, n_real, seqs.shape[1], g)
                 parts.append(rows_of(lm, windows, 1, teacher=kl))
             targets, cache, teacher = concat_rows(parts)
-            loss, stats = step_loss(lm, targets, cache, cfg, g, cf, teacher)
+            loss, stats = step_loss(lm, targets, cache, cfg, g, cf, teacher, doubt)
             if onpolicy:
                 op, op_stats = onpolicy_loss(lm, cache, teacher, cfg, g)
                 loss, stats = loss + cfg.onpolicy_weight * op, {**stats, **op_stats}
@@ -460,7 +474,8 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, cfg: DistillConfig,
             opt.step()
             balancer.update()
             log({"step": step, "time_s": round(time.time() - t0, 1), "loss": loss.item(),
-                 "lr": lr, "grad_norm": float(gnorm), "cf_weight": cf, **stats})  # fmt: skip
+                 "lr": lr, "grad_norm": float(gnorm), "cf_weight": cf, "doubt_weight": doubt,
+                 **stats})  # fmt: skip
             if step % 10 == 0:
                 print(f"[distill] step {step} loss {loss.item():.3f} ce {stats['ce']:.3f} "
                       f"acc {stats['acc']:.3f} conf>0.8 {stats['conf_gt_0.8']:.3f} "
