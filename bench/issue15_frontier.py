@@ -53,6 +53,12 @@ SOURCES = [
         "issue15_distill_roklall.json",
         "after/candidate_nocf",
     ),
+    ("cf10 + doubt 1", "issue15_distill_doubt.json", "after/candidate"),
+    ("cf10 recipe before cf (doubt run)", "issue15_distill_doubt.json", "after/candidate_nocf"),
+    ("lr90", "issue15_distill_lr90.json", "after/candidate"),
+    ("lr90 before cf", "issue15_distill_lr90.json", "after/candidate_nocf"),
+    ("cf10, seed 1", "issue15_distill_rep1.json", "after/candidate"),
+    ("cf10, seed 1, before cf", "issue15_distill_rep1.json", "after/candidate_nocf"),
 ]
 
 
@@ -136,7 +142,7 @@ def plot(curves: dict, path: Path, needed: dict | None = None) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors
     for ax, key, target, title in (
         (axes[0], "nll_ratio", (0.95, None), "AR-NLL quality ratio (1 = AR)"),
         (axes[1], "distinct_2_ratio", (0.9, 1.1), "distinct-2 ratio (1 = AR)"),
@@ -146,8 +152,9 @@ def plot(curves: dict, path: Path, needed: dict | None = None) -> None:
             ys = [p[key] for p in pts.values()]
             shipped = label.startswith("cf10 (shipped)")
             before = "before cf" in label
+            color = "black" if shipped else colors[i % len(colors)]
             line = ax.plot(xs, ys, "-" if not before else "--", marker=".",
-                           lw=2.5 if shipped else 1.2, color="black" if shipped else colors[i % 20],
+                           lw=2.5 if shipped else 1.2, color=color,
                            label=label, alpha=1.0 if shipped else 0.8)  # fmt: skip
             if 0.8 in pts:
                 ax.plot(pts[0.8]["tokens_per_forward"], pts[0.8][key], "o", ms=8,

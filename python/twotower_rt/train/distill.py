@@ -75,7 +75,7 @@ BLOCK = 16
 class DistillConfig:
     """The recipe; the defaults are the shipped model's stage 3."""
 
-    minutes: float = 40.0
+    minutes: float = 90.0
     batch: int = 16  # sequences per step
     lr: float = 5e-4
     warmup: int = 20
@@ -89,12 +89,12 @@ class DistillConfig:
     real_frac: float = 0.25
     p_full: float = 0.25
     p_suffix: float = 0.5
-    cf_start: float = 0.6
-    cf_weight: float = 1.0
+    cf_start: float = 0.7
+    cf_weight: float = 0.3
     doubt_weight: float = 0.0
     kl_weight: float = 0.0
     kl_scope: str = "first"
-    rollout_steps: int = 0
+    rollout_steps: int = 3
     rollout_gamma: float = 0.8
     onpolicy_weight: float = 0.0
     onpolicy_start: float = 0.5
