@@ -27,12 +27,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
+SHIPPED = "lr90 (shipped)"
+DEFAULT = "python/twotower_rt/default_model"
 # (label, report, where in it): "after/<name>" or "extra/<model path>" or "evaluate"; only
 # rows measured on the 512 prompts of train.evaluate.
 SOURCES = [
-    ("cf10 (shipped)", "default_model.json", "evaluate"),
-    ("cf10 (shipped)", "issue15_distill_cf10.json", "extra/python/twotower_rt/default_model"),
-    ("cf05 (shipped before)", "issue15_distill.json", "extra/python/twotower_rt/default_model"),
+    (SHIPPED, "default_model.json", "evaluate"),
+    (SHIPPED, "issue15_distill_lr90.json", "after/candidate"),
+    ("lr90, before cf", "issue15_distill_lr90.json", "after/candidate_nocf"),
+    ("cf10 (shipped before lr90)", "default_model_cf10.json", "evaluate"),
+    ("cf10 (shipped before lr90)", "issue15_distill_cf10.json", "extra/" + DEFAULT),
+    ("cf05 (shipped before cf10)", "issue15_distill.json", "extra/" + DEFAULT),
     ("cf15", "issue15_distill_cf15.json", "extra/../exp/cf15/candidate"),
     ("cf15, before cf", "issue15_distill_cf15.json", "extra/../exp/cf15/candidate_nocf"),
     ("real-frac 0.25", "issue15_distill_realfrac.json", "extra/../exp/realfrac/candidate"),
@@ -55,8 +60,6 @@ SOURCES = [
     ),
     ("cf10 + doubt 1", "issue15_distill_doubt.json", "after/candidate"),
     ("cf10 recipe before cf (doubt run)", "issue15_distill_doubt.json", "after/candidate_nocf"),
-    ("lr90", "issue15_distill_lr90.json", "after/candidate"),
-    ("lr90 before cf", "issue15_distill_lr90.json", "after/candidate_nocf"),
     ("cf10, seed 1", "issue15_distill_rep1.json", "after/candidate"),
     ("cf10, seed 1, before cf", "issue15_distill_rep1.json", "after/candidate_nocf"),
 ]
@@ -141,7 +144,7 @@ def plot(curves: dict, path: Path, needed: dict | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.6))
     colors = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors
     for ax, key, target, title in (
         (axes[0], "nll_ratio", (0.95, None), "AR-NLL quality ratio (1 = AR)"),
@@ -150,7 +153,7 @@ def plot(curves: dict, path: Path, needed: dict | None = None) -> None:
         for i, (label, pts) in enumerate(curves.items()):
             xs = [p["tokens_per_forward"] for p in pts.values()]
             ys = [p[key] for p in pts.values()]
-            shipped = label.startswith("cf10 (shipped)")
+            shipped = label == SHIPPED
             before = "before cf" in label
             color = "black" if shipped else colors[i % len(colors)]
             line = ax.plot(xs, ys, "-" if not before else "--", marker=".",
@@ -168,17 +171,20 @@ def plot(curves: dict, path: Path, needed: dict | None = None) -> None:
             ax.axvline(tpf, color="tab:red", lw=1, ls="--" if threads == "1" else "-.")
             plural = "s" if threads != "1" else ""
             text = f"{SPEED_TARGET}x AR at batch 1\n({threads} kernel thread{plural})"
-            ax.annotate(text, (tpf, ax.get_ylim()[0]), xytext=(3, 4), textcoords="offset points",
-                        fontsize=7, color="tab:red")  # fmt: skip
+            left = threads != "1"  # one thread needs more tokens per forward: its line is right
+            ax.annotate(text, (tpf, 0.0), xycoords=ax.get_xaxis_transform(),
+                        xytext=(-3 if left else 3, 4), textcoords="offset points",
+                        ha="right" if left else "left", fontsize=7, color="tab:red")  # fmt: skip
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("tokens committed per denoiser forward (gamma from 0.99 on the left to 0.5)")
         ax.set_title(title + ": targets dotted; o = gamma 0.8")
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0.55, 1.02)
     axes[1].set_ylim(0.4, 1.5)
-    axes[1].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False)
     fig.suptitle("Every stage-3 model on the 512 held-out prompts: one curve per model over gamma")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
