@@ -11,11 +11,13 @@ gamma, gamma 0.8 marked. What it shows: training moved the models along one trad
 gamma knob moves each model along it; the targets ask for a point above that trade-off.
 
 The speed target as a tokens-per-forward target: every model has the shipped model's shape, so
-at batch 1 a generated token costs the same fixed share of an AR step (the context pass over the
-block, the decision) plus 1/tpf denoiser forwards, whatever the weights. :func:`speed_model` fits
-``ar_tok_s / md_tok_s = a + b / tpf`` to ``default_model.json``'s batch-1 speeds (gamma 0.5-0.9,
-per kernel-thread count), solves it for 1.3x AR, and :func:`best_at` reads off each curve the best
-NLL ratio at that tokens per forward or more: how far the trade-off is from the target point.
+at batch 1 a generated token costs about the same fixed share of an AR step (the context pass over
+the block, the decision) plus 1/tpf denoiser forwards, whatever the weights (measured: the fit
+moves by ~10% between two models' evaluations, so the answer is a rough one).
+:func:`speed_model` fits ``ar_tok_s / md_tok_s = a + b / tpf`` to ``default_model.json``'s
+batch-1 speeds (gamma 0.5-0.9, per kernel-thread count), solves it for 1.3x AR, and
+:func:`best_at` reads off each curve the best NLL ratio at that tokens per forward or more: how
+far the trade-off is from the target point.
 """
 
 from __future__ import annotations
