@@ -1,6 +1,8 @@
 """The trainer's diffusion rows see exactly what inference gives the denoiser: for block j of a
 window, the context K/V of the first 16 j tokens and the Mamba states after them."""
 
+import math
+
 import pytest
 import torch
 
@@ -500,3 +502,37 @@ def test_doubt_weight_is_checked():
 
     with pytest.raises(ValueError, match="doubt_weight"):
         distill.DistillConfig(doubt_weight=-1.0)
+
+
+def test_kl_temperature_sharpens_the_soft_target(monkeypatch):
+    """kl_temperature tau: the soft-target term is KL(p_tau || q) with p_tau proportional to
+    p_AR ** (1 / tau) (the mask token excluded), computed here by hand; tau = 1 is the AR
+    distribution itself, and a small tau is cross-entropy towards the AR argmax."""
+    import twotower_rt.train.distill as distill
+    from twotower_rt.train.tokenizer import MASK_ID
+
+    V = MASK_ID + 3  # tokens 0..MASK_ID+2, the mask among them
+    q = torch.softmax(torch.tensor([[0.3, -0.2, 0.5, 0.0, 0.1, 0.2]])[:, :V], -1)
+    logits = q.log()
+    p_ar = torch.tensor([0.5, 0.2, 0.1, 0.0, 0.15, 0.05])[:V]  # no mass on the mask (id 3)
+    teacher = p_ar.clamp_min(1e-30).log()[None, None]  # (rows, S, vocab)
+    targets = torch.tensor([[0]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    monkeypatch.setattr(distill, "inference_masks", lambda *a: (mask, torch.ones(1)))
+    monkeypatch.setattr(distill, "masked_logits", lambda *a: logits)
+    g = torch.Generator().manual_seed(0)
+    for tau in (1.0, 0.5):
+        cfg = distill.DistillConfig(rollout_steps=0, kl_weight=1.0, kl_scope="all",
+                                    kl_temperature=tau)  # fmt: skip
+        _, stats = distill.step_loss(None, targets, None, cfg, g, 0.0, teacher)
+        sharp = [x ** (1 / tau) if i != MASK_ID else 0.0 for i, x in enumerate(p_ar.tolist())]
+        total = sum(sharp)
+        want = sum(s / total * math.log((s / total) / float(q[0, i]))
+                   for i, s in enumerate(sharp) if s > 0)  # fmt: skip
+        assert stats["kl"] == pytest.approx(want, rel=1e-5)
+    cfg = distill.DistillConfig(rollout_steps=0, kl_weight=1.0, kl_scope="all",
+                                kl_temperature=0.01)  # fmt: skip
+    _, stats = distill.step_loss(None, targets, None, cfg, g, 0.0, teacher)
+    assert stats["kl"] == pytest.approx(-math.log(float(q[0, 0])), rel=1e-4)
+    with pytest.raises(ValueError, match="kl_temperature"):
+        distill.DistillConfig(kl_temperature=0.0)

@@ -17,7 +17,9 @@ principle be confident on them (dParallel, CLLMs). From the stage-2 weights, flo
    distilled denoiser tends to commit in), else random; t = the masked fraction.
    Loss: cross-entropy on the masked positions; optionally ``kl_weight`` x KL(AR tower ||
    denoiser) at each row's first masked position (every position before it known: the AR
-   tower's distribution there is exact) or, ``kl_scope="all"``, at every masked one; from
+   tower's distribution there is exact) or, ``kl_scope="all"``, at every masked one, the AR
+   distribution taken at ``kl_temperature`` (below 1: sharpened towards its argmax, the token of
+   the greedy text, so that cross-entropy on greedy text is its limit at 0); from
    progress ``cf_start`` on (time-based, like the LR schedule) certainty forcing (dParallel):
    ``cf_weight`` x the mean entropy of the predicted distribution at masked positions whose
    argmax is already the target, and its counterpart ``doubt_weight`` x the mean confidence (top
@@ -94,6 +96,7 @@ class DistillConfig:
     doubt_weight: float = 0.0
     kl_weight: float = 0.0
     kl_scope: str = "first"
+    kl_temperature: float = 1.0
     rollout_steps: int = 3
     rollout_gamma: float = 0.8
     onpolicy_weight: float = 0.0
@@ -118,6 +121,8 @@ class DistillConfig:
             raise ValueError("onpolicy_weight must be >= 0 and onpolicy_start in [0, 1]")
         if self.onpolicy_temperature < 0:
             raise ValueError(f"onpolicy_temperature must be >= 0, got {self.onpolicy_temperature}")
+        if not self.kl_temperature > 0:
+            raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
         if self.doubt_weight < 0:
             raise ValueError(f"doubt_weight must be >= 0, got {self.doubt_weight}")
         if self.onpolicy_rows < 1:
@@ -133,6 +138,8 @@ _HELP = {
     "doubt_weight": "from --cf-start on, weight of a penalty on the confidence (top probability) "
     "at masked positions whose argmax is wrong: certainty forcing's counterpart (0: off)",
     "kl_weight": "weight of a soft-target term: KL(AR tower || denoiser) at --kl-scope positions",
+    "kl_temperature": "the soft target is the AR distribution at this temperature: below 1 "
+    "sharpened towards its argmax (the greedy text's token), 1 the AR tower's own",
     "rollout_steps": "train on the mask states the denoiser's own decoding visits: rows run "
     "0..N teacher-forced decoding steps from a fully masked block first (0: off)",
     "rollout_gamma": "the commit threshold of those decoding steps (and of the on-policy term's)",
@@ -407,7 +414,7 @@ def step_loss(lm, targets, cache, cfg: DistillConfig, g, cf_weight: float, teach
         sel = kl_positions(masked, cfg.kl_scope)[masked]
         teacher = teacher.clone()
         teacher[..., MASK_ID] = -1e12  # renormalised without the mask token, as the student
-        p_ar = torch.log_softmax(teacher[masked][sel], dim=-1)
+        p_ar = torch.log_softmax(teacher[masked][sel] / cfg.kl_temperature, dim=-1)
         kl = F.kl_div(logp[sel], p_ar, log_target=True, reduction="batchmean")
         loss = loss + cfg.kl_weight * kl
         stats["kl"] = kl.item()
