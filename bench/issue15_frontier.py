@@ -64,6 +64,26 @@ SOURCES = [
     ("cf10 recipe before cf (doubt run)", "issue15_distill_doubt.json", "after/candidate_nocf"),
     ("cf10, seed 1", "issue15_distill_rep1.json", "after/candidate"),
     ("cf10, seed 1, before cf", "issue15_distill_rep1.json", "after/candidate_nocf"),
+    (
+        "rollouts + KL 3 everywhere at tau 0.4 + cf 0.3",
+        "issue15_distill_klt04.json",
+        "after/candidate",
+    ),
+    (
+        "rollouts + KL 3 everywhere at tau 0.4, before cf",
+        "issue15_distill_klt04.json",
+        "after/candidate_nocf",
+    ),
+    (
+        "rollouts + KL 3 everywhere at tau 0.6 + cf 0.3",
+        "issue15_distill_klt06.json",
+        "after/candidate",
+    ),
+    (
+        "rollouts + KL 3 everywhere at tau 0.6, before cf",
+        "issue15_distill_klt06.json",
+        "after/candidate_nocf",
+    ),
 ]
 
 
