@@ -31,8 +31,8 @@ RESULTS = REPO / "bench" / "results"
 
 SHIPPED = "lr90 (shipped)"
 DEFAULT = "python/twotower_rt/default_model"
-# (label, report, where in it): "after/<name>" or "extra/<model path>" or "evaluate"; only
-# rows measured on the 512 prompts of train.evaluate.
+# (label, report, where in it): "after/<name>", "extra/<model path>", "soup/<name>" or
+# "evaluate"; only rows measured on the 512 prompts of train.evaluate.
 SOURCES = [
     (SHIPPED, "default_model.json", "evaluate"),
     (SHIPPED, "issue15_distill_lr90.json", "after/candidate"),
@@ -84,6 +84,8 @@ SOURCES = [
         "issue15_distill_klt06.json",
         "after/candidate_nocf",
     ),
+    ("soup of 4 runs (lr90, ro03l, tau 0.4, tau 0.6)", "issue15_soup.json", "soup/soup4"),
+    ("soup of those 4 + cf10", "issue15_soup.json", "soup/soup5"),
 ]
 
 
@@ -93,6 +95,8 @@ def rows_of(report: dict, where: str) -> list[dict]:
         return report["results"]
     if kind == "after":
         return report["after"][name]["results"]
+    if kind == "soup":
+        return report["soups"][name]["results"]
     return report["extra_eval"][name]["results"]
 
 
