@@ -184,7 +184,9 @@ def main() -> int:
         help="no training: evaluate these checkpoint dirs at --gammas and add the "
         "rows to JSON_OUT's extra_eval (plus a decoded sample per gamma)",
     )
-    ap.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
+    ap.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS),
+                    help="--eval-only's gammas; a training run's evaluations (before "
+                    "and after) take the four defaults, so every run's curve has them")  # fmt: skip
     args = ap.parse_args()
     if args.eval_only:
         return eval_only(args)
