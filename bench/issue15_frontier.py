@@ -86,6 +86,12 @@ SOURCES = [
     ),
     ("soup of 4 runs (lr90, ro03l, tau 0.4, tau 0.6)", "issue15_soup.json", "soup/soup4"),
     ("soup of those 4 + cf10", "issue15_soup.json", "soup/soup5"),
+    ("lr90 recipe, 3x distillation set, 50 min", "issue15_distill_md3x.json", "after/candidate"),
+    (
+        "lr90 recipe, 3x distillation set, before cf",
+        "issue15_distill_md3x.json",
+        "after/candidate_nocf",
+    ),
 ]
 
 
