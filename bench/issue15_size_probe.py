@@ -44,7 +44,7 @@ from safetensors.torch import save_file  # noqa: E402
 import twotower_rt  # noqa: E402
 from twotower_rt.api import DEFAULT_MODEL_DIR  # noqa: E402
 from twotower_rt.train import evaluate as ev  # noqa: E402
-from twotower_rt.train.model_init import SIZES, init_state_dict, model_config  # noqa: E402
+from twotower_rt.train.model_init import SIZES, config_of, init_state_dict  # noqa: E402
 from twotower_rt.train.train import config_json, write_json  # noqa: E402
 
 S = 16
@@ -69,11 +69,7 @@ def wider(hidden: int) -> dict:
 
 
 def write_checkpoint(dims: dict, vocab: int, out_dir: str) -> int:
-    SIZES["_probe"] = dims
-    try:
-        cfg = model_config("_probe", vocab)
-    finally:
-        del SIZES["_probe"]
+    cfg = config_of(dims, vocab, f"<size probe, hidden {dims['hidden_size']}>")
     state = init_state_dict(cfg, seed=0)
     os.makedirs(out_dir, exist_ok=True)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sorted(state.items())},

@@ -511,10 +511,10 @@ def test_kl_temperature_sharpens_the_soft_target(monkeypatch):
     import twotower_rt.train.distill as distill
     from twotower_rt.train.tokenizer import MASK_ID
 
-    V = MASK_ID + 3  # tokens 0..MASK_ID+2, the mask among them
-    q = torch.softmax(torch.tensor([[0.3, -0.2, 0.5, 0.0, 0.1, 0.2]])[:, :V], -1)
+    assert MASK_ID == 3  # the vocabulary below: six tokens, the mask among them
+    q = torch.softmax(torch.tensor([[0.3, -0.2, 0.5, 0.0, 0.1, 0.2]]), -1)
     logits = q.log()
-    p_ar = torch.tensor([0.5, 0.2, 0.1, 0.0, 0.15, 0.05])[:V]  # no mass on the mask (id 3)
+    p_ar = torch.tensor([0.5, 0.2, 0.1, 0.0, 0.15, 0.05])  # no mass on the mask
     teacher = p_ar.clamp_min(1e-30).log()[None, None]  # (rows, S, vocab)
     targets = torch.tensor([[0]])
     mask = torch.ones(1, 1, dtype=torch.bool)

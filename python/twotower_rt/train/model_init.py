@@ -37,9 +37,15 @@ SIZES = {
 def model_config(size: str, vocab_size: int) -> TwoTowerConfig:
     if size not in SIZES:
         raise ValueError(f"size {size!r} is not one of {sorted(SIZES)}")
+    return config_of(SIZES[size], vocab_size, f"<train size {size}>")
+
+
+def config_of(dims: dict, vocab_size: int, source: str) -> TwoTowerConfig:
+    """The trainer's config for ``dims`` (a :data:`SIZES` entry's keys): its token ids and
+    routing scale around them."""
     return TwoTowerConfig(
         vocab_size=vocab_size, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        routed_scaling_factor=1.0, source=f"<train size {size}>", **SIZES[size],
+        routed_scaling_factor=1.0, source=source, **dims,
     )  # fmt: skip
 
 
