@@ -1,7 +1,8 @@
 """The CPU kernels give the same bits on every x86-64 instruction set (csrc/include/twotower_rt/
 cpu_common.h): the sources are built here once for the baseline (SSE2: libm's fmaf) and once for
 x86-64-v3 (AVX2 + FMA), each without the clones, and their results are compared bitwise with the
-installed module's (whose clone this CPU picks: AVX-512 where it has it). Needs a C++ compiler,
+installed module's (whose clone this CPU picks: AVX-512 where it has it), each build at both vector
+widths the kernels compute in (16 floats on AVX-512 CPUs, 8 on the others). Needs a C++ compiler,
 pybind11 and Python's headers (the test extra brings pybind11), and the repository's csrc/."""
 
 from __future__ import annotations
@@ -139,16 +140,37 @@ def _run_all(g: torch.Generator) -> list[torch.Tensor]:
     return outs
 
 
-def test_every_instruction_set_gives_the_same_bits(builds, monkeypatch):
-    results = {}
+def test_every_instruction_set_and_vector_width_gives_the_same_bits(builds, monkeypatch):
+    """Each build at both vector widths (cpu_common.h: wide_vectors; 16 floats is what AVX-512
+    CPUs run, 8 what the others run), whatever this CPU has, against the installed module at 8."""
+    reference = None
     for name, module in {"installed": _ext.cpu_kernels(), **builds}.items():
         monkeypatch.setattr(_ext, "_CPU", module)
-        results[name] = _run_all(torch.Generator().manual_seed(0))
-    assert len(results["installed"]) > 20
-    for name in builds:
-        for i, (a, b) in enumerate(zip(results["installed"], results[name], strict=True)):
-            gap = (a.float() - b.float()).abs().max()
-            assert torch.equal(a, b), f"output {i}: the {name} build differs by up to {gap}"
+        for wide in (0, 1):
+            module.set_wide_vectors(wide)
+            try:
+                assert module.wide_vectors() == bool(wide)
+                outs = _run_all(torch.Generator().manual_seed(0))
+            finally:
+                module.set_wide_vectors(-1)
+            if reference is None:
+                reference = outs
+                assert len(reference) > 20
+                continue
+            for i, (a, b) in enumerate(zip(reference, outs, strict=True)):
+                gap = (a.float() - b.float()).abs().max()
+                assert torch.equal(a, b), (
+                    f"output {i}: the {name} build with {16 if wide else 8}-float vectors differs "
+                    f"by up to {gap}"
+                )
+
+
+def test_the_vector_width_is_the_cpus_unless_forced():
+    C = _ext.cpu_kernels()
+    assert C.wide_vectors() == ("avx512f" in _cpu_flags())
+    with pytest.raises(ValueError, match="set_wide_vectors"):
+        C.set_wide_vectors(2)
+    assert C.wide_vectors() == ("avx512f" in _cpu_flags())
 
 
 def test_the_builds_are_what_they_claim(builds):

@@ -27,26 +27,37 @@ constexpr int64_t kChunks = 4;  // 16-key vectors of scores computed side by sid
 constexpr int64_t kPad = kChunks * kLanes;
 
 // Scores of one query head over keys [0, n): keys_t (D, ld) transposed keys, ld a multiple of
-// kPad, zero-padded. Each key's dot product is one chain of fused multiply-adds over d; kChunks
-// vectors of keys run side by side so that their chains overlap.
-TWOTOWER_RT_INLINE void head_scores(const float* q, const float* keys_t, int64_t ld, int64_t n,
-                                    int64_t D, float scale, float* scores) {
+// kPad, zero-padded. Each key's dot product is one chain of fused multiply-adds over d; kPad keys
+// run side by side (in vectors V: cpu_common.h, wide_vectors) so that their chains overlap.
+template <typename V>
+TWOTOWER_RT_INLINE void head_scores_v(const float* q, const float* keys_t, int64_t ld, int64_t n,
+                                      int64_t D, float scale, float* scores) {
+  constexpr int64_t L = sizeof(V) / sizeof(float), kVectors = kPad / L;
   for (int64_t c0 = 0; c0 < n; c0 += kPad) {
-    v16 acc[kChunks];
-    for (int64_t c = 0; c < kChunks; ++c) acc[c] = v16{} - 0.0f;
+    V acc[kVectors];
+    for (int64_t c = 0; c < kVectors; ++c) acc[c] = V{} - 0.0f;
     for (int64_t d = 0; d < D; ++d) {
-      const v16 qd = splat16(q[d]);
+      const V qd = splat_v<V>(q[d]);
       const float* row = keys_t + d * ld + c0;
-      for (int64_t c = 0; c < kChunks; ++c) {
-        v16 k;
-        std::memcpy(&k, row + c * kLanes, sizeof(v16));
-        acc[c] = fmadd16(qd, k, acc[c]);
+      for (int64_t c = 0; c < kVectors; ++c) {
+        V k;
+        std::memcpy(&k, row + c * L, sizeof(V));
+        acc[c] = fmadd_v(qd, k, acc[c]);
       }
     }
-    for (int64_t c = 0; c < kChunks; ++c) {
-      const v16 scaled = acc[c] * scale;
-      std::memcpy(scores + c0 + c * kLanes, &scaled, sizeof(v16));
+    for (int64_t c = 0; c < kVectors; ++c) {
+      const V scaled = acc[c] * scale;
+      std::memcpy(scores + c0 + c * L, &scaled, sizeof(V));
     }
+  }
+}
+
+TWOTOWER_RT_INLINE void head_scores(const float* q, const float* keys_t, int64_t ld, int64_t n,
+                                    int64_t D, float scale, float* scores) {
+  if (wide_vectors()) {
+    head_scores_v<v16>(q, keys_t, ld, n, D, scale, scores);
+  } else {
+    head_scores_v<v8>(q, keys_t, ld, n, D, scale, scores);
   }
 }
 
@@ -75,20 +86,21 @@ TWOTOWER_RT_INLINE void softmax(float* scores, int64_t n) {
 
 // The G query heads q[0..G) of one query over keys [0, n) (n > 0): out[h] = sum_i p_h,i v_i, one
 // chain of fused multiply-adds per output over the keys in order; the G heads' chains side by
-// side. probs: G rows of ld floats.
-template <int G>
-TWOTOWER_RT_INLINE void heads_output(const float* probs, int64_t ld, const float* values,
-                                     int64_t n, int64_t D, float* const* out) {
+// side, in vectors V (cpu_common.h: wide_vectors). probs: G rows of ld floats.
+template <int G, typename V>
+TWOTOWER_RT_INLINE void heads_output_v(const float* probs, int64_t ld, const float* values,
+                                       int64_t n, int64_t D, float* const* out) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
   int64_t d0 = 0;
-  for (; d0 + kLanes <= D; d0 += kLanes) {
-    v16 acc[G];
-    for (int h = 0; h < G; ++h) acc[h] = v16{} - 0.0f;
+  for (; d0 + L <= D; d0 += L) {
+    V acc[G];
+    for (int h = 0; h < G; ++h) acc[h] = V{} - 0.0f;
     for (int64_t i = 0; i < n; ++i) {
-      v16 v;
-      std::memcpy(&v, values + i * D + d0, sizeof(v16));
-      for (int h = 0; h < G; ++h) acc[h] = fmadd16(splat16(probs[h * ld + i]), v, acc[h]);
+      V v;
+      std::memcpy(&v, values + i * D + d0, sizeof(V));
+      for (int h = 0; h < G; ++h) acc[h] = fmadd_v(splat_v<V>(probs[h * ld + i]), v, acc[h]);
     }
-    for (int h = 0; h < G; ++h) std::memcpy(out[h] + d0, &acc[h], sizeof(v16));
+    for (int h = 0; h < G; ++h) std::memcpy(out[h] + d0, &acc[h], sizeof(V));
   }
   for (int h = 0; h < G && d0 < D; ++h) {
     for (int64_t d = d0; d < D; ++d) out[h][d] = -0.0f;
@@ -97,6 +109,16 @@ TWOTOWER_RT_INLINE void heads_output(const float* probs, int64_t ld, const float
 #pragma omp simd
       for (int64_t d = d0; d < D; ++d) out[h][d] = fmadd(w, values[i * D + d], out[h][d]);
     }
+  }
+}
+
+template <int G>
+TWOTOWER_RT_INLINE void heads_output(const float* probs, int64_t ld, const float* values,
+                                     int64_t n, int64_t D, float* const* out) {
+  if (wide_vectors()) {
+    heads_output_v<G, v16>(probs, ld, values, n, D, out);
+  } else {
+    heads_output_v<G, v8>(probs, ld, values, n, D, out);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "twotower_rt/attention_cpu.h"
+#include "twotower_rt/cpu_common.h"
 #include "twotower_rt/cpu_pool.h"
 #include "twotower_rt/linear_cpu.h"
 #include "twotower_rt/mamba_cpu.h"
@@ -244,6 +245,20 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("q_batch_stride"), py::arg("block_stride"), py::arg("block_batch_stride"),
         py::arg("scale"), py::arg("causal"), py::arg("append"));
   m.def("build_info", &twotower_rt::BuildInfo);
+  m.def(
+      "wide_vectors", [] { return twotower_rt::cpu::wide_vectors(); },
+      "Whether the kernels compute in 16-float vectors (AVX-512) or in 8-float ones (cpu_common.h)");
+  m.def(
+      "set_wide_vectors",
+      [](int wide) {
+        if (wide < -1 || wide > 1) {
+          throw std::invalid_argument("set_wide_vectors: -1 (as the CPU says), 0 or 1");
+        }
+        twotower_rt::cpu::wide_vectors_forced().store(wide, std::memory_order_relaxed);
+      },
+      "Forces the vector width (0: 8 floats, 1: 16; -1: as the CPU says). The bits are the same "
+      "either way; tests run both on any CPU",
+      py::arg("wide"));
   m.def("threads", &twotower_rt::cpu::pool_threads,
         "Threads the kernels use, the caller included (cpu_pool.h)");
   m.def(

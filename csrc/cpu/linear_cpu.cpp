@@ -19,12 +19,21 @@ TWOTOWER_RT_INLINE void rows_at(const LinearParams& p, int64_t r, const float** 
   }
 }
 
+// Outputs [c, c + 64) of rows [r, r + TB): one tile of v16 with AVX-512, else narrow tiles of
+// v8 side by side (cpu_common.h: wide_vectors).
 template <int TB, typename W>
 TWOTOWER_RT_INLINE void tile_at(const LinearParams& p, const W* w, int64_t r, int64_t c) {
   const float* in[TB];
   float* out[TB];
   rows_at<TB>(p, r, in, out);
-  gemm_tile<TB, 4>(in, w, p.in, p.w_stride, c, p.bias, out);
+  if (wide_vectors()) {
+    gemm_tile<TB, 4>(in, w, p.in, p.w_stride, c, p.bias, out);
+    return;
+  }
+  constexpr int Q = kNarrowVectors<TB>;
+  for (int q = 0; q < 8; q += Q) {
+    gemm_tile<TB, Q, W, v8>(in, w, p.in, p.w_stride, c + q * 8, p.bias, out);
+  }
 }
 
 template <int TB, typename W>

@@ -36,37 +36,49 @@ inline float dot8(const float* a, const float* b, int64_t len) {
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-// One token of one head's scan with head_dim = 16 * PV known at compile time: each state row i
-// (P lanes) updated as row * decay + dtx * B[i] (skipped for a padding token), and y = sum_i row *
-// C[i] in i order kept in registers, then y + D * x. The same operations, in the same order, as
-// the generic loops in mamba_row_head, so the same bits.
-template <int PV>
+// One token of one head's scan with head_dim P known at compile time: each state row i (P
+// lanes) updated as row * decay + dtx * B[i] (skipped for a padding token), and y = sum_i row *
+// C[i] in i order kept in registers, then y + D * x, in vectors V (cpu_common.h: wide_vectors).
+// The same operations, in the same order, as the generic loops in mamba_row_head, so the same
+// bits.
+template <int P, typename V>
+TWOTOWER_RT_INLINE void scan_token_v(float* st, const float* dtx, const float* x, const float* B,
+                                     const float* C, float decay, float D, bool valid, float* yh,
+                                     int64_t N) {
+  constexpr int L = sizeof(V) / sizeof(float), PV = P / L;
+  V d[PV], y[PV];
+  for (int q = 0; q < PV; ++q) std::memcpy(&d[q], dtx + L * q, sizeof(V));
+  const V vdecay = splat_v<V>(decay);
+  for (int64_t i = 0; i < N; ++i) {
+    float* row = st + i * P;
+    const V vb = splat_v<V>(B[i]), vc = splat_v<V>(C[i]);
+    for (int q = 0; q < PV; ++q) {
+      V r;
+      std::memcpy(&r, row + L * q, sizeof(V));
+      if (valid) {
+        r = fmadd_v(r, vdecay, d[q] * vb);
+        std::memcpy(row + L * q, &r, sizeof(V));
+      }
+      y[q] = i == 0 ? r * vc : fmadd_v(r, vc, y[q]);
+    }
+  }
+  const V vD = splat_v<V>(D);
+  for (int q = 0; q < PV; ++q) {
+    V xq;
+    std::memcpy(&xq, x + L * q, sizeof(V));
+    y[q] = fmadd_v(vD, xq, y[q]);
+    std::memcpy(yh + L * q, &y[q], sizeof(V));
+  }
+}
+
+template <int P>
 TWOTOWER_RT_INLINE void scan_token(float* st, const float* dtx, const float* x, const float* B,
                                    const float* C, float decay, float D, bool valid, float* yh,
                                    int64_t N) {
-  constexpr int64_t kP = 16 * PV;
-  v16 d[PV], y[PV];
-  for (int q = 0; q < PV; ++q) std::memcpy(&d[q], dtx + 16 * q, sizeof(v16));
-  const v16 vdecay = splat16(decay);
-  for (int64_t i = 0; i < N; ++i) {
-    float* row = st + i * kP;
-    const v16 vb = splat16(B[i]), vc = splat16(C[i]);
-    for (int q = 0; q < PV; ++q) {
-      v16 r;
-      std::memcpy(&r, row + 16 * q, sizeof(v16));
-      if (valid) {
-        r = fmadd16(r, vdecay, d[q] * vb);
-        std::memcpy(row + 16 * q, &r, sizeof(v16));
-      }
-      y[q] = i == 0 ? r * vc : fmadd16(r, vc, y[q]);
-    }
-  }
-  const v16 vD = splat16(D);
-  for (int q = 0; q < PV; ++q) {
-    v16 xq;
-    std::memcpy(&xq, x + 16 * q, sizeof(v16));
-    y[q] = fmadd16(vD, xq, y[q]);
-    std::memcpy(yh + 16 * q, &y[q], sizeof(v16));
+  if (wide_vectors()) {
+    scan_token_v<P, v16>(st, dtx, x, B, C, decay, D, valid, yh, N);
+  } else {
+    scan_token_v<P, v8>(st, dtx, x, B, C, decay, D, valid, yh, N);
   }
 }
 
@@ -210,9 +222,9 @@ void mamba_row_head(const MambaChunkParams& p, int64_t row, int64_t h, Scratch& 
 #pragma omp simd
     for (int64_t q = 0; q < P; ++q) dtx[q] = dt * x[q];
     if (p.out != nullptr && (P == 32 || P == 64 || P == 128)) {  // the common head sizes
-      if (P == 64) scan_token<4>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
-      if (P == 32) scan_token<2>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
-      if (P == 128) scan_token<8>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
+      if (P == 64) scan_token<64>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
+      if (P == 32) scan_token<32>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
+      if (P == 128) scan_token<128>(st, dtx, x, B, C, decay, p.D[h], valid, yh, N);
       continue;
     }
     for (int64_t i = 0; i < N; ++i) {

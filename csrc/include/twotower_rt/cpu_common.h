@@ -2,13 +2,14 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
 // On x86-64 GCC/clang each marked function is built for AVX-512, x86-64-v3 (AVX2 + FMA) and the
 // baseline, chosen at load time. The kernels are built with -ffp-contract=off: the compiler fuses
-// nothing, and a fused multiply-add happens only where the code asks for one (fmadd, fmadd16),
+// nothing, and a fused multiply-add happens only where the code asks for one (fmadd, fmadd_v),
 // which every clone rounds once (the baseline through libm's fmaf, slow but exact). So every
 // clone rounds the same operations in the same order: the same bits on every x86-64 machine.
 // TWOTOWER_RT_NO_CLONES builds one version, for the compiler's target (tests/test_cpu_clones.py
@@ -29,25 +30,57 @@ namespace cpu {
 // a * b + c rounded once.
 TWOTOWER_RT_INLINE float fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 
-// 16 floats as a GCC/clang vector: element-wise operators, kept in registers, lowered to the
-// clone's vector width.
+// 16 floats and 8 floats as GCC/clang vectors: element-wise operators, kept in registers. A v16
+// is one AVX-512 register; on AVX2 GCC lowers it through the stack (a broadcast as 16 scalar
+// stores: the projections ran at ~2.5 GFLOP/s a core on a Zen 3, 10-25x slower than MKL), where a
+// v8 is one register. The kernels compute in the width wide_vectors() picks.
 typedef float v16 __attribute__((vector_size(64)));
-
-// x in all 16 lanes, as x + 0 (a -0.0 comes out +0.0): GCC makes it a scalar add and one
-// broadcast, where the forms without the add (an initializer list, a lane loop, a shuffle)
-// compiled to chains of masked merges, 3-4x slower in the attention kernel.
-TWOTOWER_RT_INLINE v16 splat16(float x) { return v16{} + x; }
+typedef float v8 __attribute__((vector_size(32)));
 
 // fmadd lane by lane: a loop the clones vectorise into their FMA instruction.
-TWOTOWER_RT_INLINE v16 fmadd16(v16 a, v16 b, v16 c) {
-  float fa[16], fb[16], fc[16];
+template <typename V>
+TWOTOWER_RT_INLINE V fmadd_v(V a, V b, V c) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  float fa[L], fb[L], fc[L];
   std::memcpy(fa, &a, sizeof(a));
   std::memcpy(fb, &b, sizeof(b));
   std::memcpy(fc, &c, sizeof(c));
 #pragma omp simd
-  for (int i = 0; i < 16; ++i) fc[i] = __builtin_fmaf(fa[i], fb[i], fc[i]);
+  for (int i = 0; i < L; ++i) fc[i] = __builtin_fmaf(fa[i], fb[i], fc[i]);
   std::memcpy(&c, fc, sizeof(c));
   return c;
+}
+
+// x in every lane, as x + 0 (a -0.0 comes out +0.0): GCC makes it a scalar add and one
+// broadcast, where the forms without the add (an initializer list, a lane loop, a shuffle)
+// compiled to chains of masked merges, 3-4x slower in the attention kernel.
+template <typename V>
+TWOTOWER_RT_INLINE V splat_v(float x) {
+  return V{} + x;
+}
+
+// Whether the kernels compute in v16 (AVX-512: 32 registers of 16 floats) or in v8 (AVX2 and
+// the rest: see the vector types above). Every lane computes the same chain of
+// operations whichever the width, so both give the same bits (tests/test_cpu_clones.py runs both
+// on any CPU: set_wide_vectors). On x86-64 the clone that runs is the AVX-512 one exactly when
+// the CPU has AVX-512F, which is what this asks by default.
+inline std::atomic<int>& wide_vectors_forced() {  // -1: as the CPU says; 0 or 1: forced
+  static std::atomic<int> forced{-1};
+  return forced;
+}
+
+TWOTOWER_RT_INLINE bool wide_vectors() {
+  const int forced = wide_vectors_forced().load(std::memory_order_relaxed);
+  if (forced >= 0) return forced != 0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool wide = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return wide;
+#else
+  return false;
+#endif
 }
 
 // lane[0] + ... + lane[L - 1] folded in halves (lane j + lane j + L / 2, then again): one order on

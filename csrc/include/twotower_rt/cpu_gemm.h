@@ -24,23 +24,46 @@ namespace cpu {
 constexpr int64_t kGemmVec = 16;
 constexpr int64_t kAhead = 16;  // weight rows prefetched ahead in a tile
 
+// Tiles keep their accumulators in registers: in v16 (cpu_common.h: wide_vectors; 32 registers)
+// 4 rows x 4 vectors or up to 2 x 8, in v8 (16 registers) 8 of them: kNarrowVectors<TB> v8 per
+// row of a TB-row tile.
+template <int TB>
+inline constexpr int kNarrowVectors = TB == 1 ? 8 : TB == 2 ? 4 : 2;
+
 // Weights are stored as float, or as bfloat16 bits (uint16_t): a bfloat16 is the top half of a
 // float, so widening one is exact and the arithmetic is that of the float weights, bit for bit,
 // from half the bytes (a checkpoint's bf16 weights loaded as fp32 are exactly bf16 values).
-TWOTOWER_RT_INLINE v16 load16(const float* p) {
-  v16 r;
-  std::memcpy(&r, p, sizeof(v16));
+template <typename V>
+TWOTOWER_RT_INLINE V load_v(const float* p) {
+  V r;
+  std::memcpy(&r, p, sizeof(V));
   return r;
 }
 
-TWOTOWER_RT_INLINE v16 load16(const uint16_t* p) {
-  typedef uint16_t u16x16 __attribute__((vector_size(32)));
-  typedef uint32_t u32x16 __attribute__((vector_size(64)));
-  u16x16 half;
+// bfloat16 bits widened to L floats (the vector types spelled out: GCC takes no vector_size that
+// depends on a template parameter).
+template <typename V>
+struct Bf16Lanes;
+template <>
+struct Bf16Lanes<v16> {
+  typedef uint16_t half_t __attribute__((vector_size(32)));
+  typedef uint32_t wide_t __attribute__((vector_size(64)));
+};
+template <>
+struct Bf16Lanes<v8> {
+  typedef uint16_t half_t __attribute__((vector_size(16)));
+  typedef uint32_t wide_t __attribute__((vector_size(32)));
+};
+
+template <typename V>
+TWOTOWER_RT_INLINE V load_v(const uint16_t* p) {
+  typedef typename Bf16Lanes<V>::half_t half_t;
+  typedef typename Bf16Lanes<V>::wide_t wide_t;
+  half_t half;
   std::memcpy(&half, p, sizeof(half));
-  const u32x16 wide = __builtin_convertvector(half, u32x16) << 16;
-  v16 r;
-  std::memcpy(&r, &wide, sizeof(v16));
+  const wide_t wide = __builtin_convertvector(half, wide_t) << 16;
+  V r;
+  std::memcpy(&r, &wide, sizeof(V));
   return r;
 }
 
@@ -54,74 +77,86 @@ TWOTOWER_RT_INLINE float load1(const uint16_t* p) {
 }
 
 
-// Outputs [c0, c0 + 16 Q) of TB rows (w's rows ldw apart).
-template <int TB, int Q, typename W>
+// Outputs [c0, c0 + Q L) of TB rows (w's rows ldw apart), in Q vectors V of L floats.
+template <int TB, int Q, typename W, typename V = v16>
 TWOTOWER_RT_INLINE void gemm_tile(const float* const* in, const W* w, int64_t K, int64_t ldw,
                                   int64_t c0, const float* bias, float* const* out) {
-  v16 acc[TB][Q];
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  V acc[TB][Q];
   for (int q = 0; q < Q; ++q) {
-    v16 init = v16{} - 0.0f;
-    if (bias != nullptr) std::memcpy(&init, bias + c0 + q * kGemmVec, sizeof(v16));
+    V init = V{} - 0.0f;
+    if (bias != nullptr) std::memcpy(&init, bias + c0 + q * L, sizeof(V));
     for (int b = 0; b < TB; ++b) acc[b][q] = init;
   }
   // The weight rows of a tile are ldw apart: fetch the one kAhead rows ahead before it is read
   // (the hardware prefetchers follow these strided streams poorly).
-  constexpr int64_t kLines = (Q * kGemmVec * static_cast<int64_t>(sizeof(W)) + 63) / 64;
+  constexpr int64_t kLines = (Q * L * static_cast<int64_t>(sizeof(W)) + 63) / 64;
   for (int64_t j = 0; j < K; ++j) {
     const W* row = w + j * ldw + c0;
     if (j + kAhead < K) {
       const char* next = reinterpret_cast<const char*>(row + kAhead * ldw);
       for (int64_t l = 0; l < kLines; ++l) __builtin_prefetch(next + 64 * l);
     }
-    v16 r[Q];
-    for (int q = 0; q < Q; ++q) r[q] = load16(row + q * kGemmVec);
+    V r[Q];
+    for (int q = 0; q < Q; ++q) r[q] = load_v<V>(row + q * L);
     for (int b = 0; b < TB; ++b) {
-      const v16 v = splat16(in[b][j]);
-      for (int q = 0; q < Q; ++q) acc[b][q] = fmadd16(v, r[q], acc[b][q]);
+      const V v = splat_v<V>(in[b][j]);
+      for (int q = 0; q < Q; ++q) acc[b][q] = fmadd_v(v, r[q], acc[b][q]);
     }
   }
   for (int b = 0; b < TB; ++b) {
-    for (int q = 0; q < Q; ++q) {
-      std::memcpy(out[b] + c0 + q * kGemmVec, &acc[b][q], sizeof(v16));
-    }
+    for (int q = 0; q < Q; ++q) std::memcpy(out[b] + c0 + q * L, &acc[b][q], sizeof(V));
   }
 }
 
-// The last width < 16 outputs [c0, c0 + width) of TB rows as one vector, from weight rows padded
-// to c0 + 16 (the padding's lanes are computed and dropped).
-template <int TB, typename W>
+// The last width < 16 outputs [c0, c0 + width) of TB rows as 16 lanes (one v16 or two v8), from
+// weight rows padded to c0 + 16 (the padding's lanes are computed and dropped).
+template <int TB, typename W, typename V = v16>
 TWOTOWER_RT_INLINE void gemm_tile_part(const float* const* in, const W* w, int64_t K,
                                        int64_t ldw, int64_t c0, int64_t width, const float* bias,
                                        float* const* out) {
+  constexpr int64_t L = sizeof(V) / sizeof(float), Q = kGemmVec / L;
   float init[kGemmVec];
   for (int64_t k = 0; k < kGemmVec; ++k) {
     init[k] = bias != nullptr && k < width ? bias[c0 + k] : -0.0f;
   }
-  v16 acc[TB];
-  for (int b = 0; b < TB; ++b) std::memcpy(&acc[b], init, sizeof(v16));
+  V acc[TB][Q];
+  for (int b = 0; b < TB; ++b) std::memcpy(&acc[b][0], init, sizeof(init));
   for (int64_t j = 0; j < K; ++j) {
-    const v16 r = load16(w + j * ldw + c0);
-    for (int b = 0; b < TB; ++b) acc[b] = fmadd16(splat16(in[b][j]), r, acc[b]);
+    V r[Q];
+    for (int q = 0; q < Q; ++q) r[q] = load_v<V>(w + j * ldw + c0 + q * L);
+    for (int b = 0; b < TB; ++b) {
+      const V v = splat_v<V>(in[b][j]);
+      for (int q = 0; q < Q; ++q) acc[b][q] = fmadd_v(v, r[q], acc[b][q]);
+    }
   }
-  for (int b = 0; b < TB; ++b) std::memcpy(out[b] + c0, &acc[b], width * sizeof(float));
+  for (int b = 0; b < TB; ++b) std::memcpy(out[b] + c0, &acc[b][0], width * sizeof(float));
 }
 
-// Outputs [c0, N) of TB rows, widest tiles first (8 vectors only for up to 2 rows: more would
-// not fit the registers), then the last N % 16 as one vector where w's rows are padded to a
-// multiple of 16 (ldw), else one output at a time.
-template <int TB, typename W>
-TWOTOWER_RT_INLINE void gemm_cols(const float* const* in, const W* w, int64_t K, int64_t N,
-                                  int64_t ldw, int64_t c0, const float* bias, float* const* out) {
-  constexpr int64_t V = kGemmVec;
+// Outputs [c0, N) of TB rows in vectors V: the widest tiles first, then 16 at a time, then the
+// last N % 16 as 16 lanes where w's rows are padded to a multiple of 16 (ldw), else one output at
+// a time.
+template <int TB, typename W, typename V>
+TWOTOWER_RT_INLINE void gemm_cols_v(const float* const* in, const W* w, int64_t K, int64_t N,
+                                    int64_t ldw, int64_t c0, const float* bias,
+                                    float* const* out) {
+  constexpr int64_t L = sizeof(V) / sizeof(float), V16 = kGemmVec / L;
   int64_t c = c0;
-  if constexpr (TB <= 2) {
-    for (; c + 8 * V <= N; c += 8 * V) gemm_tile<TB, 8, W>(in, w, K, ldw, c, bias, out);
+  if constexpr (L == kGemmVec) {  // v16: 8 vectors only for up to 2 rows (registers)
+    if constexpr (TB <= 2) {
+      for (; c + 8 * L <= N; c += 8 * L) gemm_tile<TB, 8, W, V>(in, w, K, ldw, c, bias, out);
+    }
+    for (; c + 4 * L <= N; c += 4 * L) gemm_tile<TB, 4, W, V>(in, w, K, ldw, c, bias, out);
+  } else {
+    constexpr int Q = kNarrowVectors<TB>;
+    for (; c + Q * L <= N; c += Q * L) gemm_tile<TB, Q, W, V>(in, w, K, ldw, c, bias, out);
   }
-  for (; c + 4 * V <= N; c += 4 * V) gemm_tile<TB, 4, W>(in, w, K, ldw, c, bias, out);
-  for (; c + V <= N; c += V) gemm_tile<TB, 1, W>(in, w, K, ldw, c, bias, out);
+  for (; c + kGemmVec <= N; c += kGemmVec) {
+    gemm_tile<TB, V16, W, V>(in, w, K, ldw, c, bias, out);
+  }
   if (c == N) return;
-  if (c + V <= ldw) {
-    gemm_tile_part<TB, W>(in, w, K, ldw, c, N - c, bias, out);
+  if (c + kGemmVec <= ldw) {
+    gemm_tile_part<TB, W, V>(in, w, K, ldw, c, N - c, bias, out);
     return;
   }
   for (int b = 0; b < TB; ++b) {
@@ -133,6 +168,17 @@ TWOTOWER_RT_INLINE void gemm_cols(const float* const* in, const W* w, int64_t K,
 #pragma omp simd
       for (int64_t k = c; k < N; ++k) o[k] = fmadd(v, load1(row + k), o[k]);
     }
+  }
+}
+
+// Outputs [c0, N) of TB rows, in the vectors of this CPU's clone (wide_vectors).
+template <int TB, typename W>
+TWOTOWER_RT_INLINE void gemm_cols(const float* const* in, const W* w, int64_t K, int64_t N,
+                                  int64_t ldw, int64_t c0, const float* bias, float* const* out) {
+  if (wide_vectors()) {
+    gemm_cols_v<TB, W, v16>(in, w, K, N, ldw, c0, bias, out);
+  } else {
+    gemm_cols_v<TB, W, v8>(in, w, K, N, ldw, c0, bias, out);
   }
 }
 
