@@ -23,7 +23,7 @@ struct Scratch {
   std::vector<float> probs;   // (heads of a group, padded keys)
 };
 
-constexpr int64_t kChunks = 4;  // 16-key vectors of scores computed side by side
+constexpr int64_t kChunks = 4;  // 16-key chunks of scores computed side by side (kPad keys)
 constexpr int64_t kPad = kChunks * kLanes;
 
 // Scores of one query head over keys [0, n): keys_t (D, ld) transposed keys, ld a multiple of

@@ -3,11 +3,14 @@
 
 The CPU fast path's projections (``model.linear.Linear`` and ``model.cpu_fast.qkv``) keep their
 weights K-major, (in, out). At the 16 rows of a denoiser forward, register tiles of 4 rows x 64
-outputs take 0.6-0.85x the time of MKL's sgemm on the default model's shapes (2-core VM, one
-thread, weights hot), and MKL's small-M kernels round a row differently with the number of rows in
-the call. The kernel computes each output as one chain of fused multiply-adds
-over the inputs in order (from the bias, or from the first product): it agrees with ``torch.mm``
-to float32 rounding, not bitwise, and a row's result never depends on the other rows.
+outputs in 16-float vectors took 0.6-0.85x the time of MKL's sgemm on the default model's shapes
+(a 2-core AVX-512 VM, one thread, weights hot); without AVX-512 the tiles are 4 rows x 16 outputs
+in 8-float vectors (csrc/include/twotower_rt/cpu_common.h: wide_vectors), 1.2x MKL's time there
+at 16 rows and faster at one (bench/cpu_vector_width.py on an AVX2 Zen 3 VM). MKL's small-M
+kernels round a row differently with the number of rows in the call. The kernel computes each
+output as one chain of fused multiply-adds over the inputs in order (from the bias, or from the
+first product): it agrees with ``torch.mm`` to float32 rounding, not bitwise, and a row's result
+never depends on the other rows.
 """
 
 from __future__ import annotations
