@@ -38,6 +38,7 @@ def main() -> int:
 
     import twotower_rt
     from twotower_rt import fastpath
+    from twotower_rt.env import cpu_report
     from twotower_rt.generate import _prefill
 
     model = twotower_rt.load()
@@ -83,7 +84,7 @@ def main() -> int:
         "commit": commit,
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor(),
+            "cpu": cpu_report(),
             "torch": torch.__version__,
             "torch_threads": 1,
         },  # fmt: skip

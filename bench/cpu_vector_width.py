@@ -41,16 +41,6 @@ SHAPES = [(192, 902), (384, 192), (192, 2048)]  # Mamba in_proj, out_proj, the L
 MODES = [("ar", None), ("mask_diffusion", 0.8)]
 
 
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")]
-    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return f"{names[0] if names else 'unknown'} ({'with' if 'avx512f' in flags else 'no'} AVX-512F)"
-
-
 def time_us(fn, reps: int, inner: int) -> float:
     """Median microseconds per call over ``reps`` timings of ``inner`` calls, after a warm-up."""
     for _ in range(3):
@@ -124,7 +114,6 @@ def main() -> int:
     write_report(args.json_out, {
         **report_header(),
         "issue": "15 (the speed comparison on this CPU)",
-        "cpu": cpu_name(),
         "wide_vectors_by_default": C.wide_vectors(),
         "projections_us": ops,
         "batch_1_tok_s": runs,

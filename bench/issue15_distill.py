@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import twotower_rt  # noqa: E402
 from twotower_rt.api import DEFAULT_MODEL_DIR  # noqa: E402
 from twotower_rt.checkpoint import build_model  # noqa: E402
+from twotower_rt.env import cpu_report  # noqa: E402
 from twotower_rt.train import data, distill  # noqa: E402
 from twotower_rt.train.evaluate import evaluate as evaluate_modes  # noqa: E402
 from twotower_rt.train.evaluate import heldout_windows, mode_key, run_mode  # noqa: E402
@@ -117,7 +118,7 @@ def report_header() -> dict:
         "issue": 15,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git("rev-parse", "HEAD"),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "cpu": cpu_report()},
         "command": "python " + " ".join(sys.argv),
     }
 
@@ -238,7 +239,7 @@ def main() -> int:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "machine": {
             "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
+            "cpu": cpu_report(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },

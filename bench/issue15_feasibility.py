@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO / "python"))
 
 import twotower_rt  # noqa: E402
 from twotower_rt.engine import steps as engine_steps  # noqa: E402
+from twotower_rt.env import cpu_report  # noqa: E402
 from twotower_rt.model.cache import ContextCache  # noqa: E402
 from twotower_rt.train.evaluate import heldout_windows  # noqa: E402
 
@@ -216,8 +217,7 @@ def main() -> None:
         "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
+            "cpu": cpu_report(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },  # fmt: skip

@@ -124,6 +124,8 @@ def main_cpu(argv: list[str]) -> int:
 
     import cpu_steps
 
+    from twotower_rt.env import cpu_report
+
     parser = argparse.ArgumentParser(
         prog="bench/run.py cpu",
         description=cpu_steps.__doc__,
@@ -134,8 +136,7 @@ def main_cpu(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     record = cpu_steps.bench(args)
     now = datetime.datetime.now(datetime.timezone.utc)
-    machine = {"platform": platform.platform(), "processor": _cpu_model(),
-               "cpus": os.cpu_count(), "torch": torch.__version__}  # fmt: skip
+    machine = {"platform": platform.platform(), "cpu": cpu_report(), "torch": torch.__version__}
     record = {"date": now.isoformat(timespec="seconds"), "commit": git_commit(),
               "machine": machine, **record}  # fmt: skip
     cpu_steps.print_table(record)
@@ -143,18 +144,6 @@ def main_cpu(argv: list[str]) -> int:
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

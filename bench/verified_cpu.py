@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
 import time
 
 import torch
+
+from twotower_rt.env import cpu_report
 
 TEXTS = [
     "ROMEO. But soft, what light", "And God said, Let there be", "JULIET.", "In the beginning",
@@ -140,8 +141,7 @@ def main() -> None:
         "commit": commit,
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
+            "cpu": cpu_report(),
             "torch": torch.__version__,
             "threads": 1,
         },  # fmt: skip

@@ -32,3 +32,52 @@ def test_cli_exit_code_and_report(monkeypatch, capsys):
     assert "1 of 9 built; missing: mask_sampling" in out
     assert err.startswith("twotower-rt env --check: twotower_rt._C lacks mask_sampling")
     assert main(["env"]) == 0  # without --check: a report, never a failure
+
+
+ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16
+
+processor\t: 1
+cpu family\t: 23
+model\t\t: 49
+model name\t: other
+flags\t\t: fpu sse2
+"""
+
+
+def test_cpu_report_reads_the_first_processor_and_its_vector_isa():
+    cpu = env.cpu_report(ZEN4)
+    assert cpu["name"] == "AMD EPYC"
+    assert cpu["family_model_stepping"] == ["25", "17", "1"]
+    assert cpu["vector_isa"] == "avx512"
+    zen3 = ZEN4.replace(" avx512f avx512bw avx512_bf16", "")
+    assert env.cpu_report(zen3)["vector_isa"] == "avx2"
+    assert env.cpu_report(zen3.replace(" fma", ""))["vector_isa"] == "other"  # AVX2 without FMA
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm\nCPU part\t: 0xd40\n"
+    assert env.cpu_report(arm)["vector_isa"] == "neon"
+    nothing = env.cpu_report("")
+    assert nothing["vector_isa"] == "unknown" and nothing["family_model_stepping"] == [None] * 3
+    line = env.format_cpu(cpu)
+    assert line.startswith("AMD EPYC (family 25 model 17), ") and ", avx512" in line
+
+
+def test_cpu_report_gives_the_width_the_kernels_use():
+    cpu = _ext.cpu_kernels_module()
+    width = env.cpu_report(ZEN4)["cpu_kernel_vector_floats"]
+    if cpu is None:
+        assert width is None
+        return
+    wide = cpu.wide_vectors()
+    try:
+        cpu.set_wide_vectors(0)
+        assert env.cpu_report(ZEN4)["cpu_kernel_vector_floats"] == 8
+        cpu.set_wide_vectors(1)
+        assert env.cpu_report(ZEN4)["cpu_kernel_vector_floats"] == 16
+    finally:
+        cpu.set_wide_vectors(-1)
+    assert width == (16 if wide else 8)

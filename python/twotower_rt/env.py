@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from typing import Any
@@ -97,12 +98,63 @@ def _ops_report() -> dict[str, Any]:
     return ops
 
 
+def _vector_isa(flags: set[str]) -> str:
+    if "avx512f" in flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    if "asimd" in flags:
+        return "neon"
+    return "other"
+
+
+def cpu_report(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU that timings come from: its name, family / model / stepping, logical CPUs, its
+    widest vector instruction set and the vector width the CPU kernels compute in (16 floats with
+    AVX-512, else 8). Every benchmark records it: the same code runs 2-4x apart on the x86 VMs
+    this repository has run on, and the name alone ("AMD EPYC") does not tell them apart.
+    ``cpuinfo``: the text of /proc/cpuinfo (read when None; absent off Linux)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    first: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if first:
+                break  # the first processor's block is enough
+            continue
+        key, _, value = line.partition(":")
+        first.setdefault(key.strip(), value.strip())
+    flags = set((first.get("flags") or first.get("Features") or "").split())
+    cpu = _ext.cpu_kernels_module()
+    return {
+        "name": first.get("model name") or platform.processor() or "unknown",
+        "family_model_stepping": [first.get(k) for k in ("cpu family", "model", "stepping")],
+        "logical_cpus": os.cpu_count(),
+        "vector_isa": _vector_isa(flags) if flags else "unknown",
+        "cpu_kernel_vector_floats": None if cpu is None else (16 if cpu.wide_vectors() else 8),
+    }
+
+
+def format_cpu(cpu: dict[str, Any]) -> str:
+    """One line: ``AMD EPYC (family 25 model 17), 2 CPUs, avx512, kernels in 16-float vectors``."""
+    fms = cpu["family_model_stepping"]
+    where = f" (family {fms[0]} model {fms[1]})" if fms[0] is not None else ""
+    width = cpu["cpu_kernel_vector_floats"]
+    kernels = f", CPU kernels in {width}-float vectors" if width else ""
+    return f"{cpu['name']}{where}, {cpu['logical_cpus']} CPUs, {cpu['vector_isa']}{kernels}"
+
+
 def report() -> dict[str, Any]:
     """Versions, the extension's build (CUDA version, archs, build type), GPUs, op backends."""
     return {
         "twotower_rt": _package_version(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": cpu_report(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
@@ -123,6 +175,7 @@ def format_report(info: dict[str, Any] | None = None) -> str:
     lines = [
         f"twotower_rt {info['twotower_rt']}  (python {info['python']}, {info['platform']})",
         f"torch        {info['torch']}  (CUDA {info['torch_cuda'] or 'none'})",
+        f"cpu          {format_cpu(info['cpu'])}",
     ]
     if ext["available"]:
         archs = ", ".join(f"sm_{a}" for a in ext["archs"]) or "none"

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .. import load
+from ..env import cpu_report
 from ..model.cache import ContextCache
 from . import data
 from .tokenizer import EOS_ID, encode_documents
@@ -477,8 +478,7 @@ def main(args) -> None:
         "commit": _git_commit(),
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
+            "cpu": cpu_report(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },  # fmt: skip
