@@ -123,6 +123,13 @@ def report_header() -> dict:
     }
 
 
+def base_label(base: str) -> str:
+    """How a report names the model a run starts from (``--base``)."""
+    if os.path.abspath(base) == os.path.abspath(DEFAULT_MODEL_DIR):
+        return "shipped default model"
+    return os.path.relpath(os.path.abspath(base), REPO)
+
+
 def write_report(path: str, report: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -202,7 +209,8 @@ def main() -> int:
     prompts = [w[: args.prompt_len] for w in windows]
     truths = [w[args.prompt_len :] for w in windows]
 
-    print("[eval] shipped default model", flush=True)
+    base_name = base_label(args.base)
+    print(f"[eval] the base: {base_name}", flush=True)
     before = evaluate(shipped, prompts, truths, args.eval_new_tokens)
 
     stream = train_stream(tok, args.data_dir, args.out_dir)
@@ -263,7 +271,7 @@ def main() -> int:
             "source": "train.evaluate.heldout_windows (held-out tail of every document)",
         },
         "before": {
-            "model": "shipped default model",
+            "model": base_name,
             "results": before,
             "target_met": target_met(before),
         },
