@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import statistics
 import sys
@@ -65,7 +66,7 @@ def projections(C) -> list[dict]:
             inner = max(1, 2000 // rows)
             for width, flag in WIDTHS.items():
                 C.set_wide_vectors(flag)
-                kernel = lambda x=x, weight=weight, n=n: linear_cpu.run(C, x, weight, None, n)  # noqa: E731
+                kernel = functools.partial(linear_cpu.run, C, x, weight, None, n)
                 row[f"us_{width}"] = time_us(kernel, reps=7, inner=inner)
             C.set_wide_vectors(-1)
             row["us_mkl"] = time_us(lambda x=x, w=w: torch.mm(x, w.t()), reps=7, inner=inner)
