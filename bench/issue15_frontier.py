@@ -5,7 +5,8 @@
 
 Reads the reports already in ``bench/results`` (nothing is rerun): ``default_model.json`` (the
 shipped model), the ``after`` rows of the ``issue15_distill_*.json`` runs evaluated on 512 prompts
-and the ``extra_eval`` rows that re-measured kept weights on 512. Each model is one curve: AR-NLL
+(and the ``before`` rows of the runs whose base was a stage-2 model), and the ``extra_eval`` rows
+that re-measured kept weights on 512. Each model is one curve: AR-NLL
 quality ratio and distinct-2 ratio against tokens committed per denoiser forward, one point per
 gamma, gamma 0.8 marked. What it shows: training moved the models along one trade-off, and the
 gamma knob moves each model along it; the targets ask for a point above that trade-off.
@@ -92,6 +93,35 @@ SOURCES = [
         "issue15_distill_md3x.json",
         "after/candidate_nocf",
     ),
+    # The longer stage 2 (issue15_stage2_base.py), A/B: the lr90 recipe for 45 min from each.
+    ("stage 2 (2,155 steps), no stage 3", "issue15_distill_s2base45.json", "before"),
+    ("stage 2 (4,155 steps), no stage 3", "issue15_distill_s2ext45.json", "before"),
+    ("lr90 recipe 45 min from stage 2", "issue15_distill_s2base45.json", "after/candidate"),
+    (
+        "lr90 recipe 45 min from stage 2, before cf",
+        "issue15_distill_s2base45.json",
+        "after/candidate_nocf",
+    ),
+    (
+        "lr90 recipe 45 min, longer stage 2",
+        "issue15_distill_s2ext45.json",
+        "after/candidate",
+    ),
+    (
+        "lr90 recipe 45 min, longer stage 2, before cf",
+        "issue15_distill_s2ext45.json",
+        "after/candidate_nocf",
+    ),
+    (
+        "lr90 recipe 45 min, longer stage 2, seed 1",
+        "issue15_distill_s2ext45s1.json",
+        "after/candidate",
+    ),
+    (
+        "lr90 recipe 45 min, longer stage 2, seed 1, before cf",
+        "issue15_distill_s2ext45s1.json",
+        "after/candidate_nocf",
+    ),
 ]
 
 
@@ -99,6 +129,8 @@ def rows_of(report: dict, where: str) -> list[dict]:
     kind, _, name = where.partition("/")
     if kind == "evaluate":
         return report["results"]
+    if kind == "before":  # the base a stage-3 run started from
+        return report["before"]["results"]
     if kind == "after":
         return report["after"][name]["results"]
     if kind == "soup":
