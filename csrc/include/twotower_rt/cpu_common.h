@@ -7,16 +7,20 @@
 #include <cstring>
 #include <limits>
 
-// On x86-64 GCC/clang each marked function is built for AVX-512, x86-64-v3 (AVX2 + FMA) and the
-// baseline, chosen at load time. The kernels are built with -ffp-contract=off: the compiler fuses
-// nothing, and a fused multiply-add happens only where the code asks for one (fmadd, fmadd_v),
-// which every clone rounds once (the baseline through libm's fmaf, slow but exact). So every
-// clone rounds the same operations in the same order: the same bits on every x86-64 machine.
-// TWOTOWER_RT_NO_CLONES builds one version, for the compiler's target (tests/test_cpu_clones.py
-// builds the baseline and x86-64-v3 ones and compares their bits with the clones').
+// On x86-64 GCC/clang each marked function is built for x86-64-v4 (AVX-512 F/BW/CD/DQ/VL on top
+// of v3), x86-64-v3 (AVX2 + FMA) and the baseline, chosen at load time. Not "avx512f" alone: that
+// target has neither FMA3 nor AVX512VL, so an 8-float FMA in it compiled to 8 scalar FMAs through
+// memory (forced 8-float vectors ran 20-50x slower on a Zen 4). The kernels are built with
+// -ffp-contract=off: the compiler fuses nothing, and a fused multiply-add happens only where the
+// code asks for one (fmadd, fmadd_v), which every clone rounds once (the baseline through libm's
+// fmaf, slow but exact). So every clone rounds the same operations in the same order: the same
+// bits on every x86-64 machine. TWOTOWER_RT_NO_CLONES builds one version, for the compiler's
+// target (tests/test_cpu_clones.py builds the baseline and x86-64-v3 ones and compares their bits
+// with the clones').
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(TWOTOWER_RT_NO_CLONES)
-#define TWOTOWER_RT_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
+#define TWOTOWER_RT_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TWOTOWER_RT_CLONES
 #endif
@@ -62,8 +66,8 @@ TWOTOWER_RT_INLINE V splat_v(float x) {
 // Whether the kernels compute in v16 (AVX-512: 32 registers of 16 floats) or in v8 (AVX2 and
 // the rest: see the vector types above). Every lane computes the same chain of
 // operations whichever the width, so both give the same bits (tests/test_cpu_clones.py runs both
-// on any CPU: set_wide_vectors). On x86-64 the clone that runs is the AVX-512 one exactly when
-// the CPU has AVX-512F, which is what this asks by default.
+// on any CPU: set_wide_vectors). On x86-64 the clone that runs is the x86-64-v4 one exactly when
+// the CPU is x86-64-v4, which is what this asks by default.
 inline std::atomic<int>& wide_vectors_forced() {  // -1: as the CPU says; 0 or 1: forced
   static std::atomic<int> forced{-1};
   return forced;
@@ -75,7 +79,7 @@ TWOTOWER_RT_INLINE bool wide_vectors() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   static const bool wide = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    return __builtin_cpu_supports("x86-64-v4") != 0;
   }();
   return wide;
 #else
