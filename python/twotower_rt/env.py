@@ -110,8 +110,8 @@ def _vector_isa(flags: set[str]) -> str:
 
 def cpu_report(cpuinfo: str | None = None) -> dict[str, Any]:
     """The CPU that timings come from: its name, family / model / stepping, logical CPUs, its
-    widest vector instruction set and the vector width the CPU kernels compute in (16 floats with
-    AVX-512, else 8). Every benchmark records it: the same code runs 2-4x apart on the x86 VMs
+    widest vector instruction set and the vector width the CPU kernels compute in (16 floats on an
+    x86-64-v4 CPU, else 8). Every benchmark records it: the same code runs 2-4x apart on the x86 VMs
     this repository has run on, and the name alone ("AMD EPYC") does not tell them apart.
     ``cpuinfo``: the text of /proc/cpuinfo (read when None; absent off Linux)."""
     if cpuinfo is None:
@@ -140,7 +140,8 @@ def cpu_report(cpuinfo: str | None = None) -> dict[str, Any]:
 
 
 def format_cpu(cpu: dict[str, Any]) -> str:
-    """One line: ``AMD EPYC (family 25 model 17), 2 CPUs, avx512, kernels in 16-float vectors``."""
+    """One line: ``AMD EPYC (family 25 model 17), 2 CPUs, avx512, CPU kernels in 16-float
+    vectors``."""
     fms = cpu["family_model_stepping"]
     where = f" (family {fms[0]} model {fms[1]})" if fms[0] is not None else ""
     width = cpu["cpu_kernel_vector_floats"]
@@ -175,8 +176,9 @@ def format_report(info: dict[str, Any] | None = None) -> str:
     lines = [
         f"twotower_rt {info['twotower_rt']}  (python {info['python']}, {info['platform']})",
         f"torch        {info['torch']}  (CUDA {info['torch_cuda'] or 'none'})",
-        f"cpu          {format_cpu(info['cpu'])}",
     ]
+    if "cpu" in info:  # reports written before the CPU was recorded lack it
+        lines.append(f"cpu          {format_cpu(info['cpu'])}")
     if ext["available"]:
         archs = ", ".join(f"sm_{a}" for a in ext["archs"]) or "none"
         cutlass = ext["cutlass_version"] or "not used"
