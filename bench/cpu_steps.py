@@ -92,7 +92,7 @@ def step_functions(engine, slots: torch.Tensor, context: int) -> dict[str, Calla
         pool.cache.lengths.copy_(lengths)
         ids = pool.blocks(BLOCK).index_select(0, slots)
         batch = pool.cache.select(slots, max_length=context)
-        lm.context_forward(ids, batch)
+        lm.context_forward(ids, batch, hidden=False)
         pool.cache.store(batch, appended=BLOCK)
 
     return {"ar": ar, "denoise": denoise, "commit": commit, "mock": mock}

@@ -74,7 +74,7 @@ def _prefill(lm: TwoTowerLM, prompts: list[list[int]], capacity: int, keep_befor
     head = max(len(p) for p in prompts) - 1
     if head > 0:
         ids = torch.tensor([p[:-1] + [0] * (head - len(p) + 1) for p in prompts], device=device)
-        lm.context_forward(ids, cache, n_valid=lengths - 1)
+        lm.context_forward(ids, cache, n_valid=lengths - 1, hidden=False)
     before = cache.snapshot_mamba() if keep_before else None
     last = torch.tensor([[p[-1]] for p in prompts], device=device)
     hidden = lm.context_forward(last, cache)

@@ -322,7 +322,7 @@ class Engine:
         slots = self._tensor([r.slot for r, _ in chunk])
         with self._isolated([r for r, _ in chunk]):
             batch = self.pool.cache.select(slots, max_length=max(r.length for r, _ in chunk))
-            self.lm.context_forward(ids, batch, n_valid=n_valid)
+            self.lm.context_forward(ids, batch, n_valid=n_valid, hidden=False)
             self.pool.cache.store(batch, appended=width)
             for req, take in chunk:
                 req.prefilled += take
@@ -505,7 +505,7 @@ class Engine:
                 slots = self._tensor([r.slot for r in group])
                 ids = self.pool.blocks(size).index_select(0, slots)
                 batch = self.pool.cache.select(slots, max_length=max(r.length for r in group))
-                self.lm.context_forward(ids, batch)
+                self.lm.context_forward(ids, batch, hidden=False)
                 self.pool.cache.store(batch, appended=size)
                 for req in group:
                     req.length += size

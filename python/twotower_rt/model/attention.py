@@ -71,22 +71,19 @@ class Attention(nn.Module):
         append: bool,
         slots: torch.Tensor | None = None,
         max_prefix: int | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h (b, n, hidden); cache_k/v (rows, capacity, Hkv, D); prefix_len (b,) committed tokens
         per sequence; slots (b,) the cache row of each sequence, or None (row b). With ``append``
         the n new K/V are written at [prefix_len, prefix_len + n) (the caller advances the
         lengths); without, the cache is only read. max_prefix: a host-side bound on prefix_len
-        (saves reading its max back from the device for a multi-token append)."""
+        (saves reading its max back from the device for a multi-token append). rows (n',) int:
+        return the output at these block positions alone, (b, n', hidden) (o_proj runs on them
+        alone; every position still attends and is attended to)."""
         cfg = self.cfg
         b, n, _ = h.shape
-        fast = cpu_fast.applies(h) and self._plain_projections()
-        if fast:  # q, k and v in one matmul
-            q, k, v = cpu_fast.qkv(self, h)
-        else:
-            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        fast, (q, k, v) = self._qkv(h)
         q = q.view(b, n, cfg.num_attention_heads, cfg.head_dim)
-        k = k.view(b, n, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.view(b, n, cfg.num_key_value_heads, cfg.head_dim)
         kernels = _ext.cpu_kernels() if fast else None
         if kernels is not None and h.dtype == cache_k.dtype == cache_v.dtype == torch.float32 \
                 and cache_k.is_contiguous() and cache_v.is_contiguous():  # fmt: skip
@@ -99,10 +96,7 @@ class Attention(nn.Module):
             out = attend(q, cache_k, cache_v, prefix_len, k, v, cache_slots=slots)
         else:
             dev = h.device
-            pos = prefix_len[:, None] + torch.arange(n, device=dev)[None, :]  # (b, n)
-            rows = (slots if slots is not None else torch.arange(b, device=dev))[:, None]
-            cache_k[rows, pos] = k.to(cache_k.dtype)
-            cache_v[rows, pos] = v.to(cache_v.dtype)
+            pos = _write_kv(k, v, cache_k, cache_v, prefix_len, slots)
             if n == 1:  # AR decode: the one new token sees the whole prefix and itself
                 attend = block_attention_ref if fast else block_attention
                 out = attend(q, cache_k, cache_v, prefix_len + 1, cache_slots=slots)
@@ -115,5 +109,45 @@ class Attention(nn.Module):
                 key_pos = torch.arange(span, device=dev)[None, None, :]
                 allowed = key_pos <= pos[:, :, None]  # causal; padding rows only see real keys
                 out = prefix_causal_attention(q, keys, values, allowed)
-        out = self.o_proj(out.reshape(b, n, -1))
+        out = out.reshape(b, n, -1)
+        if rows is not None:
+            out = out.index_select(1, rows)
+        out = self.o_proj(out)
         return out if self.tp is None else self.tp.all_reduce(out)
+
+    def _qkv(self, h: torch.Tensor) -> tuple[bool, tuple[torch.Tensor, ...]]:
+        """(whether the CPU fast path runs, (q, k, v)), k and v (b, n, Hkv, D)."""
+        b, n, _ = h.shape
+        fast = cpu_fast.applies(h) and self._plain_projections()
+        if fast:  # q, k and v in one matmul
+            q, k, v = cpu_fast.qkv(self, h)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        shape = (b, n, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        return fast, (q, k.view(shape), v.view(shape))
+
+    def append_kv(
+        self,
+        h: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        prefix_len: torch.Tensor,
+        slots: torch.Tensor | None = None,
+    ) -> None:
+        """The cache write of :meth:`forward` with ``append`` and nothing else: the n new K/V of
+        h (b, n, hidden) at [prefix_len, prefix_len + n), the values forward writes, bitwise
+        (the same projections); no attention, no o_proj. For a context pass whose output nobody
+        reads (``Tower.forward`` with ``outputs=False``)."""
+        _, (_, k, v) = self._qkv(h)
+        _write_kv(k, v, cache_k, cache_v, prefix_len, slots)
+
+
+def _write_kv(k, v, cache_k, cache_v, prefix_len, slots) -> torch.Tensor:
+    """k and v (b, n, Hkv, D) into the caches at [prefix_len, prefix_len + n) of each sequence's
+    row; returns those positions (b, n)."""
+    b, n = k.shape[:2]
+    pos = prefix_len[:, None] + torch.arange(n, device=k.device)[None, :]
+    at = (slots if slots is not None else torch.arange(b, device=k.device))[:, None]
+    cache_k[at, pos] = k.to(cache_k.dtype)
+    cache_v[at, pos] = v.to(cache_v.dtype)
+    return pos

@@ -365,7 +365,8 @@ def modulation(lm, t: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=1)
 
 
-def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, modulation):
+def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, modulation,
+                  outputs=True, rows=None):  # fmt: skip
     """:meth:`Tower.forward` on the CPU (same arguments and results): the norms called directly,
     and the denoiser's ``1 + scale`` made once for every layer (``modulation`` as a (layers, b,
     3, hidden) tensor or a list of (b, 3, hidden)). The eager numbers, bitwise, except where the
@@ -374,6 +375,8 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
     each denoiser layer's gated residual one addcmul (float32 rounding)."""
     eps = tower.cfg.layer_norm_epsilon
     x = tower.embeddings(ids)
+    if rows is not None and tower.last_mixer < 0:  # no layer mixes positions
+        x = x.index_select(1, rows)
     new_states = {}
     fused = False
     kernels = _ext.cpu_kernels() is not None and x.dtype == torch.float32
@@ -390,6 +393,7 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
             scales = 1 + scales
     for i, block in enumerate(tower.layers):
         kind = block.kind
+        last = i == tower.last_mixer
         if modulation is None:
             h = norm(x, block.norm.weight, eps)
         elif fused:  # (the kernel refuses a norm weight that is not fp32)
@@ -404,39 +408,66 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
             if new_state is not None:
                 new_states[i] = new_state
         elif kind == "attention":
+            if last and not outputs:
+                block.mixer.append_kv(h, cache.keys[i], cache.values[i], prefix_len, cache.slots)
+                break
             out = block.mixer(h, cache.keys[i], cache.values[i], prefix_len, append, cache.slots,
-                              cache.max_length)  # fmt: skip
+                              cache.max_length, rows=rows if last else None)  # fmt: skip
         else:
             out = block.mixer(h)
+        if last and not outputs:
+            break
+        if last and rows is not None:
+            x = x.index_select(1, rows)
+            if kind == "mamba":
+                out = out.index_select(1, rows)
         if modulation is None:
             x = x + out
         elif fused:
             x = torch.addcmul(x, gates[i], out)
         else:
             x = x + gates[i] * out
+    if not outputs:
+        return None, new_states
     return norm(x, tower.norm_f.weight, eps), new_states
 
 
-def head_rows_apply(hidden: torch.Tensor) -> bool:
-    """Whether :func:`head_rows` may run: the head goes through the CPU kernel, whose rows are
-    computed alone (so a subset of rows gives those rows' bits)."""
-    return applies(hidden) and _ext.cpu_kernels() is not None and hidden.dtype == torch.float32
+def head_rows_apply(x: torch.Tensor) -> bool:
+    """Whether :func:`head_rows` may run on hidden states like ``x`` (or on the head's weight,
+    their dtype and device): the head goes through the CPU kernel, whose rows are computed alone
+    (so a subset of rows gives those rows' bits)."""
+    return applies(x) and _ext.cpu_kernels() is not None and x.dtype == torch.float32
 
 
-def head_rows(head: nn.Module, hidden: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
-    """The head's fp32 logits at the ``needed`` (b, S) positions of ``hidden`` (b, S, H), zeros
-    elsewhere: the denoiser's logits where the decision reads them (its masked positions; an
-    average denoising step has about half its block still masked). Bitwise the full head's
-    logits at those positions (:func:`head_rows_apply`)."""
-    b, S, H = hidden.shape
-    flat = needed.reshape(-1)
+def needed_positions(needed: torch.Tensor) -> torch.Tensor | None:
+    """The block positions that some row of ``needed`` (b, S) needs, ascending (n',) int64, or
+    None where that is all of them or none (then nothing is left out)."""
+    cols = needed.any(dim=0).nonzero().squeeze(1)
+    return None if cols.numel() in (0, needed.shape[1]) else cols
+
+
+def head_rows(head: nn.Module, hidden: torch.Tensor, needed: torch.Tensor,
+              cols: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The head's fp32 logits at the ``needed`` (b, S) positions, zeros elsewhere: the
+    denoiser's logits where the decision reads them (its masked positions; an average denoising
+    step has about half its block still masked). ``hidden`` (b, S, H), or with ``cols`` (n',)
+    (:func:`needed_positions`) the hidden states at those positions alone, (b, n', H). Bitwise
+    the full head's logits at those positions (:func:`head_rows_apply`)."""
+    b, S = needed.shape
+    H = hidden.shape[-1]
+    sub = needed if cols is None else needed.index_select(1, cols)  # (b, n')
+    flat = sub.reshape(-1)
     count = int(flat.sum())
-    if count == flat.numel():
+    if count == needed.numel():
         return head(hidden)
     out = hidden.new_zeros(b * S, head.out_features)
     if count:
         rows = flat.nonzero().squeeze(1)
-        out.index_copy_(0, rows, head(hidden.reshape(-1, H).index_select(0, rows)))
+        logits = head(hidden.reshape(-1, H).index_select(0, rows))
+        if cols is not None:  # row r's j-th kept position is block position cols[j]
+            grid = torch.arange(b)[:, None] * S + cols[None, :]
+            rows = grid.reshape(-1).index_select(0, rows)
+        out.index_copy_(0, rows, logits)
     return out.view(b, S, -1)
 
 

@@ -46,6 +46,10 @@ class Tower(nn.Module):
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        # The last layer that mixes positions (and writes the cache): the layers after it work
+        # position by position, so only the positions read at the end need them.
+        mixers = [i for i, kind in enumerate(cfg.layer_kinds) if kind in ("mamba", "attention")]
+        self.last_mixer = mixers[-1] if mixers else -1
 
     def forward(
         self,
@@ -57,20 +61,34 @@ class Tower(nn.Module):
         append: bool,
         n_valid: torch.Tensor | None = None,
         modulation: list[torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict[int, MambaState]]:
+        outputs: bool = True,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, dict[int, MambaState]]:
         """Run the stack over ids (b, n).
 
         Attention layers read ``cache``'s K/V up to ``prefix_len`` (and append to it when
         ``append``); Mamba layers start from ``mamba_states`` (not modified). ``modulation``
         holds per layer the denoiser's (b, 3, hidden) (shift, scale, gate); None for no time
         conditioning. Returns the normed hidden states (b, n, hidden)
-        and each Mamba layer's state after the tokens."""
+        and each Mamba layer's state after the tokens.
+
+        Work nobody reads is skipped, and what is computed is computed as without the skip, bit
+        for bit: ``outputs=False`` (with ``append``) returns None for the hidden states and stops
+        once the cache is written (the last mixing layer: an attention layer only writes its K/V;
+        no position-wise layer after it, no norm_f); ``rows`` (n',) int returns the hidden states
+        at those positions alone, (b, n', hidden), the layers after the last mixing layer run on
+        them alone."""
+        if not outputs and not append:
+            raise ValueError("Tower.forward: outputs=False leaves nothing to do without append")
         if cpu_fast.applies(ids):
             return cpu_fast.tower_forward(self, ids, cache, prefix_len, mamba_states, append,
-                                          n_valid, modulation)  # fmt: skip
+                                          n_valid, modulation, outputs, rows)  # fmt: skip
         x = self.embeddings(ids)
+        if rows is not None and self.last_mixer < 0:  # no layer mixes positions
+            x = x.index_select(1, rows)
         new_states: dict[int, MambaState] = {}
         for i, block in enumerate(self.layers):
+            last = i == self.last_mixer
             if modulation is None:
                 h = block.norm(x)
             else:
@@ -85,10 +103,22 @@ class Tower(nn.Module):
                     new_states[i] = new_state
             elif block.kind == "attention":
                 k, v = cache.keys[i], cache.values[i]
-                out = block.mixer(h, k, v, prefix_len, append, cache.slots, cache.max_length)
+                if last and not outputs:
+                    block.mixer.append_kv(h, k, v, prefix_len, cache.slots)
+                    break
+                out = block.mixer(h, k, v, prefix_len, append, cache.slots, cache.max_length,
+                                  rows=rows if last else None)  # fmt: skip
             else:
                 out = block.mixer(h)
+            if last and not outputs:
+                break
+            if last and rows is not None:
+                x = x.index_select(1, rows)
+                if block.kind == "mamba":
+                    out = out.index_select(1, rows)
             x = x + (out if modulation is None else gate * out)
+        if not outputs:
+            return None, new_states
         return self.norm_f(x), new_states
 
 
@@ -157,11 +187,18 @@ class TwoTowerLM(nn.Module):
 
     # The three forwards every mode is built from ---------------------------------------------
     def context_forward(
-        self, ids: torch.Tensor, cache: ContextCache, n_valid: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        ids: torch.Tensor,
+        cache: ContextCache,
+        n_valid: torch.Tensor | None = None,
+        *,
+        hidden: bool = True,
+    ) -> torch.Tensor | None:
         """Feed ids (b, n) to the context tower: extends the cache (K/V, Mamba states, lengths)
         by each row's n_valid (default n) tokens. Returns the normed last hidden states
-        (b, n, hidden); the caller applies ``context_lm_head`` where it needs logits."""
+        (b, n, hidden); the caller applies ``context_lm_head`` where it needs logits. With
+        ``hidden=False`` (a prefill chunk, a block commit: only the cache is wanted) it returns
+        None and skips the work after the cache is written (``Tower.forward``'s ``outputs``)."""
         if self.placed:
             ids = ids.to(self.context_device)
             n_valid = None if n_valid is None else n_valid.to(self.context_device)
@@ -170,19 +207,20 @@ class TwoTowerLM(nn.Module):
             n_valid = torch.full_like(cache.lengths, ids.shape[1])
         elif bool((n_valid == ids.shape[1]).all()):
             ragged = None
-        hidden, states = self.context_tower(
+        out, states = self.context_tower(
             ids,
             cache,
             prefix_len=cache.lengths,
             mamba_states=cache.mamba,
             append=True,
             n_valid=ragged,
+            outputs=hidden,
         )
         cache.mamba.update(states)
         cache.lengths = cache.lengths + n_valid
         if cache.max_length is not None:
             cache.max_length += ids.shape[1]
-        return hidden
+        return out
 
     # Tensor parallelism (parallel/tp.py): the heads are vocabulary-parallel, this rank holding
     # entries [vocab_start, vocab_start + V / world); with gather_logits the logits methods
@@ -215,8 +253,9 @@ class TwoTowerLM(nn.Module):
         scanning from ``mamba_states``; nothing is written. t (b,) the masked fraction per row,
         or None for no time conditioning (mock-AR). needed (b, S) bool or None: the positions
         whose logits the caller reads (the masked ones); where the CPU kernels run the head, it
-        runs on those rows alone and the others come back as zeros. Returns fp32 logits
-        (b, S, vocab)."""
+        runs on those rows alone and the others come back as zeros, and the layers after the
+        last one that mixes positions run only on the positions some row needs
+        (``Tower.forward``'s ``rows``). Returns fp32 logits (b, S, vocab)."""
         if self.placed and cache.mirror is not None:  # the copy on the denoiser's device
             if mamba_states is cache.mamba:
                 mamba_states = cache.mirror.mamba
@@ -231,6 +270,11 @@ class TwoTowerLM(nn.Module):
             else:
                 t_emb = self.time_embedding(t)
                 modulation = [table + t_emb for table in self.scale_shift_tables]
+        # (FP8 projections are matmuls whose rounding may depend on their row count: a row's
+        # logits would then depend on which positions the other rows need)
+        by_rows = (needed is not None and self.tp is None and self.cfg.fp8_weight_block is None
+                   and cpu_fast.head_rows_apply(self.lm_head.weight))  # fmt: skip
+        cols = cpu_fast.needed_positions(needed) if by_rows else None
         hidden, _ = self.denoiser_tower(
             ids,
             cache,
@@ -238,7 +282,8 @@ class TwoTowerLM(nn.Module):
             mamba_states=mamba_states,
             append=False,
             modulation=modulation,
+            rows=cols,
         )
-        if needed is not None and self.tp is None and cpu_fast.head_rows_apply(hidden):
-            return cpu_fast.head_rows(self.lm_head, hidden, needed)
+        if by_rows:
+            return cpu_fast.head_rows(self.lm_head, hidden, needed, cols)
         return self._head(hidden, self.lm_head)
