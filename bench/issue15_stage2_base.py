@@ -1,6 +1,6 @@
 """Issue 15: the longer-trained stage 2 as a base directory for stage 3.
 
-    python bench/issue15_stage2_base.py OUT_DIR
+    python bench/issue15_stage2_base.py OUT_DIR [--run-checkpoint RUN/diffusion.safetensors]
     python bench/issue15_distill.py --base OUT_DIR ...
 
 ``bench/checkpoints/stage2_4155_denoiser.safetensors`` holds the denoiser half (bfloat16) of a
@@ -11,6 +11,9 @@ held-out masked-token CE went from 4.676 to 4.489 nats (``bench/results/issue15_
 jsonl``). Every stage leaves the context tower as stage 1 made it, so only the denoiser is kept:
 this writes OUT_DIR as the shipped model's context tower and head with that denoiser (config and
 tokenizer copied from the shipped model), in the layout ``twotower_rt.load`` and ``--base`` take.
+``--run-checkpoint`` takes the denoiser from a stage-2 run's own checkpoint instead (the whole
+model in float32, as ``python -m twotower_rt.train diffusion`` writes it), rounded to bfloat16 as
+the shipped stage-2 checkpoint was.
 """
 
 from __future__ import annotations
@@ -54,11 +57,30 @@ def assemble(out_dir: str | os.PathLike, denoiser: str | os.PathLike = DENOISER,
     return out
 
 
+def denoiser_half(run_checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The denoiser's tensors of a whole-model checkpoint, in bfloat16, saved to ``out``."""
+    import torch
+
+    tensors = load_file(str(run_checkpoint))
+    half = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()
+            if not k.startswith(CONTEXT_PREFIXES)}  # fmt: skip
+    save_file(dict(sorted(half.items())), str(out), metadata={"format": "pt"})
+    return Path(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir")
+    ap.add_argument("--run-checkpoint", default=None,
+                    help="a stage-2 run's diffusion.safetensors (default: the 4,155-step "
+                         "denoiser kept in bench/checkpoints)")  # fmt: skip
     args = ap.parse_args()
-    print(f"stage 2 (4,155 steps) -> {assemble(args.out_dir)}")
+    denoiser = DENOISER
+    if args.run_checkpoint is not None:
+        os.makedirs(args.out_dir, exist_ok=True)
+        half = os.path.join(args.out_dir, "denoiser_bf16.safetensors")
+        denoiser = denoiser_half(args.run_checkpoint, half)
+    print(f"stage 2 ({denoiser}) -> {assemble(args.out_dir, denoiser)}")
     return 0
 
 

@@ -42,3 +42,20 @@ def test_a_file_with_context_tensors_or_missing_ones_is_refused(tmp_path):
     save_file(short, str(tmp_path / "short.safetensors"))
     with pytest.raises(ValueError, match="missing \\['lm_head.weight'\\]"):
         s2.assemble(tmp_path / "b", denoiser=tmp_path / "short.safetensors")
+
+
+def test_a_run_checkpoint_gives_its_denoiser_in_bfloat16(tmp_path):
+    """--run-checkpoint: a whole float32 model as the trainer writes it -> its denoiser half in
+    bfloat16 (the values rounded once, the context tensors left out)."""
+    shipped = load_file(str(s2.SHIPPED / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    run = {k: v.float() + 1e-3 * torch.randn(v.shape, generator=g) for k, v in shipped.items()}
+    save_file(run, str(tmp_path / "diffusion.safetensors"))
+    half = load_file(str(s2.denoiser_half(tmp_path / "diffusion.safetensors",
+                                          tmp_path / "half.safetensors")))  # fmt: skip
+    assert set(half) == {k for k in shipped if not k.startswith(s2.CONTEXT_PREFIXES)}
+    for k, v in half.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, run[k].to(torch.bfloat16)), k
+    out = s2.assemble(tmp_path / "base", denoiser=tmp_path / "half.safetensors")
+    assert torch.equal(load_file(str(out / "model.safetensors"))["lm_head.weight"],
+                       half["lm_head.weight"])  # fmt: skip
