@@ -77,7 +77,7 @@ BLOCK = 16
 class DistillConfig:
     """The recipe; the defaults are the shipped model's stage 3."""
 
-    minutes: float = 90.0
+    minutes: float = 80.0
     batch: int = 16  # sequences per step
     lr: float = 5e-4
     warmup: int = 20

@@ -375,7 +375,7 @@ def plot(run_dir: str, path: str) -> None:
 # The shipped model's stage-3 report and log (every 5th step) from bench/issue15_distill.py's run;
 # a run of ``python -m twotower_rt.train distill`` writes its own RUN/distill_log.jsonl, which
 # comes first.
-SHIPPED_DISTILL_REPORT = os.path.join("bench", "results", "issue15_distill_lr90.json")
+SHIPPED_DISTILL_REPORT = os.path.join("bench", "results", "issue15_distill_s2ext80.json")
 SHIPPED_DISTILL_LOG = os.path.join("bench", "results", "issue15_distill_log.jsonl")
 
 
