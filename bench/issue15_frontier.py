@@ -30,13 +30,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
-SHIPPED = "lr90 (shipped)"
+SHIPPED = "s2ext80 (shipped)"
+LR90 = "lr90 (shipped before s2ext80)"
 DEFAULT = "python/twotower_rt/default_model"
 # (label, report, where in it): "after/<name>", "extra/<model path>", "soup/<name>" or
 # "evaluate"; only rows measured on the 512 prompts of train.evaluate.
 SOURCES = [
     (SHIPPED, "default_model.json", "evaluate"),
-    (SHIPPED, "issue15_distill_lr90.json", "after/candidate"),
+    (SHIPPED, "issue15_distill_s2ext80.json", "after/candidate"),
+    ("s2ext80, before cf", "issue15_distill_s2ext80.json", "after/candidate_nocf"),
+    (LR90, "default_model_lr90.json", "evaluate"),
+    (LR90, "issue15_distill_lr90.json", "after/candidate"),
     ("lr90, before cf", "issue15_distill_lr90.json", "after/candidate_nocf"),
     ("cf10 (shipped before lr90)", "default_model_cf10.json", "evaluate"),
     ("cf10 (shipped before lr90)", "issue15_distill_cf10.json", "extra/" + DEFAULT),

@@ -49,7 +49,7 @@ def test_frontier_collects_curves_and_draws(tmp_path, monkeypatch):
     ar = {"mode": "ar", "confidence_threshold": None}
     (tmp_path / "default_model.json").write_text(json.dumps(
         {"results": [ar, _row(0.9, 0.9, 3.0, 0.6), _row(0.8, 0.84, 4.0, 0.7)]}))  # fmt: skip
-    (tmp_path / "issue15_distill_lr90.json").write_text(json.dumps({"after": {
+    (tmp_path / "issue15_distill_s2ext80.json").write_text(json.dumps({"after": {
         "candidate": {"results": [ar, _row(0.99, 0.94, 2.1, 0.5), _row(0.8, 0.1, 9.0, 9.0)]},
         "candidate_nocf": {"results": [ar, _row(0.8, 0.9, 2.5, 0.7)]}}}))  # fmt: skip
     cf10 = {"results": [ar, _row(0.8, 0.84, 4.0, 0.7)]}
@@ -65,6 +65,7 @@ def test_frontier_collects_curves_and_draws(tmp_path, monkeypatch):
     assert shipped[0.8]["nll_ratio"] == 0.84 and shipped[0.99]["tokens_per_forward"] == 2.1
     assert curves["rollouts + cf 0.3, 60 min, before cf"][0.8]["nll_ratio"] == 0.93
     assert "on-policy" not in curves  # no report: left out
+    assert issue15_frontier.LR90 not in curves
     assert list(curves["cf10 (shipped before lr90)"]) == [0.8]
     issue15_frontier.plot(curves, tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
