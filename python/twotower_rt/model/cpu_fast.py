@@ -393,7 +393,6 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
             scales = 1 + scales
     for i, block in enumerate(tower.layers):
         kind = block.kind
-        last = i == tower.last_mixer
         if modulation is None:
             h = norm(x, block.norm.weight, eps)
         elif fused:  # (the kernel refuses a norm weight that is not fp32)
@@ -403,24 +402,11 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
             h = rms_norm(x, block.norm.weight, eps) * scales[i] + shifts[i]
         else:
             h = rms_norm(x * scales[i] + shifts[i], block.norm.weight, eps)
-        if kind == "mamba":
-            out, new_state = block.mixer(h, mamba_states[i], n_valid, keep_state=append)
-            if new_state is not None:
-                new_states[i] = new_state
-        elif kind == "attention":
-            if last and not outputs:
-                block.mixer.append_kv(h, cache.keys[i], cache.values[i], prefix_len, cache.slots)
-                break
-            out = block.mixer(h, cache.keys[i], cache.values[i], prefix_len, append, cache.slots,
-                              cache.max_length, rows=rows if last else None)  # fmt: skip
-        else:
-            out = block.mixer(h)
-        if last and not outputs:
+        mixed = tower.mix(i, block, h, x, cache, prefix_len, mamba_states, append, n_valid,
+                          outputs, rows, new_states)  # fmt: skip
+        if mixed is None:
             break
-        if last and rows is not None:
-            x = x.index_select(1, rows)
-            if kind == "mamba":
-                out = out.index_select(1, rows)
+        out, x = mixed
         if modulation is None:
             x = x + out
         elif fused:

@@ -88,7 +88,6 @@ class Tower(nn.Module):
             x = x.index_select(1, rows)
         new_states: dict[int, MambaState] = {}
         for i, block in enumerate(self.layers):
-            last = i == self.last_mixer
             if modulation is None:
                 h = block.norm(x)
             else:
@@ -97,29 +96,45 @@ class Tower(nn.Module):
                     h = block.norm(x * (1 + scale) + shift)
                 else:
                     h = block.norm(x) * (1 + scale) + shift
-            if block.kind == "mamba":
-                out, new_state = block.mixer(h, mamba_states[i], n_valid, keep_state=append)
-                if new_state is not None:
-                    new_states[i] = new_state
-            elif block.kind == "attention":
-                k, v = cache.keys[i], cache.values[i]
-                if last and not outputs:
-                    block.mixer.append_kv(h, k, v, prefix_len, cache.slots)
-                    break
-                out = block.mixer(h, k, v, prefix_len, append, cache.slots, cache.max_length,
-                                  rows=rows if last else None)  # fmt: skip
-            else:
-                out = block.mixer(h)
-            if last and not outputs:
+            mixed = self.mix(i, block, h, x, cache, prefix_len, mamba_states, append, n_valid,
+                             outputs, rows, new_states)  # fmt: skip
+            if mixed is None:
                 break
-            if last and rows is not None:
-                x = x.index_select(1, rows)
-                if block.kind == "mamba":
-                    out = out.index_select(1, rows)
+            out, x = mixed
             x = x + (out if modulation is None else gate * out)
         if not outputs:
             return None, new_states
         return self.norm_f(x), new_states
+
+    def mix(self, i, block, h, x, cache, prefix_len, mamba_states, append, n_valid, outputs, rows,
+            new_states):  # fmt: skip
+        """Layer i's mixer (``block``'s, passed in: indexing the ModuleList costs microseconds a
+        layer) on its normed input ``h``, with :meth:`forward`'s arguments (both its paths call
+        this): (its output, the residual stream ``x``), both at ``rows`` alone after the last
+        mixing layer; or None where the pass ends at this layer (``outputs=False``: the cache is
+        written; the last attention layer writes only its K/V). A Mamba layer's new state goes
+        into ``new_states``."""
+        last = i == self.last_mixer
+        if block.kind == "mamba":
+            out, new_state = block.mixer(h, mamba_states[i], n_valid, keep_state=append)
+            if new_state is not None:
+                new_states[i] = new_state
+        elif block.kind == "attention":
+            k, v = cache.keys[i], cache.values[i]
+            if last and not outputs:
+                block.mixer.append_kv(h, k, v, prefix_len, cache.slots)
+                return None
+            out = block.mixer(h, k, v, prefix_len, append, cache.slots, cache.max_length,
+                              rows=rows if last else None)  # fmt: skip
+        else:
+            out = block.mixer(h)
+        if last and not outputs:
+            return None
+        if last and rows is not None:
+            x = x.index_select(1, rows)
+            if block.kind == "mamba":
+                out = out.index_select(1, rows)
+        return out, x
 
 
 class TimestepEmbedder(nn.Module):
