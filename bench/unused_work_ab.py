@@ -98,13 +98,15 @@ def step_cases(model) -> dict:
     return {"commit pass": commit, **{f"denoise, {k} of 16 masked": denoise(k) for k in (16, 8, 4)}}
 
 
-def time_steps(model, rounds: int) -> dict:
+def time_steps(model, rounds: int, side=side, sides=SIDES) -> dict:
+    """Each case's step on each side (``side(name)``: a context manager), alternating; the first
+    of ``sides`` is the baseline."""
     cases = step_cases(model)
     set_kernel_threads(1)
-    samples = {(name, s): [] for name in cases for s in SIDES}
+    samples = {(name, s): [] for name in cases for s in sides}
     for r in range(rounds * 8 + 1):  # round 0: the warm-up
         for name, fn in cases.items():
-            for s in SIDES:
+            for s in sides:
                 with side(s):
                     t0 = time.thread_time()
                     for _ in range(5):
@@ -112,14 +114,16 @@ def time_steps(model, rounds: int) -> dict:
                     if r:
                         samples[(name, s)].append((time.thread_time() - t0) / 5)
     rows = {}
+    a, b = sides
     for name in cases:
-        off, on = (statistics.median(samples[(name, s)]) * 1e3 for s in SIDES)
-        rows[name] = {"off_ms": round(off, 3), "on_ms": round(on, 3), "speedup": round(off / on, 3)}
-        print(f"{name:26s} off {off:.3f} ms  on {on:.3f} ms  {off / on:.3f}x", flush=True)
+        off, on = (statistics.median(samples[(name, s)]) * 1e3 for s in sides)
+        rows[name] = {f"{a}_ms": round(off, 3), f"{b}_ms": round(on, 3),
+                      "speedup": round(off / on, 3)}  # fmt: skip
+        print(f"{name:26s} {a} {off:.3f} ms  {b} {on:.3f} ms  {off / on:.3f}x", flush=True)
     return rows
 
 
-def time_generate(model, prompts, rounds: int) -> dict:
+def time_generate(model, prompts, rounds: int, side=side, sides=SIDES) -> dict:
     modes = (("ar", None), ("mask_diffusion", 0.8))
     tokens = len(prompts) * ev.NEW_TOKENS
 
@@ -135,22 +139,22 @@ def time_generate(model, prompts, rounds: int) -> dict:
         for threads in (1, 2):
             set_kernel_threads(threads)
             for mode, gamma in modes:
-                for s in SIDES:
+                for s in sides:
                     with side(s):
                         t, out = once(mode, gamma, threads)
                     seen.setdefault((mode, s), out)
                     if r:
                         times.setdefault((threads, mode, s), []).append(t)
-    same = all(seen[(m, "off")] == seen[(m, "on")] for m, _ in modes)
+    same = all(seen[(m, sides[0])] == seen[(m, sides[1])] for m, _ in modes)
     rows = {}
     for threads in (1, 2):
         row = {}
         for mode, _ in modes:
-            for s in SIDES:
+            for s in sides:
                 row[f"{mode} {s} tok/s"] = round(
                     tokens / statistics.median(times[(threads, mode, s)])
                 )
-        for s in SIDES:
+        for s in sides:
             row[f"mask_diffusion / ar, {s}"] = round(
                 row[f"mask_diffusion {s} tok/s"] / row[f"ar {s} tok/s"], 3
             )
@@ -160,6 +164,26 @@ def time_generate(model, prompts, rounds: int) -> dict:
     return {"same_tokens": same, "rates": rows}
 
 
+def ab(args, what: str, side=side, sides=SIDES) -> None:
+    """Both timings of ``sides`` (``args``: data_dir, prompts, rounds, json_out), one report."""
+    torch.set_num_threads(1)
+    model = twotower_rt.load()
+    with torch.inference_mode():
+        steps = time_steps(model, args.rounds, side=side, sides=sides)
+    windows = ev.heldout_windows(model.tokenizer, args.data_dir, ev.HELDOUT_PROMPTS,
+                                 ev.PROMPT_LEN + ev.NEW_TOKENS)  # fmt: skip
+    prompts = ev.spread([w[: ev.PROMPT_LEN] for w in windows], args.prompts)
+    generate = time_generate(model, prompts, args.rounds, side=side, sides=sides)
+    write_report(args.json_out, {
+        **report_header(),
+        "what": what,
+        "prompts": len(prompts),
+        "rounds": args.rounds,
+        "steps_ms": steps,
+        "generate": generate,
+    })  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=".data")
@@ -167,24 +191,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json-out", default="bench/results/unused_work_ab.json")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    model = twotower_rt.load()
-    with torch.inference_mode():
-        steps = time_steps(model, args.rounds)
-    windows = ev.heldout_windows(model.tokenizer, args.data_dir, ev.HELDOUT_PROMPTS,
-                                 ev.PROMPT_LEN + ev.NEW_TOKENS)  # fmt: skip
-    prompts = ev.spread([w[: ev.PROMPT_LEN] for w in windows], args.prompts)
-    generate = time_generate(model, prompts, args.rounds)
-    write_report(args.json_out, {
-        **report_header(),
-        "what": "batch 1, the default model: commit pass and denoiser forward (thread CPU time, "
-                "one kernel thread), and generate (64 new tokens per prompt), with the skips of "
-                "unread work off (the code before) and on, alternating in one process",
-        "prompts": len(prompts),
-        "rounds": args.rounds,
-        "steps_ms": steps,
-        "generate": generate,
-    })  # fmt: skip
+    ab(args, "batch 1, the default model: commit pass and denoiser forward (thread CPU time, one "
+             "kernel thread), and generate (64 new tokens per prompt), with the skips of unread "
+             "work off (the code before) and on, alternating in one process")  # fmt: skip
     return 0
 
 
