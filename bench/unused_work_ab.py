@@ -164,7 +164,7 @@ def time_generate(model, prompts, rounds: int, side=side, sides=SIDES) -> dict:
     return {"same_tokens": same, "rates": rows}
 
 
-def ab(args, what: str, side=side, sides=SIDES) -> None:
+def ab(args, what: str, side=side, sides=SIDES, extra=None) -> None:
     """Both timings of ``sides`` (``args``: data_dir, prompts, rounds, json_out), one report."""
     torch.set_num_threads(1)
     model = twotower_rt.load()
@@ -179,6 +179,7 @@ def ab(args, what: str, side=side, sides=SIDES) -> None:
         "what": what,
         "prompts": len(prompts),
         "rounds": args.rounds,
+        **(extra or {}),
         "steps_ms": steps,
         "generate": generate,
     })  # fmt: skip
