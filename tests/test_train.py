@@ -347,8 +347,18 @@ def test_measure_speed_side_by_side_and_the_tradeoff_picture(default_model, monk
     monkeypatch.setattr(threads, "set_kernel_threads", lambda n: seen.append(n) or real_set(n))
     torch_threads, kernel_threads = torch.get_num_threads(), threads.kernel_threads()
     prompts = [[5, 9, 100, 7], [44, 17, 8, 2], [1000, 3, 250, 9], [9, 71, 20, 4]]
-    speeds = ev.measure_speed(default_model, prompts, 16, repeats=2, kernel_threads=(1, 2))
+    calls = []
+    real_run = ev.run_mode
+    monkeypatch.setattr(ev, "run_mode", lambda m, group, mode, *a: calls.append(
+        (len(group), group[0][0], mode)) or real_run(m, group, mode, *a))  # fmt: skip
+    probes = []
+    speeds = ev.measure_speed(default_model, prompts, 16, repeats=2, kernel_threads=(1, 2),
+                              probes=probes)  # fmt: skip
     assert set(speeds) == {1, 2}
+    # a probe per timed round, batch and count; each the median / least over the round's groups
+    assert [(p["batch"], p["round"], p["kernel_threads"]) for p in probes] == [
+        (b, r, k) for b in (1, 64) for r in (1, 2) for k in (1, 2)]  # fmt: skip
+    assert all(0 < p["matmul_gflops_min"] <= p["matmul_gflops_median"] for p in probes)
     for count in (1, 2):
         assert set(speeds[count]) == {"batch_1", "batch_64"}
         for row in speeds[count].values():
@@ -356,8 +366,19 @@ def test_measure_speed_side_by_side_and_the_tradeoff_picture(default_model, monk
             assert row["ar"]["cpu_vs_ar"] == row["ar"]["wall_vs_ar"] == 1.0
             assert row["ar"]["tokens_per_forward"] == 1.0
             assert all(v["tok_s"] > 0 and v["cpu_tok_s"] > 0 for v in row.values())
+            assert row["ar"]["wall_vs_ar_rounds"] == row["ar"]["cpu_vs_ar_rounds"] == [1.0, 1.0]
+            md = row["mask_diffusion@0.8"]
+            assert len(md["wall_vs_ar_rounds"]) == len(md["cpu_vs_ar_rounds"]) == 2
+            lo, hi = min(md["wall_vs_ar_rounds"]), max(md["wall_vs_ar_rounds"])
+            assert lo - 1e-3 <= md["wall_vs_ar"] <= hi + 1e-3  # (of two rounds: their mean)
     # each batch: a warm-up round and two timed ones, each switching 1 -> 2; then put back
     assert seen == [1, 2] * 3 * 2 + [kernel_threads]
+    # within a round the modes take turns prompt by prompt (batch 1), each prompt starting one
+    # mode later; then all 4 prompts at once
+    order = (("ar", "mask_diffusion"), ("mask_diffusion", "ar"))
+    one_round = [(1, q[0], m) for i, q in enumerate(prompts) for m in order[i % 2]]
+    assert calls[: len(one_round)] == one_round
+    assert calls[len(one_round) * 6 :][:2] == [(4, 5, "ar"), (4, 5, "mask_diffusion")]
     assert threads.kernel_threads() == kernel_threads and torch.get_num_threads() == torch_threads
     rows = ev.evaluate(default_model, prompts, [[1] * 16] * 4, 16, modes)
     # batch 64 holds the 4 prompts at once, as evaluate's one batch: the same generations

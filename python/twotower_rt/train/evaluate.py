@@ -185,18 +185,37 @@ def bootstrap_ratios(base, mode, resamples: int, seed: int = 0) -> dict:
             for k, v in ratios.items()}  # fmt: skip
 
 
+def matmul_rate(size: int = 384, reps: int = 3) -> float:
+    """GFLOP/s of an fp32 square matmul on torch's threads, the median of ``reps``: a probe of
+    how much of the core the process gets (on a shared host it halves while a neighbour on the
+    same physical core computes)."""
+    a, b = torch.ones(size, size), torch.ones(size, size)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / sorted(times)[len(times) // 2] / 1e9
+
+
 def measure_speed(model, prompts, new_tokens: int, repeats: int,
                   kernel_threads: tuple[int, ...] = (1,), modes=None,
-                  batches=None) -> dict:  # fmt: skip
+                  batches=None, probes: list | None = None) -> dict:  # fmt: skip
     """Tokens/s per mode (``modes``, default MODES) at each of ``batches`` (default
     SPEED_BATCHES) over ``prompts`` (at batch B, in groups of B
     prompts; a last group of fewer is left out, or is the one group), side by side: torch on one
     thread, the CPU kernels on each count of ``kernel_threads`` (threads.set_kernel_threads), a
-    warm-up of every configuration, then ``repeats`` rounds in which the counts and the modes
-    alternate; medians.
+    warm-up of every configuration, then ``repeats`` rounds in which the counts alternate and,
+    within a count, the modes take turns group by group (every mode runs group 1, then every
+    mode group 2, ..., each group starting one mode later: on a shared machine whose speed
+    drifts over seconds, each ratio to AR is then taken over the same stretch of time); medians
+    over the rounds.
     Returns ``{count: {"batch_B": {mode: rates}}}``. ``cpu_tok_s`` is from the process's CPU
     time, ``tok_s`` from wall-clock; with more than one kernel thread the CPU time counts every
-    core (a worker spins between calls), so compare wall-clock there (``wall_vs_ar``)."""
+    core (a worker spins between calls), so compare wall-clock there (``wall_vs_ar``);
+    ``cpu_vs_ar_rounds`` / ``wall_vs_ar_rounds``: each round's own ratio, to show the spread.
+    ``probes``: a list to which each timed round appends the :func:`matmul_rate` measured before
+    each of its groups (median and least), to read the spread against."""
     import statistics
 
     from ..threads import kernel_threads as current_kernel_threads
@@ -212,21 +231,37 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
             groups = groups or [prompts]  # fewer prompts than the batch: all of them at once
             tokens = sum(len(g) for g in groups) * new_tokens
 
-            def once(mode, gamma, groups=groups):
-                wall, cpu, nfe = time.perf_counter(), time.process_time(), 0
-                for group in groups:
-                    nfe += sum(run_mode(model, group, mode, gamma, new_tokens)[0].nfe)
-                return time.perf_counter() - wall, time.process_time() - cpu, nfe
+            def once(rates, groups=groups):
+                """One round: {mode: [wall s, CPU s, denoiser forwards]}, the modes taking
+                turns on each group, group i starting from mode i (mod the modes), so that no
+                mode always runs first (``rates``: None, or a list for a probe before each)."""
+                spent = {mode_key(m, g): [0.0, 0.0, 0] for m, g in modes}
+                for i, group in enumerate(groups):
+                    if rates is not None:
+                        rates.append(matmul_rate())
+                    first = i % len(modes)
+                    for mode, gamma in modes[first:] + modes[:first]:
+                        wall, cpu = time.perf_counter(), time.process_time()
+                        nfe = sum(run_mode(model, group, mode, gamma, new_tokens)[0].nfe)
+                        t = spent[mode_key(mode, gamma)]
+                        t[0] += time.perf_counter() - wall
+                        t[1] += time.process_time() - cpu
+                        t[2] += nfe
+                return spent
 
             times = {(k, mode_key(m, g)): [] for k in kernel_threads for m, g in modes}
             nfes = {}  # denoiser forwards per mode (greedy: the same every round)
             for r in range(repeats + 1):  # round 0: the warm-up
                 for k in kernel_threads:
                     set_kernel_threads(k)
-                    for mode, gamma in modes:
-                        wall, cpu, nfes[mode_key(mode, gamma)] = once(mode, gamma)
+                    rates = [] if probes is not None and r else None
+                    for key, (wall, cpu, nfes[key]) in once(rates).items():
                         if r:
-                            times[(k, mode_key(mode, gamma))].append((wall, cpu))
+                            times[(k, key)].append((wall, cpu))
+                    if rates:
+                        probes.append({"batch": batch, "kernel_threads": k, "round": r,
+                                       "matmul_gflops_median": round(statistics.median(rates), 1),
+                                       "matmul_gflops_min": round(min(rates), 1)})  # fmt: skip
             for k in kernel_threads:
                 row = {}
                 for (count, key), runs in times.items():
@@ -236,9 +271,15 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
                         tpf = tokens / nfes[key] if nfes[key] else 1.0
                         row[key] = {"tok_s": tokens / wall, "cpu_tok_s": tokens / cpu,
                                     "tokens_per_forward": tpf}  # fmt: skip
+                ar_runs = times[(k, "ar")]
                 for key in row:
                     row[key]["cpu_vs_ar"] = row[key]["cpu_tok_s"] / row["ar"]["cpu_tok_s"]
                     row[key]["wall_vs_ar"] = row[key]["tok_s"] / row["ar"]["tok_s"]
+                    runs = times[(k, key)]
+                    row[key]["cpu_vs_ar_rounds"] = [round(a[1] / b[1], 3)
+                                                    for a, b in zip(ar_runs, runs)]  # fmt: skip
+                    row[key]["wall_vs_ar_rounds"] = [round(a[0] / b[0], 3)
+                                                     for a, b in zip(ar_runs, runs)]  # fmt: skip
                 speed[k][f"batch_{batch}"] = row
                 rate, ratio = ("cpu_tok_s", "cpu_vs_ar") if k == 1 else ("tok_s", "wall_vs_ar")
                 print(f"speed batch {batch}, {k} kernel thread(s), {rate}: " + "  ".join(
@@ -462,7 +503,9 @@ def main(args) -> None:
     rows = evaluate(model, prompts, truths, args.new_tokens)
     counts = tuple(dict.fromkeys([1, *args.kernel_threads]))  # one thread first: the baseline
     speed_prompts = spread(prompts, args.speed_prompts or len(prompts))
-    speeds = measure_speed(model, speed_prompts, args.new_tokens, args.repeats, counts)
+    probes = []
+    speeds = measure_speed(model, speed_prompts, args.new_tokens, args.repeats, counts,
+                           probes=probes)  # fmt: skip
     speed = speeds[1]
     run_dir = os.path.join(args.data_dir, "runs", args.run)
     model_dir = model.source
@@ -515,16 +558,21 @@ def main(args) -> None:
             "recomputed on the same draw; 2.5 and 97.5 percentiles)",
             "speed": "tokens/s per batch size over speed_prompts of the held-out prompts, evenly "
             "spread over them "
-            "(batch B: groups of B, one after the other; batch 1: each prompt alone), modes "
-            "alternating over repeats after a warm-up, medians; cpu_tok_s from "
+            "(batch B: groups of B, one after the other; batch 1: each prompt alone), the "
+            "modes taking turns group by group within each round, repeats rounds after a "
+            "warm-up, medians (*_vs_ar_rounds: each round's own ratio); cpu_tok_s from "
             "process CPU time, tok_s from wall-clock; speed: the CPU kernels on one thread, "
             "speed_kernel_threads: on more (threads.set_kernel_threads; torch still on one), "
             "measured in the same rounds, compared by wall-clock; tokens_per_forward: of the "
             "timed generations (the timed prompts' own rate, which differs from all prompts')",
+            "speed_matmul_probes": "per timed round: a 384^3 fp32 matmul's GFLOP/s on one "
+            "thread, measured before each group of that round (median, least): how much of the "
+            "core the run had (on a shared host a neighbour's work halves it at times)",
         },  # fmt: skip
         "results": rows,
         "speed": speed,
         "speed_kernel_threads": {str(k): v for k, v in speeds.items() if k != 1},
+        "speed_matmul_probes": probes,
         # For scale: the same NLL of the true held-out continuations (human text is not the
         # AR tower's argmax, so it scores worse than any greedy decoding).
         "heldout_text_ar_nll": ar_nll(model.lm, prompts, truths),
