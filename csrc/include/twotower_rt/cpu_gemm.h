@@ -84,6 +84,8 @@ TWOTOWER_RT_INLINE float load1(const uint16_t* p) {
 // halves into 16 words (load_v) took GCC four to five instructions (two half-width widenings
 // and the insert that joins them, then the shift) on the pipes the multiply-adds need
 // (bench/kernels_ab.py: 16 rows x 192 x 902 on one Zen 4 core, 77 us that way, 59 this way).
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "load_pair reads halves as words");
+
 template <typename V>
 TWOTOWER_RT_INLINE void load_pair(const uint16_t* p, V& even, V& odd) {
   typedef typename Bf16Lanes<V>::wide_t wide_t;  // L 32-bit words: 2 L halves
