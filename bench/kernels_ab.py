@@ -6,14 +6,16 @@ build of it, alternating in one process.
 
 BEFORE_SO is the other build's ``_cpu*.so`` (build the older commit, copy its ``_cpu*.so`` out of
 site-packages before rebuilding). It is loaded beside the installed one and swapped in as the
-kernels ``_ext`` hands out; everything else (the Python, the model) is the same object. The cases
-and clocks are ``bench/unused_work_ab.py``'s: the commit pass and denoiser forwards at batch 1
-(thread CPU time, one kernel thread), then ``generate`` for ``ar`` and mask diffusion at gamma 0.8
-over held-out prompts (process CPU time on one kernel thread, wall time on two); the tokens are
-checked equal on both sides, the kernels being meant to give the same bits. First, each build's
-projection (``ops.linear_cpu``) alone on the default model's shapes with bfloat16 weights, one
-kernel thread, in 16-float vectors (AVX-512 CPUs) and in 8-float ones (forced: what AVX2 CPUs
-run), medians of microseconds; then the checks that both builds give the same bits there.
+kernels ``_ext`` hands out; everything else (the Python, the model) is the same object. Three
+timings, the builds alternating in each:
+
+1. a projection (``ops.linear_cpu``) alone on the default model's shapes with bfloat16 weights,
+   one kernel thread, in 16-float vectors (AVX-512 CPUs) and in 8-float ones (forced: what AVX2
+   CPUs run), medians of microseconds, and whether both builds give the same bits;
+2. and 3. ``bench/unused_work_ab.py``'s cases and clocks: the commit pass and denoiser forwards
+   at batch 1 (thread CPU time, one kernel thread), then ``generate`` for ``ar`` and mask
+   diffusion at gamma 0.8 over held-out prompts (process CPU time on one kernel thread, wall time
+   on two), the tokens checked equal on both sides.
 """
 
 from __future__ import annotations
