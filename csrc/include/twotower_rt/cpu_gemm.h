@@ -96,71 +96,25 @@ TWOTOWER_RT_INLINE void load_pair(const uint16_t* p, V& even, V& odd) {
   std::memcpy(&odd, &hi, sizeof(V));
 }
 
-// gemm_tile for bfloat16 weights and an even Q: the P = Q / 2 pairs of vectors of load_pair,
-// accumulated apart and interleaved into the outputs once, after the inputs. Each output is the
-// same chain as gemm_tile's (only the lane that computes it differs), so the bits are the same.
-template <int TB, int P, typename V>
-TWOTOWER_RT_INLINE void gemm_tile_pairs(const float* const* in, const uint16_t* w, int64_t K,
-                                        int64_t ldw, int64_t c0, const float* bias,
-                                        float* const* out) {
-  constexpr int64_t L = sizeof(V) / sizeof(float);
-  V even[TB][P], odd[TB][P];
-  for (int p = 0; p < P; ++p) {
-    float e[L], o[L];
-    for (int64_t i = 0; i < L; ++i) {
-      e[i] = bias != nullptr ? bias[c0 + 2 * (p * L + i)] : -0.0f;
-      o[i] = bias != nullptr ? bias[c0 + 2 * (p * L + i) + 1] : -0.0f;
-    }
-    for (int b = 0; b < TB; ++b) {
-      std::memcpy(&even[b][p], e, sizeof(V));
-      std::memcpy(&odd[b][p], o, sizeof(V));
-    }
-  }
-  constexpr int64_t kLines = (2 * P * L * static_cast<int64_t>(sizeof(uint16_t)) + 63) / 64;
-  for (int64_t j = 0; j < K; ++j) {
-    const uint16_t* row = w + j * ldw + c0;
-    if (j + kAhead < K) {  // as in gemm_tile
-      const char* next = reinterpret_cast<const char*>(row + kAhead * ldw);
-      for (int64_t l = 0; l < kLines; ++l) __builtin_prefetch(next + 64 * l);
-    }
-    V e[P], o[P];
-    for (int p = 0; p < P; ++p) load_pair<V>(row + 2 * p * L, e[p], o[p]);
-    for (int b = 0; b < TB; ++b) {
-      const V v = splat_v<V>(in[b][j]);
-      for (int p = 0; p < P; ++p) {
-        even[b][p] = fmadd_v(v, e[p], even[b][p]);
-        odd[b][p] = fmadd_v(v, o[p], odd[b][p]);
-      }
-    }
-  }
-  for (int b = 0; b < TB; ++b) {
-    for (int p = 0; p < P; ++p) {
-      float e[L], o[L], r[2 * L];
-      std::memcpy(e, &even[b][p], sizeof(V));
-      std::memcpy(o, &odd[b][p], sizeof(V));
-      for (int64_t i = 0; i < L; ++i) {
-        r[2 * i] = e[i];
-        r[2 * i + 1] = o[i];
-      }
-      std::memcpy(out[b] + c0 + 2 * p * L, r, sizeof(r));
-    }
-  }
-}
-
-// Outputs [c0, c0 + Q L) of TB rows (w's rows ldw apart), in Q vectors V of L floats.
+// Outputs [c0, c0 + Q L) of TB rows (w's rows ldw apart), in Q vectors V of L floats. With
+// bfloat16 weights and an even Q the vectors come in pairs from load_pair: vector 2p holds the
+// even outputs of [c0 + 2pL, c0 + 2(p + 1)L) and vector 2p + 1 the odd ones, set up from the
+// bias that way and interleaved into the outputs once, after the inputs. Each output is the same
+// chain either way (only the lane that computes it differs), so the bits are the same.
 template <int TB, int Q, typename W, typename V = v16>
 TWOTOWER_RT_INLINE void gemm_tile(const float* const* in, const W* w, int64_t K, int64_t ldw,
                                   int64_t c0, const float* bias, float* const* out) {
-  if constexpr (std::is_same_v<W, uint16_t> && Q % 2 == 0) {
-    gemm_tile_pairs<TB, Q / 2, V>(in, w, K, ldw, c0, bias, out);
-    return;
-  }
   constexpr int64_t L = sizeof(V) / sizeof(float);
+  constexpr bool kPairs = std::is_same_v<W, uint16_t> && Q % 2 == 0;
+  // The output (from c0) that lane i of vector q computes.
+  const auto column = [](int q, int64_t i) -> int64_t {
+    return kPairs ? (q / 2) * 2 * L + 2 * i + q % 2 : q * L + i;
+  };
   V acc[TB][Q];
   for (int q = 0; q < Q; ++q) {
-    V init = V{} - 0.0f;
-    if (bias != nullptr) std::memcpy(&init, bias + c0 + q * L, sizeof(V));
-    for (int b = 0; b < TB; ++b) acc[b][q] = init;
+    float init[L];
+    for (int64_t i = 0; i < L; ++i) init[i] = bias != nullptr ? bias[c0 + column(q, i)] : -0.0f;
+    for (int b = 0; b < TB; ++b) std::memcpy(&acc[b][q], init, sizeof(V));
   }
   // The weight rows of a tile are ldw apart: fetch the one kAhead rows ahead before it is read
   // (the hardware prefetchers follow these strided streams poorly).
@@ -172,14 +126,26 @@ TWOTOWER_RT_INLINE void gemm_tile(const float* const* in, const W* w, int64_t K,
       for (int64_t l = 0; l < kLines; ++l) __builtin_prefetch(next + 64 * l);
     }
     V r[Q];
-    for (int q = 0; q < Q; ++q) r[q] = load_v<V>(row + q * L);
+    if constexpr (kPairs) {
+      for (int q = 0; q < Q; q += 2) load_pair<V>(row + q * L, r[q], r[q + 1]);
+    } else {
+      for (int q = 0; q < Q; ++q) r[q] = load_v<V>(row + q * L);
+    }
     for (int b = 0; b < TB; ++b) {
       const V v = splat_v<V>(in[b][j]);
       for (int q = 0; q < Q; ++q) acc[b][q] = fmadd_v(v, r[q], acc[b][q]);
     }
   }
   for (int b = 0; b < TB; ++b) {
-    for (int q = 0; q < Q; ++q) std::memcpy(out[b] + c0 + q * L, &acc[b][q], sizeof(V));
+    for (int q = 0; q < Q; ++q) {
+      if constexpr (kPairs) {
+        float lanes[L];
+        std::memcpy(lanes, &acc[b][q], sizeof(V));
+        for (int64_t i = 0; i < L; ++i) out[b][c0 + column(q, i)] = lanes[i];
+      } else {
+        std::memcpy(out[b] + c0 + q * L, &acc[b][q], sizeof(V));
+      }
+    }
   }
 }
 
