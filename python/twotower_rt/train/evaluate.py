@@ -185,17 +185,16 @@ def bootstrap_ratios(base, mode, resamples: int, seed: int = 0) -> dict:
             for k, v in ratios.items()}  # fmt: skip
 
 
-def matmul_rate(size: int = 384, reps: int = 3) -> float:
-    """GFLOP/s of an fp32 square matmul on torch's threads, the median of ``reps``: a probe of
-    how much of the core the process gets (on a shared host it halves while a neighbour on the
-    same physical core computes)."""
-    a, b = torch.ones(size, size), torch.ones(size, size)
+def matmul_rate(a: torch.Tensor, reps: int = 3) -> float:
+    """GFLOP/s of ``a @ a`` (a square fp32 matrix) on torch's threads, the median of ``reps``: a
+    probe of how much of the core the process gets (on a shared host it halves while a neighbour
+    on the same physical core computes)."""
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        torch.mm(a, a)
         times.append(time.perf_counter() - t0)
-    return 2 * size**3 / sorted(times)[len(times) // 2] / 1e9
+    return 2 * a.shape[0] ** 3 / sorted(times)[len(times) // 2] / 1e9
 
 
 def measure_speed(model, prompts, new_tokens: int, repeats: int,
@@ -222,6 +221,7 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
     from ..threads import set_kernel_threads
 
     modes, batches = modes or MODES, batches or SPEED_BATCHES
+    probe = torch.ones(384, 384) if probes is not None else None  # matmul_rate's, made once
     threads, kthreads = torch.get_num_threads(), current_kernel_threads()
     torch.set_num_threads(1)
     try:
@@ -238,7 +238,7 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
                 spent = {mode_key(m, g): [0.0, 0.0, 0] for m, g in modes}
                 for i, group in enumerate(groups):
                     if rates is not None:
-                        rates.append(matmul_rate())
+                        rates.append(matmul_rate(probe))
                     first = i % len(modes)
                     for mode, gamma in modes[first:] + modes[:first]:
                         wall, cpu = time.perf_counter(), time.process_time()
