@@ -12,9 +12,12 @@ masked positions follow. Reported as ``train.evaluate`` reports a mode: the AR-N
 and the distinct-2 ratio to ``ar``'s greedy continuation, and the share of tokens equal to
 ``ar``'s at the same position; and, teacher-forced on ``ar``'s continuation (every token left
 of position j, in the block and before it, is ``ar``'s), the share of positions where the
-denoiser's argmax is ``ar``'s token: its one-token agreement with the AR tower. If these are
-short of AR, the gap at gamma 0.8 is not (only) the parallel commits: it is the denoiser's
-one-token prediction.
+denoiser's argmax is ``ar``'s token: its one-token agreement with the AR tower, overall, by
+block position j (``..._by_position``) and at each block's first position by block
+(``..._block_start``: j = 0, where nothing of the block is known and the denoiser has only the
+context tower's caches to tell it the next token, which AR's head reads straight from its last
+hidden state). If these are short of AR, the gap at gamma 0.8 is not (only) the parallel
+commits: it is the denoiser's one-token prediction.
 """
 
 from __future__ import annotations
@@ -87,7 +90,9 @@ def main() -> int:
         nll_ar, nll = ev.ar_nll(model.lm, prompts, ar), ev.ar_nll(model.lm, prompts, own)
         same = sum(a == b for x, y in zip(own, ar) for a, b in zip(x, y))
         forced = left_to_right(model.lm, prompts, ev.NEW_TOKENS, forced=ar)
-        agree = sum(a == b for x, y in zip(forced, ar) for a, b in zip(x, y))
+        hits = torch.tensor(forced) == torch.tensor(ar)  # (prompts, new tokens)
+        agree = int(hits.sum())
+        by_block = hits.float().view(len(ar), -1, BLOCK).mean(0)  # (blocks, S)
         rows[path] = {
             "ar_nll": nll,
             "quality_nll_ratio": nll_ar / nll,
@@ -95,6 +100,8 @@ def main() -> int:
             "distinct_2_ratio": ev.distinct_n(own, 2) / ev.distinct_n(ar, 2),
             "same_token_as_ar": same / (len(own) * ev.NEW_TOKENS),
             "teacher_forced_agreement": agree / (len(own) * ev.NEW_TOKENS),
+            "teacher_forced_agreement_by_position": [round(float(a), 4) for a in by_block.mean(0)],
+            "teacher_forced_agreement_block_start": [round(float(a), 4) for a in by_block[:, 0]],
             "sample": model.tokenizer.decode(own[0]),
         }
         print(path, {k: v for k, v in rows[path].items() if k != "sample"}, flush=True)
