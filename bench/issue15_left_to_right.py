@@ -16,8 +16,9 @@ denoiser's argmax is ``ar``'s token: its one-token agreement with the AR tower, 
 block position j (``..._by_position``) and at each block's first position by block
 (``..._block_start``: j = 0, where nothing of the block is known and the denoiser has only the
 context tower's caches to tell it the next token, which AR's head reads straight from its last
-hidden state). If these are short of AR, the gap at gamma 0.8 is not (only) the parallel
-commits: it is the denoiser's one-token prediction.
+hidden state); and how often mask diffusion's first token at gamma 0.8 differs from ``ar``'s.
+If these are short of AR, the gap at gamma 0.8 is not (only) the parallel commits: it is the
+denoiser's one-token prediction.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def main() -> int:
         ar, _ = ev.run_mode(model, prompts, "ar", None, ev.NEW_TOKENS)
         ar = [s[len(p) :] for s, p in zip(ar.sequences, prompts)]
         own = left_to_right(model.lm, prompts, ev.NEW_TOKENS)
+        md, _ = ev.run_mode(model, prompts, "mask_diffusion", 0.8, ev.NEW_TOKENS)
+        first_differs = sum(g[0] != a[0] for g, a in zip(md.generated, ar)) / len(ar)
         nll_ar, nll = ev.ar_nll(model.lm, prompts, ar), ev.ar_nll(model.lm, prompts, own)
         same = sum(a == b for x, y in zip(own, ar) for a, b in zip(x, y))
         forced = left_to_right(model.lm, prompts, ev.NEW_TOKENS, forced=ar)
@@ -99,6 +102,7 @@ def main() -> int:
             "distinct_2": ev.distinct_n(own, 2),
             "distinct_2_ratio": ev.distinct_n(own, 2) / ev.distinct_n(ar, 2),
             "same_token_as_ar": same / (len(own) * ev.NEW_TOKENS),
+            "first_token_differs_at_gamma_0.8": first_differs,
             "teacher_forced_agreement": agree / (len(own) * ev.NEW_TOKENS),
             "teacher_forced_agreement_by_position": [round(float(a), 4) for a in by_block.mean(0)],
             "teacher_forced_agreement_block_start": [round(float(a), 4) for a in by_block[:, 0]],
