@@ -126,6 +126,24 @@ SOURCES = [
         "issue15_distill_s2ext45s1.json",
         "after/candidate_nocf",
     ),
+    # From the 6,155-step stage 2: the shipped recipe; a distillation set of 32,768 prompts x 32.
+    ("stage 2 (6,155 steps), no stage 3", "issue15_distill_s2ext6155.json", "before"),
+    ("s2ext80 recipe, stage 2 6,155 steps", "issue15_distill_s2ext6155.json", "after/candidate"),
+    (
+        "s2ext80 recipe, stage 2 6,155 steps, before cf",
+        "issue15_distill_s2ext6155.json",
+        "after/candidate_nocf",
+    ),
+    (
+        "stage 2 6,155 steps, 32,768 prompts x 32",
+        "issue15_distill_s2ext6155_blockstarts.json",
+        "after/candidate",
+    ),
+    (
+        "stage 2 6,155 steps, 32,768 prompts x 32, before cf",
+        "issue15_distill_s2ext6155_blockstarts.json",
+        "after/candidate_nocf",
+    ),
 ]
 
 
@@ -212,7 +230,9 @@ def plot(curves: dict, path: Path, needed: dict | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6.6))
+    # The legend below the plots: 5 columns, ~0.15 inch a row at its font size.
+    legend_in = 0.15 * (-(-len(curves) // 5)) + 0.2
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2 + legend_in))
     colors = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors
     for ax, key, target, title in (
         (axes[0], "nll_ratio", (0.95, None), "AR-NLL quality ratio (1 = AR)"),
@@ -252,9 +272,9 @@ def plot(curves: dict, path: Path, needed: dict | None = None) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False)
     fig.suptitle("Every stage-3 model on the 512 held-out prompts: one curve per model over gamma")
-    fig.tight_layout(rect=(0, 0.17, 1, 1))
+    fig.tight_layout(rect=(0, legend_in / (5.2 + legend_in), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
