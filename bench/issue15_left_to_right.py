@@ -71,6 +71,19 @@ def left_to_right(lm, prompts: list[list[int]], new_tokens: int, forced=None, ba
     return out
 
 
+def agreement(predicted: list[list[int]], reference: list[list[int]]) -> dict:
+    """The share of ``predicted`` tokens equal to ``reference``'s (continuations of one length, a
+    multiple of BLOCK): overall (key ""), by block position (``_by_position``, S values) and at
+    each block's first position, block by block (``_block_start``)."""
+    hits = (torch.tensor(predicted) == torch.tensor(reference)).float()  # (prompts, tokens)
+    by_block = hits.view(hits.shape[0], -1, BLOCK).mean(0)  # (blocks, S)
+    return {
+        "": float(hits.mean()),
+        "_by_position": [round(float(a), 4) for a in by_block.mean(0)],
+        "_block_start": [round(float(a), 4) for a in by_block[:, 0]],
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+")
@@ -93,9 +106,7 @@ def main() -> int:
         nll_ar, nll = ev.ar_nll(model.lm, prompts, ar), ev.ar_nll(model.lm, prompts, own)
         same = sum(a == b for x, y in zip(own, ar) for a, b in zip(x, y))
         forced = left_to_right(model.lm, prompts, ev.NEW_TOKENS, forced=ar)
-        hits = torch.tensor(forced) == torch.tensor(ar)  # (prompts, new tokens)
-        agree = int(hits.sum())
-        by_block = hits.float().view(len(ar), -1, BLOCK).mean(0)  # (blocks, S)
+        agree = agreement(forced, ar)
         rows[path] = {
             "ar_nll": nll,
             "quality_nll_ratio": nll_ar / nll,
@@ -103,9 +114,7 @@ def main() -> int:
             "distinct_2_ratio": ev.distinct_n(own, 2) / ev.distinct_n(ar, 2),
             "same_token_as_ar": same / (len(own) * ev.NEW_TOKENS),
             "first_token_differs_at_gamma_0.8": first_differs,
-            "teacher_forced_agreement": agree / (len(own) * ev.NEW_TOKENS),
-            "teacher_forced_agreement_by_position": [round(float(a), 4) for a in by_block.mean(0)],
-            "teacher_forced_agreement_block_start": [round(float(a), 4) for a in by_block[:, 0]],
+            **{f"teacher_forced_agreement{k}": v for k, v in agree.items()},
             "sample": model.tokenizer.decode(own[0]),
         }
         print(path, {k: v for k, v in rows[path].items() if k != "sample"}, flush=True)

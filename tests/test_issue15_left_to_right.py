@@ -39,6 +39,20 @@ def test_left_to_right_forced_on_its_own_text_predicts_it(builtin_model):
     assert [x[0] for x in own] == first == [x[0] for x in forced]
 
 
+def test_agreement_by_position_and_block_start():
+    # Two prompts, two blocks: prompt 0 misses position 0 of block 0 and position 5 of block 1,
+    # prompt 1 misses position 0 of both blocks.
+    ref = [list(range(32)), list(range(100, 132))]
+    pred = [list(r) for r in ref]
+    pred[0][0] = pred[0][16 + 5] = pred[1][0] = pred[1][16] = -1
+    agree = issue15_left_to_right.agreement(pred, ref)
+    assert agree[""] == pytest.approx(60 / 64)
+    assert agree["_block_start"] == [0.0, 0.5]
+    by_position = agree["_by_position"]
+    assert by_position[0] == 0.25 and by_position[5] == 0.75
+    assert by_position[1:5] == [1.0] * 4 and by_position[6:] == [1.0] * 10
+
+
 def _row(gamma, nll, tpf, d2):
     return {"mode": "mask_diffusion", "confidence_threshold": gamma, "quality_nll_ratio": nll,
             "tokens_per_forward": tpf, "distinct_2_ratio": d2}  # fmt: skip
