@@ -101,7 +101,7 @@ def main() -> int:
         ar, _ = ev.run_mode(model, prompts, "ar", None, ev.NEW_TOKENS)
         ar = [s[len(p) :] for s, p in zip(ar.sequences, prompts)]
         own = left_to_right(model.lm, prompts, ev.NEW_TOKENS)
-        md, _ = ev.run_mode(model, prompts, "mask_diffusion", 0.8, ev.NEW_TOKENS)
+        md, _ = ev.run_mode(model, prompts, "mask_diffusion", 0.8, BLOCK)  # the first block
         first_differs = sum(g[0] != a[0] for g, a in zip(md.generated, ar)) / len(ar)
         nll_ar, nll = ev.ar_nll(model.lm, prompts, ar), ev.ar_nll(model.lm, prompts, own)
         same = sum(a == b for x, y in zip(own, ar) for a, b in zip(x, y))
