@@ -13,12 +13,20 @@ and the distinct-2 ratio to ``ar``'s greedy continuation, and the share of token
 ``ar``'s at the same position; and, teacher-forced on ``ar``'s continuation (every token left
 of position j, in the block and before it, is ``ar``'s), the share of positions where the
 denoiser's argmax is ``ar``'s token: its one-token agreement with the AR tower, overall, by
-block position j (``..._by_position``) and at each block's first position by block
+block position j (``..._by_position``), at each block's first position by block
 (``..._block_start``: j = 0, where nothing of the block is known and the denoiser has only the
 context tower's caches to tell it the next token, which AR's head reads straight from its last
-hidden state); and how often mask diffusion's first token at gamma 0.8 differs from ``ar``'s.
+hidden state) and at every position of every block (``..._by_block``), beside the AR tower's own
+probability of its greedy token there (``ar_top_probability_by_block``: how sure AR itself is);
+and how often mask diffusion's first token at gamma 0.8 differs from ``ar``'s.
 If these are short of AR, the gap at gamma 0.8 is not (only) the parallel commits: it is the
 denoiser's one-token prediction.
+
+Where the diversity goes, at gamma 0.8: the distinct-2 ratio of each block of mask diffusion's
+continuation against the same block of ``ar``'s (``gamma_0.8_distinct_2_ratio_by_block``), and of
+a continuation whose first block is ``ar``'s and whose later blocks mask diffusion decodes after
+it (``gamma_0.8_after_ar_first_block``: its distinct-2 and NLL ratios over all 64 tokens): how
+much of the gap is the first block, the one after real text.
 """
 
 from __future__ import annotations
@@ -81,7 +89,16 @@ def agreement(predicted: list[list[int]], reference: list[list[int]]) -> dict:
         "": float(hits.mean()),
         "_by_position": [round(float(a), 4) for a in by_block.mean(0)],
         "_block_start": [round(float(a), 4) for a in by_block[:, 0]],
+        "_by_block": [[round(float(a), 4) for a in row] for row in by_block],
     }
+
+
+def by_block_distinct_2_ratio(seqs: list[list[int]], reference: list[list[int]]) -> list[float]:
+    """Per block of BLOCK tokens: distinct-2 of ``seqs``' tokens there over ``reference``'s."""
+    blocks = len(reference[0]) // BLOCK
+    cut = lambda rows, b: [r[b * BLOCK : (b + 1) * BLOCK] for r in rows]  # noqa: E731
+    return [round(ev.distinct_n(cut(seqs, b), 2) / ev.distinct_n(cut(reference, b), 2), 4)
+            for b in range(blocks)]  # fmt: skip
 
 
 def main() -> int:
@@ -101,9 +118,14 @@ def main() -> int:
         ar, _ = ev.run_mode(model, prompts, "ar", None, ev.NEW_TOKENS)
         ar = [s[len(p) :] for s, p in zip(ar.sequences, prompts)]
         own = left_to_right(model.lm, prompts, ev.NEW_TOKENS)
-        md, _ = ev.run_mode(model, prompts, "mask_diffusion", 0.8, BLOCK)  # the first block
-        first_differs = sum(g[0] != a[0] for g, a in zip(md.generated, ar)) / len(ar)
-        nll_ar, nll = ev.ar_nll(model.lm, prompts, ar), ev.ar_nll(model.lm, prompts, own)
+        md = ev.run_mode(model, prompts, "mask_diffusion", 0.8, ev.NEW_TOKENS)[0].generated
+        first_differs = sum(g[0] != a[0] for g, a in zip(md, ar)) / len(ar)
+        after = [p + a[:BLOCK] for p, a in zip(prompts, ar)]  # ar's first block, then md
+        after = ev.run_mode(model, after, "mask_diffusion", 0.8, ev.NEW_TOKENS - BLOCK)[0]
+        after = [a[:BLOCK] + g for a, g in zip(ar, after.generated)]
+        nll_scores = ev.ar_token_scores(model.lm, prompts, ar)[0]  # ar's own greedy tokens
+        top_p = torch.exp(-nll_scores).view(len(ar), -1, BLOCK).mean(0)
+        nll_ar, nll = float(nll_scores.mean()), ev.ar_nll(model.lm, prompts, own)
         same = sum(a == b for x, y in zip(own, ar) for a, b in zip(x, y))
         forced = left_to_right(model.lm, prompts, ev.NEW_TOKENS, forced=ar)
         agree = agreement(forced, ar)
@@ -115,9 +137,18 @@ def main() -> int:
             "same_token_as_ar": same / (len(own) * ev.NEW_TOKENS),
             "first_token_differs_at_gamma_0.8": first_differs,
             **{f"teacher_forced_agreement{k}": v for k, v in agree.items()},
+            "ar_top_probability_by_block": [[round(float(a), 4) for a in r] for r in top_p],
+            "gamma_0.8_distinct_2_ratio": ev.distinct_n(md, 2) / ev.distinct_n(ar, 2),
+            "gamma_0.8_distinct_2_ratio_by_block": by_block_distinct_2_ratio(md, ar),
+            "gamma_0.8_after_ar_first_block": {
+                "distinct_2_ratio": ev.distinct_n(after, 2) / ev.distinct_n(ar, 2),
+                "quality_nll_ratio": nll_ar / ev.ar_nll(model.lm, prompts, after),
+                "distinct_2_ratio_by_block": by_block_distinct_2_ratio(after, ar),
+            },
             "sample": model.tokenizer.decode(own[0]),
         }
-        print(path, {k: v for k, v in rows[path].items() if k != "sample"}, flush=True)
+        brief = {k: v for k, v in rows[path].items() if not isinstance(v, (str, list))}
+        print(path, brief, flush=True)
     write_report(args.json_out, {
         **report_header(),
         "eval": {"prompts": ev.HELDOUT_PROMPTS, "prompt_tokens": ev.PROMPT_LEN,

@@ -51,6 +51,18 @@ def test_agreement_by_position_and_block_start():
     by_position = agree["_by_position"]
     assert by_position[0] == 0.25 and by_position[5] == 0.75
     assert by_position[1:5] == [1.0] * 4 and by_position[6:] == [1.0] * 10
+    by_block = agree["_by_block"]
+    assert by_block[0] == [0.0] + [1.0] * 15
+    assert by_block[1] == [0.5] + [1.0] * 4 + [0.5] + [1.0] * 10
+
+
+def test_by_block_distinct_2_ratio():
+    # Each block of the reference has 2 x 15 distinct bigrams; the second block of the other
+    # text repeats one token, so 1 distinct bigram of 30 there.
+    ref = [list(range(32)), list(range(100, 132))]
+    seqs = [r[:16] + [7] * 16 for r in ref]
+    ratios = issue15_left_to_right.by_block_distinct_2_ratio(seqs, ref)
+    assert ratios == [1.0, round(1 / 30, 4)]
 
 
 def _row(gamma, nll, tpf, d2):
