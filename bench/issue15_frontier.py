@@ -144,6 +144,23 @@ SOURCES = [
         "issue15_distill_s2ext6155_blockstarts.json",
         "after/candidate_nocf",
     ),
+    # No real training text in the steps (--real-frac 0), A/B against s2ext80 and the run above.
+    ("s2ext80 recipe, real-frac 0", "issue15_distill_s2ext80_real0.json", "after/candidate"),
+    (
+        "s2ext80 recipe, real-frac 0, before cf",
+        "issue15_distill_s2ext80_real0.json",
+        "after/candidate_nocf",
+    ),
+    (
+        "stage 2 6,155 steps, 32,768 prompts x 32, real-frac 0",
+        "issue15_distill_s2ext6155_blockstarts_real0.json",
+        "after/candidate",
+    ),
+    (
+        "stage 2 6,155 steps, 32,768 prompts x 32, real-frac 0, before cf",
+        "issue15_distill_s2ext6155_blockstarts_real0.json",
+        "after/candidate_nocf",
+    ),
 ]
 
 
