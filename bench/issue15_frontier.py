@@ -33,6 +33,17 @@ RESULTS = REPO / "bench" / "results"
 SHIPPED = "s2ext80 (shipped)"
 LR90 = "lr90 (shipped before s2ext80)"
 DEFAULT = "python/twotower_rt/default_model"
+
+
+def with_before_cf(label: str, report: str) -> list[tuple[str, str, str]]:
+    """A stage-3 run's two curves: its candidate after certainty forcing (``label``) and just
+    before it (``label``, before cf)."""
+    return [
+        (label, report, "after/candidate"),
+        (f"{label}, before cf", report, "after/candidate_nocf"),
+    ]
+
+
 # (label, report, where in it): "after/<name>", "extra/<model path>", "soup/<name>" or
 # "evaluate"; only rows measured on the 512 prompts of train.evaluate.
 SOURCES = [
@@ -49,14 +60,10 @@ SOURCES = [
     ("cf15, before cf", "issue15_distill_cf15.json", "extra/../exp/cf15/candidate_nocf"),
     ("real-frac 0.25", "issue15_distill_realfrac.json", "extra/../exp/realfrac/candidate"),
     ("real-frac 0.5", "issue15_distill_realfrac50.json", "extra/../exp/realfrac50/candidate"),
-    ("cf10 80 min", "issue15_distill_long80.json", "after/candidate"),
-    ("cf10 80 min, before cf", "issue15_distill_long80.json", "after/candidate_nocf"),
-    ("cf10 + rollouts", "issue15_distill_cf10ro.json", "after/candidate"),
-    ("cf10 + rollouts, before cf", "issue15_distill_cf10ro.json", "after/candidate_nocf"),
-    ("rollouts + cf 0.3, 60 min", "issue15_distill_ro03l.json", "after/candidate"),
-    ("rollouts + cf 0.3, 60 min, before cf", "issue15_distill_ro03l.json", "after/candidate_nocf"),
-    ("on-policy", "issue15_distill_onph.json", "after/candidate"),
-    ("on-policy, before cf", "issue15_distill_onph.json", "after/candidate_nocf"),
+    *with_before_cf("cf10 80 min", "issue15_distill_long80.json"),
+    *with_before_cf("cf10 + rollouts", "issue15_distill_cf10ro.json"),
+    *with_before_cf("rollouts + cf 0.3, 60 min", "issue15_distill_ro03l.json"),
+    *with_before_cf("on-policy", "issue15_distill_onph.json"),
     ("rollouts + KL 3 + cf 0.3", "issue15_distill_rokl3.json", "after/candidate"),
     ("rollouts + KL 3, before cf", "issue15_distill_rokl3.json", "after/candidate_nocf"),
     ("rollouts + KL 3 everywhere + cf 0.3", "issue15_distill_roklall.json", "after/candidate"),
@@ -67,8 +74,7 @@ SOURCES = [
     ),
     ("cf10 + doubt 1", "issue15_distill_doubt.json", "after/candidate"),
     ("cf10 recipe before cf (doubt run)", "issue15_distill_doubt.json", "after/candidate_nocf"),
-    ("cf10, seed 1", "issue15_distill_rep1.json", "after/candidate"),
-    ("cf10, seed 1, before cf", "issue15_distill_rep1.json", "after/candidate_nocf"),
+    *with_before_cf("cf10, seed 1", "issue15_distill_rep1.json"),
     (
         "rollouts + KL 3 everywhere at tau 0.4 + cf 0.3",
         "issue15_distill_klt04.json",
@@ -100,66 +106,20 @@ SOURCES = [
     # The longer stage 2 (issue15_stage2_base.py), A/B: the lr90 recipe for 45 min from each.
     ("stage 2 (2,155 steps), no stage 3", "issue15_distill_s2base45.json", "before"),
     ("stage 2 (4,155 steps), no stage 3", "issue15_distill_s2ext45.json", "before"),
-    ("lr90 recipe 45 min from stage 2", "issue15_distill_s2base45.json", "after/candidate"),
-    (
-        "lr90 recipe 45 min from stage 2, before cf",
-        "issue15_distill_s2base45.json",
-        "after/candidate_nocf",
-    ),
-    (
-        "lr90 recipe 45 min, longer stage 2",
-        "issue15_distill_s2ext45.json",
-        "after/candidate",
-    ),
-    (
-        "lr90 recipe 45 min, longer stage 2, before cf",
-        "issue15_distill_s2ext45.json",
-        "after/candidate_nocf",
-    ),
-    (
-        "lr90 recipe 45 min, longer stage 2, seed 1",
-        "issue15_distill_s2ext45s1.json",
-        "after/candidate",
-    ),
-    (
-        "lr90 recipe 45 min, longer stage 2, seed 1, before cf",
-        "issue15_distill_s2ext45s1.json",
-        "after/candidate_nocf",
-    ),
+    *with_before_cf("lr90 recipe 45 min from stage 2", "issue15_distill_s2base45.json"),
+    *with_before_cf("lr90 recipe 45 min, longer stage 2", "issue15_distill_s2ext45.json"),
+    *with_before_cf("lr90 recipe 45 min, longer stage 2, seed 1", "issue15_distill_s2ext45s1.json"),
     # From the 6,155-step stage 2: the shipped recipe; a distillation set of 32,768 prompts x 32.
     ("stage 2 (6,155 steps), no stage 3", "issue15_distill_s2ext6155.json", "before"),
-    ("s2ext80 recipe, stage 2 6,155 steps", "issue15_distill_s2ext6155.json", "after/candidate"),
-    (
-        "s2ext80 recipe, stage 2 6,155 steps, before cf",
-        "issue15_distill_s2ext6155.json",
-        "after/candidate_nocf",
-    ),
-    (
-        "stage 2 6,155 steps, 32,768 prompts x 32",
-        "issue15_distill_s2ext6155_blockstarts.json",
-        "after/candidate",
-    ),
-    (
-        "stage 2 6,155 steps, 32,768 prompts x 32, before cf",
-        "issue15_distill_s2ext6155_blockstarts.json",
-        "after/candidate_nocf",
+    *with_before_cf("s2ext80 recipe, stage 2 6,155 steps", "issue15_distill_s2ext6155.json"),
+    *with_before_cf(
+        "stage 2 6,155 steps, 32,768 prompts x 32", "issue15_distill_s2ext6155_blockstarts.json"
     ),
     # No real training text in the steps (--real-frac 0), A/B against s2ext80 and the run above.
-    ("s2ext80 recipe, real-frac 0", "issue15_distill_s2ext80_real0.json", "after/candidate"),
-    (
-        "s2ext80 recipe, real-frac 0, before cf",
-        "issue15_distill_s2ext80_real0.json",
-        "after/candidate_nocf",
-    ),
-    (
+    *with_before_cf("s2ext80 recipe, real-frac 0", "issue15_distill_s2ext80_real0.json"),
+    *with_before_cf(
         "stage 2 6,155 steps, 32,768 prompts x 32, real-frac 0",
         "issue15_distill_s2ext6155_blockstarts_real0.json",
-        "after/candidate",
-    ),
-    (
-        "stage 2 6,155 steps, 32,768 prompts x 32, real-frac 0, before cf",
-        "issue15_distill_s2ext6155_blockstarts_real0.json",
-        "after/candidate_nocf",
     ),
 ]
 

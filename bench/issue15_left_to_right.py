@@ -126,22 +126,23 @@ def main() -> int:
         nll_scores = ev.ar_token_scores(model.lm, prompts, ar)[0]  # ar's own greedy tokens
         top_p = torch.exp(-nll_scores).view(len(ar), -1, BLOCK).mean(0)
         nll_ar, nll = float(nll_scores.mean()), ev.ar_nll(model.lm, prompts, own)
+        d2_ar, d2_own = ev.distinct_n(ar, 2), ev.distinct_n(own, 2)
         same = sum(a == b for x, y in zip(own, ar) for a, b in zip(x, y))
         forced = left_to_right(model.lm, prompts, ev.NEW_TOKENS, forced=ar)
         agree = agreement(forced, ar)
         rows[path] = {
             "ar_nll": nll,
             "quality_nll_ratio": nll_ar / nll,
-            "distinct_2": ev.distinct_n(own, 2),
-            "distinct_2_ratio": ev.distinct_n(own, 2) / ev.distinct_n(ar, 2),
+            "distinct_2": d2_own,
+            "distinct_2_ratio": d2_own / d2_ar,
             "same_token_as_ar": same / (len(own) * ev.NEW_TOKENS),
             "first_token_differs_at_gamma_0.8": first_differs,
             **{f"teacher_forced_agreement{k}": v for k, v in agree.items()},
             "ar_top_probability_by_block": [[round(float(a), 4) for a in r] for r in top_p],
-            "gamma_0.8_distinct_2_ratio": ev.distinct_n(md, 2) / ev.distinct_n(ar, 2),
+            "gamma_0.8_distinct_2_ratio": ev.distinct_n(md, 2) / d2_ar,
             "gamma_0.8_distinct_2_ratio_by_block": by_block_distinct_2_ratio(md, ar),
             "gamma_0.8_after_ar_first_block": {
-                "distinct_2_ratio": ev.distinct_n(after, 2) / ev.distinct_n(ar, 2),
+                "distinct_2_ratio": ev.distinct_n(after, 2) / d2_ar,
                 "quality_nll_ratio": nll_ar / ev.ar_nll(model.lm, prompts, after),
                 "distinct_2_ratio_by_block": by_block_distinct_2_ratio(after, ar),
             },
