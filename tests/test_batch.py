@@ -317,3 +317,22 @@ def test_threads_flag_and_default(tmp_path, capsys):
         assert "threads must be an integer >= 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_matmul_precision_flag(tmp_path, capsys):
+    """--matmul-precision sets torch's float32 matmul precision for the job (the CPU kernels'
+    bfloat16 dot products under "medium"); an unknown value, or one with --tp, is exit code 2."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "input_ids": [5], "mode": "ar"}])
+        argv = ["batch", str(src), str(tmp_path / "o.jsonl"), "--no-progress",
+                "--max-new-tokens", "2", "--matmul-precision", "medium"]  # fmt: skip
+        assert main(argv) == 0 and torch.get_float32_matmul_precision() == "medium"
+        torch.set_float32_matmul_precision(before)
+        assert main([*argv[:-1], "low"]) == 2
+        assert "invalid choice: 'low'" in capsys.readouterr().err
+        assert main([*argv, "--tp", "2"]) == 2
+        assert "--matmul-precision applies to one process" in capsys.readouterr().err
+        assert torch.get_float32_matmul_precision() == before
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -10,6 +10,7 @@
 #include "twotower_rt/cpu_common.h"
 #include "twotower_rt/cpu_pool.h"
 #include "twotower_rt/linear_cpu.h"
+#include "twotower_rt/linear_dot_cpu.h"
 #include "twotower_rt/mamba_cpu.h"
 #include "twotower_rt/mask_decide_cpu.h"
 #include "twotower_rt/moe_cpu.h"
@@ -83,7 +84,8 @@ void MoeForward(std::uintptr_t x, std::uintptr_t router_weight, std::uintptr_t s
                 std::uintptr_t up, std::uintptr_t down, std::uintptr_t shared_up,
                 std::uintptr_t shared_down, std::uintptr_t out, int64_t tokens, int64_t hidden,
                 int64_t experts, int64_t inter, int64_t shared_inter, int64_t top_k,
-                bool norm_topk_prob, double routed_scaling_factor, bool weights_bf16) {
+                bool norm_topk_prob, double routed_scaling_factor, bool weights_bf16,
+                bool weights_dot) {
   cpu::MoeParams p;
   p.x = ptr<const float>(x);
   p.router_weight = ptr<const double>(router_weight);
@@ -93,6 +95,7 @@ void MoeForward(std::uintptr_t x, std::uintptr_t router_weight, std::uintptr_t s
   p.shared_up = ptr<const void>(shared_up);
   p.shared_down = ptr<const void>(shared_down);
   p.weights_bf16 = weights_bf16;
+  p.weights_dot = weights_dot;
   p.out = ptr<float>(out);
   p.tokens = tokens;
   p.hidden = hidden;
@@ -145,16 +148,12 @@ void ModulatedRmsNorm(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t sc
   Run(cpu::modulated_rms_norm, p);
 }
 
-void Linear(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
-            int64_t rows, int64_t in, int64_t out_features, int64_t x_stride, int64_t w_stride,
-            bool w_bf16) {
-  cpu::LinearParams p;
+// The fields linear_cpu.h's and linear_dot_cpu.h's parameters share.
+template <typename Params>
+void SetProjection(Params& p, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out,
+                   int64_t rows, int64_t in, int64_t out_features, int64_t x_stride,
+                   int64_t w_stride) {
   p.x = ptr<const float>(x);
-  if (w_bf16) {
-    p.w_bf16 = ptr<const uint16_t>(w);
-  } else {
-    p.w = ptr<const float>(w);
-  }
   p.bias = ptr<const float>(bias);
   p.out = ptr<float>(out);
   p.rows = rows;
@@ -162,7 +161,28 @@ void Linear(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintpt
   p.out_features = out_features;
   p.x_stride = x_stride;
   p.w_stride = w_stride;
+}
+
+void Linear(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
+            int64_t rows, int64_t in, int64_t out_features, int64_t x_stride, int64_t w_stride,
+            bool w_bf16) {
+  cpu::LinearParams p;
+  SetProjection(p, x, bias, out, rows, in, out_features, x_stride, w_stride);
+  if (w_bf16) {
+    p.w_bf16 = ptr<const uint16_t>(w);
+  } else {
+    p.w = ptr<const float>(w);
+  }
   Run(cpu::linear, p);
+}
+
+void LinearDot(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t out,
+               int64_t rows, int64_t in, int64_t out_features, int64_t x_stride,
+               int64_t w_stride) {
+  cpu::LinearDotParams p;
+  SetProjection(p, x, bias, out, rows, in, out_features, x_stride, w_stride);
+  p.w = ptr<const uint32_t>(w);
+  Run(cpu::linear_dot, p);
 }
 
 void BlockAttention(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache,
@@ -228,7 +248,7 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("shared_up"), py::arg("shared_down"), py::arg("out"), py::arg("tokens"),
         py::arg("hidden"), py::arg("experts"), py::arg("inter"), py::arg("shared_inter"),
         py::arg("top_k"), py::arg("norm_topk_prob"), py::arg("routed_scaling_factor"),
-        py::arg("weights_bf16"));
+        py::arg("weights_bf16"), py::arg("weights_dot") = false);
   m.def("modulated_rms_norm", &twotower_rt::ModulatedRmsNorm,
         "The denoiser's time-modulated RMSNorm (norm_cpu.h)", py::arg("x"), py::arg("weight"),
         py::arg("scale"), py::arg("shift"), py::arg("out"), py::arg("rows"), py::arg("hidden"),
@@ -236,6 +256,12 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("linear", &twotower_rt::Linear, "A dense K-major projection (linear_cpu.h)", py::arg("x"),
         py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("rows"), py::arg("in"),
         py::arg("out_features"), py::arg("x_stride"), py::arg("w_stride"), py::arg("w_bf16"));
+  m.def("linear_dot", &twotower_rt::LinearDot,
+        "A dense projection with bfloat16 dot products (linear_dot_cpu.h)", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("rows"), py::arg("in"),
+        py::arg("out_features"), py::arg("x_stride"), py::arg("w_stride"));
+  m.def("linear_dot_supported", &twotower_rt::cpu::linear_dot_supported,
+        "Whether this CPU runs linear_dot (AVX512_BF16)");
   m.def("block_attention", &twotower_rt::BlockAttention,
         "Block attention over a KV cache, optionally appending to it (attention_cpu.h)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("context_lens"),

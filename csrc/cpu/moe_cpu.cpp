@@ -10,6 +10,7 @@
 
 #include "twotower_rt/cpu_common.h"
 #include "twotower_rt/cpu_gemm.h"
+#include "twotower_rt/cpu_gemm_dot.h"
 #include "twotower_rt/cpu_pool.h"
 
 namespace twotower_rt {
@@ -163,6 +164,74 @@ void moe_bf16_task(void* job, int64_t i) {
   moe_task<uint16_t>(*static_cast<const Job*>(job), i);
 }
 
+#ifdef TWOTOWER_RT_HAS_DOT
+// The experts by bfloat16 dot products (weights_dot; cpu_gemm_dot.h): each MLP's input and hidden
+// rows rounded to bfloat16 pairs before its projection, the relu^2 between them in float32.
+template <int TB>
+TWOTOWER_RT_DOT_TARGET inline __attribute__((always_inline)) void relu2_mlp_dot(
+    const float* const* x, const uint32_t* up, const uint32_t* down, int64_t hidden,
+    int64_t inter, float* const* h, uint32_t* const* pairs, float* const* out) {
+  for (int b = 0; b < TB; ++b) bf16_pairs(x[b], hidden, pairs[b]);
+  dot_cols<TB>(pairs, up, (hidden + 1) / 2, inter, 0, inter, nullptr, h);
+  for (int b = 0; b < TB; ++b) {
+    float* hb = h[b];
+    for (int64_t i = 0; i < inter; ++i) {
+      const float r = hb[i] > 0.0f ? hb[i] : 0.0f;
+      hb[i] = r * r;
+    }
+    bf16_pairs(hb, inter, pairs[b]);
+  }
+  dot_cols<TB>(pairs, down, (inter + 1) / 2, hidden, 0, hidden, nullptr, out);
+}
+
+TWOTOWER_RT_DOT_TARGET void relu2_mlp_dot_tokens(const float* const* x, int64_t count,
+                                                 const uint32_t* up, const uint32_t* down,
+                                                 int64_t hidden, int64_t inter, float* const* h,
+                                                 uint32_t* const* pairs, float* const* out) {
+  int64_t i = 0;
+  for (; i + kTokens <= count; i += kTokens) {
+    relu2_mlp_dot<kTokens>(x + i, up, down, hidden, inter, h, pairs, out + i);
+  }
+  switch (count - i) {
+    case 3: relu2_mlp_dot<3>(x + i, up, down, hidden, inter, h, pairs, out + i); break;
+    case 2: relu2_mlp_dot<2>(x + i, up, down, hidden, inter, h, pairs, out + i); break;
+    case 1: relu2_mlp_dot<1>(x + i, up, down, hidden, inter, h, pairs, out + i); break;
+    default: break;
+  }
+}
+
+// The calling thread's pair buffers: kTokens rows of ceil(widest / 2) words.
+uint32_t* const* pair_buffers(int64_t widest) {
+  thread_local std::vector<uint32_t> words;
+  thread_local uint32_t* rows[kTokens];
+  const int64_t n = (widest + 1) / 2;
+  if (static_cast<int64_t>(words.size()) < kTokens * n) words.resize(kTokens * n);
+  for (int b = 0; b < kTokens; ++b) rows[b] = words.data() + b * n;
+  return rows;
+}
+
+void moe_dot_task(void* context, int64_t i) {
+  const Job& job = *static_cast<const Job*>(context);
+  const MoeParams& p = *job.p;
+  Scratch& s = *job.s;
+  const int64_t H = p.hidden, widest = p.inter > p.shared_inter ? p.inter : p.shared_inter;
+  float* const* h = mlp_buffers(widest);
+  uint32_t* const* pairs = pair_buffers(widest > H ? widest : H);
+  if (i < job.shared_tasks) {
+    const int64_t t = i * kTokens, n = p.tokens - t < kTokens ? p.tokens - t : kTokens;
+    relu2_mlp_dot_tokens(s.shared_in.data() + t, n, static_cast<const uint32_t*>(p.shared_up),
+                         static_cast<const uint32_t*>(p.shared_down), H, p.shared_inter, h,
+                         pairs, s.shared_dst.data() + t);
+    return;
+  }
+  const int64_t e = s.task_expert[i - job.shared_tasks], g = s.group_start[e];
+  relu2_mlp_dot_tokens(s.group_in.data() + g, s.group_start[e + 1] - g,
+                       static_cast<const uint32_t*>(p.up) + e * ((H + 1) / 2) * p.inter,
+                       static_cast<const uint32_t*>(p.down) + e * ((p.inter + 1) / 2) * H, H,
+                       p.inter, h, pairs, s.group_dst.data() + g);
+}
+#endif
+
 // Each token's output from its experts' outputs: the weighted outputs added in expert id order
 // (the first one multiplied, not added to zero), then the shared expert's, as the reference does.
 TWOTOWER_RT_CLONES
@@ -233,8 +302,11 @@ bool moe_all(const MoeParams& p, Scratch& s) {
   }
   job.shared_tasks = shared_tasks;
   const int64_t work = T * H * (k * p.inter + (p.shared_up != nullptr ? p.shared_inter : 0)) * 2;
-  if (!pool_run(shared_tasks + static_cast<int64_t>(s.task_expert.size()), work,
-                p.weights_bf16 ? moe_bf16_task : moe_f32_task, &job)) {
+  void (*task)(void*, int64_t) = p.weights_bf16 ? moe_bf16_task : moe_f32_task;
+#ifdef TWOTOWER_RT_HAS_DOT
+  if (p.weights_dot) task = moe_dot_task;
+#endif
+  if (!pool_run(shared_tasks + static_cast<int64_t>(s.task_expert.size()), work, task, &job)) {
     return false;
   }
   combine(p, s);
@@ -254,6 +326,13 @@ const char* moe_forward(const MoeParams& p) {
   if (p.tokens < 0 || p.hidden <= 0 || p.experts <= 0 || p.inter <= 0 || p.top_k <= 0 ||
       p.top_k > p.experts || (p.shared_up != nullptr && p.shared_inter <= 0)) {
     return "moe_forward: sizes must be positive, with top_k <= experts";
+  }
+  if (p.weights_dot) {
+    if (p.weights_bf16) return "moe_forward: weights_dot and weights_bf16 exclude each other";
+    if (!dot_supported()) return "moe_forward: weights_dot needs AVX512_BF16, which this CPU lacks";
+    if (p.hidden % 16 != 0 || p.inter % 16 != 0 || p.shared_inter % 16 != 0) {
+      return "moe_forward: weights_dot needs hidden and the expert sizes multiples of 16";
+    }
   }
   thread_local Scratch scratch;
   scratch.scores.resize(p.tokens * p.experts);

@@ -253,6 +253,9 @@ def cmd_batch_ray(args, model: str | None, kwargs: dict) -> int:
     if args.max_in_flight is not None:
         raise ValueError("--max-in-flight is for the one-process job; with --ray, --batch-size "
                          "rows go to a replica at a time")  # fmt: skip
+    if getattr(args, "matmul_precision", None) is not None:
+        raise ValueError("--matmul-precision applies to one process; it does not reach --ray's "
+                         "replicas yet")  # fmt: skip
     for flag in ("replicas", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

@@ -35,6 +35,12 @@ struct MoeParams {
   const void* shared_up = nullptr;        // (hidden, shared_inter) or nullptr: no shared expert
   const void* shared_down = nullptr;      // (shared_inter, hidden)
   bool weights_bf16 = false;
+  // Or, with weights_dot, the experts by bfloat16 dot products (cpu_gemm_dot.h; AVX512_BF16
+  // only): every weight in pair layout, up (experts, hidden / 2, inter), down (experts, inter / 2,
+  // hidden), shared_up (hidden / 2, shared_inter), shared_down (shared_inter / 2, hidden) 32-bit
+  // words, hidden and the expert sizes multiples of 16; each projection's inputs rounded to
+  // bfloat16.
+  bool weights_dot = false;
   float* out = nullptr;                   // (tokens, hidden)
   int64_t tokens = 0, hidden = 0, experts = 0, inter = 0, shared_inter = 0, top_k = 0;
   bool norm_topk_prob = true;

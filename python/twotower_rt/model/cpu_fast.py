@@ -34,6 +34,7 @@ from torch import nn
 from .. import _ext, fastpath
 from ..ops import linear_cpu, mamba_cpu
 from ..ops.mamba_cpu import MambaWeights, mamba_chunk, mamba_weights
+from ..ops.moe_cpu import dot_weights as moe_dot_weights
 from ..ops.moe_cpu import moe_forward as moe_kernel
 from ..ops.moe_cpu import moe_weights
 from ..ops.rmsnorm import modulated_rms_norm_cpu, rms_norm, rms_norm_cpu
@@ -65,12 +66,25 @@ def derived(module: nn.Module, params: tuple, make, key: str = "_cpu_derived"):
 def project(module: nn.Module, x: torch.Tensor, weights: tuple, bias) -> torch.Tensor | None:
     """``x @ cat(weights).T (+ bias)`` through the CPU kernel ``ops.linear_cpu`` (its padded
     K-major weight made once per weight version and cached on ``module``), or None where the
-    kernel does not apply (not built or turned off, or not all float32)."""
+    kernel does not apply (not built or turned off, or not all float32). Where float32 matmuls
+    may run in bfloat16 (``torch.set_float32_matmul_precision("medium")``) and the CPU has
+    AVX512_BF16, by bfloat16 dot products instead (``linear_cpu.linear_dot_cpu``: x rounded to
+    bfloat16; its weight layout cached beside the other)."""
     C = _ext.cpu_kernels()
     if C is None or x.dtype != torch.float32 or weights[0].dtype != torch.float32:
         return None
     if bias is not None and bias.dtype != torch.float32:
         return None
+    if linear_cpu.dot_allowed():
+        pairs, n = derived(
+            module, (*weights, bias),
+            lambda *_: (linear_cpu.k_pairs(torch.cat(weights)), sum(w.shape[0] for w in weights)),
+            key="_cpu_dot_weight",
+        )  # fmt: skip
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < x.shape[-1]):
+            rows = rows.contiguous()
+        return linear_cpu.run_dot(C, rows, pairs, bias, n, (*x.shape[:-1], n))
     weight, n = derived(
         module, (*weights, bias),
         lambda *_: (linear_cpu.k_major(torch.cat(weights)), sum(w.shape[0] for w in weights)),
@@ -295,7 +309,9 @@ def moe_forward(moe, h: torch.Tensor) -> torch.Tensor | None:
     """:meth:`MoE.forward` through the fused CPU kernel (``ops.moe_cpu``; float32 rounding), or
     None where the kernel does not serve this MoE: it takes fp32 activations, unbiased fp32
     experts (no FP8), no tensor parallelism, and experts small enough to copy K-major (as the fast
-    Linear). Which MoEs it serves is decided with the weights, once per weight version."""
+    Linear). Which MoEs it serves is decided with the weights, once per weight version. Where
+    float32 matmuls may run in bfloat16 (``linear_cpu.dot_allowed``), the experts run by bfloat16
+    dot products (``moe_cpu.dot_weights``) if their sizes are multiples of 16."""
     if moe.tp is not None or h.dtype != torch.float32 or _ext.cpu_kernels() is None:
         return None
     cfg = moe.cfg
@@ -316,11 +332,21 @@ def moe_forward(moe, h: torch.Tensor) -> torch.Tensor | None:
                            norm_topk_prob=cfg.norm_topk_prob,
                            routed_scaling_factor=cfg.routed_scaling_factor)  # fmt: skip
 
-    weights = derived(moe, _moe_params(moe), make)
+    params = _moe_params(moe)
+    if linear_cpu.dot_allowed():  # the experts by bfloat16 dot products, where sizes allow
+        weights = derived(moe, params, lambda *p: _dot_moe(make(*p)), key="_cpu_dot_weight")
+        if weights is not None:
+            shape = h.shape
+            return moe_kernel(h.reshape(-1, shape[-1]).contiguous(), weights).reshape(shape)
+    weights = derived(moe, params, make)
     if weights is None:
         return None
     shape = h.shape
     return moe_kernel(h.reshape(-1, shape[-1]).contiguous(), weights).reshape(shape)
+
+
+def _dot_moe(weights):
+    return None if weights is None else moe_dot_weights(weights)
 
 
 def _tree_params(module: nn.Module) -> list:

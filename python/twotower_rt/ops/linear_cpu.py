@@ -110,3 +110,113 @@ def linear_cpu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """:func:`linear_cpu` in PyTorch: ``torch.mm`` (``torch.addmm`` with a bias)."""
     weight = weight[:, : weight.shape[1] if out_features is None else out_features].float()
     return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+
+
+# --- bfloat16 dot products ------------------------------------------------------------------------
+# Where the user lets float32 matmuls run in bfloat16 (torch.set_float32_matmul_precision("medium"),
+# PyTorch's own switch for this) and the CPU has AVX512_BF16, the CPU path's projections run
+# through ``twotower_rt._cpu.linear_dot`` (csrc/cpu/linear_dot_cpu.cpp): x rounded to bfloat16,
+# bfloat16 weights, float32 accumulation, 32 multiply-adds per instruction where the float32
+# kernel's FMA does 16. Its numbers are its own (csrc/include/twotower_rt/linear_dot_cpu.h),
+# reproduced exactly by :func:`linear_dot_ref`.
+
+
+def dot_allowed() -> bool:
+    """Whether the projections may take :func:`linear_dot_cpu` now: matmul precision "medium"
+    and a CPU with AVX512_BF16 (the kernels built)."""
+    if torch.get_float32_matmul_precision() != "medium":
+        return False
+    C = _ext.cpu_kernels()
+    return C is not None and C.linear_dot_supported()
+
+
+def k_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear's weight (out, in) as :func:`linear_dot_cpu` takes it: (ceil(in / 2), out padded
+    to 16) int32 words, word [j, c] the bfloat16 bits of weight[c, 2j] (low half) and
+    weight[c, 2j + 1] (high half); zero past ``in`` and ``out``. The weight rounded to bfloat16
+    (exact for a bfloat16 checkpoint's weights)."""
+    n, k = weight.shape
+    padded = torch.zeros(k, -(-n // VECTOR) * VECTOR, dtype=torch.float32)
+    padded[:, :n] = weight.detach().t()
+    return pair_words(padded)
+
+
+def linear_dot_cpu(x: torch.Tensor, w_pairs: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   out_features: int) -> torch.Tensor:  # fmt: skip
+    """``x @ weight.T (+ bias)`` by bfloat16 dot products: x (rows, in) float32 CPU with unit
+    column stride, w_pairs :func:`k_pairs` of the weight, bias (out_features,) float32 or None ->
+    (rows, out_features) float32, bitwise :func:`linear_dot_ref`. Raises where the CPU has no
+    AVX512_BF16 (``_cpu.linear_dot_supported()``)."""
+    C = _ext.cpu_kernels()
+    if C is None:
+        raise RuntimeError(
+            f"twotower_rt: CPU op 'linear_dot' cannot run: {_ext.cpu_kernels_error()}"
+        )
+    if not C.linear_dot_supported():
+        raise RuntimeError("twotower_rt: CPU op 'linear_dot' needs AVX512_BF16 (this CPU lacks it)")
+    f32 = torch.float32
+    ok = (
+        x.dim() == 2 and x.dtype == f32 and x.is_cpu and x.stride(1) == 1
+        and (x.stride(0) >= x.shape[1] or x.shape[0] <= 1)
+        and w_pairs.dim() == 2 and w_pairs.dtype == torch.int32 and w_pairs.is_cpu
+        and w_pairs.is_contiguous() and w_pairs.shape[0] == (x.shape[1] + 1) // 2
+        and 0 < out_features <= w_pairs.shape[1] and w_pairs.shape[1] % VECTOR == 0
+        and (bias is None or (bias.dtype == f32 and bias.is_cpu and bias.is_contiguous()
+                              and bias.shape == (out_features,)))
+    )  # fmt: skip
+    if not ok:
+        raise ValueError(
+            f"linear_dot: want x (rows, in) float32 CPU with unit column stride, w_pairs "
+            f"(ceil(in / 2), out padded to 16) int32 contiguous (k_pairs), bias ({out_features},) "
+            f"float32 or None; got x {tuple(x.shape)} {x.dtype} strides {tuple(x.stride())}, "
+            f"w_pairs {tuple(w_pairs.shape)} {w_pairs.dtype}, bias "
+            f"{None if bias is None else (tuple(bias.shape), bias.dtype)}"
+        )
+    return run_dot(C, x, w_pairs, bias, out_features)
+
+
+def run_dot(C, x: torch.Tensor, w_pairs: torch.Tensor, bias: torch.Tensor | None, n: int,
+            shape: tuple | None = None) -> torch.Tensor:  # fmt: skip
+    """:func:`linear_dot_cpu` without its checks (as :func:`run`)."""
+    rows, k = x.shape
+    out = x.new_empty(shape or (rows, n))
+    if rows:
+        C.linear_dot(x.data_ptr(), w_pairs.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                     out.data_ptr(), rows, k, n, max(x.stride(0), k), w_pairs.shape[1])  # fmt: skip
+    return out
+
+
+def linear_dot_ref(x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """:func:`linear_dot_cpu`'s numbers in PyTorch: :func:`dot_chain_ref` of x and the weight
+    (out, in), from the bias (or -0.0)."""
+    return dot_chain_ref(x, weight.detach().t(), bias)
+
+
+def dot_chain_ref(x: torch.Tensor, w: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The bfloat16 dot products' chain, step by step: x (rows, in) and the K-major w (in, out)
+    rounded to bfloat16, then for each input pair j, acc = fma(x[2j+1], w[2j+1], acc) and then
+    fma(x[2j], w[2j], acc), from the bias (or -0.0) -> (rows, out) float32. A product of two
+    bfloat16 values is exact in float64, and so is its sum with a float32 acc of a similar
+    magnitude, so rounding that sum to float32 is the fused multiply-add (exact for the values
+    tests use; the kernel's flushing of subnormals is not modelled)."""
+    xs, ws = x.bfloat16().double(), w.bfloat16().double()
+    acc = (torch.full((x.shape[0], ws.shape[1]), -0.0) if bias is None
+           else bias.float().expand(x.shape[0], -1).clone())  # fmt: skip
+    k = x.shape[1]
+    for j in range(0, k, 2):
+        for i in (j + 1, j) if j + 1 < k else (j,):
+            acc = (acc.double() + xs[:, i : i + 1] * ws[i]).float()
+    return acc
+
+
+def pair_words(w: torch.Tensor) -> torch.Tensor:
+    """A K-major weight (..., in, out) as bfloat16 pairs over its inputs: (..., ceil(in / 2),
+    out) int32 words, word [j, c] the bits of w[2j, c] (low half) and w[2j + 1, c] (high half),
+    zero past ``in``; the weight rounded to bfloat16."""
+    k = w.shape[-2]
+    bits = w.detach().bfloat16().view(torch.int16).to(torch.int32) & 0xFFFF
+    if k % 2:
+        bits = torch.cat([bits, torch.zeros_like(bits[..., :1, :])], dim=-2)
+    return (bits[..., 0::2, :] | (bits[..., 1::2, :] << 16)).contiguous()

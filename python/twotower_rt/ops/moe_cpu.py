@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from .linear_cpu import bf16_exact
+from .linear_cpu import bf16_exact, dot_chain_ref, pair_words
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,10 @@ class MoeWeights:
 
     router_weight: torch.Tensor  # (E, hidden) float64
     score_bias: torch.Tensor  # (E,) float64
-    up: torch.Tensor  # (E, hidden, I) K-major: fp32, or bf16 (every expert weight a bf16 value)
-    down: torch.Tensor  # (E, I, hidden) K-major, up's dtype
+    # K-major: fp32, or bf16 (every expert weight a bf16 value), or int32 bfloat16 pairs
+    # (:func:`dot_weights`: the experts by bfloat16 dot products)
+    up: torch.Tensor  # (E, hidden, I); pairs (E, hidden / 2, I)
+    down: torch.Tensor  # (E, I, hidden); pairs (E, I / 2, hidden)
     shared_up: torch.Tensor | None  # (hidden, I_s)
     shared_down: torch.Tensor | None  # (I_s, hidden)
     top_k: int
@@ -82,6 +84,21 @@ def moe_weights(
     )  # fmt: skip
 
 
+def dot_weights(weights: MoeWeights) -> MoeWeights | None:
+    """``weights`` with the experts in bfloat16 pairs (``linear_cpu.pair_words``), for the
+    kernel's bfloat16 dot products (AVX512_BF16; the inputs of each projection rounded to
+    bfloat16, like ``linear_cpu.linear_dot_cpu``), or None where the sizes are not all multiples
+    of 16 (the kernel's vectors)."""
+    w = weights
+    sizes = [w.up.shape[1], w.up.shape[2]] + ([] if w.shared_up is None else [w.shared_up.shape[1]])
+    if any(n % 16 for n in sizes):
+        return None
+    pairs = [pair_words(t.float()) if t is not None else None
+             for t in (w.up, w.down, w.shared_up, w.shared_down)]  # fmt: skip
+    return MoeWeights(w.router_weight, w.score_bias, *pairs, w.top_k, w.norm_topk_prob,
+                      w.routed_scaling_factor)  # fmt: skip
+
+
 def moe_forward(x: torch.Tensor, weights: MoeWeights) -> torch.Tensor:
     """The MoE layer over tokens x (T, hidden) fp32 CPU, contiguous: the routed experts' weighted
     sum plus the shared expert, (T, hidden) fp32."""
@@ -91,7 +108,10 @@ def moe_forward(x: torch.Tensor, weights: MoeWeights) -> torch.Tensor:
             f"twotower_rt: CPU op 'moe_forward' cannot run: {_ext.cpu_kernels_error()}"
         )
     w = weights
+    dot = w.up.dtype == torch.int32
     E, hidden, inter = w.up.shape
+    if dot:
+        hidden = w.down.shape[2]
     if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2 or x.shape[1] != hidden:
         raise ValueError(f"moe_forward: x must be a float32 CPU tensor (T, {hidden}), got "
                          f"{x.dtype} on {x.device} of shape {tuple(x.shape)}")  # fmt: skip
@@ -104,7 +124,7 @@ def moe_forward(x: torch.Tensor, weights: MoeWeights) -> torch.Tensor:
         w.down.data_ptr(), w.shared_up.data_ptr() if shared else 0,
         w.shared_down.data_ptr() if shared else 0, out.data_ptr(), x.shape[0], hidden, E, inter,
         w.shared_up.shape[1] if shared else 0, w.top_k, w.norm_topk_prob, w.routed_scaling_factor,
-        w.up.dtype == torch.bfloat16,
+        w.up.dtype == torch.bfloat16, dot,
     )  # fmt: skip
     return out
 
@@ -119,6 +139,8 @@ def moe_forward_ref(x: torch.Tensor, weights: MoeWeights) -> torch.Tensor:
     if w.norm_topk_prob:
         gate = gate / (gate.sum(dim=-1, keepdim=True) + 1e-20)
     gate = (gate * w.routed_scaling_factor).float()
+    if w.up.dtype == torch.int32:  # dot_weights: the bfloat16 dot products' chains
+        return _moe_dot_ref(x, w, expert_ids, gate)
     up, down = w.up.float(), w.down.float()
     routed = torch.zeros_like(x)
     for e in range(up.shape[0]):
@@ -128,4 +150,30 @@ def moe_forward_ref(x: torch.Tensor, weights: MoeWeights) -> torch.Tensor:
             routed.index_add_(0, token, (h @ down[e]) * gate[token, slot, None])
     if w.shared_up is not None:
         routed = routed + F.relu(x @ w.shared_up.float()).square() @ w.shared_down.float()
+    return routed
+
+
+def _unpair(words: torch.Tensor) -> torch.Tensor:
+    """:func:`pair_words` undone: (..., K / 2, N) int32 -> (..., K, N) float32."""
+    lo = (words << 16).view(torch.float32)
+    hi = (words & -65536).view(torch.float32)  # 0xFFFF0000
+    return torch.stack([lo, hi], dim=-2).flatten(-3, -2)
+
+
+def _moe_dot_ref(x, w, expert_ids, gate):
+    """The experts of :func:`moe_forward_ref` by ``linear_cpu.dot_chain_ref``: each MLP's
+    projections as the dot products' chains, then the kernel's combination (experts in id order,
+    then the shared expert)."""
+    up, down = _unpair(w.up), _unpair(w.down)
+
+    def mlp(rows, a, b):
+        return dot_chain_ref(F.relu(dot_chain_ref(rows, a)).square(), b)
+
+    routed = torch.zeros_like(x)
+    for e in range(up.shape[0]):
+        token, slot = torch.nonzero(expert_ids == e, as_tuple=True)
+        if len(token):
+            routed.index_add_(0, token, mlp(x[token], up[e], down[e]) * gate[token, slot, None])
+    if w.shared_up is not None:
+        routed = routed + mlp(x, _unpair(w.shared_up), _unpair(w.shared_down))
     return routed

@@ -29,6 +29,7 @@ prompts:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -75,16 +76,30 @@ def heldout_windows(tok, data_dir: str, count: int, length: int) -> list[list[in
 @torch.no_grad()
 def ar_token_scores(lm, prompts: list[list[int]], continuations: list[list[int]]):
     """Per continuation token, under the context tower (teacher-forced on prompt +
-    continuation): its NLL and whether it is the tower's argmax there, both (rows, tokens)."""
+    continuation): its NLL and whether it is the tower's argmax there, both (rows, tokens).
+    The judge does not change with the generation's precision: float32 matmuls run at
+    "highest" precision here whatever torch.get_float32_matmul_precision() says."""
     seqs = torch.tensor([p + c for p, c in zip(prompts, continuations)])
     n_prompt = len(prompts[0])
     cache = ContextCache.allocate(lm.cfg, seqs.shape[0], seqs.shape[1], lm.dtype, lm.device)
-    logits = lm.context_logits(lm.context_forward(seqs[:, :-1], cache))
+    with matmul_precision("highest"):
+        logits = lm.context_logits(lm.context_forward(seqs[:, :-1], cache))
     logp = torch.log_softmax(logits, dim=-1)
     targets = seqs[:, 1:]
     nll = -logp.gather(-1, targets[..., None]).squeeze(-1)[:, n_prompt - 1 :]
     agree = (logp.argmax(-1) == targets)[:, n_prompt - 1 :]
     return nll, agree
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """torch.set_float32_matmul_precision(precision) inside the block, the old value after."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def spread(items: list, n: int) -> list:
