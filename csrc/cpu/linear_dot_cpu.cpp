@@ -91,8 +91,9 @@ const char* linear_dot(const LinearDotParams& p) {
   job.half = p.rows >= 2 * kRows && job.blocks < 6 ? (p.rows / 2 + kRows - 1) / kRows * kRows
                                                    : p.rows;
   const int64_t tasks = job.blocks * (job.half < p.rows ? 2 : 1);
-  return pool_run(tasks, p.rows * p.in * p.out_features / 2, dot_task, &job) ? nullptr
-                                                                             : kPoolFailed;
+  // (The float32 kernel's measure of work, so that both split the same calls over the threads:
+  // at one row a call is bound by its weights' bytes, the same either way.)
+  return pool_run(tasks, p.rows * p.in * p.out_features, dot_task, &job) ? nullptr : kPoolFailed;
 #else
   return "linear_dot: not built for this CPU";
 #endif
