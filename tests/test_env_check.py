@@ -1,6 +1,8 @@
 """``twotower-rt env --check``: exit 1 unless twotower_rt._C is there with every kernel (CI runs it
 on the wheel it builds), and the report's kernel line. The extension's build info is faked here."""
 
+import torch
+
 from twotower_rt import _ext, env
 from twotower_rt.cli import main
 
@@ -81,3 +83,23 @@ def test_cpu_report_gives_the_width_the_kernels_use():
     finally:
         cpu.set_wide_vectors(-1)
     assert width == (16 if wide else 8)
+
+
+def test_cpu_report_gives_the_bf16_dot_products_and_the_precision():
+    """Whether the kernels can run bfloat16 dot products, and whether torch's float32 matmul
+    precision lets them now: both in every benchmark's record, and on `env`'s CPU line."""
+    cpu = _ext.cpu_kernels_module()
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        report = env.cpu_report(ZEN4)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert report["float32_matmul_precision"] == "medium"
+    assert env.cpu_report(ZEN4)["float32_matmul_precision"] == before
+    dot = report["cpu_kernel_bf16_dot"]
+    assert dot == (None if cpu is None else bool(cpu.linear_dot_supported()))
+    line = env.format_cpu(report)
+    assert ("bf16 dot products on (float32 matmul precision medium)" in line) == bool(dot)
+    report["float32_matmul_precision"] = "highest"
+    assert ("bf16 dot products off" in env.format_cpu(report)) == bool(dot)

@@ -110,9 +110,11 @@ def _vector_isa(flags: set[str]) -> str:
 
 def cpu_report(cpuinfo: str | None = None) -> dict[str, Any]:
     """The CPU that timings come from: its name, family / model / stepping, logical CPUs, its
-    widest vector instruction set and the vector width the CPU kernels compute in (16 floats on an
-    x86-64-v4 CPU, else 8). Every benchmark records it: the same code runs 2-4x apart on the x86 VMs
-    this repository has run on, and the name alone ("AMD EPYC") does not tell them apart.
+    widest vector instruction set, the vector width the CPU kernels compute in (16 floats on an
+    x86-64-v4 CPU, else 8), whether they can run bfloat16 dot products (AVX512_BF16) and torch's
+    float32 matmul precision now ("medium" lets them: ``ops.linear_cpu.dot_allowed``). Every
+    benchmark records it: the same code runs 2-4x apart on the x86 VMs this repository has run
+    on, and the name alone ("AMD EPYC") does not tell them apart.
     ``cpuinfo``: the text of /proc/cpuinfo (read when None; absent off Linux)."""
     if cpuinfo is None:
         try:
@@ -136,6 +138,8 @@ def cpu_report(cpuinfo: str | None = None) -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "vector_isa": _vector_isa(flags) if flags else "unknown",
         "cpu_kernel_vector_floats": None if cpu is None else (16 if cpu.wide_vectors() else 8),
+        "cpu_kernel_bf16_dot": None if cpu is None else bool(cpu.linear_dot_supported()),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
 
 
@@ -146,6 +150,10 @@ def format_cpu(cpu: dict[str, Any]) -> str:
     where = f" (family {fms[0]} model {fms[1]})" if fms[0] is not None else ""
     width = cpu["cpu_kernel_vector_floats"]
     kernels = f", CPU kernels in {width}-float vectors" if width else ""
+    if cpu.get("cpu_kernel_bf16_dot"):
+        precision = cpu["float32_matmul_precision"]
+        state = "on" if precision == "medium" else "off"
+        kernels += f", bf16 dot products {state} (float32 matmul precision {precision})"
     return f"{cpu['name']}{where}, {cpu['logical_cpus']} CPUs, {cpu['vector_isa']}{kernels}"
 
 
