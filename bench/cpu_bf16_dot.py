@@ -76,8 +76,8 @@ def kernels(lm, rounds: int) -> list[dict]:
                 times = {p: [] for p in PRECISIONS}
                 for r in range(rounds + 1):
                     for p in PRECISIONS:
-                        torch.set_float32_matmul_precision(p)
-                        us = _cpu_us_per_call(lambda m=module, x=x: m(x), 200)
+                        with ev.matmul_precision(p):
+                            us = _cpu_us_per_call(lambda m=module, x=x: m(x), 200)
                         if r:
                             times[p].append(us)
                 a, b = (statistics.median(times[p]) for p in PRECISIONS)
@@ -103,11 +103,12 @@ def speed(model, prompts, new_tokens: int, rounds: int) -> dict:
             for batch in BATCHES:
                 groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
                 for i, p in enumerate(PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]):
-                    torch.set_float32_matmul_precision(p)
                     for mode, gamma in MODES if (r + i) % 2 == 0 else MODES[::-1]:
                         wall, cpu, nfe = time.perf_counter(), time.process_time(), 0
-                        for group in groups:
-                            nfe += sum(ev.run_mode(model, group, mode, gamma, new_tokens)[0].nfe)
+                        with ev.matmul_precision(p):
+                            for group in groups:
+                                out = ev.run_mode(model, group, mode, gamma, new_tokens)[0]
+                                nfe += sum(out.nfe)
                         key = (k, batch, p, ev.mode_key(mode, gamma))
                         if r:
                             spent.setdefault(key, []).append(
@@ -146,15 +147,15 @@ def quality(model, prompts, truths, new_tokens: int) -> dict:
     modes = [("ar", None), ("mask_diffusion", 0.8), ("mask_diffusion", 0.9)]
     rows, outputs = {}, {}
     for p in PRECISIONS:
-        torch.set_float32_matmul_precision(p)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with ev.matmul_precision(p), contextlib.redirect_stdout(io.StringIO()):
             evaluated = ev.evaluate(model, prompts, truths, new_tokens, modes=modes)
         keep = ("ar_nll", "quality_nll_ratio", "next_block_accuracy", "quality_accuracy_ratio",
                 "distinct_2", "distinct_2_ratio", "tokens_per_forward", "ci95")  # fmt: skip
         rows[p] = {ev.mode_key(r["mode"], r["confidence_threshold"]): {k: r[k] for k in keep}
                    for r in evaluated}  # fmt: skip
-        outputs[p] = {ev.mode_key(m, g): ev.run_mode(model, prompts, m, g, new_tokens)[0].generated
-                      for m, g in modes}  # fmt: skip
+        with ev.matmul_precision(p):
+            outputs[p] = {ev.mode_key(m, g): ev.run_mode(model, prompts, m, g, new_tokens)[0]
+                          .generated for m, g in modes}  # fmt: skip
         brief = {k: (round(v["quality_nll_ratio"], 4), round(v["tokens_per_forward"], 3),
                      round(v["distinct_2_ratio"], 3)) for k, v in rows[p].items()}  # fmt: skip
         print(p, brief, flush=True)
@@ -175,7 +176,7 @@ def main() -> int:
         print("cpu_bf16_dot: needs the CPU kernels on a CPU with AVX512_BF16", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    before = (torch.get_float32_matmul_precision(), kernel_threads())
+    before = kernel_threads()
     model = twotower_rt.load()
     windows = ev.heldout_windows(model.tokenizer, args.data_dir, ev.HELDOUT_PROMPTS,
                                  ev.PROMPT_LEN + ev.NEW_TOKENS)  # fmt: skip
@@ -189,8 +190,7 @@ def main() -> int:
         set_kernel_threads(2)
         report["quality"] = quality(model, prompts, truths, ev.NEW_TOKENS)
     finally:
-        torch.set_float32_matmul_precision(before[0])
-        set_kernel_threads(before[1])
+        set_kernel_threads(before)
     write_report(args.json_out, {**report_header(), "rounds": args.rounds,
                                  "speed_prompts": args.speed_prompts, **report})  # fmt: skip
     return 0
