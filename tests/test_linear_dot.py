@@ -200,3 +200,15 @@ def test_generation_under_medium_is_batch_invariant(model, medium):
         alone = [model.generate([p], mode=mode, max_new_tokens=32, **extra).sequences[0]
                  for p in prompts]  # fmt: skip
         assert together == alone
+
+
+@torch.inference_mode()
+def test_verified_is_still_ar_under_medium(model, medium):
+    """The verified mode's promise (greedy output equals ``ar``'s, token for token) under the dot
+    products too: its verify pass computes each row as ``ar``'s one-token steps do."""
+    prompts = [model.encode(t) for t in ("ROMEO. But soft, what light", "JULIET.", "O")]
+    want = model.generate(prompts, mode="ar", max_new_tokens=48).sequences
+    for draft_steps in (1, 3):
+        got = model.generate(prompts, mode="verified", max_new_tokens=48, draft_steps=draft_steps,
+                             confidence_threshold=0.8)  # fmt: skip
+        assert got.sequences == want
