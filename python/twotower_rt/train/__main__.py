@@ -165,9 +165,11 @@ def cmd_export(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .evaluate import main as evaluate_main
+    from .evaluate import matmul_precision
 
     torch.set_num_threads(args.threads)
-    evaluate_main(args)
+    with matmul_precision(args.matmul_precision):
+        evaluate_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--kernel-threads", type=int, nargs="+", default=[2],
                     help="also time the CPU kernels on these thread counts, side by side "
                          "with one (torch stays on --threads)")  # fmt: skip
+    ev.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
+                    help="torch's float32 matmul precision for the generation and the timing "
+                         "('medium': the CPU kernels' bfloat16 dot products where the CPU has "
+                         "AVX512_BF16); the AR-NLL judge always runs at 'highest'")  # fmt: skip
     ev.set_defaults(fn=cmd_evaluate)
     return ap
 

@@ -557,6 +557,7 @@ def main(args) -> None:
             "steps_per_block": 16,
             "temperature": 0.0,
             "dtype": "float32",
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "source": "held-out tail of every document (data.HELDOUT_FRACTION), never trained on",
         },  # fmt: skip
         "definitions": {
