@@ -212,3 +212,20 @@ def test_verified_is_still_ar_under_medium(model, medium):
         got = model.generate(prompts, mode="verified", max_new_tokens=48, draft_steps=draft_steps,
                              confidence_threshold=0.8)  # fmt: skip
         assert got.sequences == want
+
+
+@torch.inference_mode()
+def test_time_conditioning_follows_the_precision(model, medium):
+    """The denoiser's per-t modulation is made once per value and kept: one made under "highest"
+    is not served under "medium" (its time embedding's projections differ), and back."""
+    lm = model.lm
+    t = torch.tensor([1.0, 0.5])
+    want_medium = cpu_fast.stacked_tables(lm)[:, None] + lm.time_embedding(t[:1])[0][None, None]
+    torch.set_float32_matmul_precision("highest")
+    highest = cpu_fast.modulation(lm, t)
+    torch.set_float32_matmul_precision("medium")
+    medium = cpu_fast.modulation(lm, t)
+    assert not torch.equal(highest, medium)
+    assert torch.equal(medium[:, :1], want_medium)
+    torch.set_float32_matmul_precision("highest")
+    assert torch.equal(cpu_fast.modulation(lm, t), highest)

@@ -375,10 +375,13 @@ def modulation(lm, t: torch.Tensor) -> torch.Tensor:
     if _ext.cpu_kernels() is None:
         return tables[:, None] + lm.time_embedding(t)
     # Keyed on the stacked tables (a new tensor whenever a table changes) and the time
-    # conditioning's own parameters.
+    # conditioning's own parameters, one table per kind of projection (the time embedding's
+    # projections are bfloat16 dot products where linear_cpu.dot_allowed(): a value made under
+    # one precision is not served under the other).
     modules = lm._modules
     params = (tables, *_tree_params(modules["t_embedder"]), *_tree_params(modules["t_block"]))
-    by_value = derived(modules["t_block"], params, lambda *_: {})
+    key = "_cpu_modulation_dot" if linear_cpu.dot_allowed() else "_cpu_derived"
+    by_value = derived(modules["t_block"], params, lambda *_: {}, key=key)
     rows = []
     for value in t.tolist():
         row = by_value.get(value)
