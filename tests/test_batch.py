@@ -1,6 +1,7 @@
 """``twotower-rt batch``: a JSONL job through the engine on the default model; bad lines to the
 errors file; resume skips what OUT has; ``kill -9`` then resume loses and repeats nothing."""
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -334,5 +335,8 @@ def test_matmul_precision_flag(tmp_path, capsys):
         assert main([*argv, "--tp", "2"]) == 2
         assert "--matmul-precision applies to one process" in capsys.readouterr().err
         assert torch.get_float32_matmul_precision() == before
+        if importlib.util.find_spec("ray") is not None:  # the ray extra
+            assert main([*argv, "--ray"]) == 2
+            assert "does not reach --ray's replicas" in capsys.readouterr().err
     finally:
         torch.set_float32_matmul_precision(before)
