@@ -84,25 +84,13 @@ TWOTOWER_RT_INLINE void linear_part(const LinearParams& p, const W* w, int64_t r
   few_rows(p, w, full, rest, wide, c1);
 }
 
-// The tasks of the kernel threads (cpu_pool.h). Every output is the same chain however the rows
-// and outputs are tiled (cpu_gemm.h), so any split gives the one-thread bits; this one keeps
-// whole tiles: outputs in blocks of the widest tile (128 for one to three rows, else 64), and
-// where that leaves few blocks, the rows in two halves at a multiple of kRows as well.
-struct Split {
-  int64_t width, blocks, half;  // half: the first row of the second half (rows: no split)
-};
-
-TWOTOWER_RT_INLINE Split split(const LinearParams& p) {
-  Split s;
-  s.width = (p.rows < kRows ? 8 : 4) * kGemmVec;
-  s.blocks = (p.out_features + s.width - 1) / s.width;
-  s.half = p.rows >= 2 * kRows && s.blocks < 6 ? (p.rows / 2 + kRows - 1) / kRows * kRows : p.rows;
-  return s;
-}
+// The tasks of the kernel threads: cpu_pool.h's projection_split (tiles of 4 rows x 64 outputs,
+// or 1-3 rows x 128).
+static_assert(kRows == 4 && 4 * kGemmVec == 64, "projection_split assumes these tiles");
 
 template <typename W>
 TWOTOWER_RT_INLINE void linear_task(const LinearParams& p, const W* w, int64_t i) {
-  const Split s = split(p);
+  const ProjectionSplit s = projection_split(p.rows, p.out_features);
   const int64_t block = i % s.blocks, c0 = block * s.width, c1 = c0 + s.width;
   const bool second = i >= s.blocks;
   linear_part(p, w, second ? s.half : 0, second ? p.rows : s.half, c0,
@@ -134,8 +122,8 @@ const char* linear(const LinearParams& p) {
     return "linear: sizes must be positive, with x_stride >= in and w_stride >= out_features";
   }
   if (p.rows == 0) return nullptr;
-  const Split s = split(p);
-  const bool done = pool_run(s.blocks * (s.half < p.rows ? 2 : 1), p.rows * p.in * p.out_features,
+  const ProjectionSplit s = projection_split(p.rows, p.out_features);
+  const bool done = pool_run(s.tasks(p.rows), p.rows * p.in * p.out_features,
                              p.w != nullptr ? linear_f32_task : linear_bf16_task,
                              const_cast<LinearParams*>(&p));
   return done ? nullptr : kPoolFailed;

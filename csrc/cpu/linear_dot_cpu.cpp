@@ -16,7 +16,8 @@ constexpr int kRows = 4;  // rows per register tile
 struct Job {
   const LinearDotParams* p;
   const uint32_t* x;  // (rows, pairs): each row's inputs as bfloat16 pairs
-  int64_t pairs, width, blocks, half;
+  int64_t pairs;
+  ProjectionSplit split;  // cpu_pool.h: the float32 kernel's tasks
 };
 
 #ifdef TWOTOWER_RT_HAS_DOT
@@ -51,14 +52,15 @@ TWOTOWER_RT_DOT_TARGET void to_pairs(const LinearDotParams& p, int64_t pairs, ui
   for (int64_t r = 0; r < p.rows; ++r) bf16_pairs(p.x + r * p.x_stride, p.in, x + r * pairs);
 }
 
-// The kernel threads' tasks: blocks of `width` outputs, and where that leaves few blocks, the
-// rows in two halves as well (every output is the same chain whoever computes it).
+// The kernel threads' tasks: the float32 kernel's (cpu_pool.h: projection_split; every output
+// is the same chain whoever computes it).
 void dot_task(void* context, int64_t i) {
   const Job& job = *static_cast<const Job*>(context);
-  const int64_t block = i % job.blocks, c0 = block * job.width;
-  const int64_t c1 = c0 + job.width < job.p->out_features ? c0 + job.width : job.p->out_features;
-  const bool second = i >= job.blocks;
-  dot_part(job, second ? job.half : 0, second ? job.p->rows : job.half, c0, c1);
+  const ProjectionSplit& s = job.split;
+  const int64_t block = i % s.blocks, c0 = block * s.width;
+  const int64_t c1 = c0 + s.width < job.p->out_features ? c0 + s.width : job.p->out_features;
+  const bool second = i >= s.blocks;
+  dot_part(job, second ? s.half : 0, second ? job.p->rows : s.half, c0, c1);
 }
 #endif
 
@@ -86,14 +88,12 @@ const char* linear_dot(const LinearDotParams& p) {
   if (x.size() < static_cast<size_t>(p.rows * job.pairs)) x.resize(p.rows * job.pairs);
   to_pairs(p, job.pairs, x.data());
   job.x = x.data();
-  job.width = (p.rows < kRows ? 2 : 1) * 4 * kDotLanes;
-  job.blocks = (p.out_features + job.width - 1) / job.width;
-  job.half = p.rows >= 2 * kRows && job.blocks < 6 ? (p.rows / 2 + kRows - 1) / kRows * kRows
-                                                   : p.rows;
-  const int64_t tasks = job.blocks * (job.half < p.rows ? 2 : 1);
+  job.split = projection_split(p.rows, p.out_features);
   // (The float32 kernel's measure of work, so that both split the same calls over the threads:
   // at one row a call is bound by its weights' bytes, the same either way.)
-  return pool_run(tasks, p.rows * p.in * p.out_features, dot_task, &job) ? nullptr : kPoolFailed;
+  return pool_run(job.split.tasks(p.rows), p.rows * p.in * p.out_features, dot_task, &job)
+             ? nullptr
+             : kPoolFailed;
 #else
   return "linear_dot: not built for this CPU";
 #endif

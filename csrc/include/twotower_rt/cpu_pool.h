@@ -35,6 +35,27 @@ void set_pool_threads(int threads);
 // The kernels' message for a false pool_run.
 constexpr const char* kPoolFailed = "a task on the kernel threads failed (out of memory?)";
 
+// How a projection's rows x out outputs become tasks (linear_cpu.cpp, linear_dot_cpu.cpp): whole
+// register tiles, the outputs in blocks of the widest tile (128 for one to three rows, else 64),
+// and where that leaves few blocks, the rows in two halves at a multiple of 4 as well. Task i
+// computes block i % blocks of rows [0, half) (i < blocks) or [half, rows). Every output is the
+// same chain whoever computes it, so any split gives the one-thread bits.
+struct ProjectionSplit {
+  int64_t width, blocks, half;  // half: the first row of the second half (rows: no split)
+  int64_t tasks(int64_t rows) const { return blocks * (half < rows ? 2 : 1); }
+};
+
+inline ProjectionSplit projection_split(int64_t rows, int64_t out) {
+  constexpr int64_t kTileRows = 4;
+  ProjectionSplit s;
+  s.width = rows < kTileRows ? 128 : 64;
+  s.blocks = (out + s.width - 1) / s.width;
+  s.half = rows >= 2 * kTileRows && s.blocks < 6
+               ? (rows / 2 + kTileRows - 1) / kTileRows * kTileRows
+               : rows;
+  return s;
+}
+
 // A task that runs a kernel's arithmetic should be a TWOTOWER_RT_CLONES function (a lambda is
 // compiled for the baseline instruction set only); a pointer to a clone resolves like a call.
 constexpr int64_t kPoolMinWork = 96 * 1024;

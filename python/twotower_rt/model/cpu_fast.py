@@ -75,26 +75,21 @@ def project(module: nn.Module, x: torch.Tensor, weights: tuple, bias) -> torch.T
         return None
     if bias is not None and bias.dtype != torch.float32:
         return None
-    if linear_cpu.dot_allowed():
-        pairs, n = derived(
-            module, (*weights, bias),
-            lambda *_: (linear_cpu.k_pairs(torch.cat(weights)), sum(w.shape[0] for w in weights)),
-            key="_cpu_dot_weight",
-        )  # fmt: skip
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < x.shape[-1]):
-            rows = rows.contiguous()
-        return linear_cpu.run_dot(C, rows, pairs, bias, n, (*x.shape[:-1], n))
+    dot = linear_cpu.dot_allowed()
+    if dot:
+        layout, run = linear_cpu.k_pairs, linear_cpu.run_dot
+    else:
+        layout, run = linear_cpu.k_major, linear_cpu.run
     weight, n = derived(
         module, (*weights, bias),
-        lambda *_: (linear_cpu.k_major(torch.cat(weights)), sum(w.shape[0] for w in weights)),
-        key="_cpu_kernel_weight",
+        lambda *_: (layout(torch.cat(weights)), sum(w.shape[0] for w in weights)),
+        key="_cpu_dot_weight" if dot else "_cpu_kernel_weight",
     )  # fmt: skip
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < shape[-1]):
         rows = rows.contiguous()
-    return linear_cpu.run(C, rows, weight, bias, n, (*shape[:-1], n))
+    return run(C, rows, weight, bias, n, (*shape[:-1], n))
 
 
 def _mamba_constants(A_log, dt_bias, D, conv_weight, conv_bias):
@@ -332,13 +327,11 @@ def moe_forward(moe, h: torch.Tensor) -> torch.Tensor | None:
                            norm_topk_prob=cfg.norm_topk_prob,
                            routed_scaling_factor=cfg.routed_scaling_factor)  # fmt: skip
 
-    params = _moe_params(moe)
+    params, weights = _moe_params(moe), None
     if linear_cpu.dot_allowed():  # the experts by bfloat16 dot products, where sizes allow
         weights = derived(moe, params, lambda *p: _dot_moe(make(*p)), key="_cpu_dot_weight")
-        if weights is not None:
-            shape = h.shape
-            return moe_kernel(h.reshape(-1, shape[-1]).contiguous(), weights).reshape(shape)
-    weights = derived(moe, params, make)
+    if weights is None:
+        weights = derived(moe, params, make)
     if weights is None:
         return None
     shape = h.shape
