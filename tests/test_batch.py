@@ -320,6 +320,38 @@ def test_threads_flag_and_default(tmp_path, capsys):
         torch.set_num_threads(before)
 
 
+def test_kernel_stream_flag(tmp_path, capsys):
+    """--kernel-stream turns the CPU kernels' stream on for the job, with one kernel thread
+    unless --kernel-threads says otherwise; with --tp (or --ray) it is exit code 2."""
+    from twotower_rt import _ext
+    from twotower_rt.threads import (
+        kernel_stream,
+        kernel_threads,
+        set_kernel_stream,
+        set_kernel_threads,
+    )
+
+    stream, threads = kernel_stream(), kernel_threads()
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "input_ids": [5], "mode": "ar"}])
+        argv = ["batch", str(src), str(tmp_path / "o.jsonl"), "--no-progress",
+                "--max-new-tokens", "2", "--kernel-stream"]  # fmt: skip
+        assert main(argv) == 0
+        assert kernel_stream() == (_ext.cpu_kernels() is not None)
+        if _ext.cpu_kernels() is not None:
+            assert kernel_threads() == 1
+        set_kernel_stream(False)
+        assert main([*argv, "--tp", "2"]) == 2
+        assert "--kernel-stream applies to one process" in capsys.readouterr().err
+        assert not kernel_stream()
+        if importlib.util.find_spec("ray") is not None:  # the ray extra
+            assert main([*argv, "--ray"]) == 2
+            assert "--kernel-stream applies to one process" in capsys.readouterr().err
+    finally:
+        set_kernel_stream(stream)
+        set_kernel_threads(threads)
+
+
 def test_matmul_precision_flag(tmp_path, capsys):
     """--matmul-precision sets torch's float32 matmul precision for the job (the CPU kernels'
     bfloat16 dot products under "medium"); an unknown value, or one with --tp, is exit code 2."""

@@ -330,6 +330,36 @@ def test_onpolicy_loss_targets(monkeypatch, temperature):
     assert stats["onpolicy_loss"] == pytest.approx(float(loss))
 
 
+def test_measure_speed_times_the_kernel_stream(default_model, monkeypatch, tmp_path):
+    """The stream configuration (evaluate.STREAM) is timed beside the thread counts: the stream
+    on with one kernel thread during its turns, off during the others, and both settings put back
+    after; the picture draws its series too."""
+    pytest.importorskip("matplotlib")
+    from twotower_rt import _ext, threads
+    from twotower_rt.train import evaluate as ev
+
+    if _ext.cpu_kernels() is None:
+        pytest.skip("the CPU kernels are not built")
+    modes = [("ar", None), ("mask_diffusion", 0.8)]
+    monkeypatch.setattr(ev, "MODES", modes)
+    states = []
+    real_run = ev.run_mode
+    monkeypatch.setattr(ev, "run_mode", lambda *a: states.append(
+        (threads.kernel_stream(), threads.kernel_threads())) or real_run(*a))  # fmt: skip
+    stream, kernel_threads = threads.kernel_stream(), threads.kernel_threads()
+    prompts = [[5, 9, 100, 7], [44, 17, 8, 2]]
+    speeds = ev.measure_speed(default_model, prompts, 16, repeats=1,
+                              kernel_threads=(1, ev.STREAM), batches=(1,))  # fmt: skip
+    assert set(speeds) == {1, ev.STREAM}
+    assert set(states) == {(False, 1), (True, 1)} and len(states) == 2 * 2 * 2 * 2
+    assert all(v["tok_s"] > 0 for v in speeds[ev.STREAM]["batch_1"].values())
+    assert threads.kernel_stream() == stream and threads.kernel_threads() == kernel_threads
+    rows = ev.evaluate(default_model, prompts, [[1] * 16] * 2, 16, modes)
+    speeds = {k: {**v, "batch_64": v["batch_1"]} for k, v in speeds.items()}
+    ev.plot_tradeoff(rows, speeds, str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_measure_speed_side_by_side_and_the_tradeoff_picture(default_model, monkeypatch,
                                                                tmp_path):  # fmt: skip
     """measure_speed times every mode at every kernel-thread count in the same rounds, gives AR

@@ -9,6 +9,7 @@
 #include "twotower_rt/attention_cpu.h"
 #include "twotower_rt/cpu_common.h"
 #include "twotower_rt/cpu_pool.h"
+#include "twotower_rt/cpu_stream.h"
 #include "twotower_rt/linear_cpu.h"
 #include "twotower_rt/linear_dot_cpu.h"
 #include "twotower_rt/mamba_cpu.h"
@@ -34,9 +35,14 @@ T* ptr(std::uintptr_t address) {
 }
 
 // Runs kernel(params) without the GIL (pure C++ over memory the caller keeps alive) and turns
-// its error message, if any, into a ValueError.
+// its error message, if any, into a ValueError; inside a stream scope of the calling thread
+// (cpu_stream.h) queues it instead, and the scope's end reports its error.
 template <typename Params>
 void Run(const char* (*kernel)(const Params&), const Params& params) {
+  if (cpu::stream_active()) {
+    cpu::stream_push([kernel, params] { return kernel(params); });
+    return;
+  }
   const char* error = nullptr;
   {
     py::gil_scoped_release release;
@@ -218,6 +224,31 @@ void BlockAttention(std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_c
   Run(cpu::block_attention, p);
 }
 
+void ResidualAdd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate, std::uintptr_t out,
+                 int64_t rows, int64_t hidden, int64_t rows_per_seq, int64_t gate_stride) {
+  cpu::ResidualParams p;
+  p.x = ptr<const float>(x);
+  p.y = ptr<const float>(y);
+  p.gate = ptr<const float>(gate);
+  p.out = ptr<float>(out);
+  p.rows = rows;
+  p.hidden = hidden;
+  p.rows_per_seq = rows_per_seq;
+  p.gate_stride = gate_stride;
+  Run(cpu::residual_add, p);
+}
+
+// stream_end / stream_wait without the GIL (the wait may be a whole forward's kernels); an error
+// of a queued call as ValueError.
+void StreamFinish(const char* (*finish)()) {
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;
+    error = finish();
+  }
+  if (error != nullptr) throw std::invalid_argument(error);
+}
+
 py::dict BuildInfo() {
   py::dict info;
   info["version"] = TWOTOWER_RT_VERSION;
@@ -270,6 +301,22 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("head_dim"), py::arg("capacity"), py::arg("cache_rows"), py::arg("q_stride"),
         py::arg("q_batch_stride"), py::arg("block_stride"), py::arg("block_batch_stride"),
         py::arg("scale"), py::arg("causal"), py::arg("append"));
+  m.def("residual_add", &twotower_rt::ResidualAdd,
+        "A layer's residual update x + gate * y, or x + y (norm_cpu.h)", py::arg("x"),
+        py::arg("y"), py::arg("gate"), py::arg("out"), py::arg("rows"), py::arg("hidden"),
+        py::arg("rows_per_seq"), py::arg("gate_stride"));
+  m.def("stream_begin", &twotower_rt::cpu::stream_begin,
+        "Opens a stream scope on this thread: its kernel calls are queued (cpu_stream.h)");
+  m.def(
+      "stream_end", [] { twotower_rt::StreamFinish(twotower_rt::cpu::stream_end); },
+      "Closes the scope; the outermost waits for the queued calls and raises their first error "
+      "(cpu_stream.h)");
+  m.def(
+      "stream_wait", [] { twotower_rt::StreamFinish(twotower_rt::cpu::stream_wait); },
+      "Inside a scope: waits for the calls queued so far and raises their first error "
+      "(cpu_stream.h)");
+  m.def("stream_active", &twotower_rt::cpu::stream_active,
+        "Whether this thread's kernel calls are being queued (cpu_stream.h)");
   m.def("build_info", &twotower_rt::BuildInfo);
   m.def(
       "wide_vectors", [] { return twotower_rt::cpu::wide_vectors(); },

@@ -11,6 +11,8 @@
 #include <thread>
 #include <vector>
 
+#include "twotower_rt/cpu_stream.h"
+
 namespace twotower_rt {
 namespace cpu {
 namespace {
@@ -44,9 +46,13 @@ class Pool {
   bool run(int64_t count, void (*task)(void*, int64_t), void* context) {
     std::unique_lock<std::mutex> hold(run_mutex_, std::try_to_lock);
     if (hold.owns_lock()) adopt();
-    if (!hold.owns_lock() || workers_.empty()) {  // busy (another thread's call) or one thread
+    if (!hold.owns_lock()) {  // busy: another thread's call holds the workers
       for (int64_t i = 0; i < count; ++i) task(context, i);
       return true;
+    }
+    if (workers_.empty()) {  // one thread: on the stream's worker, with a waiting thread's help
+      hold.unlock();
+      return stream_run_shared(count, task, context);
     }
     task_ = task;
     context_ = context;

@@ -48,7 +48,38 @@ void norm_rows(const ModNormParams& p, float* y) {
   }
 }
 
+TWOTOWER_RT_CLONES
+void residual_rows(const ResidualParams& p) {
+  const int64_t H = p.hidden;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const float* x = p.x + r * H;
+    const float* y = p.y + r * H;
+    float* out = p.out + r * H;
+    if (p.gate == nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < H; ++c) out[c] = x[c] + y[c];
+    } else {
+      const float* gate = p.gate + (r / p.rows_per_seq) * p.gate_stride;
+#pragma omp simd
+      for (int64_t c = 0; c < H; ++c) out[c] = fmadd(gate[c], y[c], x[c]);
+    }
+  }
+}
+
 }  // namespace
+
+const char* residual_add(const ResidualParams& p) {
+  if (p.rows < 0 || p.hidden <= 0 || p.rows_per_seq <= 0 || p.rows % p.rows_per_seq != 0) {
+    return "residual_add: rows must be a multiple of rows_per_seq > 0, hidden > 0";
+  }
+  if (p.rows == 0) return nullptr;
+  if (p.x == nullptr || p.y == nullptr || p.out == nullptr) return "residual_add: null pointer";
+  if (p.gate != nullptr && p.gate_stride < p.hidden) {
+    return "residual_add: gate rows may not overlap (gate_stride >= hidden)";
+  }
+  residual_rows(p);
+  return nullptr;
+}
 
 const char* modulated_rms_norm(const ModNormParams& p) {
   if (p.rows < 0 || p.hidden <= 0 || p.rows_per_seq <= 0 || p.rows % p.rows_per_seq != 0) {

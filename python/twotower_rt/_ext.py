@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from types import ModuleType
@@ -89,6 +90,65 @@ def set_kernels_enabled(enabled: bool) -> None:
     else:
         _C, _import_error = None, "the compiled kernels are turned off (set_kernels_enabled)"
         _CPU, _cpu_error = None, _import_error
+
+
+# --- the CPU kernels' stream ------------------------------------------------------------------
+# csrc/include/twotower_rt/cpu_stream.h: inside ``cpu_stream()`` the calling thread's kernel calls
+# are queued on one worker thread and run there in order, while Python goes on to the next call;
+# the scope's end waits for them. The Python between the kernels of a forward then runs on one
+# core while the kernels run on another. The numbers do not change (the same calls, in the same
+# order). Off by default; ``threads.set_kernel_stream`` or TWOTOWER_RT_KERNEL_STREAM=1 turn it on.
+_stream = [os.environ.get("TWOTOWER_RT_KERNEL_STREAM", "").strip().lower() in ("1", "on", "true")]
+_stream_local = threading.local()
+
+
+def stream_enabled() -> bool:
+    """Whether :func:`cpu_stream` queues (the setting, and the kernels built)."""
+    return _stream[0] and _CPU is not None
+
+
+def set_stream_enabled(enabled: bool) -> None:
+    _stream[0] = bool(enabled)
+
+
+@contextlib.contextmanager
+def cpu_stream() -> Iterator[bool]:
+    """Queue the calling thread's CPU kernel calls of the block on the kernels' stream and wait
+    for them at its end (raising the first kernel error as ValueError); yields whether it queues
+    (False: the stream is off, the calls run as usual). Inside it no kernel output may be read:
+    a PyTorch op on one reads memory the worker may not have written yet. Every op wrapper
+    passes the tensors a call reads and writes to :func:`keep`, which holds them until the end
+    (Python would otherwise free a temporary whose call has not run yet). Scopes nest."""
+    lib = _CPU
+    if lib is None or not _stream[0]:
+        yield False
+        return
+    outer = getattr(_stream_local, "keep", None) is None
+    if outer:
+        _stream_local.keep = []
+    lib.stream_begin()
+    try:
+        yield True
+    finally:
+        try:
+            lib.stream_end()
+        finally:
+            if outer:
+                _stream_local.keep = None
+
+
+def stream_wait() -> None:
+    """Inside a :func:`cpu_stream` scope of this thread, wait until its queued kernel calls have
+    run, so that a PyTorch op may read their outputs (the scope stays open); nothing outside one."""
+    if getattr(_stream_local, "keep", None) is not None and _CPU is not None:
+        _CPU.stream_wait()
+
+
+def keep(*tensors) -> None:
+    """Hold ``tensors`` until the enclosing :func:`cpu_stream` scope ends (nothing outside one)."""
+    held = getattr(_stream_local, "keep", None)
+    if held is not None:
+        held.extend(tensors)
 
 
 @contextlib.contextmanager

@@ -116,6 +116,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         help="threads the CPU kernels split a call over (the same results "
                              "at every count; default: TWOTOWER_RT_KERNEL_THREADS, else "
                              "--threads)")  # fmt: skip
+    parser.add_argument("--kernel-stream", action="store_true",
+                        help="run each forward's CPU kernels on a worker thread beside the "
+                             "Python between them, the two threads sharing each big kernel "
+                             "call (two cores; the same results; on a 2-core CPU faster at "
+                             "batch 1-4); the kernels' threads then default to 1 "
+                             "(TWOTOWER_RT_KERNEL_STREAM=1 does the same)")  # fmt: skip
     parser.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"],
                         help="torch.set_float32_matmul_precision for this process: 'medium' lets "
                              "the CPU kernels run float32 projections as bfloat16 dot products "
@@ -127,16 +133,22 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(path, args: argparse.Namespace, **load_kwargs) -> TwoTowerModel:
-    """--threads and --kernel-threads applied, then the model loaded (with --check-weights)."""
-    from .threads import set_kernel_threads, set_threads
+    """--threads, --kernel-threads and --kernel-stream applied, then the model loaded (with
+    --check-weights)."""
+    from .threads import set_kernel_stream, set_kernel_threads, set_threads
 
     if args.matmul_precision is not None:
         import torch
 
         torch.set_float32_matmul_precision(args.matmul_precision)
     threads = set_threads(args.threads)
+    stream = getattr(args, "kernel_stream", False)
+    if stream:
+        set_kernel_stream(True)
     if args.kernel_threads is not None:
         set_kernel_threads(args.kernel_threads)
+    elif stream:
+        set_kernel_threads(1)  # the stream's worker and the caller are the two threads
     elif not os.environ.get("TWOTOWER_RT_KERNEL_THREADS", "").strip():
         set_kernel_threads(threads)  # the kernels follow --threads
     return load(path, check_weights=args.check_weights, **load_kwargs)
@@ -439,9 +451,12 @@ def _tp_size(args: argparse.Namespace) -> int:
 
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
-    if getattr(args, "matmul_precision", None) is not None and args.tp > 1:
-        raise ValueError("--matmul-precision applies to one process; it does not reach --tp's "
-                         "ranks yet")  # fmt: skip
+    one_process = {"--matmul-precision": getattr(args, "matmul_precision", None) is not None,
+                   "--kernel-stream": getattr(args, "kernel_stream", False)}  # fmt: skip
+    for flag, value in one_process.items():
+        if value and args.tp > 1:
+            raise ValueError(f"{flag} applies to one process; it does not reach --tp's ranks "
+                             "yet")  # fmt: skip
     world = int(os.environ.get("WORLD_SIZE", "1"))  # launched by torchrun: its ranks
     if world > 1 and args.tp not in (1, world):
         raise ValueError(f"--tp {args.tp} under torchrun with WORLD_SIZE={world}")

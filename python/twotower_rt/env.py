@@ -112,7 +112,8 @@ def cpu_report(cpuinfo: str | None = None) -> dict[str, Any]:
     """The CPU that timings come from: its name, family / model / stepping, logical CPUs, its
     widest vector instruction set, the vector width the CPU kernels compute in (16 floats on an
     x86-64-v4 CPU, else 8), whether they can run bfloat16 dot products (AVX512_BF16) and torch's
-    float32 matmul precision now ("medium" lets them: ``ops.linear_cpu.dot_allowed``). Every
+    float32 matmul precision now ("medium" lets them: ``ops.linear_cpu.dot_allowed``), whether
+    the kernels run on their stream (``threads.set_kernel_stream``). Every
     benchmark records it: the same code runs 2-4x apart on the x86 VMs this repository has run
     on, and the name alone ("AMD EPYC") does not tell them apart.
     ``cpuinfo``: the text of /proc/cpuinfo (read when None; absent off Linux)."""
@@ -140,6 +141,7 @@ def cpu_report(cpuinfo: str | None = None) -> dict[str, Any]:
         "cpu_kernel_vector_floats": None if cpu is None else (16 if cpu.wide_vectors() else 8),
         "cpu_kernel_bf16_dot": None if cpu is None else bool(cpu.linear_dot_supported()),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cpu_kernel_stream": _ext.stream_enabled(),
     }
 
 
@@ -154,6 +156,8 @@ def format_cpu(cpu: dict[str, Any]) -> str:
         precision = cpu["float32_matmul_precision"]
         state = "on" if precision == "medium" else "off"
         kernels += f", bf16 dot products {state} (float32 matmul precision {precision})"
+    if cpu.get("cpu_kernel_stream"):
+        kernels += ", kernel stream on"
     return f"{cpu['name']}{where}, {cpu['logical_cpus']} CPUs, {cpu['vector_isa']}{kernels}"
 
 

@@ -256,6 +256,9 @@ def cmd_batch_ray(args, model: str | None, kwargs: dict) -> int:
     if getattr(args, "matmul_precision", None) is not None:
         raise ValueError("--matmul-precision applies to one process; it does not reach --ray's "
                          "replicas yet")  # fmt: skip
+    if getattr(args, "kernel_stream", False):
+        raise ValueError("--kernel-stream applies to one process; it does not reach --ray's "
+                         "replicas yet")  # fmt: skip
     for flag in ("replicas", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

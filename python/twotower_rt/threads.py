@@ -66,6 +66,28 @@ def set_kernel_threads(threads: int | None = None) -> int:
     return threads
 
 
+def kernel_stream() -> bool:
+    """Whether the CPU kernels run on their stream (:func:`set_kernel_stream`)."""
+    from . import _ext
+
+    return _ext.stream_enabled()
+
+
+def set_kernel_stream(enabled: bool) -> bool:
+    """Queue each forward's CPU kernel calls on one worker thread (``_ext.cpu_stream``), which
+    runs them while the calling thread goes on with the Python between them: on two cores the
+    two overlap, where otherwise each waits for the other. The numbers do not change (the same
+    calls in the same order). Off by default (and from import on TWOTOWER_RT_KERNEL_STREAM=1);
+    the worker spins ~200 us after each call before it sleeps. Returns the setting in effect
+    (False where the kernels are not built)."""
+    from . import _ext
+
+    if not isinstance(enabled, bool):
+        raise ValueError(f"set_kernel_stream takes True or False, got {enabled!r}")
+    _ext.set_stream_enabled(enabled)
+    return _ext.stream_enabled()
+
+
 def kernel_threads_from_env(value: str | None) -> int | None:
     """``TWOTOWER_RT_KERNEL_THREADS``: an integer >= 1, or ``auto`` (the affinity's CPUs); None
     when unset or empty. ValueError otherwise."""

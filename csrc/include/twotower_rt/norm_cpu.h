@@ -38,5 +38,19 @@ struct ModNormParams {
 // Returns nullptr on success, else a message naming the bad parameter.
 const char* modulated_rms_norm(const ModNormParams& p);
 
+// A layer's residual update, out = x + gate * y with one rounding (a fused multiply-add, as
+// torch.addcmul(x, gate, y) rounds it on the x86-64 CPUs checked), or x + y where gate is null:
+// one kernel call instead of a PyTorch op, so that the whole layer stack of a forward can be
+// queued on the kernels' stream (cpu_stream.h). Row r uses gate row r / rows_per_seq.
+struct ResidualParams {
+  const float* x = nullptr;     // (rows, hidden), contiguous
+  const float* y = nullptr;     // (rows, hidden), contiguous
+  const float* gate = nullptr;  // rows / rows_per_seq rows of hidden, gate_stride apart; or null
+  float* out = nullptr;         // (rows, hidden); may be x
+  int64_t rows = 0, hidden = 0, rows_per_seq = 1, gate_stride = 0;
+};
+
+const char* residual_add(const ResidualParams& p);
+
 }  // namespace cpu
 }  // namespace twotower_rt

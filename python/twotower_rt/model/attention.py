@@ -92,9 +92,11 @@ class Attention(nn.Module):
             out = attention_cpu_run(kernels, q, cache_k, cache_v, prefix_len, k, v, slots,
                                     causal=append, append=append)  # fmt: skip
         elif not append:
+            _ext.stream_wait()  # PyTorch ops (cpu_fast's stream)
             attend = block_attention_ref if fast else block_attention  # the CPU path, unchecked
             out = attend(q, cache_k, cache_v, prefix_len, k, v, cache_slots=slots)
         else:
+            _ext.stream_wait()
             dev = h.device
             pos = _write_kv(k, v, cache_k, cache_v, prefix_len, slots)
             if n == 1:  # AR decode: the one new token sees the whole prefix and itself
@@ -111,6 +113,7 @@ class Attention(nn.Module):
                 out = prefix_causal_attention(q, keys, values, allowed)
         out = out.reshape(b, n, -1)
         if rows is not None:
+            _ext.stream_wait()  # a PyTorch op on a kernel's output (cpu_fast's stream)
             out = out.index_select(1, rows)
         out = self.o_proj(out)
         return out if self.tp is None else self.tp.all_reduce(out)
@@ -139,6 +142,7 @@ class Attention(nn.Module):
         (the same projections); no attention, no o_proj. For a context pass whose output nobody
         reads (``Tower.forward`` with ``outputs=False``)."""
         _, (_, k, v) = self._qkv(h)
+        _ext.stream_wait()  # PyTorch ops on a kernel's output (cpu_fast's stream)
         _write_kv(k, v, cache_k, cache_v, prefix_len, slots)
 
 

@@ -25,6 +25,7 @@ takes the layers' own code.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -37,7 +38,7 @@ from ..ops.mamba_cpu import MambaWeights, mamba_chunk, mamba_weights
 from ..ops.moe_cpu import dot_weights as moe_dot_weights
 from ..ops.moe_cpu import moe_forward as moe_kernel
 from ..ops.moe_cpu import moe_weights
-from ..ops.rmsnorm import modulated_rms_norm_cpu, rms_norm, rms_norm_cpu
+from ..ops.rmsnorm import modulated_rms_norm_cpu, residual_add_cpu, rms_norm, rms_norm_cpu
 from ..ops.ssm_scan import ssm_scan_ref
 
 
@@ -200,6 +201,7 @@ def mamba_forward(mixer, h: torch.Tensor, state, n_valid, keep_state: bool):
         if mixer.tp is not None:
             out = mixer.tp.all_reduce(out)
         return out, (MambaState(new_conv, new_ssm) if keep_state else None)
+    _ext.stream_wait()  # PyTorch ops from here on (the kernels' stream)
     constants = _constants(mixer)
     A, _, D, taps, _, _ = constants
     z, xBC, dt = torch.split(zxbcdt, [d_inner, conv_dim, H], dim=-1)
@@ -394,13 +396,16 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
     3, hidden) tensor or a list of (b, 3, hidden)). The eager numbers, bitwise, except where the
     CPU kernels are built and the tower is fp32: then every norm is one kernel call
     (``ops.rmsnorm.rms_norm_cpu``, the denoiser's modulated ones ``modulated_rms_norm_cpu``) and
-    each denoiser layer's gated residual one addcmul (float32 rounding)."""
+    each residual update one kernel call too (``x + gate * out`` as one fused multiply-add,
+    float32 rounding). With the kernels' stream on (``_ext.cpu_stream``), the layers' kernel calls
+    are queued on its thread while this one goes on to the next layer's Python; the result is
+    waited for before it is returned (the same numbers)."""
     eps = tower.cfg.layer_norm_epsilon
     x = tower.embeddings(ids)
     if rows is not None and tower.last_mixer < 0:  # no layer mixes positions
         x = x.index_select(1, rows)
-    new_states = {}
     fused = False
+    shifts = scales = gates = None
     kernels = _ext.cpu_kernels() is not None and x.dtype == torch.float32
     norm = rms_norm_cpu if kernels else rms_norm
     if modulation is not None:
@@ -413,6 +418,34 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
         else:
             shifts, scales, gates = modulation[:, :, :, None].unbind(2)  # (layers, b, 1, hidden)
             scales = 1 + scales
+    stream = kernels and (fused or modulation is None) and _streamable(tower)
+    with _ext.cpu_stream() if stream else _NO_STREAM:
+        return _layers(tower, x, cache, prefix_len, mamba_states, append, n_valid, modulation,
+                       outputs, rows, norm, fused, shifts, scales, gates, kernels, eps)  # fmt: skip
+
+
+_NO_STREAM = contextlib.nullcontext()
+
+
+def _streamable(tower) -> bool:
+    """Whether ``tower``'s layers take the CPU kernels alone, so that their calls may be queued
+    on the kernels' stream: no tensor parallelism (its all-reduce is a PyTorch op that would
+    read a queued kernel's output), no Mamba layer on its PyTorch scans (a training chunk size,
+    a tensor-parallel norm). (The PyTorch paths that remain possible wait for the stream first:
+    ``_ext.stream_wait`` in Linear, MoE, the attention's and the Mamba mixer's PyTorch paths.)"""
+    for block in tower.layers:
+        mixer = block.mixer
+        if getattr(mixer, "tp", None) is not None or getattr(mixer, "scan_chunk", 0):
+            return False
+        if getattr(mixer, "tp_norm", None) is not None:
+            return False
+    return True
+
+
+def _layers(tower, x, cache, prefix_len, mamba_states, append, n_valid, modulation, outputs, rows,
+            norm, fused, shifts, scales, gates, kernels, eps):  # fmt: skip
+    """:func:`tower_forward`'s layer loop and final norm."""
+    new_states = {}
     for i, block in enumerate(tower.layers):
         kind = block.kind
         if modulation is None:
@@ -430,9 +463,9 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
             break
         out, x = mixed
         if modulation is None:
-            x = x + out
+            x = residual_add_cpu(x, out, None) if kernels else x + out
         elif fused:
-            x = torch.addcmul(x, gates[i], out)
+            x = residual_add_cpu(x, out, gates[i])
         else:
             x = x + gates[i] * out
     if not outputs:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _ext
 from ..config import TwoTowerConfig
 from . import cpu_fast
 
@@ -78,6 +79,7 @@ class Fp8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _ext.stream_wait()  # PyTorch ops (cpu_fast's stream)
         weight = dequantize_weight(self.weight, self.weight_scale, self.block, x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
@@ -105,10 +107,12 @@ class Linear(nn.Linear):
             or x.dtype != weight.dtype
             or weight.numel() * weight.element_size() > FAST_LINEAR_MAX_BYTES
         ):
+            _ext.stream_wait()  # PyTorch ops (cpu_fast's stream)
             return F.linear(x, weight, self.bias)
         out = cpu_fast.project(self, x, (weight,), self.bias)
         if out is not None:
             return out
+        _ext.stream_wait()
         k_major = cpu_fast.derived(self, (weight,), lambda w: w.t().contiguous())
         rows = x.reshape(-1, x.shape[-1])
         if self.bias is None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _ext
 from ..config import TwoTowerConfig
 from ..ops.mamba_decode import mamba_decode_step
 from ..ops.rmsnorm import rms_norm
@@ -177,6 +178,7 @@ class Mamba2Mixer(nn.Module):
         H, P, N, G, K = (cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size,
                          cfg.n_groups, cfg.conv_kernel)  # fmt: skip
         zxbcdt = self.in_proj(h)
+        _ext.stream_wait()  # PyTorch ops on a kernel's output from here on (cpu_fast's stream)
         if self.fused_decode and n == 1 and n_valid is None and keep_state and not self.scan_chunk:
             y, new_conv, new_ssm = mamba_decode_step(
                 zxbcdt[:, 0], state.conv, self.conv1d.weight, self.conv1d.bias, self.dt_bias,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _ext
 from ..config import TwoTowerConfig
 from ..ops.moe import (
     ExpertWeights,
@@ -33,7 +34,9 @@ class Relu2MLP(nn.Module):
         self.down_proj = make_linear(cfg, intermediate, hidden, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down_proj(F.relu(self.up_proj(x)).square())
+        up = self.up_proj(x)
+        _ext.stream_wait()  # a PyTorch op on a kernel's output (cpu_fast's stream)
+        out = self.down_proj(F.relu(up).square())
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -138,6 +141,7 @@ class MoE(nn.Module):
             out = cpu_fast.moe_forward(self, h)  # None where the CPU kernel does not serve it
             if out is not None:
                 return out
+            _ext.stream_wait()  # PyTorch ops from here on (cpu_fast's stream)
         shape = h.shape
         x = h.reshape(-1, shape[-1])
         expert_ids, weights = self.gate(x)

@@ -21,6 +21,7 @@ whole block is replayed with ``n_valid`` (on the GPU: no host synchronisation).
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +46,16 @@ class BlockRecord:
 
 @contextlib.contextmanager
 def _recording(lm: TwoTowerLM, projected: dict[int, torch.Tensor]):
-    """Keep every context-tower Mamba layer's in_proj output while the block passes."""
+    """Keep every context-tower Mamba layer's in_proj output while the block passes (this
+    thread's pass only: the hooks are on the model, which other threads may be running)."""
     handles = []
+    owner = threading.get_ident()
     for i, block in enumerate(lm.context_tower.layers):
         if isinstance(block.mixer, Mamba2Mixer):
 
             def keep(module, args, out, i=i):
-                projected[i] = out
+                if threading.get_ident() == owner:
+                    projected[i] = out
 
             handles.append(block.mixer.in_proj.register_forward_hook(keep))
     try:

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from .. import _ext
 from ..config import TIME_FREQ_DIM, TIME_MAX_PERIOD, TwoTowerConfig
 from ..ops.rmsnorm import rms_norm
 from . import cpu_fast
@@ -131,6 +132,7 @@ class Tower(nn.Module):
         if last and not outputs:
             return None
         if last and rows is not None:
+            _ext.stream_wait()  # the PyTorch ops below read kernel outputs
             x = x.index_select(1, rows)
             if block.kind == "mamba":
                 out = out.index_select(1, rows)

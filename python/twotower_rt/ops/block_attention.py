@@ -166,6 +166,7 @@ def attention_cpu_run(C, q, k_cache, v_cache, context_lens, k_block, v_block, ca
         cache_slots = cache_slots.long().contiguous()
     out = q.new_empty((B, S, hq, d))
     block = k_block is not None
+    _ext.keep(q, context_lens, cache_slots, k_block, v_block, out)
     C.block_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), context_lens.data_ptr(),
         0 if cache_slots is None else cache_slots.data_ptr(),

@@ -71,6 +71,7 @@ def run(C, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: 
     rows, k = x.shape
     out = x.new_empty(shape or (rows, n))
     if rows and k and n:
+        _ext.keep(x, out)  # (held while a kernel stream queues the call; the weights live on)
         C.linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
                  out.data_ptr(), rows, k, n, max(x.stride(0), k), weight.shape[1],
                  weight.dtype == torch.bfloat16)  # fmt: skip
@@ -181,6 +182,7 @@ def run_dot(C, x: torch.Tensor, w_pairs: torch.Tensor, bias: torch.Tensor | None
     rows, k = x.shape
     out = x.new_empty(shape or (rows, n))
     if rows:
+        _ext.keep(x, out)
         C.linear_dot(x.data_ptr(), w_pairs.data_ptr(), 0 if bias is None else bias.data_ptr(),
                      out.data_ptr(), rows, k, n, max(x.stride(0), k), w_pairs.shape[1])  # fmt: skip
     return out

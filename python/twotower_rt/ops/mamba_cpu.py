@@ -129,6 +129,7 @@ def mamba_chunk(
     out = zxbcdt.new_empty((b, n, d_inner)) if with_output else None
     conv_out = zxbcdt.new_empty((b, conv_dim, K))
     ssm_out = zxbcdt.new_empty((b, H, P, N))
+    _ext.keep(zxbcdt, conv_state, ssm_state, n_valid, out, conv_out, ssm_out)
     lib.mamba_chunk(
         zxbcdt.data_ptr(), conv_state.data_ptr(), ssm_state.data_ptr(), w.conv_taps.data_ptr(),
         0 if w.conv_bias is None else w.conv_bias.data_ptr(), w.dt_bias.data_ptr(),

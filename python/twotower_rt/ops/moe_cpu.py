@@ -119,6 +119,7 @@ def moe_forward(x: torch.Tensor, weights: MoeWeights) -> torch.Tensor:
         raise ValueError("moe_forward: x must be contiguous")
     out = x.new_empty(x.shape)
     shared = w.shared_up is not None
+    _ext.keep(x, out)
     lib.moe_forward(
         x.data_ptr(), w.router_weight.data_ptr(), w.score_bias.data_ptr(), w.up.data_ptr(),
         w.down.data_ptr(), w.shared_up.data_ptr() if shared else 0,

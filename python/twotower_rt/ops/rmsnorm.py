@@ -288,9 +288,45 @@ def modulated_rms_norm_cpu(x, weight, scale, shift, eps: float, *, post: bool) -
             if not t.is_contiguous():
                 raise ValueError(f"modulated_rms_norm: {name} must be contiguous")
     out = torch.empty_like(x)
+    _ext.keep(x, scale, shift, out)
     C.modulated_rms_norm(x.data_ptr(), weight.data_ptr(), 0 if plain else scale.data_ptr(),
                          0 if plain else shift.data_ptr(), out.data_ptr(), b * n, hidden, n, eps,
                          post)  # fmt: skip
+    return out
+
+
+def residual_add_cpu(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """A layer's residual update in one call of ``twotower_rt._cpu`` (``csrc/cpu/norm_cpu.cpp``):
+    ``x + gate * y`` with one rounding (``torch.addcmul(x, gate, y)``'s on the x86-64 CPUs
+    checked) or, gate None, ``x + y``; x and y (b, n, hidden) float32 contiguous CPU tensors,
+    gate (b, 1, hidden) with unit column stride (a view of the denoiser's modulation). As a
+    kernel call it can be queued on the kernels' stream (``_ext.cpu_stream``)."""
+    C = _ext.cpu_kernels()
+    if C is None:
+        raise RuntimeError(
+            f"twotower_rt: CPU op 'residual_add' cannot run: {_ext.cpu_kernels_error()}"
+        )
+    if x.dim() != 3:
+        raise ValueError(f"residual_add: x must be (b, n, hidden), got {tuple(x.shape)}")
+    b, n, hidden = x.shape
+    f32 = torch.float32
+    if not (
+        x.dtype == y.dtype == f32 and x.is_cpu and y.is_cpu and y.shape == x.shape
+        and x.is_contiguous() and y.is_contiguous()
+        and (gate is None or (gate.dtype == f32 and gate.is_cpu and gate.shape == (b, 1, hidden)
+                              and gate.stride(2) == 1 and (b == 1 or gate.stride(0) >= hidden)))
+    ):  # fmt: skip
+        raise ValueError(
+            f"residual_add: x and y must be float32 contiguous CPU tensors of one shape and gate "
+            f"None or float32 (b, 1, hidden) with unit column stride, got x {x.dtype} "
+            f"{tuple(x.shape)}, y {y.dtype} {tuple(y.shape)}, gate "
+            f"{None if gate is None else (gate.dtype, tuple(gate.shape), gate.stride())}"
+        )
+    out = torch.empty_like(x)
+    _ext.keep(x, y, gate, out)
+    C.residual_add(x.data_ptr(), y.data_ptr(), 0 if gate is None else gate.data_ptr(),
+                   out.data_ptr(), b * n, hidden, n, 0 if gate is None else max(gate.stride(0),
+                   hidden))  # fmt: skip
     return out
 
 

@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--kernel-threads", type=int, nargs="+", default=[2],
                     help="also time the CPU kernels on these thread counts, side by side "
                          "with one (torch stays on --threads)")  # fmt: skip
+    ev.add_argument("--no-kernel-stream", dest="kernel_stream", action="store_false",
+                    help="do not also time the kernels' stream (threads.set_kernel_stream: one "
+                         "kernel thread on a worker beside the Python, two cores)")  # fmt: skip
     ev.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
                     help="torch's float32 matmul precision for the generation and the timing "
                          "('medium': the CPU kernels' bfloat16 dot products where the CPU has "

@@ -212,6 +212,25 @@ def matmul_rate(a: torch.Tensor, reps: int = 3) -> float:
     return 2 * a.shape[0] ** 3 / sorted(times)[len(times) // 2] / 1e9
 
 
+STREAM = "stream"  # a speed configuration: the kernels' stream on, one kernel thread (two cores)
+
+
+def config_name(config) -> str:
+    """A speed configuration's name: ``N kernel thread(s)`` or the stream's."""
+    if config == STREAM:
+        return "kernel stream (2 threads)"
+    return f"{config} kernel thread{'s' if config > 1 else ''}"
+
+
+def set_config(config) -> None:
+    """Applies a speed configuration: a kernel-thread count (the stream off) or :data:`STREAM`
+    (the kernels' stream on, its worker and the caller sharing the calls, no pool threads)."""
+    from ..threads import set_kernel_stream, set_kernel_threads
+
+    set_kernel_stream(config == STREAM)
+    set_kernel_threads(1 if config == STREAM else config)
+
+
 def measure_speed(model, prompts, new_tokens: int, repeats: int,
                   kernel_threads: tuple[int, ...] = (1,), modes=None,
                   batches=None, probes: list | None = None) -> dict:  # fmt: skip
@@ -223,7 +242,8 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
     within a count, the modes take turns group by group (every mode runs group 1, then every
     mode group 2, ..., each group starting one mode later: on a shared machine whose speed
     drifts over seconds, each ratio to AR is then taken over the same stretch of time); medians
-    over the rounds.
+    over the rounds. A ``kernel_threads`` entry may be :data:`STREAM` (the kernels' stream,
+    :func:`set_config`).
     Returns ``{count: {"batch_B": {mode: rates}}}``. ``cpu_tok_s`` is from the process's CPU
     time, ``tok_s`` from wall-clock; with more than one kernel thread the CPU time counts every
     core (a worker spins between calls), so compare wall-clock there (``wall_vs_ar``);
@@ -232,12 +252,12 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
     each of its groups (median and least), to read the spread against."""
     import statistics
 
+    from ..threads import kernel_stream, set_kernel_stream, set_kernel_threads
     from ..threads import kernel_threads as current_kernel_threads
-    from ..threads import set_kernel_threads
 
     modes, batches = modes or MODES, batches or SPEED_BATCHES
     probe = torch.ones(384, 384) if probes is not None else None  # matmul_rate's, made once
-    threads, kthreads = torch.get_num_threads(), current_kernel_threads()
+    threads, kthreads, stream = torch.get_num_threads(), current_kernel_threads(), kernel_stream()
     torch.set_num_threads(1)
     try:
         speed = {k: {} for k in kernel_threads}
@@ -268,7 +288,7 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
             nfes = {}  # denoiser forwards per mode (greedy: the same every round)
             for r in range(repeats + 1):  # round 0: the warm-up
                 for k in kernel_threads:
-                    set_kernel_threads(k)
+                    set_config(k)
                     rates = [] if probes is not None and r else None
                     for key, (wall, cpu, nfes[key]) in once(rates).items():
                         if r:
@@ -297,13 +317,14 @@ def measure_speed(model, prompts, new_tokens: int, repeats: int,
                                                      for a, b in zip(ar_runs, runs)]  # fmt: skip
                 speed[k][f"batch_{batch}"] = row
                 rate, ratio = ("cpu_tok_s", "cpu_vs_ar") if k == 1 else ("tok_s", "wall_vs_ar")
-                print(f"speed batch {batch}, {k} kernel thread(s), {rate}: " + "  ".join(
+                print(f"speed batch {batch}, {config_name(k)}, {rate}: " + "  ".join(
                     f"{m} {v[rate]:.0f} ({v[ratio]:.2f}x)" for m, v in row.items()
                 ), flush=True)  # fmt: skip
         return speed
     finally:
         torch.set_num_threads(threads)
         set_kernel_threads(kthreads)
+        set_kernel_stream(stream)
 
 
 def plot_tradeoff(rows: list[dict], speeds: dict, path: str) -> None:
@@ -316,11 +337,12 @@ def plot_tradeoff(rows: list[dict], speeds: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    styles = {1: ("-", "tab:blue", "black"), 2: ("--", "tab:orange", "tab:red")}
+    styles = {1: ("-", "tab:blue", "black"), 2: ("--", "tab:orange", "tab:red"),
+              STREAM: ("-.", "tab:green", "darkgreen")}  # fmt: skip
     for ax, batch in zip(axes, ("batch_1", "batch_64")):
         for count, speed in speeds.items():
             line, color, ar_color = styles.get(count, (":", "tab:purple", "tab:purple"))
-            cores = f"{count} kernel thread{'s' if count > 1 else ''}"
+            cores = config_name(count)
             xs, ys, errs = [], [], [[], []]
             for row in rows:
                 key = mode_key(row["mode"], row["confidence_threshold"])
@@ -337,7 +359,7 @@ def plot_tradeoff(rows: list[dict], speeds: dict, path: str) -> None:
                     lo, hi = row.get("ci95", {}).get("quality_nll_ratio") or (y, y)
                     errs[0].append(y - lo)
                     errs[1].append(hi - y)
-                    if count == min(speeds):
+                    if count == 1:
                         ax.annotate(f"gamma {row['confidence_threshold']}\n"
                                     f"{row['tokens_per_forward']:.1f} tok/fwd", (x, y),
                                     textcoords="offset points", xytext=(6, -4),
@@ -517,6 +539,8 @@ def main(args) -> None:
     truths = [w[args.prompt_len :] for w in windows]
     rows = evaluate(model, prompts, truths, args.new_tokens)
     counts = tuple(dict.fromkeys([1, *args.kernel_threads]))  # one thread first: the baseline
+    if getattr(args, "kernel_stream", True):
+        counts += (STREAM,)
     speed_prompts = spread(prompts, args.speed_prompts or len(prompts))
     probes = []
     speeds = measure_speed(model, speed_prompts, args.new_tokens, args.repeats, counts,
@@ -579,6 +603,9 @@ def main(args) -> None:
             "warm-up, medians (*_vs_ar_rounds: each round's own ratio); cpu_tok_s from "
             "process CPU time, tok_s from wall-clock; speed: the CPU kernels on one thread, "
             "speed_kernel_threads: on more (threads.set_kernel_threads; torch still on one), "
+            "speed_kernel_stream: the kernels' stream on (threads.set_kernel_stream: each "
+            "forward's kernel calls on a worker thread beside the Python, the two sharing big "
+            "calls; one kernel thread, two cores), all "
             "measured in the same rounds, compared by wall-clock; tokens_per_forward: of the "
             "timed generations (the timed prompts' own rate, which differs from all prompts')",
             "speed_matmul_probes": "per timed round: a 384^3 fp32 matmul's GFLOP/s on one "
@@ -587,7 +614,8 @@ def main(args) -> None:
         },  # fmt: skip
         "results": rows,
         "speed": speed,
-        "speed_kernel_threads": {str(k): v for k, v in speeds.items() if k != 1},
+        "speed_kernel_threads": {str(k): v for k, v in speeds.items() if k not in (1, STREAM)},
+        "speed_kernel_stream": speeds.get(STREAM),
         "speed_matmul_probes": probes,
         # For scale: the same NLL of the true held-out continuations (human text is not the
         # AR tower's argmax, so it scores worse than any greedy decoding).
@@ -604,7 +632,8 @@ def main(args) -> None:
     }
     g08 = next(r for r in rows if r["confidence_threshold"] == 0.8)
     g08_speed = speed["batch_1"]["mask_diffusion@0.8"]["cpu_vs_ar"]
-    # Each mode at its best kernel-thread count, wall-clock (the counts side by side in one run).
+    # Each mode at its best configuration (kernel-thread count or the stream), wall-clock (side by
+    # side in one run).
     best = {key: max(speeds[k]["batch_1"][key]["tok_s"] for k in counts)
             for key in ("ar", "mask_diffusion@0.8")}  # fmt: skip
     report["targets"]["batch_1_best_wall_vs_best_ar"] = best["mask_diffusion@0.8"] / best["ar"]
