@@ -315,6 +315,10 @@ PYBIND11_MODULE(_cpu, m) {
       "stream_wait", [] { twotower_rt::StreamFinish(twotower_rt::cpu::stream_wait); },
       "Inside a scope: waits for the calls queued so far and raises their first error "
       "(cpu_stream.h)");
+  m.def("stream_set_sharing", &twotower_rt::cpu::stream_set_sharing,
+        "Whether kernel calls outside a scope may be shared with the stream's worker "
+        "(cpu_stream.h)",
+        py::arg("on"));
   m.def("stream_active", &twotower_rt::cpu::stream_active,
         "Whether this thread's kernel calls are being queued (cpu_stream.h)");
   m.def("build_info", &twotower_rt::BuildInfo);

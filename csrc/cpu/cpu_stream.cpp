@@ -32,7 +32,9 @@ struct Scope {
 };
 
 thread_local Scope scope;
+thread_local bool on_worker = false;  // the calling thread is the stream's worker
 std::atomic<bool> started{false};  // a worker exists (in this process or its parent)
+std::atomic<bool> sharing{false};  // calls outside a scope may be shared (stream_set_sharing)
 
 // The kernel call that may be shared (stream_run_shared): one at a time (`busy`); its fields are
 // written before `open` is set (release) and read after it is seen (acquire); `helpers` counts the
@@ -94,6 +96,13 @@ class Stream {
     }
   }
 
+  // Wakes a sleeping worker to help with a shared call (stream_run_shared).
+  void Nudge() {
+    if (!sleeping_.load(std::memory_order_acquire)) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    wake_.notify_one();
+  }
+
   // Waits until every call pushed before this one has run, helping with the worker's current
   // kernel call meanwhile (help); spins, then yields the core.
   void Wait() {
@@ -110,6 +119,7 @@ class Stream {
 
  private:
   void Loop() {
+    on_worker = true;
     for (;;) {
       Item item;
       if (!Take(item)) continue;
@@ -127,9 +137,11 @@ class Stream {
     }
   }
 
-  // The next call: after spinning for up to kSpin, sleeps until one is pushed.
+  // The next call: after spinning for up to kSpin (as the pool's workers, cpu_pool.cpp: the
+  // Python between two forwards of a step is often more than a few hundred microseconds, and
+  // a sleeping worker helps nobody), sleeps until one is pushed or a call is shared.
   bool Take(Item& item) {
-    constexpr auto kSpin = std::chrono::microseconds(200);
+    constexpr auto kSpin = std::chrono::microseconds(2000);
     const auto until = std::chrono::steady_clock::now() + kSpin;
     int spin = 0;
     while (pushed_.load(std::memory_order_acquire) == taken_) {
@@ -138,7 +150,7 @@ class Stream {
       if (++spin % 64 == 0 && std::chrono::steady_clock::now() > until) {
         std::unique_lock<std::mutex> lock(mutex_);
         sleeping_.store(true, std::memory_order_release);
-        wake_.wait(lock, [this] { return !queue_.empty(); });
+        wake_.wait(lock, [this] { return !queue_.empty() || shared.open.load(); });
         sleeping_.store(false, std::memory_order_release);
         break;
       }
@@ -178,8 +190,11 @@ Stream& the_stream() {
 
 }  // namespace
 
+void stream_set_sharing(bool on) { sharing.store(on, std::memory_order_relaxed); }
+
 bool stream_run_shared(int64_t count, void (*task)(void*, int64_t), void* context) {
-  if (!started.load(std::memory_order_relaxed) || shared.busy.exchange(true)) {
+  const bool allowed = scope.depth > 0 || on_worker || sharing.load(std::memory_order_relaxed);
+  if (!allowed || !started.load(std::memory_order_relaxed) || shared.busy.exchange(true)) {
     for (int64_t i = 0; i < count; ++i) task(context, i);  // no stream, or the slot is taken
     return true;
   }
@@ -189,6 +204,7 @@ bool stream_run_shared(int64_t count, void (*task)(void*, int64_t), void* contex
   shared.failed.store(false, std::memory_order_relaxed);
   shared.next.store(0, std::memory_order_relaxed);
   shared.open.store(true, std::memory_order_release);
+  the_stream().Nudge();
   take_tasks();
   shared.open.store(false);
   while (shared.helpers.load() != 0) TWOTOWER_RT_PAUSE();  // a helper's last task

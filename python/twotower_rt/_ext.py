@@ -109,6 +109,12 @@ def stream_enabled() -> bool:
 
 def set_stream_enabled(enabled: bool) -> None:
     _stream[0] = bool(enabled)
+    module = _cpu_loaded[0]
+    if module is not None:  # the calls outside a scope share with the worker only while it is on
+        module.stream_set_sharing(_stream[0])
+
+
+set_stream_enabled(_stream[0])  # TWOTOWER_RT_KERNEL_STREAM's, into the kernels too
 
 
 @contextlib.contextmanager

@@ -47,10 +47,15 @@ const char* stream_end();
 
 // Runs task(context, i) for i in [0, count), shared with whichever thread comes to help: a
 // thread waiting for the stream, or the stream's worker while it has nothing queued (cpu_pool.cpp
-// calls it where it would run the tasks alone, i.e. with one kernel thread). One call is shared
-// at a time; another, or any call before the stream first started, runs alone. Returns false
-// when a task threw (as pool_run).
+// calls it where it would run the tasks alone, i.e. with one kernel thread). Shared only for a
+// call on the worker, in a scope, or anywhere while sharing is on (stream_set_sharing: the
+// stream's setting, so that with the stream off a started worker takes no part); one call at a
+// time; any other runs alone. Returns false when a task threw (as pool_run).
 bool stream_run_shared(int64_t count, void (*task)(void*, int64_t), void* context);
+
+// Whether kernel calls made outside a scope may be shared with the worker (the stream's setting:
+// python/twotower_rt/_ext.py set_stream_enabled).
+void stream_set_sharing(bool on);
 
 }  // namespace cpu
 }  // namespace twotower_rt
