@@ -21,10 +21,11 @@ prompts:
   the NLL ratio's interval is about +-0.075 and the accuracy ratio's +-0.3 (AR gets ~7% of the
   tokens right), too wide to judge a 5% target: the quality columns use 512 prompts by default.
 - ``speed``: tokens/s at batch 1 (each prompt alone), 4 and 64 over ``--speed-prompts`` of the
-  prompts (evenly spread), torch on one thread, the CPU kernels on one thread and on
-  ``--kernel-threads``, the modes and counts alternating within each of ``--repeats`` rounds after
-  a warm-up; medians of wall-clock and of process CPU time (the steadier figure on a shared
-  machine).
+  prompts (evenly spread), torch on one thread, the CPU kernels on one thread, on
+  ``--kernel-threads`` and on their stream (one kernel thread on a worker beside the Python:
+  ``threads.set_kernel_stream``; ``--no-kernel-stream`` leaves it out), the modes and
+  configurations alternating within each of ``--repeats`` rounds after a warm-up; medians of
+  wall-clock and of process CPU time (the steadier figure on a shared machine).
 """
 
 from __future__ import annotations
