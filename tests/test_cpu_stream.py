@@ -116,6 +116,24 @@ def test_stream_generates_the_same_tokens(model, stream, threads):
         assert generate_all(model, batch) == expected
 
 
+def test_stream_with_a_mamba_last_and_a_dense_layer(stream):
+    """A stack whose last mixing layer is a Mamba layer (the denoiser's row selection then reads
+    that layer's output: Tower.mix waits for the stream first) and with a dense MLP layer (its
+    relu^2 between two kernel projections is a PyTorch op): the same tokens as without it."""
+    from twotower_rt.api import TwoTowerModel
+    from twotower_rt.train.model_init import SIZES, config_of, new_model
+
+    dims = {**SIZES["tiny"], "hybrid_override_pattern": "M*E-ME", "intermediate_size": 96}
+    lm = new_model(config_of(dims, 2048, "<test>"), seed=3)
+    assert lm.denoiser_tower.layers[lm.denoiser_tower.last_mixer].kind == "mamba"
+    small = TwoTowerModel(lm, "<test>")
+    outputs = {}
+    for on in (False, True):
+        set_kernel_stream(on)
+        outputs[on] = generate_all(small, 3)
+    assert outputs[True] == outputs[False]
+
+
 def test_stream_scope_queues_and_waits(stream):
     """Inside a scope kernel calls are queued (the thread's flag is up, the tensors they use are
     held); stream_wait lets PyTorch read their outputs; the end waits and drops what it held.
