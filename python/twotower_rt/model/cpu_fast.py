@@ -405,7 +405,6 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
     if rows is not None and tower.last_mixer < 0:  # no layer mixes positions
         x = x.index_select(1, rows)
     fused = False
-    shifts = scales = gates = None
     kernels = _ext.cpu_kernels() is not None and x.dtype == torch.float32
     norm = rms_norm_cpu if kernels else rms_norm
     if modulation is not None:
@@ -420,8 +419,32 @@ def tower_forward(tower, ids, cache, prefix_len, mamba_states, append, n_valid, 
             scales = 1 + scales
     stream = kernels and (fused or modulation is None) and _streamable(tower)
     with _ext.cpu_stream() if stream else _NO_STREAM:
-        return _layers(tower, x, cache, prefix_len, mamba_states, append, n_valid, modulation,
-                       outputs, rows, norm, fused, shifts, scales, gates, kernels, eps)  # fmt: skip
+        new_states = {}
+        for i, block in enumerate(tower.layers):
+            kind = block.kind
+            if modulation is None:
+                h = norm(x, block.norm.weight, eps)
+            elif fused:  # (the kernel refuses a norm weight that is not fp32)
+                h = modulated_rms_norm_cpu(x, block.norm.weight, scales[i], shifts[i], eps,
+                                           post=kind == "moe" or kind == "mlp")  # fmt: skip
+            elif kind == "moe" or kind == "mlp":
+                h = rms_norm(x, block.norm.weight, eps) * scales[i] + shifts[i]
+            else:
+                h = rms_norm(x * scales[i] + shifts[i], block.norm.weight, eps)
+            mixed = tower.mix(i, block, h, x, cache, prefix_len, mamba_states, append, n_valid,
+                              outputs, rows, new_states)  # fmt: skip
+            if mixed is None:
+                break
+            out, x = mixed
+            if modulation is None:
+                x = residual_add_cpu(x, out, None) if kernels else x + out
+            elif fused:
+                x = residual_add_cpu(x, out, gates[i])
+            else:
+                x = x + gates[i] * out
+        if not outputs:
+            return None, new_states
+        return norm(x, tower.norm_f.weight, eps), new_states
 
 
 _NO_STREAM = contextlib.nullcontext()
@@ -440,37 +463,6 @@ def _streamable(tower) -> bool:
         if getattr(mixer, "tp_norm", None) is not None:
             return False
     return True
-
-
-def _layers(tower, x, cache, prefix_len, mamba_states, append, n_valid, modulation, outputs, rows,
-            norm, fused, shifts, scales, gates, kernels, eps):  # fmt: skip
-    """:func:`tower_forward`'s layer loop and final norm."""
-    new_states = {}
-    for i, block in enumerate(tower.layers):
-        kind = block.kind
-        if modulation is None:
-            h = norm(x, block.norm.weight, eps)
-        elif fused:  # (the kernel refuses a norm weight that is not fp32)
-            h = modulated_rms_norm_cpu(x, block.norm.weight, scales[i], shifts[i], eps,
-                                       post=kind == "moe" or kind == "mlp")  # fmt: skip
-        elif kind == "moe" or kind == "mlp":
-            h = rms_norm(x, block.norm.weight, eps) * scales[i] + shifts[i]
-        else:
-            h = rms_norm(x * scales[i] + shifts[i], block.norm.weight, eps)
-        mixed = tower.mix(i, block, h, x, cache, prefix_len, mamba_states, append, n_valid,
-                          outputs, rows, new_states)  # fmt: skip
-        if mixed is None:
-            break
-        out, x = mixed
-        if modulation is None:
-            x = residual_add_cpu(x, out, None) if kernels else x + out
-        elif fused:
-            x = residual_add_cpu(x, out, gates[i])
-        else:
-            x = x + gates[i] * out
-    if not outputs:
-        return None, new_states
-    return norm(x, tower.norm_f.weight, eps), new_states
 
 
 def head_rows_apply(x: torch.Tensor) -> bool:
