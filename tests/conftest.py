@@ -56,3 +56,25 @@ def default_model():
     import twotower_rt
 
     return twotower_rt.load()
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_settings():
+    """Every test leaves torch's threads, the CPU kernels' threads and their stream as it found
+    them: the command line's defaults (``--kernel-stream`` auto on a 2-CPU machine) set them for
+    the process, and a test that runs it in-process must not change the next test's setting."""
+    import torch
+
+    from twotower_rt.threads import (
+        kernel_stream,
+        kernel_threads,
+        set_kernel_stream,
+        set_kernel_threads,
+    )
+
+    before = torch.get_num_threads(), kernel_threads(), kernel_stream()
+    yield
+    if (torch.get_num_threads(), kernel_threads(), kernel_stream()) != before:
+        torch.set_num_threads(before[0])
+        set_kernel_threads(before[1])
+        set_kernel_stream(before[2])

@@ -85,21 +85,33 @@ def test_the_environment_variable():
 
 
 def test_the_command_line_sets_them(monkeypatch):
-    """--kernel-threads wins; else the variable; else they follow --threads."""
+    """--kernel-threads wins; else the variable; else one with the kernels' stream (on by
+    --kernel-stream, or by its default, auto, where threads.stream_auto holds and no count is
+    given); else they follow --threads."""
     from twotower_rt import cli
 
     calls = []
     monkeypatch.setattr(threads, "set_threads", lambda n: calls.append(("torch", n)) or (n or 7))
     monkeypatch.setattr(threads, "set_kernel_threads", lambda n: calls.append(("kernels", n)))
+    monkeypatch.setattr(threads, "set_kernel_stream", lambda on: calls.append(("stream", on)))
     monkeypatch.setattr(cli, "load", lambda *a, **k: "model")
+    monkeypatch.delenv("TWOTOWER_RT_KERNEL_STREAM", raising=False)
     parser = argparse.ArgumentParser()
     cli._add_run_flags(parser)
-    cases = [(["--threads", "3"], None, [("torch", 3), ("kernels", 3)]),
-             ([], None, [("torch", None), ("kernels", 7)]),
-             (["--threads", "1", "--kernel-threads", "2"], None, [("torch", 1), ("kernels", 2)]),
-             (["--threads", "1"], "4", [("torch", 1)])]  # fmt: skip
-    for argv, env, want in cases:
+    off, on = ("stream", False), ("stream", True)
+    cases = [(["--threads", "3"], None, False, [("torch", 3), off, ("kernels", 3)]),
+             ([], None, False, [("torch", None), off, ("kernels", 7)]),
+             ([], None, True, [("torch", None), on, ("kernels", 1)]),
+             (["--threads", "3"], None, True, [("torch", 3), off, ("kernels", 3)]),
+             (["--kernel-stream"], None, False, [("torch", None), on, ("kernels", 1)]),
+             (["--kernel-stream", "--kernel-threads", "2"], None, False,
+              [("torch", None), on, ("kernels", 2)]),
+             (["--threads", "1", "--kernel-threads", "2"], None, True,
+              [("torch", 1), off, ("kernels", 2)]),
+             (["--threads", "1"], "4", True, [("torch", 1), off])]  # fmt: skip
+    for argv, env, auto, want in cases:
         calls.clear()
+        monkeypatch.setattr(threads, "stream_auto", lambda auto=auto: auto)
         if env is None:
             monkeypatch.delenv("TWOTOWER_RT_KERNEL_THREADS", raising=False)
         else:

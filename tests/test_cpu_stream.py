@@ -116,6 +116,46 @@ def test_stream_generates_the_same_tokens(model, stream, threads):
         assert generate_all(model, batch) == expected
 
 
+def test_stream_bounded_generates_the_same_tokens(model, stream, monkeypatch):
+    """With every forward's queue bounded (cpu_fast.STREAM_BOUND_ROWS down to one row, and the
+    held tensors checked at every call), each mode still writes the same tokens: a wait lets go
+    only of what the calls already run held."""
+    from twotower_rt.model import cpu_fast
+
+    set_kernel_stream(False)
+    set_kernel_threads(1)
+    expected = generate_all(model, 3)
+    set_kernel_stream(True)
+    monkeypatch.setattr(cpu_fast, "STREAM_BOUND_ROWS", 1)
+    monkeypatch.setattr(cpu_fast, "STREAM_AHEAD", 0)
+    monkeypatch.setattr(_ext, "_KEEP_CHECK", 1)
+    assert generate_all(model, 3) == expected
+
+
+def test_stream_drain_bounds_what_is_held(stream, monkeypatch):
+    """A scope with max_ahead: when more calls than that are queued, the next kernel call waits
+    for them and what was held for them is let go (the list of held tensors stays short), and
+    the results are those of the calls in line; without it a scope holds every call's tensors."""
+    monkeypatch.setattr(_ext, "_KEEP_CHECK", 1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 512, 4096, generator=g), torch.randn(1, 512, 4096, generator=g)
+    expected = x.clone()
+    for _ in range(12):
+        expected = expected + y
+    for max_ahead, short in ((0, True), (None, False)):
+        longest = 0
+        with _ext.cpu_stream(max_ahead):
+            out = x
+            for _ in range(12):  # each call a few ms: the worker falls behind the loop
+                out = residual_add_cpu(out, y, None)
+                longest = max(longest, len(_ext._stream_local.keep))
+        assert torch.equal(out, expected)
+        assert (longest < 12 * 4) == short, (max_ahead, longest)  # keep(x, y, gate, out) per call
+    assert C.stream_drain_if_behind(0) is False  # outside a scope: nothing to wait for
+    with pytest.raises(ValueError, match="max_pending"):
+        C.stream_drain_if_behind(-1)
+
+
 def test_stream_with_a_mamba_last_and_a_dense_layer(stream):
     """A stack whose last mixing layer is a Mamba layer (the denoiser's row selection then reads
     that layer's output: Tower.mix waits for the stream first) and with a dense MLP layer (its
@@ -247,3 +287,108 @@ def test_kernel_stream_setting_and_report():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=environ, check=True)  # fmt: skip
     assert run.stdout.strip() == "True"
+
+
+def test_kernel_stream_from_env():
+    """TWOTOWER_RT_KERNEL_STREAM's words: auto / on / off and their 1 / true / 0 / false
+    spellings, any case and padding; unset or blank is None; anything else is an error."""
+    from twotower_rt.threads import kernel_stream_from_env
+
+    for value, want in [("auto", "auto"), (" AUTO ", "auto"), ("on", "on"), ("1", "on"),
+                        ("True", "on"), ("off", "off"), ("0", "off"), ("false", "off"),
+                        (None, None), ("", None), ("  ", None)]:  # fmt: skip
+        assert kernel_stream_from_env(value) == want, value
+    for bad in ("yes", "2", "onn"):
+        with pytest.raises(ValueError, match="TWOTOWER_RT_KERNEL_STREAM must be"):
+            kernel_stream_from_env(bad)
+
+
+def _import_settings(cpus: int, **environ) -> tuple[str, str]:
+    """(stdout, stderr) of a child that limits itself to ``cpus`` CPUs, imports twotower_rt with
+    ``environ`` and prints its stream setting and kernel threads."""
+    code = (f"import os; os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:{cpus}]); "
+            "from twotower_rt.threads import kernel_stream, kernel_threads; "
+            "print(kernel_stream(), kernel_threads())")  # fmt: skip
+    env_ = {k: v for k, v in os.environ.items() if not k.startswith("TWOTOWER_RT_KERNEL")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env_, **environ}, check=True)  # fmt: skip
+    return run.stdout.strip(), run.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no affinity call")
+def test_kernel_stream_env_at_import():
+    """At import, TWOTOWER_RT_KERNEL_STREAM=auto turns the stream on with exactly two CPUs
+    (then with one kernel thread, unless TWOTOWER_RT_KERNEL_THREADS says otherwise) and leaves it
+    off with one; =on turns it on anywhere; a bad value warns and leaves it off; unset is off."""
+    assert _import_settings(1, TWOTOWER_RT_KERNEL_STREAM="auto")[0].startswith("False")
+    assert _import_settings(1)[0].startswith("False")
+    assert _import_settings(1, TWOTOWER_RT_KERNEL_STREAM="on")[0] == "True 1"
+    out, err = _import_settings(1, TWOTOWER_RT_KERNEL_STREAM="sometimes")
+    assert out.startswith("False") and "TWOTOWER_RT_KERNEL_STREAM must be" in err
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert _import_settings(2, TWOTOWER_RT_KERNEL_STREAM="auto")[0] == "True 1"
+        assert _import_settings(2, TWOTOWER_RT_KERNEL_STREAM="auto",
+                                TWOTOWER_RT_KERNEL_THREADS="2")[0] == "True 2"  # fmt: skip
+        assert _import_settings(2)[0].startswith("False")
+
+
+def test_cli_kernel_stream_default(monkeypatch):
+    """The command line's --kernel-stream: on / off when given; otherwise
+    TWOTOWER_RT_KERNEL_STREAM, else auto, which is on only where threads.stream_auto holds and
+    no thread or process count is given (--threads, --kernel-threads, TWOTOWER_RT_KERNEL_THREADS,
+    --tp, --ray)."""
+    from twotower_rt import cli, threads
+
+    parser = cli.build_parser()
+    monkeypatch.delenv("TWOTOWER_RT_KERNEL_STREAM", raising=False)
+    monkeypatch.delenv("TWOTOWER_RT_KERNEL_THREADS", raising=False)
+
+    def decide(*flags):
+        return cli._kernel_stream(parser.parse_args(["generate", "--prompt", "x", *flags]))
+
+    for auto in (True, False):
+        monkeypatch.setattr(threads, "stream_auto", lambda auto=auto: auto)
+        assert decide() is auto
+        assert decide("--kernel-stream") is True
+        assert decide("--no-kernel-stream") is False
+        assert decide("--threads", "2") is False
+        assert decide("--kernel-threads", "2") is False
+        assert decide("--threads", "2", "--kernel-stream") is True
+        monkeypatch.setenv("TWOTOWER_RT_KERNEL_THREADS", "2")
+        assert decide() is False
+        monkeypatch.delenv("TWOTOWER_RT_KERNEL_THREADS")
+        monkeypatch.setenv("TWOTOWER_RT_KERNEL_STREAM", "off")
+        assert decide() is False and decide("--kernel-stream") is True
+        monkeypatch.setenv("TWOTOWER_RT_KERNEL_STREAM", "on")
+        assert decide() is True and decide("--no-kernel-stream") is False
+        monkeypatch.setenv("TWOTOWER_RT_KERNEL_STREAM", "auto")
+        assert decide() is auto
+        monkeypatch.setenv("TWOTOWER_RT_KERNEL_STREAM", "bogus")
+        with pytest.raises(ValueError, match="TWOTOWER_RT_KERNEL_STREAM must be"):
+            decide()
+        monkeypatch.delenv("TWOTOWER_RT_KERNEL_STREAM")
+    monkeypatch.setattr(threads, "stream_auto", lambda: True)
+    serve = parser.parse_args(["serve", "--tp", "2"])
+    assert cli._kernel_stream(serve) is False
+    assert cli._kernel_stream(parser.parse_args(["serve"])) is True
+    batch = parser.parse_args(["batch", "in.jsonl", "out.jsonl", "--ray"])
+    assert cli._kernel_stream(batch) is False
+
+
+def test_stream_auto():
+    """auto means exactly two CPUs for this process, and the kernels built."""
+    from twotower_rt import threads
+
+    assert threads.stream_auto() == (threads.available_cpus() == 2)
+
+
+def test_startup_summary_names_cpu_threads(model, stream):
+    """serve's and batch's first line says, on the CPU, torch's and the kernels' threads and
+    whether the kernels' stream is on."""
+    from twotower_rt.api import startup_summary
+
+    line = startup_summary(model)
+    assert f"threads: torch {torch.get_num_threads()}, kernels {kernel_threads()}" in line
+    assert line.endswith(", kernel stream on")
+    set_kernel_stream(False)
+    assert "kernel stream" not in startup_summary(model)

@@ -315,6 +315,18 @@ PYBIND11_MODULE(_cpu, m) {
       "stream_wait", [] { twotower_rt::StreamFinish(twotower_rt::cpu::stream_wait); },
       "Inside a scope: waits for the calls queued so far and raises their first error "
       "(cpu_stream.h)");
+  m.def(
+      "stream_drain_if_behind",
+      [](int64_t max_pending) {
+        if (max_pending < 0) {
+          throw std::invalid_argument("stream_drain_if_behind: max_pending must be >= 0");
+        }
+        py::gil_scoped_release release;  // the wait may be several big kernel calls
+        return twotower_rt::cpu::stream_drain_if_behind(max_pending);
+      },
+      "Inside a scope: with more than max_pending calls queued, waits for all of them and "
+      "returns True; else False at once (cpu_stream.h)",
+      py::arg("max_pending"));
   m.def("stream_set_sharing", &twotower_rt::cpu::stream_set_sharing,
         "Whether kernel calls outside a scope may be shared with the stream's worker "
         "(cpu_stream.h)",

@@ -24,11 +24,15 @@ namespace twotower_rt {
 namespace cpu {
 namespace {
 
-// What one calling thread's scope holds: its depth and its first error. The worker writes the
-// error through a pointer to it, which lives as long as the thread.
+class Stream;
+
+// What one calling thread's scope holds: its depth, its first error and the stream it queues on
+// (looked up once, at its outermost stream_begin). The worker writes the error through a pointer
+// to it, which lives as long as the thread.
 struct Scope {
   int depth = 0;
   std::atomic<const char*> error{nullptr};
+  Stream* stream = nullptr;
 };
 
 thread_local Scope scope;
@@ -101,6 +105,11 @@ class Stream {
     if (!sleeping_.load(std::memory_order_acquire)) return;
     std::lock_guard<std::mutex> lock(mutex_);
     wake_.notify_one();
+  }
+
+  // Calls pushed and not yet done.
+  uint64_t Pending() const {
+    return pushed_.load(std::memory_order_acquire) - done_.load(std::memory_order_acquire);
   }
 
   // Waits until every call pushed before this one has run, helping with the worker's current
@@ -218,22 +227,31 @@ bool stream_active() { return scope.depth > 0; }
 void stream_begin() {
   if (scope.depth++ == 0) {
     scope.error.store(nullptr, std::memory_order_relaxed);
-    the_stream();
+    scope.stream = &the_stream();
   }
 }
 
-void stream_push(StreamTask task) { the_stream().Push(std::move(task), &scope.error); }
+void stream_push(StreamTask task) { scope.stream->Push(std::move(task), &scope.error); }
 
 const char* stream_wait() {
   if (scope.depth == 0) return "stream_wait outside a stream scope";
-  the_stream().Wait();
+  scope.stream->Wait();
   return scope.error.exchange(nullptr, std::memory_order_acq_rel);
+}
+
+bool stream_drain_if_behind(int64_t max_pending) {
+  if (scope.depth == 0 || scope.stream->Pending() <= static_cast<uint64_t>(max_pending)) {
+    return false;
+  }
+  scope.stream->Wait();
+  return true;
 }
 
 const char* stream_end() {
   if (scope.depth == 0) return "stream_end without stream_begin";
   if (--scope.depth > 0) return nullptr;
-  the_stream().Wait();
+  scope.stream->Wait();
+  scope.stream = nullptr;
   return scope.error.exchange(nullptr, std::memory_order_acq_rel);
 }
 

@@ -60,10 +60,26 @@ _CPU, _cpu_error = _import_cpu()
 _cpu_loaded = (_CPU, _cpu_error)
 
 
-def _kernel_threads_from_env() -> None:
-    """The CPU kernels' threads at import: TWOTOWER_RT_KERNEL_THREADS, else torch's thread count
-    (its default, or OMP_NUM_THREADS as Ray and batch schedulers set it). A bad value warns and
-    falls back to torch's count: an import should not fail on it."""
+def _stream_from_env() -> bool:
+    """The kernels' stream at import: TWOTOWER_RT_KERNEL_STREAM (``threads.kernel_stream_from_env``;
+    ``auto`` is ``threads.stream_auto``), else off. A bad value warns and leaves it off."""
+    from .threads import available_cpus, kernel_stream_from_env
+
+    try:
+        choice = kernel_stream_from_env(os.environ.get("TWOTOWER_RT_KERNEL_STREAM"))
+    except ValueError as exc:
+        warnings.warn(f"twotower_rt: {exc}; the CPU kernels' stream stays off", stacklevel=2)
+        return False
+    if choice == "auto":  # (threads.stream_auto, before this module is complete)
+        return _CPU is not None and available_cpus() == 2
+    return choice == "on"
+
+
+def _kernel_threads_from_env(stream: bool) -> None:
+    """The CPU kernels' threads at import: TWOTOWER_RT_KERNEL_THREADS, else one with the stream
+    on (its worker and the waiting thread are the two), else torch's thread count (its default,
+    or OMP_NUM_THREADS as Ray and batch schedulers set it). A bad value warns and falls back:
+    an import should not fail on it."""
     from .threads import kernel_threads_from_env
 
     try:
@@ -73,10 +89,11 @@ def _kernel_threads_from_env() -> None:
                       stacklevel=2)  # fmt: skip
         threads = None
     if _CPU is not None:
-        _CPU.set_threads(threads or max(1, torch.get_num_threads()))
+        _CPU.set_threads(threads or (1 if stream else max(1, torch.get_num_threads())))
 
 
-_kernel_threads_from_env()
+_stream = [_stream_from_env()]
+_kernel_threads_from_env(_stream[0])
 
 
 def set_kernels_enabled(enabled: bool) -> None:
@@ -97,8 +114,9 @@ def set_kernels_enabled(enabled: bool) -> None:
 # are queued on one worker thread and run there in order, while Python goes on to the next call;
 # the scope's end waits for them. The Python between the kernels of a forward then runs on one
 # core while the kernels run on another. The numbers do not change (the same calls, in the same
-# order). Off by default; ``threads.set_kernel_stream`` or TWOTOWER_RT_KERNEL_STREAM=1 turn it on.
-_stream = [os.environ.get("TWOTOWER_RT_KERNEL_STREAM", "").strip().lower() in ("1", "on", "true")]
+# order). Off by default in the library; ``threads.set_kernel_stream`` or
+# TWOTOWER_RT_KERNEL_STREAM=on|auto (read above, into ``_stream``) turn it on. The command line's
+# default is auto (cli.py: _load).
 _stream_local = threading.local()
 
 
@@ -118,13 +136,18 @@ set_stream_enabled(_stream[0])  # TWOTOWER_RT_KERNEL_STREAM's, into the kernels 
 
 
 @contextlib.contextmanager
-def cpu_stream() -> Iterator[bool]:
+def cpu_stream(max_ahead: int | None = None) -> Iterator[bool]:
     """Queue the calling thread's CPU kernel calls of the block on the kernels' stream and wait
     for them at its end (raising the first kernel error as ValueError); yields whether it queues
     (False: the stream is off, the calls run as usual). Inside it no kernel output may be read:
     a PyTorch op on one reads memory the worker may not have written yet. Every op wrapper
     passes the tensors a call reads and writes to :func:`keep`, which holds them until the end
-    (Python would otherwise free a temporary whose call has not run yet). Scopes nest."""
+    (Python would otherwise free a temporary whose call has not run yet). Scopes nest.
+
+    ``max_ahead`` (the outermost scope's counts): at most that many calls may wait in the queue
+    when this thread queues the next one; more, and it waits for them all (helping with them) and
+    lets go of what it held. For calls whose kernels take longer than their Python (many rows);
+    None: no bound."""
     lib = _CPU
     if lib is None or not _stream[0]:
         yield False
@@ -132,6 +155,8 @@ def cpu_stream() -> Iterator[bool]:
     outer = getattr(_stream_local, "keep", None) is None
     if outer:
         _stream_local.keep = []
+        _stream_local.max_ahead = max_ahead
+        _stream_local.check_at = _KEEP_CHECK if max_ahead is not None else -1
     lib.stream_begin()
     try:
         yield True
@@ -145,16 +170,34 @@ def cpu_stream() -> Iterator[bool]:
 
 def stream_wait() -> None:
     """Inside a :func:`cpu_stream` scope of this thread, wait until its queued kernel calls have
-    run, so that a PyTorch op may read their outputs (the scope stays open); nothing outside one."""
-    if getattr(_stream_local, "keep", None) is not None and _CPU is not None:
+    run, so that a PyTorch op may read their outputs (the scope stays open); nothing outside one.
+    What :func:`keep` held for them is let go."""
+    held = getattr(_stream_local, "keep", None)
+    if held is not None and _CPU is not None:
         _CPU.stream_wait()
+        held.clear()
+
+
+# With a scope's max_ahead, keep() asks every _KEEP_CHECK tensors held whether more than that
+# many calls are still queued. Where the kernels are slower than the Python (a forward over many
+# rows), the caller would otherwise queue a whole forward ahead, each call's output a fresh
+# allocation held to the scope's end: on the 2-core VM mask diffusion at batch 64 then made ~7x
+# the page faults and ~10x the system time of the kernels in line, and ran 0.8x as fast.
+_KEEP_CHECK = 16
 
 
 def keep(*tensors) -> None:
-    """Hold ``tensors`` until the enclosing :func:`cpu_stream` scope ends (nothing outside one)."""
+    """Hold ``tensors`` until the enclosing :func:`cpu_stream` scope ends (nothing outside one),
+    or until a wait has seen the calls queued before them run (then the caller's next call, for
+    which they are passed, has not been queued yet: they are held again)."""
     held = getattr(_stream_local, "keep", None)
-    if held is not None:
-        held.extend(tensors)
+    if held is None:
+        return
+    held.extend(tensors)
+    if 0 <= _stream_local.check_at <= len(held):
+        if _CPU.stream_drain_if_behind(_stream_local.max_ahead):
+            held[:] = tensors
+        _stream_local.check_at = len(held) + _KEEP_CHECK
 
 
 @contextlib.contextmanager

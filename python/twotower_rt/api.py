@@ -200,9 +200,17 @@ def load_builtin_model(
 
 
 def startup_summary(model: TwoTowerModel, engine=None) -> str:
-    """One line for the start of serve and batch: model, device, dtype (and why), the pool plan."""
+    """One line for the start of serve and batch: model, device, dtype (and why), on the CPU the
+    threads (torch's, the kernels', whether the kernels' stream is on), the pool plan."""
+    from .threads import kernel_stream, kernel_threads
+
     dtype = str(model.dtype).removeprefix("torch.")
     why = f" ({model.dtype_reason})" if getattr(model, "dtype_reason", "") else ""
     where = f" [{model.path}]" if getattr(model, "path", model.source) != model.source else ""
+    cpu = ""
+    if model.device.type == "cpu":
+        stream = ", kernel stream on" if kernel_stream() else ""
+        cpu = (f", threads: torch {torch.get_num_threads()}, kernels {kernel_threads()}"
+               f"{stream}")  # fmt: skip
     pool = f"; {engine.plan.describe()}" if engine is not None else ""
-    return f"model {model.source}{where}, device {model.device}, dtype {dtype}{why}{pool}"
+    return f"model {model.source}{where}, device {model.device}, dtype {dtype}{why}{cpu}{pool}"

@@ -116,12 +116,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         help="threads the CPU kernels split a call over (the same results "
                              "at every count; default: TWOTOWER_RT_KERNEL_THREADS, else "
                              "--threads)")  # fmt: skip
-    parser.add_argument("--kernel-stream", action="store_true",
+    parser.add_argument("--kernel-stream", action=argparse.BooleanOptionalAction, default=None,
                         help="run each forward's CPU kernels on a worker thread beside the "
                              "Python between them, the two threads sharing each big kernel "
-                             "call (two cores; the same results; on a 2-core CPU faster at "
-                             "batch 1-4); the kernels' threads then default to 1 "
-                             "(TWOTOWER_RT_KERNEL_STREAM=1 does the same)")  # fmt: skip
+                             "call (two cores; the same results); the kernels' threads then "
+                             "default to 1. Default: TWOTOWER_RT_KERNEL_STREAM (auto, on or "
+                             "off), else auto: on where this process may run on exactly two "
+                             "CPUs and no --threads, --kernel-threads, TWOTOWER_RT_KERNEL_THREADS, "
+                             "--tp or --ray says otherwise")  # fmt: skip
     parser.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"],
                         help="torch.set_float32_matmul_precision for this process: 'medium' lets "
                              "the CPU kernels run float32 projections as bfloat16 dot products "
@@ -142,9 +144,8 @@ def _load(path, args: argparse.Namespace, **load_kwargs) -> TwoTowerModel:
 
         torch.set_float32_matmul_precision(args.matmul_precision)
     threads = set_threads(args.threads)
-    stream = getattr(args, "kernel_stream", False)
-    if stream:
-        set_kernel_stream(True)
+    stream = _kernel_stream(args)
+    set_kernel_stream(stream)
     if args.kernel_threads is not None:
         set_kernel_threads(args.kernel_threads)
     elif stream:
@@ -152,6 +153,32 @@ def _load(path, args: argparse.Namespace, **load_kwargs) -> TwoTowerModel:
     elif not os.environ.get("TWOTOWER_RT_KERNEL_THREADS", "").strip():
         set_kernel_threads(threads)  # the kernels follow --threads
     return load(path, check_weights=args.check_weights, **load_kwargs)
+
+
+def _kernel_stream_choice(args: argparse.Namespace) -> str:
+    """--kernel-stream as given, else TWOTOWER_RT_KERNEL_STREAM, else ``auto`` (a bad variable
+    is an error here: the command line is explicit)."""
+    from .threads import kernel_stream_from_env
+
+    flag = getattr(args, "kernel_stream", None)
+    if flag is not None:
+        return "on" if flag else "off"
+    return kernel_stream_from_env(os.environ.get("TWOTOWER_RT_KERNEL_STREAM")) or "auto"
+
+
+def _kernel_stream(args: argparse.Namespace) -> bool:
+    """Whether this command runs the CPU kernels on their stream: ``on``, or ``auto`` where
+    ``threads.stream_auto`` holds and nothing sets the threads (--threads, --kernel-threads,
+    TWOTOWER_RT_KERNEL_THREADS) or asks for several processes (--tp, --ray)."""
+    from .threads import stream_auto
+
+    choice = _kernel_stream_choice(args)
+    if choice != "auto":
+        return choice == "on"
+    told = (args.threads is not None or args.kernel_threads is not None
+            or os.environ.get("TWOTOWER_RT_KERNEL_THREADS", "").strip()
+            or getattr(args, "tp", 1) > 1 or getattr(args, "ray", None) is not None)  # fmt: skip
+    return not told and stream_auto()
 
 
 def _add_device_flags(parser: argparse.ArgumentParser, default) -> None:
@@ -341,9 +368,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for i, generated in enumerate(out.generated):
             print(f"[{i}] nfe={out.nfe[i]} finish={out.finish_reason[i]}")
             print(texts[i] if texts is not None else ",".join(map(str, generated)))
+        from .threads import kernel_stream
+
         rate = f"{tokens_per_s:.1f} tokens/s" if tokens_per_s is not None else "n/a tokens/s"
+        stream = ", kernel stream" if model.device.type == "cpu" and kernel_stream() else ""
+        where = f"{model.device}, {_dtype_name(model)}{stream}"
         print(f"{PROG}: load {load_s:.2f} s, generate {generate_s:.3f} s, {n_tokens} tokens, "
-              f"{rate} ({model.device}, {_dtype_name(model)})", file=sys.stderr)  # fmt: skip
+              f"{rate} ({where})", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -452,7 +483,7 @@ def _tp_size(args: argparse.Namespace) -> int:
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
     one_process = {"--matmul-precision": getattr(args, "matmul_precision", None) is not None,
-                   "--kernel-stream": getattr(args, "kernel_stream", False)}  # fmt: skip
+                   "--kernel-stream": getattr(args, "kernel_stream", None) is True}  # fmt: skip
     for flag, value in one_process.items():
         if value and args.tp > 1:
             raise ValueError(f"{flag} applies to one process; it does not reach --tp's ranks "

@@ -256,7 +256,7 @@ def cmd_batch_ray(args, model: str | None, kwargs: dict) -> int:
     if getattr(args, "matmul_precision", None) is not None:
         raise ValueError("--matmul-precision applies to one process; it does not reach --ray's "
                          "replicas yet")  # fmt: skip
-    if getattr(args, "kernel_stream", False):
+    if getattr(args, "kernel_stream", None) is True:
         raise ValueError("--kernel-stream applies to one process; it does not reach --ray's "
                          "replicas yet")  # fmt: skip
     for flag in ("replicas", "batch_size"):

@@ -66,6 +66,33 @@ def set_kernel_threads(threads: int | None = None) -> int:
     return threads
 
 
+STREAM_CHOICES = ("auto", "on", "off")
+
+
+def stream_auto() -> bool:
+    """What ``auto`` means for the kernels' stream: on where this process may run on exactly two
+    CPUs (:func:`available_cpus`) and the kernels are built. There the stream's worker and the
+    calling thread take the two cores, and on the 2-core machines it was measured on it beat two
+    kernel threads in line at batch 1 and 4 (``bench/results/cpu_stream.json``); with one CPU
+    the two threads would share it, and with more the kernel threads have cores to use."""
+    from . import _ext
+
+    return _ext.cpu_kernels() is not None and available_cpus() == 2
+
+
+def kernel_stream_from_env(value: str | None) -> str | None:
+    """``TWOTOWER_RT_KERNEL_STREAM``: ``auto``, ``on`` (or 1 / true) or ``off`` (or 0 / false),
+    returned as one of :data:`STREAM_CHOICES`; None when unset or empty. ValueError otherwise."""
+    if value is None or not value.strip():
+        return None
+    word = value.strip().lower()
+    word = {"1": "on", "true": "on", "0": "off", "false": "off"}.get(word, word)
+    if word not in STREAM_CHOICES:
+        raise ValueError(f"TWOTOWER_RT_KERNEL_STREAM must be auto, on/1/true or off/0/false, got "
+                         f"{value!r}")  # fmt: skip
+    return word
+
+
 def kernel_stream() -> bool:
     """Whether the CPU kernels run on their stream (:func:`set_kernel_stream`)."""
     from . import _ext
@@ -77,9 +104,12 @@ def set_kernel_stream(enabled: bool) -> bool:
     """Queue each forward's CPU kernel calls on one worker thread (``_ext.cpu_stream``), which
     runs them while the calling thread goes on with the Python between them: on two cores the
     two overlap, where otherwise each waits for the other. The numbers do not change (the same
-    calls in the same order). Off by default (and from import on TWOTOWER_RT_KERNEL_STREAM=1);
-    the worker spins ~200 us after each call before it sleeps. Returns the setting in effect
-    (False where the kernels are not built)."""
+    calls in the same order). Off by default in the library (TWOTOWER_RT_KERNEL_STREAM=on or auto
+    sets it at import, see :func:`kernel_stream_from_env`); the command line's default is
+    ``auto`` (:func:`stream_auto`). Between calls the worker spins up to ~2 ms before it sleeps.
+    Returns the setting in effect (False where the kernels are not built). With the stream on,
+    one kernel thread (:func:`set_kernel_threads`) is the usual setting: the worker and the
+    thread that waits for it are the two."""
     from . import _ext
 
     if not isinstance(enabled, bool):

@@ -41,6 +41,12 @@ void stream_push(StreamTask task);
 // the caller may read their outputs. Returns and clears the calling thread's first error.
 const char* stream_wait();
 
+// Inside a scope: when more than max_pending calls are queued and not yet run, waits (helping)
+// until none is, and returns true (the caller may then drop what it held for them); else returns
+// false at once. It bounds how far the caller runs ahead of a worker that is behind (a forward
+// whose kernels take longer than its Python), and with it the memory the queued calls hold.
+bool stream_drain_if_behind(int64_t max_pending);
+
 // Closes a scope; the outermost one waits until every call queued so far (by any thread) has
 // run. Returns the calling thread's first error since its stream_begin, or nullptr.
 const char* stream_end();
