@@ -392,3 +392,25 @@ def test_startup_summary_names_cpu_threads(model, stream):
     assert line.endswith(", kernel stream on")
     set_kernel_stream(False)
     assert "kernel stream" not in startup_summary(model)
+
+
+def test_env_reports_the_commands_stream(monkeypatch):
+    """`twotower-rt env` says what generate / batch / serve will do about the stream, and why
+    (a bad TWOTOWER_RT_KERNEL_STREAM is reported, not raised)."""
+    from twotower_rt import threads
+
+    monkeypatch.delenv("TWOTOWER_RT_KERNEL_STREAM", raising=False)
+    monkeypatch.delenv("TWOTOWER_RT_KERNEL_THREADS", raising=False)
+    monkeypatch.setattr(threads, "stream_auto", lambda: True)
+    assert env._commands_kernel_stream() == "on (auto: 2 CPUs)"
+    assert "generate / batch / serve: kernel stream on (auto: 2 CPUs)" in env.format_report()
+    monkeypatch.setenv("TWOTOWER_RT_KERNEL_THREADS", "2")
+    assert env._commands_kernel_stream().startswith("off (auto: a thread or process count")
+    monkeypatch.setenv("TWOTOWER_RT_KERNEL_STREAM", "on")
+    assert env._commands_kernel_stream() == "on (TWOTOWER_RT_KERNEL_STREAM=on)"
+    monkeypatch.setenv("TWOTOWER_RT_KERNEL_STREAM", "maybe")
+    assert env._commands_kernel_stream().startswith("error: TWOTOWER_RT_KERNEL_STREAM must be")
+    monkeypatch.delenv("TWOTOWER_RT_KERNEL_STREAM")
+    monkeypatch.delenv("TWOTOWER_RT_KERNEL_THREADS")
+    monkeypatch.setattr(threads, "stream_auto", lambda: False)
+    assert env._commands_kernel_stream().startswith("off (auto: ")

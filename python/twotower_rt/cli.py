@@ -155,30 +155,15 @@ def _load(path, args: argparse.Namespace, **load_kwargs) -> TwoTowerModel:
     return load(path, check_weights=args.check_weights, **load_kwargs)
 
 
-def _kernel_stream_choice(args: argparse.Namespace) -> str:
-    """--kernel-stream as given, else TWOTOWER_RT_KERNEL_STREAM, else ``auto`` (a bad variable
-    is an error here: the command line is explicit)."""
-    from .threads import kernel_stream_from_env
-
-    flag = getattr(args, "kernel_stream", None)
-    if flag is not None:
-        return "on" if flag else "off"
-    return kernel_stream_from_env(os.environ.get("TWOTOWER_RT_KERNEL_STREAM")) or "auto"
-
-
 def _kernel_stream(args: argparse.Namespace) -> bool:
-    """Whether this command runs the CPU kernels on their stream: ``on``, or ``auto`` where
-    ``threads.stream_auto`` holds and nothing sets the threads (--threads, --kernel-threads,
-    TWOTOWER_RT_KERNEL_THREADS) or asks for several processes (--tp, --ray)."""
-    from .threads import stream_auto
+    """Whether this command runs the CPU kernels on their stream (``threads.resolve_kernel_stream``:
+    --kernel-stream / --no-kernel-stream, TWOTOWER_RT_KERNEL_STREAM, else auto, which a thread
+    or process count turns off)."""
+    from .threads import resolve_kernel_stream
 
-    choice = _kernel_stream_choice(args)
-    if choice != "auto":
-        return choice == "on"
     told = (args.threads is not None or args.kernel_threads is not None
-            or os.environ.get("TWOTOWER_RT_KERNEL_THREADS", "").strip()
             or getattr(args, "tp", 1) > 1 or getattr(args, "ray", None) is not None)  # fmt: skip
-    return not told and stream_auto()
+    return resolve_kernel_stream(getattr(args, "kernel_stream", None), told)[0]
 
 
 def _add_device_flags(parser: argparse.ArgumentParser, default) -> None:

@@ -172,10 +172,22 @@ def report() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
         "cpu_kernel_threads": kernel_threads(),
+        "commands_kernel_stream": _commands_kernel_stream(),
         "extension": _ext.extension_info(),
         "gpu": _gpu_report(),
         "ops": _ops_report(),
     }
+
+
+def _commands_kernel_stream() -> str:
+    """What generate / batch / serve do about the kernels' stream without flags, and why."""
+    from .threads import resolve_kernel_stream
+
+    try:
+        on, why = resolve_kernel_stream()
+    except ValueError as exc:
+        return f"error: {exc}"
+    return f"{'on' if on else 'off'} ({why})"
 
 
 def _format_cuda_version(version: int) -> str:
@@ -211,6 +223,9 @@ def format_report(info: dict[str, Any] | None = None) -> str:
             f"{info.get('cpu_kernel_threads', 1)} thread(s); torch "
             f"{info.get('torch_threads', '?')} thread(s)"
         )
+        if "commands_kernel_stream" in info:
+            lines.append(f"             generate / batch / serve: kernel stream "
+                         f"{info['commands_kernel_stream']}")  # fmt: skip
     else:
         lines.append(f"cpu kernels  unavailable: {ext.get('cpu_kernels_error')}")
     gpu = info["gpu"]

@@ -93,6 +93,24 @@ def kernel_stream_from_env(value: str | None) -> str | None:
     return word
 
 
+def resolve_kernel_stream(flag: bool | None = None, counts_given: bool = False) -> tuple[bool, str]:
+    """What a command (generate, batch, serve) does about the kernels' stream: (on, why). ``flag``:
+    its --kernel-stream / --no-kernel-stream (None: neither), then TWOTOWER_RT_KERNEL_STREAM, then
+    ``auto``: on where :func:`stream_auto` holds, unless a thread or process count is given
+    (``counts_given``: --threads, --kernel-threads, --tp, --ray; or TWOTOWER_RT_KERNEL_THREADS).
+    ValueError for a bad TWOTOWER_RT_KERNEL_STREAM (the command line is explicit)."""
+    if flag is not None:
+        return flag, "--kernel-stream" if flag else "--no-kernel-stream"
+    choice = kernel_stream_from_env(os.environ.get("TWOTOWER_RT_KERNEL_STREAM"))
+    if choice is not None and choice != "auto":
+        return choice == "on", f"TWOTOWER_RT_KERNEL_STREAM={choice}"
+    if counts_given or os.environ.get("TWOTOWER_RT_KERNEL_THREADS", "").strip():
+        return False, "auto: a thread or process count is given"
+    if stream_auto():
+        return True, "auto: 2 CPUs"
+    return False, f"auto: {available_cpus()} CPU(s), not 2, or no CPU kernels"
+
+
 def kernel_stream() -> bool:
     """Whether the CPU kernels run on their stream (:func:`set_kernel_stream`)."""
     from . import _ext
