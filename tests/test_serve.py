@@ -286,3 +286,36 @@ def test_serves_on_a_gpu_unchanged(dtype):
             with c.stream("POST", "/v1/completions", json=body) as r:
                 chunks, done = read_stream(r)
             assert done and chunks
+
+
+def test_the_kernels_stream_serves_the_same_tokens(default_model):
+    """With the CPU kernels' stream on (serve's default on a 2-CPU machine), concurrent greedy
+    requests, batched by the engine, get exactly the tokens the model writes for each prompt
+    alone with the stream off."""
+    from twotower_rt import _ext
+    from twotower_rt.threads import set_kernel_stream
+
+    if _ext.cpu_kernels() is None:
+        pytest.skip("the CPU kernels are not built")
+    prompts = [[5 + i, 60 + 7 * i, 7, 300 + i] for i in range(6)]
+    set_kernel_stream(False)
+    want = []
+    for i, ids in enumerate(prompts):
+        mode = ("mask_diffusion", "ar", "verified")[i % 3]
+        out = default_model.generate([ids], mode=mode, max_new_tokens=32, temperature=0.0,
+                                     eos_token_id=2).generated[0]  # fmt: skip
+        want.append(out[: out.index(2) + 1] if 2 in out else out)
+    set_kernel_stream(True)
+
+    async def run(url):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            bodies = [{"prompt": [ids], "max_tokens": 32, "temperature": 0,
+                       "mode": ("mask_diffusion", "ar", "verified")[i % 3]}
+                      for i, ids in enumerate(prompts)]  # fmt: skip
+            return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+
+    with Server(make_app(default_model)) as srv:
+        responses = asyncio.run(run(srv.url))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    got = [r.json()["choices"][0]["token_ids"] for r in responses]
+    assert got == want
