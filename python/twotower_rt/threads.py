@@ -72,9 +72,10 @@ STREAM_CHOICES = ("auto", "on", "off")
 def stream_auto() -> bool:
     """What ``auto`` means for the kernels' stream: on where this process may run on exactly two
     CPUs (:func:`available_cpus`) and the kernels are built. There the stream's worker and the
-    calling thread take the two cores, and on the 2-core machines it was measured on it beat two
-    kernel threads in line at batch 1 and 4 (``bench/results/cpu_stream.json``); with one CPU
-    the two threads would share it, and with more the kernel threads have cores to use."""
+    calling thread take the two cores, and on the 2-core VM it was measured on it beat two kernel
+    threads in line at batch 1 and 4 and about matched them at batch 64 (mask diffusion; `ar`
+    gained there too: ``bench/results/cpu_stream.json``); with one CPU the two threads would
+    share it, and with more the kernel threads have cores to use."""
     from . import _ext
 
     return _ext.cpu_kernels() is not None and available_cpus() == 2
