@@ -78,9 +78,7 @@ def main() -> int:
         return 2
     torch.set_num_threads(1)
     model = twotower_rt.load()
-    windows = ev.heldout_windows(model.tokenizer, args.data_dir, ev.HELDOUT_PROMPTS,
-                                 ev.PROMPT_LEN + ev.NEW_TOKENS)  # fmt: skip
-    prompts = ev.spread([w[: ev.PROMPT_LEN] for w in windows], args.speed_prompts)
+    prompts = ev.timing_prompts(model.tokenizer, args.data_dir, args.speed_prompts)
     probes = []
     with contextlib.redirect_stdout(io.StringIO()) as log:
         speeds = ev.measure_speed(model, prompts, ev.NEW_TOKENS, args.rounds, CONFIGS, MODES,

@@ -104,9 +104,7 @@ def main() -> int:
         return 2
     torch.set_num_threads(1)
     model = twotower_rt.load()
-    windows = ev.heldout_windows(model.tokenizer, args.data_dir, ev.HELDOUT_PROMPTS,
-                                 ev.PROMPT_LEN + ev.NEW_TOKENS)  # fmt: skip
-    prompts = ev.spread([w[: ev.PROMPT_LEN] for w in windows], args.prompts)
+    prompts = ev.timing_prompts(model.tokenizer, args.data_dir, args.prompts)
     results = {}
     for batch in args.batches:
         cell = results[f"batch_{batch}"] = measure(model, prompts, batch, args.rounds)

@@ -89,9 +89,7 @@ def main() -> int:
         raise SystemExit(f"no CPU kernels: {_ext.cpu_kernels_error()}")
     ops = projections(C)
     model = twotower_rt.load(None, device="cpu", dtype="float32")
-    windows = ev.heldout_windows(model.tokenizer, args.data_dir, ev.HELDOUT_PROMPTS,
-                                 ev.PROMPT_LEN + ev.NEW_TOKENS)  # fmt: skip
-    prompts = ev.spread([w[: ev.PROMPT_LEN] for w in windows], args.prompts)
+    prompts = ev.timing_prompts(model.tokenizer, args.data_dir, args.prompts)
     runs = {width: [] for width in WIDTHS}
     try:
         for r in range(args.rounds):

@@ -39,9 +39,7 @@ def main() -> int:
     torch.set_num_threads(1)
     models = {path: twotower_rt.load(path) for path in args.models}
     tok = next(iter(models.values())).tokenizer
-    windows = ev.heldout_windows(tok, args.data_dir, ev.HELDOUT_PROMPTS,
-                                 ev.PROMPT_LEN + ev.NEW_TOKENS)  # fmt: skip
-    prompts = ev.spread([w[: ev.PROMPT_LEN] for w in windows], ev.SPEED_PROMPTS)  # evaluate's
+    prompts = ev.timing_prompts(tok, args.data_dir, ev.SPEED_PROMPTS)  # evaluate's
     results = {path: [] for path in models}
     for r in range(args.rounds):
         for path, model in models.items():

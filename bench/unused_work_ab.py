@@ -170,9 +170,7 @@ def ab(args, what: str, side=side, sides=SIDES, extra=None) -> None:
     model = twotower_rt.load()
     with torch.inference_mode():
         steps = time_steps(model, args.rounds, side=side, sides=sides)
-    windows = ev.heldout_windows(model.tokenizer, args.data_dir, ev.HELDOUT_PROMPTS,
-                                 ev.PROMPT_LEN + ev.NEW_TOKENS)  # fmt: skip
-    prompts = ev.spread([w[: ev.PROMPT_LEN] for w in windows], args.prompts)
+    prompts = ev.timing_prompts(model.tokenizer, args.data_dir, args.prompts)
     generate = time_generate(model, prompts, args.rounds, side=side, sides=sides)
     write_report(args.json_out, {
         **report_header(),

@@ -110,6 +110,13 @@ def spread(items: list, n: int) -> list:
     return [items[i * len(items) // n] for i in range(n)]
 
 
+def timing_prompts(tokenizer, data_dir: str, count: int) -> list[list[int]]:
+    """``count`` of the evaluation's held-out prompts (HELDOUT_PROMPTS of PROMPT_LEN tokens),
+    evenly spread over them: what its speed columns and the CPU benchmarks time."""
+    windows = heldout_windows(tokenizer, data_dir, HELDOUT_PROMPTS, PROMPT_LEN + NEW_TOKENS)
+    return spread([w[:PROMPT_LEN] for w in windows], count)
+
+
 def ar_nll(lm, prompts: list[list[int]], continuations: list[list[int]]) -> float:
     """Mean per-token NLL of the continuations under the context tower (teacher-forced)."""
     return float(ar_token_scores(lm, prompts, continuations)[0].mean())
