@@ -65,7 +65,9 @@ def train_stream(tok, data_dir: str, out_dir: str) -> torch.Tensor:
 
 
 # 3. training --------------------------------------------------------------------------------------
-def save_candidate(lm, out: str) -> None:
+def save_candidate(lm, out: str, base: str = DEFAULT_MODEL_DIR) -> None:
+    """``lm``'s weights to ``out`` (bf16 as shipped, plus float32), with ``base``'s config and
+    tokenizer (a wider base, ``bench/issue15_widen.py``, has its own config)."""
     os.makedirs(out, exist_ok=True)
     state = {
         k: v.detach().to(torch.bfloat16).contiguous() for k, v in sorted(lm.state_dict().items())
@@ -75,7 +77,7 @@ def save_candidate(lm, out: str) -> None:
     save_file({k: v.detach().contiguous() for k, v in lm.state_dict().items()},
               os.path.join(out, "float32.safetensors"))  # fmt: skip
     for f in ("config.json", "tokenizer.json"):
-        shutil.copyfile(os.path.join(DEFAULT_MODEL_DIR, f), os.path.join(out, f))
+        shutil.copyfile(os.path.join(base, f), os.path.join(out, f))
 
 
 def train(lm, seqs: torch.Tensor, real: torch.Tensor, args, log) -> dict:
@@ -83,8 +85,8 @@ def train(lm, seqs: torch.Tensor, real: torch.Tensor, args, log) -> dict:
     (``candidate_nocf``) and at the end (``candidate``)."""
     nocf = os.path.join(args.out_dir, "candidate_nocf")
     training = distill.train(lm, seqs, real, distill.recipe_from(args), log,
-                             on_cf_start=lambda: save_candidate(lm, nocf))  # fmt: skip
-    save_candidate(lm, os.path.join(args.out_dir, "candidate"))
+                             on_cf_start=lambda: save_candidate(lm, nocf, args.base))  # fmt: skip
+    save_candidate(lm, os.path.join(args.out_dir, "candidate"), args.base)
     return training
 
 

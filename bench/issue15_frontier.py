@@ -121,6 +121,9 @@ SOURCES = [
         "stage 2 6,155 steps, 32,768 prompts x 32, real-frac 0",
         "issue15_distill_s2ext6155_blockstarts_real0.json",
     ),
+    # A wider denoiser (issue15_widen.py: 12 query heads, experts 256 wide; its forward costs
+    # 23% more multiply-adds, so the speed fit's tokens per forward understate what it needs).
+    *with_before_cf("s2ext80 recipe 50 min, 2x heads and experts", "issue15_distill_wide.json"),
 ]
 
 
