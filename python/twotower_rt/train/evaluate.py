@@ -122,8 +122,12 @@ def ar_nll(lm, prompts: list[list[int]], continuations: list[list[int]]) -> floa
     return float(ar_token_scores(lm, prompts, continuations)[0].mean())
 
 
-def run_mode(model, prompts, mode, gamma, new_tokens):
-    params = dict(max_new_tokens=new_tokens, temperature=0.0)
+def run_mode(model, prompts, mode, gamma, new_tokens, temperature: float = 0.0, seed=None):
+    """``model.generate`` of one mode (greedy unless ``temperature`` > 0: then sampled, with
+    ``seed``); returns (its output, seconds)."""
+    params = dict(max_new_tokens=new_tokens, temperature=temperature)
+    if seed is not None:
+        params["seed"] = seed
     if mode == "mask_diffusion":
         params.update(block_size=BLOCK, steps_per_block=16, confidence_threshold=gamma)
     elif mode == "verified":
@@ -143,13 +147,15 @@ def mode_key(mode: str, gamma) -> str:
 
 
 def evaluate(model, prompts, truths, new_tokens: int, modes=MODES,
-             resamples: int = BOOTSTRAP_RESAMPLES) -> list[dict]:  # fmt: skip
+             resamples: int = BOOTSTRAP_RESAMPLES, temperature: float = 0.0,
+             seed=None) -> list[dict]:  # fmt: skip
     """Quality and work per mode (``ar`` first: the ratios' base) on all prompts at once (one
     batch); ``seconds`` is that batch's wall-clock time. Each ratio to AR comes with ``ci95``,
-    a paired bootstrap over the prompts (:func:`bootstrap_ratios`)."""
+    a paired bootstrap over the prompts (:func:`bootstrap_ratios`). Greedy by default; with
+    ``temperature`` > 0 every mode samples (``seed``: :func:`run_mode`)."""
     rows, per_prompt = [], []
     for mode, gamma in modes:
-        out, seconds = run_mode(model, prompts, mode, gamma, new_tokens)
+        out, seconds = run_mode(model, prompts, mode, gamma, new_tokens, temperature, seed)
         gen = out.generated
         n_tokens = sum(len(g) for g in gen)
         nll = ar_token_scores(model.lm, prompts, gen)[0]  # (prompts, new tokens)
