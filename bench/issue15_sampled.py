@@ -1,7 +1,7 @@
 """Issue 15: the evaluation's quality columns when every mode samples instead of decoding greedily.
 
-    python bench/issue15_sampled.py [MODEL_DIR] --data-dir .data [--temperatures 0.7 1.0]
-        [--seeds 0 1] [--gammas 0.8 0.9] [--json-out bench/results/issue15_sampled.json]
+    python bench/issue15_sampled.py [MODEL_DIR] --data-dir .data [--temperatures 0 0.7 1.0]
+        [--seeds 0 1] [--gammas 0.8 0.9] [--append] [--json-out bench/results/issue15_sampled.json]
 
 Issue 15's targets are read greedily (``python -m twotower_rt.train evaluate``: temperature 0 for
 every mode), where the default model's distinct-2 is 0.65 of AR's at gamma 0.8. Synthetic text is

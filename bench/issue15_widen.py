@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-CONTEXT = "context_tower."
-DENOISER = "denoiser_tower."
+DENOISER = "denoiser_tower."  # its new units are drawn; the context tower's are zero
 
 
 def _drawn_like(old: torch.Tensor, rows: int, gen: torch.Generator) -> torch.Tensor:
