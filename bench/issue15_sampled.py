@@ -15,11 +15,8 @@ each temperature and seed, plus the greedy rows for reference. Quality only, no 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,10 +25,10 @@ sys.path.insert(0, str(REPO / "python"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from issue15_distill import report_header, write_report  # noqa: E402
 
 import twotower_rt  # noqa: E402
 from twotower_rt.api import DEFAULT_MODEL_DIR  # noqa: E402
-from twotower_rt.env import cpu_report  # noqa: E402
 from twotower_rt.train import evaluate as ev  # noqa: E402
 
 KEEP = ("mode", "confidence_threshold", "ar_nll", "quality_nll_ratio", "next_block_accuracy",
@@ -83,14 +80,8 @@ def main() -> int:
     windows = ev.heldout_windows(model.tokenizer, args.data_dir, args.prompts, 32 + 64)
     prompts, truths = [w[:32] for w in windows], [w[32:] for w in windows]
     results = run(model, prompts, truths, args.gammas, args.temperatures, args.seeds)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()  # fmt: skip
     report = {
-        "issue": 15,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "machine": {"platform": platform.platform(), "cpu": cpu_report()},
-        "command": "python " + " ".join(sys.argv),
+        **report_header(),
         "model": os.path.relpath(os.path.abspath(args.model), REPO),
         "eval": {
             "prompts": len(prompts),
@@ -109,17 +100,13 @@ def main() -> int:
         blocks = earlier["results"] + results
         report["results"] = sorted(blocks, key=lambda b: (b["temperature"], b["seed"] or 0))
         report["command"] = [*_as_list(earlier["command"]), report["command"]]
-    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+    write_report(args.json_out, report)
     for block in results:
         for r in block["rows"]:
             print(f"T={block['temperature']} seed={block['seed']} {r['mode']}@"
                   f"{r['confidence_threshold']}: nll {r['quality_nll_ratio']:.3f} "
                   f"distinct-2 {r['distinct_2_ratio']:.2f} acc {r['quality_accuracy_ratio']:.2f}"
                   f" tpf {r['tokens_per_forward']:.2f}")  # fmt: skip
-    print(f"report -> {args.json_out}")
     return 0
 
 
