@@ -36,7 +36,9 @@ KEEP = ("mode", "confidence_threshold", "ar_nll", "quality_nll_ratio", "next_blo
         "tokens_per_forward", "ci95")  # fmt: skip
 
 
-def run(model, prompts, truths, gammas, temperatures, seeds, new_tokens: int = 64) -> list[dict]:
+def run(
+    model, prompts, truths, gammas, temperatures, seeds, new_tokens: int = ev.NEW_TOKENS
+) -> list[dict]:
     """One block of rows per (temperature, seed): ``ar`` then mask diffusion at each gamma;
     temperature 0 (greedy) once, whatever the seeds. Each prompt draws from its own stream
     (row i of seed s: s * len(prompts) + i): one seed for every row would give every row the
@@ -77,16 +79,17 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = twotower_rt.load(args.model, device="cpu", dtype="float32")
-    windows = ev.heldout_windows(model.tokenizer, args.data_dir, args.prompts, 32 + 64)
-    prompts, truths = [w[:32] for w in windows], [w[32:] for w in windows]
+    n = ev.PROMPT_LEN
+    windows = ev.heldout_windows(model.tokenizer, args.data_dir, args.prompts, n + ev.NEW_TOKENS)
+    prompts, truths = [w[:n] for w in windows], [w[n:] for w in windows]
     results = run(model, prompts, truths, args.gammas, args.temperatures, args.seeds)
     report = {
         **report_header(),
         "model": os.path.relpath(os.path.abspath(args.model), REPO),
         "eval": {
             "prompts": len(prompts),
-            "prompt_tokens": 32,
-            "new_tokens": 64,
+            "prompt_tokens": ev.PROMPT_LEN,
+            "new_tokens": ev.NEW_TOKENS,
             "block_size": ev.BLOCK,
             "steps_per_block": 16,
         },  # fmt: skip
